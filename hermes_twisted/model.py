@@ -1,0 +1,267 @@
+# -*- test-case-name: tests.test_model -*-
+"""
+The platform-neutral message model shared by every platform, the gateway and the relay.
+
+Field names follow hermes-agent 0.19.0 (``gateway/config.py``, ``gateway/session.py``,
+``gateway/platforms/base.py``) so that relay frames and session keys stay wire-compatible.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class Platform(str, enum.Enum):
+    """
+    Every platform name hermes-agent 0.19.0 knows, plus the plugin platforms this daemon
+    implements natively (``irc``, ``xmpp``).  Relay frames may name any of them.
+    """
+
+    LOCAL = "local"
+    TELEGRAM = "telegram"
+    DISCORD = "discord"
+    WHATSAPP = "whatsapp"
+    WHATSAPP_CLOUD = "whatsapp_cloud"
+    SLACK = "slack"
+    SIGNAL = "signal"
+    MATTERMOST = "mattermost"
+    MATRIX = "matrix"
+    HOMEASSISTANT = "homeassistant"
+    EMAIL = "email"
+    SMS = "sms"
+    DINGTALK = "dingtalk"
+    API_SERVER = "api_server"
+    WEBHOOK = "webhook"
+    MSGRAPH_WEBHOOK = "msgraph_webhook"
+    FEISHU = "feishu"
+    WECOM = "wecom"
+    WECOM_CALLBACK = "wecom_callback"
+    WEIXIN = "weixin"
+    BLUEBUBBLES = "bluebubbles"
+    QQBOT = "qqbot"
+    YUANBAO = "yuanbao"
+    RELAY = "relay"
+    # Plugin platforms of 0.19.0 that exist as bundled plugin folders.
+    IRC = "irc"
+    NTFY = "ntfy"
+    SIMPLEX = "simplex"
+    LINE = "line"
+    TEAMS = "teams"
+    GOOGLE_CHAT = "google_chat"
+    PHOTON = "photon"
+    RAFT = "raft"
+    # Not a hermes platform; ours.
+    XMPP = "xmpp"
+
+    @classmethod
+    def parse(cls, value: Any, default: "Platform | None" = None) -> "Platform":
+        """
+        Map a wire value to a member.  Unknown values become C{default} (RELAY when not given),
+        which is what 0.19.0 does for relay frames naming an unknown platform.
+        """
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            return default if default is not None else cls.RELAY
+
+
+class MessageType(str, enum.Enum):
+    TEXT = "text"
+    LOCATION = "location"
+    PHOTO = "photo"
+    VIDEO = "video"
+    AUDIO = "audio"
+    VOICE = "voice"
+    DOCUMENT = "document"
+    STICKER = "sticker"
+    COMMAND = "command"
+
+    @classmethod
+    def parse(cls, value: Any) -> "MessageType":
+        try:
+            return cls(str(value).strip().lower())
+        except ValueError:
+            return cls.TEXT
+
+
+def _str_or_none(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+@dataclass
+class SessionSource:
+    """
+    Where a message came from.  C{delivered_via_upstream_relay} is set only locally by the
+    relay adapter and is never serialized, so a peer cannot forge it.
+    """
+
+    platform: Platform
+    chat_id: str = ""
+    chat_name: str | None = None
+    chat_type: str = "dm"
+    user_id: str | None = None
+    user_name: str | None = None
+    thread_id: str | None = None
+    chat_topic: str | None = None
+    user_id_alt: str | None = None
+    chat_id_alt: str | None = None
+    is_bot: bool = False
+    scope_id: str | None = None
+    parent_chat_id: str | None = None
+    message_id: str | None = None
+    role_authorized: bool = False
+    profile: str | None = None
+    auto_thread_created: bool = False
+    auto_thread_initial_name: str | None = None
+    delivered_via_upstream_relay: bool = field(default=False, compare=False)
+
+    @property
+    def guild_id(self) -> str | None:
+        """Deprecated alias of C{scope_id}, kept in sync as in 0.19.0."""
+        return self.scope_id
+
+    @property
+    def description(self) -> str:
+        if self.chat_type == "dm":
+            text = f"DM with {self.user_name or self.user_id or self.chat_id}"
+        else:
+            text = f"{self.chat_type}: {self.chat_name or self.chat_id}"
+        if self.thread_id:
+            text += f", thread: {self.thread_id}"
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "platform": self.platform.value,
+            "chat_id": self.chat_id,
+            "chat_name": self.chat_name,
+            "chat_type": self.chat_type,
+            "user_id": self.user_id,
+            "user_name": self.user_name,
+            "thread_id": self.thread_id,
+            "chat_topic": self.chat_topic,
+        }
+        for name in (
+            "user_id_alt",
+            "chat_id_alt",
+            "parent_chat_id",
+            "message_id",
+            "profile",
+            "auto_thread_initial_name",
+        ):
+            value = getattr(self, name)
+            if value:
+                d[name] = value
+        for name in ("is_bot", "role_authorized", "auto_thread_created"):
+            if getattr(self, name):
+                d[name] = True
+        if self.scope_id:
+            d["scope_id"] = self.scope_id
+            d["guild_id"] = self.scope_id
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SessionSource":
+        """
+        Build a source from a dict (the relay wire, or a stored row).  Reads C{scope_id} and falls
+        back to the legacy C{guild_id}.  Never reads C{delivered_via_upstream_relay}.
+        """
+        return cls(
+            platform=Platform.parse(d.get("platform") or "relay"),
+            chat_id=str(d.get("chat_id") or ""),
+            chat_name=_str_or_none(d.get("chat_name")),
+            chat_type=str(d.get("chat_type") or "dm"),
+            user_id=_str_or_none(d.get("user_id")),
+            user_name=_str_or_none(d.get("user_name")),
+            thread_id=_str_or_none(d.get("thread_id")),
+            chat_topic=_str_or_none(d.get("chat_topic")),
+            user_id_alt=_str_or_none(d.get("user_id_alt")),
+            chat_id_alt=_str_or_none(d.get("chat_id_alt")),
+            is_bot=bool(d.get("is_bot", False)),
+            scope_id=_str_or_none(d.get("scope_id")) or _str_or_none(d.get("guild_id")),
+            parent_chat_id=_str_or_none(d.get("parent_chat_id")),
+            message_id=_str_or_none(d.get("message_id")),
+            role_authorized=bool(d.get("role_authorized", False)),
+            profile=_str_or_none(d.get("profile")),
+            auto_thread_created=bool(d.get("auto_thread_created", False)),
+            auto_thread_initial_name=_str_or_none(d.get("auto_thread_initial_name")),
+        )
+
+
+_DASHES = {"\u2014": "--", "\u2013": "-"}
+
+
+@dataclass
+class MessageEvent:
+    """One inbound user message, normalized by a platform adapter."""
+
+    text: str
+    source: SessionSource
+    message_type: MessageType = MessageType.TEXT
+    raw_message: Any = None
+    message_id: str | None = None
+    platform_update_id: int | None = None
+    media_urls: list[str] = field(default_factory=list)
+    media_types: list[str] = field(default_factory=list)
+    reply_to_message_id: str | None = None
+    reply_to_text: str | None = None
+    reply_to_author_id: str | None = None
+    reply_to_author_name: str | None = None
+    reply_to_is_own_message: bool = False
+    channel_prompt: str | None = None
+    channel_context: str | None = None
+    internal: bool = False
+    metadata: dict[str, Any] = field(default_factory=dict)
+    timestamp: datetime = field(default_factory=datetime.now)
+
+    def is_command(self) -> bool:
+        return self.text.startswith("/")
+
+    def get_command(self) -> str | None:
+        """
+        The command name without the slash, lower-cased, with an C{@botname} suffix removed;
+        None when the text is not a command or the first word holds another slash (a path).
+        """
+        if not self.is_command():
+            return None
+        word = self.text.split(None, 1)[0][1:] if self.text.strip() else ""
+        if not word or "/" in word:
+            return None
+        return word.split("@", 1)[0].lower() or None
+
+    def get_command_args(self) -> str:
+        parts = self.text.split(None, 1)
+        args = parts[1] if len(parts) > 1 else ""
+        for dash, ascii_ in _DASHES.items():
+            args = args.replace(dash, ascii_)
+        return args.strip()
+
+
+@dataclass
+class SendResult:
+    """
+    The outcome of one send or edit.  Adapters never raise into the gateway: a failure is a
+    C{SendResult(success=False, error=...)}.
+    """
+
+    success: bool
+    message_id: str | None = None
+    error: str | None = None
+    raw_response: Any = None
+    retryable: bool = False
+    retry_after: float | None = None
+    continuation_message_ids: tuple[str, ...] = ()
+    error_kind: str | None = None
+
+    @classmethod
+    def failed(cls, error: str, *, kind: str = "unknown", retryable: bool = False,
+               retry_after: float | None = None) -> "SendResult":
+        return cls(False, error=error, error_kind=kind, retryable=retryable,
+                   retry_after=retry_after)

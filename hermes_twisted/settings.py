@@ -1,0 +1,121 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+The shapes of the validated, frozen configuration.  C{config.py} builds them from YAML and
+the environment; everything else only reads them.  Defaults here are hermes-agent 0.19.0's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+
+def _frozen(d: Mapping[str, Any] | None = None) -> Mapping[str, Any]:
+    return MappingProxyType(dict(d or {}))
+
+
+@dataclass(frozen=True)
+class StreamingSettings:
+    enabled: bool = False
+    transport: str = "auto"  # auto | edit | draft | off
+    edit_interval: float = 0.8
+    buffer_threshold: int = 24
+    cursor: str = " \u2589"
+    fresh_final_after_seconds: float = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.enabled and self.transport != "off"
+
+
+@dataclass(frozen=True)
+class ResetPolicy:
+    mode: str = "none"  # none | idle | daily | both
+    at_hour: int = 4
+    idle_minutes: int = 1440
+    notify: bool = True
+    notify_exclude_platforms: tuple[str, ...] = ("api_server", "webhook")
+
+
+@dataclass(frozen=True)
+class DisplaySettings:
+    busy_input_mode: str = "interrupt"  # interrupt | queue
+    tool_progress: bool = False
+    typing_interval: float = 2.0
+    busy_ack_interval: float = 30.0
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    """The remote Hermes API server (proxy mode)."""
+
+    proxy_url: str | None = None
+    proxy_key: str | None = None
+    model: str = "hermes-agent"
+    connect_timeout: float = 10.0
+    idle_read_timeout: float = 1800.0
+    max_event_bytes: int = 16 * 1024 * 1024
+    max_persistent_per_host: int = 1024
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    url: str | None = None  # the normalized ws(s)://.../relay dial URL; None = relay off
+    base_url: str | None = None  # as configured, stripped of trailing slashes
+    gateway_id: str | None = None
+    secret: str | None = None
+    delivery_key: str | None = None
+    platforms: tuple[str, ...] = ()
+    bot_ids: Mapping[str, Mapping[str, str]] = field(default_factory=_frozen)
+    max_message_bytes: int = 16 * 1024 * 1024
+    request_timeout: float = 30.0
+    endpoint: str | None = None
+    route_keys: tuple[str, ...] = ()
+    instance_id: str | None = None
+    wake_url: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True)
+class PlatformSettings:
+    """
+    One platform's block.  Platform-specific keys live in C{extra} with typed values
+    (env strings are converted by the loader); adapters apply their own defaults.
+    """
+
+    name: str
+    enabled: bool = False
+    token: str | None = None
+    api_key: str | None = None
+    reply_to_mode: str = "first"
+    typing_indicator: bool = True
+    allowed_users: tuple[str, ...] = ()
+    allow_all_users: bool = False
+    home_channel: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=_frozen)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    hermes_home: str
+    db_path: str
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    relay: RelaySettings = field(default_factory=RelaySettings)
+    platforms: Mapping[str, PlatformSettings] = field(default_factory=_frozen)
+    streaming: StreamingSettings = field(default_factory=StreamingSettings)
+    session_reset: ResetPolicy = field(default_factory=ResetPolicy)
+    display: DisplaySettings = field(default_factory=DisplaySettings)
+    group_sessions_per_user: bool = True
+    thread_sessions_per_user: bool = False
+    allowed_users: tuple[str, ...] = ()  # GATEWAY_ALLOWED_USERS
+    allow_all_users: bool = False  # GATEWAY_ALLOW_ALL_USERS
+    unauthorized_dm_behavior: str = "ignore"
+    max_concurrent_runs: int = 10  # gateway.api_server.max_concurrent_runs
+    shutdown_timeout: float = 4.0
+
+    def enabled_platforms(self) -> list[PlatformSettings]:
+        return [p for p in self.platforms.values() if p.enabled]
