@@ -57,6 +57,9 @@ class PlatformAdapter(MultiService):
     authorization_is_upstream: bool = False
     #: Adapters that split long messages themselves (IRC, relay).
     splits_long_messages: bool = False
+    #: The API server streams raw deltas (SSE) instead of editing a message: the stream
+    #: consumer calls L{push_delta} per delta and L{send} once with the final text.
+    wants_raw_deltas: bool = False
 
     def __init__(self, settings: PlatformSettings, *, reactor: Any,
                  gateway_config: GatewayConfig | None = None) -> None:
@@ -118,6 +121,9 @@ class PlatformAdapter(MultiService):
     def get_chat_info(self, chat_id: str) -> Deferred:
         """Fires with a dict holding at least C{name} and C{type} (dm/group/channel)."""
         return succeed({"name": chat_id, "type": "dm"})
+
+    def push_delta(self, chat_id: str, text: str) -> None:
+        """Only for C{wants_raw_deltas} adapters: forward one reply delta now.  Must not raise."""
 
     def on_session_interrupted(self, session_key: str, chat_id: str, reason: str) -> None:
         """
