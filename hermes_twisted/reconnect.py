@@ -1,0 +1,67 @@
+# -*- test-case-name: tests.test_reconnect -*-
+"""
+The reconnect policy shared by every outbound connection (relay, IRC, ...).
+
+C{ClientService} resets its attempt counter whenever TCP connects, so a server that accepts
+TCP and then rejects the session would be hammered at the initial delay (aesthetics.md P4).
+L{SessionBackoff} counts failed *sessions* instead: the ladder keeps climbing for connections
+that die right after opening, and resets only after a connection stayed up for
+C{stable_after} seconds.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+
+def exponential_delay(failures: int, *, initial: float = 1.0, factor: float = 2.0,
+                      maximum: float = 30.0, jitter: float = 0.2,
+                      rand: Callable[[], float] = random.random) -> float:
+    """
+    C{initial * factor**(failures-1)} capped at C{maximum}, with +/- C{jitter} (a fraction) of
+    proportional jitter applied *inside* the cap: 1, 2, 4 ... 30 s.
+    """
+    if failures <= 0:
+        return 0.0
+    base = min(maximum, initial * factor ** (failures - 1))
+    spread = base * jitter
+    return max(0.0, min(maximum, base - spread + 2 * spread * rand()))
+
+
+class SessionBackoff:
+    """
+    A C{ClientService} retry policy (C{attempt -> seconds}) that remembers failed sessions.
+
+    The owning protocol calls L{connection_opened} when a session is established (e.g. the
+    WebSocket handshake completed) and L{connection_lost} when it ends; a connection that
+    lasted less than C{stable_after} seconds counts as a failure.
+    """
+
+    def __init__(self, clock: Any, *, initial: float = 1.0, factor: float = 2.0,
+                 maximum: float = 30.0, jitter: float = 0.2, stable_after: float = 60.0,
+                 rand: Callable[[], float] = random.random) -> None:
+        self._clock = clock
+        self._initial, self._factor, self._maximum = initial, factor, maximum
+        self._jitter, self._rand = jitter, rand
+        self.stable_after = stable_after
+        self.failures = 0
+        self._opened_at: float | None = None
+
+    def __call__(self, attempt: int) -> float:
+        return exponential_delay(max(attempt, self.failures + 1), initial=self._initial,
+                                 factor=self._factor, maximum=self._maximum,
+                                 jitter=self._jitter, rand=self._rand)
+
+    def connection_opened(self) -> None:
+        self._opened_at = self._clock.seconds()
+
+    def connection_lost(self) -> None:
+        opened, self._opened_at = self._opened_at, None
+        if opened is not None and self._clock.seconds() - opened >= self.stable_after:
+            self.failures = 0
+        else:
+            self.failures += 1
+
+    def reset(self) -> None:
+        self.failures = 0
