@@ -38,3 +38,15 @@ def no_leftover_delayed_calls():
     for call in leaked:
         call.cancel()
     assert not leaked, leaked
+
+
+def take_logged_failures(errors, exc_type):
+    """
+    Remove and return the logged failures of C{exc_type} from the C{fail_on_logged_errors}
+    list, for tests that expect an error to be logged.
+    """
+    taken = [e for e in errors if e.get("log_failure") is not None
+             and e["log_failure"].check(exc_type)]
+    for e in taken:
+        errors.remove(e)
+    return taken

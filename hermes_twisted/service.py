@@ -1,0 +1,86 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+The top of the service tree.
+
+A plain C{MultiService} folds a child's failing C{stopService} into a C{DeferredList} result
+and a child whose C{stopService} never fires hangs twistd forever (aesthetics.md P11).
+L{GatewayService} stops children in reverse order, bounds each stop, logs every failure with
+the child's name and reports the first one to twistd, so SIGTERM always completes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    maybeDeferred,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+
+class ChildStopFailed(Exception):
+    """One or more children failed (or timed out) while stopping; their names are the args."""
+
+
+class GatewayService(MultiService):
+    log = Logger()
+
+    def __init__(self, *, clock: Any, child_stop_timeout: float = 4.0) -> None:
+        super().__init__()
+        self._clock = clock
+        self.child_stop_timeout = child_stop_timeout
+
+    def startService(self) -> None:
+        # Children are started one by one; a child that raises is logged with its name and the
+        # daemon keeps starting the others (one broken platform must not take the rest down).
+        from twisted.application.service import Service
+
+        Service.startService(self)
+        for child in self:
+            try:
+                child.startService()
+            except Exception:
+                self.log.failure("Service {name} failed to start", name=child.name)
+
+    def stopService(self) -> Deferred:
+        """
+        Stop every running child in reverse order, each bounded by C{child_stop_timeout}.
+        Fires with None when all stopped cleanly; fails with L{ChildStopFailed} naming the
+        children that failed or timed out (each already logged).  Not cancellable.
+        """
+        from twisted.application.service import Service
+
+        Service.stopService(self)
+        failed: list[str] = []
+        children = [c for c in reversed(list(self)) if c.running]
+
+        def stop_next(_: object = None) -> Deferred | None:
+            if not children:
+                return None
+            child = children.pop(0)
+            d = maybeDeferred(child.stopService)
+            d.addTimeout(self.child_stop_timeout, self._clock)
+            d.addErrback(record, child.name)
+            d.addCallback(stop_next)
+            return d
+
+        def record(failure: Failure, name: str) -> None:
+            failed.append(name)
+            if failure.check(TimeoutError, CancelledError):
+                self.log.error("Service {name} did not stop within {timeout}s; abandoning it",
+                               name=name, timeout=self.child_stop_timeout)
+            else:
+                self.log.failure("Service {name} failed to stop", failure, name=name)
+
+        def report(_: object) -> None:
+            if failed:
+                raise ChildStopFailed(*failed)
+
+        d = maybeDeferred(stop_next)
+        d.addCallback(report)
+        return d
