@@ -1,0 +1,112 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd hermes-gateway}: command-line options and the service tree.
+
+Everything that can be wrong with the configuration is found in L{Options.postOptions}, before
+twistd daemonizes, and reported as a usage error naming the key.  L{makeService} only wires:
+it does no I/O; connections start in C{startService}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.logger import Logger
+from twisted.python import usage
+
+from hermes_twisted import __version__
+
+log = Logger(namespace="hermes_twisted.tap")
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--hermes-home DIR] [--print-config]"
+    longdesc = (
+        "Connects chat platforms (IRC, Matrix, Telegram, an OpenAI-compatible API, and a "
+        "WebSocket relay to a hosted connector) to a remote Hermes agent API server. "
+        "Without --config, $HERMES_HOME/config.yaml is read when it exists; $HERMES_HOME/.env "
+        "is always read (never overriding the environment). Environment variables win over "
+        "YAML. See docs/configuration.md for every key."
+    )
+    optParameters = [
+        ["config", "c", None,
+         "YAML configuration file (default: $HERMES_HOME/config.yaml when it exists)."],
+        ["hermes-home", None, None,
+         "Hermes home directory holding config.yaml, .env and gateway.db "
+         "(default: $HERMES_HOME, else ~/.hermes)."],
+    ]
+    optFlags = [
+        ["print-config", None,
+         "Print the effective configuration as YAML, secrets redacted, and exit."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gateway_config: Any = None
+
+    def opt_version(self) -> None:
+        """Print the hermes-twisted version and exit."""
+        sys.stdout.write(f"hermes-twisted {__version__}\n")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        from hermes_twisted.config import ConfigError, load_config, redacted_yaml
+        from hermes_twisted.sessions.interface import StoreError
+        from hermes_twisted.sessions.sqlite import check_database
+
+        environ = dict(os.environ)
+        if self["hermes-home"]:
+            environ["HERMES_HOME"] = self["hermes-home"]
+        if self["config"] and not os.path.isfile(self["config"]):
+            raise usage.UsageError(f"--config: no such file: {self['config']}")
+        try:
+            config = load_config(self["config"], environ)
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration error: {e}")
+        if self["print-config"]:
+            sys.stdout.write(redacted_yaml(config))
+            sys.stdout.flush()
+            sys.exit(0)
+        try:
+            check_database(config.db_path)
+        except StoreError as e:
+            raise usage.UsageError(f"session store: {e}")
+        self.gateway_config = config
+
+
+def makeService(options: Options, reactor: Any = None):
+    """Build the service tree from validated options; no I/O happens here."""
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return build_service(options.gateway_config, reactor)
+
+
+def build_service(config: Any, reactor: Any):
+    """
+    The service tree, in start order (stop order is the reverse): the session store, the
+    upstream client, the platforms, then the gateway, so that on shutdown the gateway cancels
+    its runs first and the store closes last.
+    """
+    from hermes_twisted.gateway import Gateway
+    from hermes_twisted.platforms import adapter_class
+    from hermes_twisted.service import GatewayService
+    from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
+    from hermes_twisted.upstream.proxy import ProxyUpstream
+
+    top = GatewayService(clock=reactor, child_stop_timeout=config.shutdown_timeout)
+    store = SQLiteSessionStore(config.db_path, reactor=reactor,
+                               reset_policy_for=lambda source: config.session_reset)
+    StoreService(store).setServiceParent(top)
+    upstream = ProxyUpstream(config.upstream, reactor=reactor)
+    upstream.setServiceParent(top)
+    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
+    for settings in config.enabled_platforms():
+        adapter = adapter_class(settings.name)(settings, reactor=reactor, gateway_config=config)
+        gateway.add_adapter(adapter)
+        adapter.setServiceParent(top)
+    gateway.setServiceParent(top)
+    return top
