@@ -30,10 +30,12 @@ class ChildStopFailed(Exception):
 class GatewayService(MultiService):
     log = Logger()
 
-    def __init__(self, *, clock: Any, child_stop_timeout: float = 4.0) -> None:
+    def __init__(self, *, clock: Any, child_stop_timeout: float = 4.0,
+                 summary: str = "") -> None:
         super().__init__()
         self._clock = clock
         self.child_stop_timeout = child_stop_timeout
+        self.summary = summary
 
     def startService(self) -> None:
         # Children are started one by one; a child that raises is logged with its name and the
@@ -41,11 +43,14 @@ class GatewayService(MultiService):
         from twisted.application.service import Service
 
         Service.startService(self)
+        self.log.info("hermes-gateway starting: {summary}", summary=self.summary)
         for child in self:
             try:
                 child.startService()
             except Exception:
                 self.log.failure("Service {name} failed to start", name=child.name)
+        self.log.info("hermes-gateway started: services {names}",
+                      names=", ".join(c.name for c in self if c.running))
 
     def stopService(self) -> Deferred:
         """
@@ -56,6 +61,7 @@ class GatewayService(MultiService):
         from twisted.application.service import Service
 
         Service.stopService(self)
+        self.log.info("hermes-gateway stopping")
         failed: list[str] = []
         children = [c for c in reversed(list(self)) if c.running]
 
@@ -80,6 +86,7 @@ class GatewayService(MultiService):
         def report(_: object) -> None:
             if failed:
                 raise ChildStopFailed(*failed)
+            self.log.info("hermes-gateway stopped")
 
         d = maybeDeferred(stop_next)
         d.addCallback(report)

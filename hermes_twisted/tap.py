@@ -97,7 +97,8 @@ def build_service(config: Any, reactor: Any):
     from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
     from hermes_twisted.upstream.proxy import ProxyUpstream
 
-    top = GatewayService(clock=reactor, child_stop_timeout=config.shutdown_timeout)
+    top = GatewayService(clock=reactor, child_stop_timeout=config.shutdown_timeout,
+                         summary=describe(config))
     store = SQLiteSessionStore(config.db_path, reactor=reactor,
                                reset_policy_for=lambda source: config.session_reset)
     StoreService(store).setServiceParent(top)
@@ -110,3 +111,16 @@ def build_service(config: Any, reactor: Any):
         adapter.setServiceParent(top)
     gateway.setServiceParent(top)
     return top
+
+
+def describe(config: Any) -> str:
+    """One operator-facing line: version, upstream (no credentials), platforms, store."""
+    from urllib.parse import urlsplit
+
+    upstream = config.upstream.proxy_url
+    if upstream:
+        parts = urlsplit(upstream)
+        upstream = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    platforms = ", ".join(p.name for p in config.enabled_platforms()) or "none"
+    return (f"version {__version__}; upstream {upstream or 'NOT CONFIGURED'}; "
+            f"platforms {platforms}; store {config.db_path}")
