@@ -33,8 +33,11 @@ class GatewaySink(Protocol):
         """
 
     def interrupt_session(self, adapter: "PlatformAdapter", session_key: str,
-                          chat_id: str | None = None) -> bool:
-        """Interrupt the running turn of exactly C{session_key} (a remote /stop).  True if one ran."""
+                          chat_id: str | None = None, reason: str = "Stop requested") -> bool:
+        """
+        Interrupt the running turn of exactly C{session_key} (a remote /stop, or an API client
+        that disconnected: C{reason} is one of L{hermes_twisted.interrupts}).  True if one ran.
+        """
 
 
 class PlatformAdapter(MultiService):
@@ -124,6 +127,13 @@ class PlatformAdapter(MultiService):
 
     def push_delta(self, chat_id: str, text: str) -> None:
         """Only for C{wants_raw_deltas} adapters: forward one reply delta now.  Must not raise."""
+
+    def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
+        """
+        Called by the gateway when a turn of C{chat_id} ended in any way (C{delivered} is False
+        when nothing was sent: stale, cancelled, failed).  Adapters holding a per-turn resource
+        (the API server's open HTTP request) release it here.  Must not raise.
+        """
 
     def on_session_interrupted(self, session_key: str, chat_id: str, reason: str) -> None:
         """
