@@ -1,0 +1,58 @@
+# -*- test-case-name: tests.test_authz -*-
+"""
+Gateway authorization (platforms.md §4 level 2): may this sender talk to the agent?
+
+The first rule that matches decides:
+
+ 1. internal events, and events the relay delivered (C{source.delivered_via_upstream_relay},
+    or an adapter declaring C{authorization_is_upstream}: the connector already bound the
+    author, relay.md §6) are allowed;
+ 2. a missing user id is denied;
+ 3. the platform's C{allow_all_users} allows;
+ 4. with an allowlist (the platform's C{allowed_users} and the global C{allowed_users}, as
+    a union) the sender must match it (L{is_allowed}: C{*}, exact, C{x} matches C{x@domain});
+ 5. with no allowlist at all, only the global C{allow_all_users} allows.  Default: deny.
+
+Pairing, bot policies and group-chat allowlists of 0.19.0 are not implemented (deny).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from hermes_twisted.model import MessageEvent
+from hermes_twisted.platforms.base import is_allowed
+from hermes_twisted.settings import GatewayConfig
+
+log = Logger()
+
+
+def is_authorized(config: GatewayConfig, adapter: Any, event: MessageEvent) -> bool:
+    """Decide whether C{event} (received by C{adapter}) may reach the agent."""
+    source = event.source
+    if event.internal or source.delivered_via_upstream_relay:
+        return True
+    if getattr(adapter, "authorization_is_upstream", False):
+        return True
+    if not source.user_id:
+        return False
+    settings = getattr(adapter, "settings", None)
+    if settings is not None and settings.allow_all_users:
+        return True
+    allowlist = tuple(settings.allowed_users if settings is not None else ()) + tuple(
+        config.allowed_users)
+    if not any(entry.strip() for entry in allowlist):
+        return bool(config.allow_all_users)
+    if is_allowed(source.user_id, allowlist):
+        return True
+    return bool(source.user_id_alt and is_allowed(source.user_id_alt, allowlist))
+
+
+def log_denied(adapter: Any, event: MessageEvent) -> None:
+    """Log a refused sender: who and where, never what they wrote."""
+    settings = getattr(adapter, "settings", None)
+    log.warn("Unauthorized user {user_id} on {platform}: message ignored",
+             user_id=event.source.user_id or "(unknown)",
+             platform=settings.name if settings is not None else event.source.platform.value)

@@ -1,0 +1,188 @@
+# -*- test-case-name: tests.test_commands -*-
+"""
+Slash commands the gateway answers itself (platforms.md §5, generations.md §3).
+
+Parsing: C{/cmd args}, C{/cmd@botname args}, and C{!cmd} on adapters whose users type
+commands with C{!} (Matrix, Slack).  A command name is I{resolvable} when hermes 0.19.0's
+gateway knows it; the gateway handles C{/stop /new /reset /status /help /commands /start}.
+Any other resolvable command is answered "can't run mid-turn" while a run is busy and goes
+to the agent as text when idle; an unresolvable one (C{/shrug}, C{/etc/hosts}) is text.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.logger import Logger
+
+from hermes_twisted import interrupts
+from hermes_twisted.model import MessageEvent
+
+if TYPE_CHECKING:
+    from hermes_twisted.gateway import Gateway
+
+log = Logger()
+
+STOPPED = "⚡ Stopped. You can continue this session."
+STOPPED_BEFORE_START = ("⚡ Stopped. The agent hadn't started yet — you can continue this "
+                        "session.")
+NO_ACTIVE_TASK = "No active task to stop."
+SESSION_RESET = "✨ Session reset! Starting fresh."
+NEW_SESSION = "✨ New session started!"
+RESET_FAILED = "⚠️ Could not start a new session: {error}"
+MID_TURN = ("⏳ Agent is running — `/{name}` can't run mid-turn. Wait for the current "
+            "response or `/stop` first.")
+
+#: Handled here; the value says whether it may run while a turn is busy without touching it.
+HANDLED = {"stop": True, "new": True, "reset": True, "status": True, "help": True,
+           "commands": True, "start": True}
+
+#: Every command name (and alias) the 0.19.0 gateway resolves (platforms.md §5).
+RESOLVABLE = frozenset(HANDLED) | frozenset("""
+    approve deny whoami retry undo title resume sessions branch fork compress compact rollback
+    background bg btw queue q steer agents tasks goal subgoal moa topic sethome set-home model
+    codex-runtime personality reasoning fast yolo footer voice verbose skills memory bundles
+    learn suggestions blueprint curator kanban reload-mcp reload-skills usage insights topup
+    profile version v debug restart update platform
+""".split())
+
+HELP = "\n".join([
+    "📖 **Commands**",
+    "/new (or /reset) — start a fresh session",
+    "/stop — interrupt the running reply (the session is kept)",
+    "/status — session id, running task, upstream",
+    "/help — this list",
+    "Anything else is sent to the agent.",
+])
+
+
+def normalize(adapter: Any, event: MessageEvent) -> MessageEvent:
+    """Rewrite C{!cmd} to C{/cmd} on adapters whose users type commands with C{!}."""
+    prefix = getattr(adapter, "typed_command_prefix", "/")
+    if prefix != "/" and event.text.startswith(prefix) and len(event.text) > len(prefix):
+        return dataclasses.replace(event, text="/" + event.text[len(prefix):])
+    return event
+
+
+def parse(event: MessageEvent) -> tuple[str, str] | None:
+    """C{(name, args)} of a resolvable command, or None when the text is for the agent."""
+    name = event.get_command()
+    if name is None or name not in RESOLVABLE:
+        return None
+    return name, event.get_command_args()
+
+
+def public_url(url: str | None) -> str:
+    """C{url} without user info, query or fragment: safe to show in /status."""
+    if not url:
+        return "(not configured)"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m {seconds % 60}s"
+    return f"{seconds // 3600}h {seconds % 3600 // 60}m"
+
+
+class CommandRouter:
+    """Runs the gateway's own commands; every reply goes through C{gateway.reply}."""
+
+    def __init__(self, gateway: "Gateway") -> None:
+        self.gateway = gateway
+
+    def dispatch(self, adapter: Any, event: MessageEvent, key: str, name: str,
+                 args: str) -> Deferred:
+        """Answer command C{name}.  Fires with None when done; never fails."""
+        handler = getattr(self, "cmd_" + name, None)
+        if handler is None:
+            if self.gateway.is_busy(key):
+                return self.gateway.reply(adapter, event, MID_TURN.format(name=name))
+            return succeed(None)  # the gateway runs it as agent text instead
+        return handler(adapter, event, key, args)
+
+    def cmd_start(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
+        return succeed(None)  # Telegram's start ping: no reply
+
+    def cmd_help(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
+        return self.gateway.reply(adapter, event, HELP)
+
+    cmd_commands = cmd_help
+
+    def cmd_stop(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
+        # Everything up to cancel() is synchronous (generations.md §6): the old run is stale
+        # and its typing stopped before our reply is sent, and cancelled right after.
+        gw = self.gateway
+        handle = gw.interrupt_and_clear(key, interrupts.STOP, "stop_command")
+        if handle is None:
+            gw.stop_platform_typing(adapter, event.source.chat_id)
+            return gw.reply(adapter, event, NO_ACTIVE_TASK)
+        text = STOPPED_BEFORE_START if handle.phase == "preparing" else STOPPED
+        d = gw.reply(adapter, event, text)
+        handle.cancel()
+        gw.notify_interrupted(handle, interrupts.STOP)
+        return d
+
+    def cmd_new(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
+        gw = self.gateway
+        handle = gw.interrupt_and_clear(key, interrupts.RESET, "new_command")
+        gw.generations.bump(key, "session_reset")
+        # New turns of this key wait until the store handed out the new session id, so a
+        # follow-up never runs against the old transcript (generations.md §5 case 50).
+        release = gw.hold_lane(key)
+        if handle is not None:
+            # Cancel now rather than after the reply: the reply waits for the store, and the
+            # old upstream connection must not stay open meanwhile.  The reply cannot be lost
+            # by this, since it is sent from this command's chain, not the run's.
+            handle.cancel()
+            gw.notify_interrupted(handle, interrupts.RESET)
+        existed = gw.store.peek(key) is not None
+        d = gw.store.reset(key, event.source)
+
+        def reset_done(entry: Any) -> Deferred:
+            text = SESSION_RESET if existed else NEW_SESSION
+            return gw.reply(adapter, event, f"{text}\nSession ID: `{entry.session_id}`")
+
+        def reset_failed(failure: Any) -> Deferred:
+            log.failure("Session reset failed for {key}", failure, key=key)
+            return gw.reply(adapter, event, RESET_FAILED.format(error=failure.getErrorMessage()))
+
+        d.addCallbacks(reset_done, reset_failed)
+        d.addBoth(lambda result: (release(), result)[1])
+        return d
+
+    cmd_reset = cmd_new
+
+    def cmd_status(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
+        gw = self.gateway
+        entry = gw.store.peek(key)
+        handle = gw.current_run(key)
+        if handle is None:
+            run = "idle"
+        else:
+            run = f"running for {_age(gw.clock.seconds() - handle.started_at)} ({handle.phase})"
+        lines = [
+            "📊 **Session status**",
+            f"Session ID: `{entry.session_id if entry else '(none yet)'}`",
+            f"Session key: `{key}`",
+            f"Agent: {run}",
+            f"Queued messages: {gw.queued(key)}",
+            f"Upstream: {public_url(gw.config.upstream.proxy_url)}",
+        ]
+        name = getattr(getattr(adapter, "settings", None), "name", "?")
+        try:
+            state = adapter.status
+        except Exception:
+            state = "unknown"
+        lines.append(f"Platform: {name} ({state})")
+        return gw.reply(adapter, event, "\n".join(lines))

@@ -1,0 +1,403 @@
+# -*- test-case-name: tests.test_gateway -*-
+"""
+The dispatcher: turns each inbound L{MessageEvent} into a run, and makes sure a stale run
+can never speak.
+
+Run lifecycle, per session key (a "lane"):
+
+ 1. B{Admission.}  C{handle_message} rewrites C{!cmd}, checks authorization, and, when the
+    event carries a C{dedupe_key}, records it with C{store.admit_inbound} (a redelivery is
+    dropped).  Events of one lane are dispatched in arrival order even if admissions
+    complete out of order.  The returned Deferred fires once the event is admitted.
+ 2. B{Dispatch.}  Gateway commands run at once, also while busy.  Text starts a run when
+    the lane is idle; while busy it is queued (FIFO, one turn per message) and, in the
+    default C{interrupt} mode, the running turn is interrupted so the new message runs
+    next.  At most one busy acknowledgement per C{busy_ack_interval} per lane.
+ 3. B{Start.}  Starting a run claims the lane and the next generation synchronously, then
+    runs L{execute_turn} as one Deferred held by the L{RunHandle}.
+ 4. B{Stop.}  /stop, /new and a remote interrupt bump the generation, stop the run's
+    typing and consumer, drop queued input and release the lane (all synchronous), reply,
+    and only then cancel the run's Deferred, which closes the upstream connection.
+ 5. B{End.}  However a run ends, its own leftovers (typing, consumer, its generation's
+    callbacks) are dropped, its admitted event is completed, and only if it still owns the
+    lane does it release it and start the next queued message, in the same reactor turn:
+    nothing is lost between two runs, and a stale run never consumes a later message.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.logger import Logger
+
+from hermes_twisted import commands, interrupts
+from hermes_twisted.authz import is_authorized, log_denied
+from hermes_twisted.inbound import event_from_payload, payload_for
+from hermes_twisted.model import MessageEvent
+from hermes_twisted.runs import Generations, PostDeliveryCallbacks, RunHandle
+from hermes_twisted.sessions.keys import build_session_key
+from hermes_twisted.settings import GatewayConfig
+from hermes_twisted.turn import execute_turn, thread_metadata
+from hermes_twisted.typing_loop import stop_platform_typing
+
+ACK_INTERRUPT = "⚡ Interrupting current task ({elapsed} elapsed). I'll respond to your message shortly."
+ACK_QUEUE = ("⏳ Queued for the next turn ({elapsed} elapsed). I'll respond once the current "
+             "task finishes.")
+INTERRUPTED_BY_MESSAGE = "interrupted by a newer message"
+
+
+class _Inbound:
+    __slots__ = ("adapter", "event", "key", "dedupe_key", "admitted")
+
+    def __init__(self, adapter: Any, event: MessageEvent, key: str,
+                 dedupe_key: str | None, admitted: bool | None) -> None:
+        self.adapter, self.event, self.key = adapter, event, key
+        self.dedupe_key, self.admitted = dedupe_key, admitted
+
+
+class _Lane:
+    """One session key's state: the running handle, queued input, arrivals, holds."""
+
+    __slots__ = ("handle", "queue", "arrivals", "last_ack", "holds")
+
+    def __init__(self) -> None:
+        self.handle: RunHandle | None = None
+        self.queue: deque[_Inbound] = deque()
+        self.arrivals: deque[_Inbound] = deque()
+        self.last_ack: float | None = None
+        self.holds = 0
+
+
+class Gateway(Service):
+    log = Logger()
+    name = "gateway"
+
+    def __init__(self, config: GatewayConfig, *, store: Any, upstream: Any, clock: Any,
+                 consumer_factory: Callable[..., Any] | None = None) -> None:
+        self.config = config
+        self.store = store
+        self.upstream = upstream
+        self.clock = clock
+        if consumer_factory is None:
+            from hermes_twisted.streaming import StreamConsumer
+            consumer_factory = StreamConsumer
+        self.consumer_factory = consumer_factory
+        self.generations = Generations()
+        self.callbacks = PostDeliveryCallbacks()
+        self.commands = commands.CommandRouter(self)
+        self._adapters: dict[str, Any] = {}
+        self._lanes: dict[str, _Lane] = {}
+        self._runs: set[RunHandle] = set()
+        self._idle_waiters: list[Deferred] = []
+        self._stopping = False
+
+    # -- wiring and lifecycle --------------------------------------------------------------
+
+    def add_adapter(self, adapter: Any) -> None:
+        self._adapters[adapter.settings.name] = adapter
+        adapter.attach(self)
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        d = maybeDeferred(self.store.pending_inbound)
+        d.addCallback(self._replay)
+        d.addErrback(lambda f: self.log.failure("Replaying admitted messages failed", f))
+
+    def _replay(self, pending: list[tuple[str, dict[str, Any]]]) -> None:
+        for dedupe_key, payload in pending:
+            adapter = self._adapters.get(payload.get("adapter"))
+            if adapter is None:
+                self.log.warn("Cannot replay {dedupe_key}: no adapter {name}",
+                              dedupe_key=dedupe_key, name=payload.get("adapter"))
+                continue
+            event = event_from_payload(payload, dedupe_key)
+            self.log.info("Replaying admitted message {dedupe_key}", dedupe_key=dedupe_key)
+            self._arrive(_Inbound(adapter, event, self.session_key_for(event), dedupe_key, True))
+
+    def stopService(self) -> Deferred:
+        """
+        Cancel every run with reason "Gateway shutting down" and wait for them to unwind,
+        at most C{config.shutdown_timeout}.  Fires with None; never fails.  Turns cut short
+        here are not marked complete, so they are replayed at the next start.
+        """
+        super().stopService()
+        self._stopping = True
+        for key, lane in self._lanes.items():
+            if lane.handle is not None:
+                handle = self.interrupt_and_clear(key, interrupts.GATEWAY_SHUTDOWN,
+                                                  "gateway_shutdown", drop_queue=False)
+                if handle is not None:
+                    handle.cancel()
+        if not self._runs:
+            return succeed(None)
+        waiter: Deferred = Deferred(lambda d: self._idle_waiters.remove(d))
+        self._idle_waiters.append(waiter)
+        waiter.addTimeout(self.config.shutdown_timeout * 0.9, self.clock)
+        waiter.addErrback(lambda f: self.log.warn("{n} runs still unwinding at shutdown",
+                                                  n=len(self._runs)))
+        return waiter
+
+    # -- GatewaySink -----------------------------------------------------------------------
+
+    def handle_message(self, adapter: Any, event: MessageEvent) -> Deferred:
+        """
+        Admit C{event} from C{adapter}.  Fires with None once admitted (recorded in the
+        store when it carries a C{dedupe_key}); the turn runs in the background.  Never
+        fails; cancelling abandons the admission and the event is not run.
+        """
+        event = commands.normalize(adapter, event)
+        key = self.session_key_for(event)
+        if not is_authorized(self.config, adapter, event):
+            log_denied(adapter, event)
+            self._turn_finished(adapter, event, key, False)
+            return succeed(None)
+        dedupe_key = event.metadata.get("dedupe_key") if event.metadata else None
+        if not dedupe_key:
+            self._arrive(_Inbound(adapter, event, key, None, True))
+            return succeed(None)
+        inbound = _Inbound(adapter, event, key, dedupe_key, None)
+        self._arrive(inbound)
+        d = maybeDeferred(self.store.admit_inbound, dedupe_key,
+                          payload_for(adapter.settings.name, event))
+
+        def admitted(is_new: bool) -> None:
+            if not is_new:
+                self.log.info("Redelivery of {dedupe_key} ignored", dedupe_key=dedupe_key)
+                self._turn_finished(adapter, event, key, False)
+            self._admitted(inbound, bool(is_new))
+
+        def failed(failure: Any) -> Any:
+            if failure.check(CancelledError):
+                self._admitted(inbound, False)
+                return failure
+            # Answering without a durable record beats dropping the message.
+            self.log.failure("Could not record {dedupe_key}; running it anyway", failure,
+                             dedupe_key=dedupe_key)
+            inbound.dedupe_key = None
+            self._admitted(inbound, True)
+            return None
+
+        d.addCallbacks(admitted, failed)
+        return d
+
+    def interrupt_session(self, adapter: Any, session_key: str, chat_id: str | None = None,
+                          reason: str = interrupts.STOP) -> bool:
+        """
+        Interrupt exactly C{session_key}'s run (a remote /stop, an API client gone) for
+        C{reason}; no reply is sent.  True if a run was interrupted.
+        """
+        handle = self.interrupt_and_clear(session_key, reason, "remote_interrupt")
+        if handle is None:
+            return False
+        handle.cancel()
+        return True
+
+    # -- what commands use ------------------------------------------------------------------
+
+    def session_key_for(self, event: MessageEvent) -> str:
+        return build_session_key(event.source, self.config.group_sessions_per_user,
+                                 self.config.thread_sessions_per_user)
+
+    def is_busy(self, key: str) -> bool:
+        lane = self._lanes.get(key)
+        return lane is not None and (lane.handle is not None or lane.holds > 0)
+
+    def current_run(self, key: str) -> RunHandle | None:
+        lane = self._lanes.get(key)
+        return lane.handle if lane is not None else None
+
+    def queued(self, key: str) -> int:
+        lane = self._lanes.get(key)
+        return len(lane.queue) if lane is not None else 0
+
+    def reply(self, adapter: Any, event: MessageEvent, text: str) -> Deferred:
+        """Send C{text} to C{event}'s chat.  Fires with the SendResult (or None); never fails."""
+        d = maybeDeferred(adapter.send, event.source.chat_id, text,
+                          metadata=thread_metadata(event))
+
+        def check(result: Any) -> Any:
+            if result is not None and not getattr(result, "success", True):
+                self.log.warn("Send to {chat} failed: {error}", chat=event.source.chat_id,
+                              error=result.error)
+            return result
+
+        def failed(failure: Any) -> None:
+            if not failure.check(CancelledError):
+                self.log.failure("Send to {chat} raised", failure, chat=event.source.chat_id)
+
+        d.addCallbacks(check, failed)
+        return d
+
+    def stop_platform_typing(self, adapter: Any, chat_id: str) -> Deferred:
+        return stop_platform_typing(adapter, chat_id)
+
+    def notify_interrupted(self, handle: RunHandle, reason: str) -> None:
+        try:
+            handle.adapter.on_session_interrupted(handle.session_key, handle.chat_id, reason)
+        except Exception:
+            self.log.failure("on_session_interrupted failed for {key}", key=handle.session_key)
+
+    def interrupt_and_clear(self, key: str, reason: str, invalidation: str, *,
+                            drop_queue: bool = True) -> RunHandle | None:
+        """
+        The one stop-like helper (generations.md §2.6), synchronous: bump the generation,
+        stop the run's typing and consumer, drop queued input, release the lane.  Returns
+        the interrupted handle (the caller replies, then cancels it) or None when idle.
+        """
+        lane = self._lanes.get(key)
+        if lane is None:
+            return None
+        handle, lane.handle = lane.handle, None
+        if handle is not None:
+            self.generations.bump(key, invalidation)
+            handle.interrupt(reason)
+        if drop_queue:
+            dropped, lane.queue = list(lane.queue), deque()
+            for inbound in dropped:
+                self._complete(inbound.dedupe_key)
+                self._turn_finished(inbound.adapter, inbound.event, key, False)
+        return handle
+
+    def hold_lane(self, key: str) -> Callable[[], None]:
+        """Keep C{key} from starting runs until the returned release is called (once)."""
+        lane = self._lane(key)
+        lane.holds += 1
+        released = []
+
+        def release() -> None:
+            if not released:
+                released.append(True)
+                lane.holds -= 1
+                self._drain(key)
+
+        return release
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _lane(self, key: str) -> _Lane:
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane()
+        return lane
+
+    def _arrive(self, inbound: _Inbound) -> None:
+        self._lane(inbound.key).arrivals.append(inbound)
+        self._pump(inbound.key)
+
+    def _admitted(self, inbound: _Inbound, ok: bool) -> None:
+        inbound.admitted = ok
+        self._pump(inbound.key)
+
+    def _pump(self, key: str) -> None:
+        arrivals = self._lane(key).arrivals
+        while arrivals and arrivals[0].admitted is not None:
+            inbound = arrivals.popleft()
+            if inbound.admitted:
+                try:
+                    self._dispatch(inbound)
+                except Exception:
+                    self.log.failure("Dispatching a message for {key} failed", key=key)
+
+    def _dispatch(self, inbound: _Inbound) -> None:
+        if self._stopping:
+            # Admitted events are replayed at the next start; others cannot be kept.
+            self.log.info("Gateway stopping: not running a message for {key}", key=inbound.key)
+            self._turn_finished(inbound.adapter, inbound.event, inbound.key, False)
+            return
+        adapter, event, key = inbound.adapter, inbound.event, inbound.key
+        command = commands.parse(event)
+        if command is not None and (command[0] in commands.HANDLED or self.is_busy(key)):
+            d = self.commands.dispatch(adapter, event, key, *command)
+
+            def command_done(result: Any) -> Any:
+                self._complete(inbound.dedupe_key)
+                self._turn_finished(adapter, event, key, result is not None)
+                return result
+
+            d.addBoth(command_done)
+            return
+        lane = self._lane(key)
+        if not self.is_busy(key):
+            self._start_run(inbound)
+            return
+        lane.queue.append(inbound)
+        if event.internal or lane.handle is None:
+            return  # internal completions and input behind a /new wait silently
+        handle = lane.handle
+        interrupt = self.config.display.busy_input_mode != "queue"
+        self._maybe_ack(lane, inbound, ACK_INTERRUPT if interrupt else ACK_QUEUE)
+        if interrupt:
+            handle.interrupt(INTERRUPTED_BY_MESSAGE)
+            handle.cancel()
+
+    def _maybe_ack(self, lane: _Lane, inbound: _Inbound, template: str) -> None:
+        now = self.clock.seconds()
+        if lane.last_ack is not None and now - lane.last_ack < self.config.display.busy_ack_interval:
+            return
+        lane.last_ack = now
+        elapsed = commands._age(now - lane.handle.started_at) if lane.handle else "0s"
+        self.reply(inbound.adapter, inbound.event, template.format(elapsed=elapsed))
+
+    def _start_run(self, inbound: _Inbound) -> RunHandle:
+        lane = self._lane(inbound.key)
+        handle = RunHandle(session_key=inbound.key,
+                           generation=self.generations.bump(inbound.key),
+                           generations=self.generations, adapter=inbound.adapter,
+                           event=inbound.event, started_at=self.clock.seconds(),
+                           dedupe_key=inbound.dedupe_key)
+        lane.handle = handle
+        self._runs.add(handle)
+        d = ensureDeferred(execute_turn(self, handle))
+        handle.deferred = d
+        d.addBoth(self._run_ended, handle)
+        d.addErrback(_trap_cancelled)
+        d.addErrback(lambda f: self.log.failure("Run for {key} crashed", f, key=handle.session_key))
+        return handle
+
+    def _run_ended(self, result: Any, handle: RunHandle) -> Any:
+        handle.stop_siblings()
+        self.callbacks.pop(handle.session_key, handle.generation)  # own leftovers, never fired
+        self._runs.discard(handle)
+        if handle.interrupt_reason != interrupts.GATEWAY_SHUTDOWN:
+            self._complete(handle.dedupe_key)
+        self._turn_finished(handle.adapter, handle.event, handle.session_key, handle.delivered)
+        lane = self._lanes.get(handle.session_key)
+        if lane is not None and lane.handle is handle:
+            lane.handle = None
+            self._drain(handle.session_key)
+        if not self._runs:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+        return result
+
+    def _drain(self, key: str) -> None:
+        lane = self._lanes.get(key)
+        if lane is None or lane.handle is not None or lane.holds or self._stopping:
+            return
+        if lane.queue:
+            self._start_run(lane.queue.popleft())
+
+    def _turn_finished(self, adapter: Any, event: MessageEvent, key: str,
+                       delivered: bool) -> None:
+        # Every inbound event ends here exactly once (run, command, drop or refusal), so an
+        # adapter holding a per-turn resource (an open API request) can always release it.
+        try:
+            adapter.on_turn_finished(event.source.chat_id, key, bool(delivered))
+        except Exception:
+            self.log.failure("on_turn_finished failed for {key}", key=key)
+
+    def _complete(self, dedupe_key: str | None) -> None:
+        if not dedupe_key:
+            return
+        d = maybeDeferred(self.store.complete_inbound, dedupe_key)
+        d.addErrback(lambda f: self.log.failure("complete_inbound({k}) failed", f, k=dedupe_key))
+
+
+def _trap_cancelled(failure: Any) -> None:
+    """The run's terminal errback: a cancelled run is a normal ending."""
+    failure.trap(CancelledError)

@@ -1,0 +1,169 @@
+# -*- test-case-name: tests.test_gateway -*-
+"""
+The body of one turn: session → history → upstream → delivery → transcript → callbacks.
+
+It runs as one coroutine (one Deferred held by the L{RunHandle}).  Cancelling that Deferred
+throws C{CancelledError} in at whatever it awaits, which for the upstream call closes the
+connection.  Nothing here swallows C{CancelledError}, and every side effect asks
+C{handle.is_current()} right before it happens.
+
+The user row of a turn is written together with the assistant row once the turn completed
+and is still current; an interrupted, stopped or stale turn writes neither (a lone user row
+would leave a user/user wedge in the history sent to the agent next time).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import CancelledError
+from twisted.logger import Logger
+
+from hermes_twisted.runs import RunHandle, fire_bounded
+from hermes_twisted.typing_loop import TypingLoop
+from hermes_twisted.upstream import TurnRequest
+
+if TYPE_CHECKING:
+    from hermes_twisted.gateway import Gateway
+
+log = Logger()
+
+ERROR_NOTICE = "⚠️ Sorry, something went wrong while handling your message. Please try again."
+
+
+def thread_metadata(event: Any) -> dict[str, Any] | None:
+    thread_id = event.source.thread_id
+    return {"thread_id": thread_id} if thread_id else None
+
+
+def build_context_prompt(event: Any) -> str:
+    """A small session-context block for the agent (hermes' build_session_context_prompt)."""
+    source = event.source
+    lines = ["## Current Session Context",
+             f"**Source:** {source.platform.value.replace('_', ' ').title()} "
+             f"({source.description})"]
+    if source.user_name or source.user_id:
+        who = source.user_name or source.user_id
+        if source.user_name and source.user_id:
+            who = f"{source.user_name} (id {source.user_id})"
+        lines.append(f"**User:** {who}")
+    if source.chat_topic:
+        lines.append(f"**Channel topic:** {source.chat_topic}")
+    return "\n".join(lines)
+
+
+def tool_progress_text(event: dict[str, Any]) -> str | None:
+    """The notice for a tool start (C{status: running}); None for anything else."""
+    if event.get("status") != "running" or not event.get("tool"):
+        return None
+    text = f"{event.get('emoji') or '⚙️'} {event['tool']}"
+    if event.get("label"):
+        text += f": {event['label']}"
+    return text
+
+
+class RunSink:
+    """The L{TurnSink} of one run: forwards only while the run is current."""
+
+    def __init__(self, gateway: "Gateway", handle: RunHandle) -> None:
+        self._gateway = gateway
+        self._handle = handle
+
+    def is_current(self) -> bool:
+        return self._handle.is_current()
+
+    def on_delta(self, text: str) -> None:
+        consumer = self._handle.consumer
+        if consumer is not None and self._handle.is_current():
+            consumer.on_delta(text)
+
+    def on_tool_progress(self, event: dict[str, Any]) -> None:
+        if not self._gateway.config.display.tool_progress:
+            return
+        text = tool_progress_text(event)
+        if text and self._handle.is_current():
+            self._gateway.reply(self._handle.adapter, self._handle.event, text)
+
+
+async def execute_turn(gw: "Gateway", handle: RunHandle) -> None:
+    """
+    Run C{handle}'s turn to the end.  Fails only with CancelledError; any other error is
+    logged and, if the run is still current, the user gets a short notice.
+    """
+    try:
+        await _turn(gw, handle)
+    except CancelledError:
+        raise
+    except Exception:
+        log.failure("Turn failed for {key} (generation {gen})", key=handle.session_key,
+                    gen=handle.generation)
+        if handle.is_current():
+            gw.reply(handle.adapter, handle.event, ERROR_NOTICE)
+
+
+async def _turn(gw: "Gateway", handle: RunHandle) -> None:
+    event, adapter, key = handle.event, handle.adapter, handle.session_key
+    settings = getattr(adapter, "settings", None)
+    if settings is None or settings.typing_indicator:
+        handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
+                                   interval=gw.config.display.typing_interval,
+                                   metadata=thread_metadata(event))
+        handle.typing.start()
+
+    entry = await gw.store.get_or_create(key, event.source)
+    handle.session_id = entry.session_id
+    history = await gw.store.load_transcript(entry.session_id)
+    if not handle.is_current():
+        return
+    request = TurnRequest(message=event.text, session_id=entry.session_id, session_key=key,
+                          context_prompt=build_context_prompt(event), history=list(history))
+    handle.consumer = gw.consumer_factory(
+        adapter, handle.chat_id, clock=gw.clock, settings=gw.config.streaming,
+        is_current=handle.is_current, reply_to=event.message_id,
+        metadata=thread_metadata(event))
+    handle.phase = "running"
+    result = await gw.upstream.run_turn(request, RunSink(gw, handle))
+
+    if not handle.is_current():
+        log.info("Discarding stale result for {key}: generation {gen} is no longer current",
+                 key=key, gen=handle.generation)
+        return
+    # Typing stops before the final send, so "is typing…" never trails the answer.
+    if handle.typing is not None:
+        handle.typing.stop()
+    final = (result or {}).get("final_response") or ""
+    delivered = False
+    message_ids: tuple[str, ...] = ()
+    if final or handle.consumer.already_sent:
+        report = await handle.consumer.finish(final)
+        delivered = bool(report.delivered)
+        handle.delivered = delivered
+        message_ids = tuple(report.message_ids or ())
+        if not delivered:
+            log.warn("Reply for {key} was not delivered: {error}", key=key, error=report.error)
+    if not handle.is_current():
+        return
+    if final:
+        # Both rows are issued together, under one currency check; a failed write is
+        # logged, never turned into an error reply (the user already has the answer).
+        rows = [
+            gw.store.append(entry.session_id, "user", event.text,
+                            platform_message_id=event.message_id),
+            gw.store.append(entry.session_id, "assistant", final,
+                            platform_message_id=message_ids[0] if message_ids else None),
+        ]
+        for row in rows:
+            row.addErrback(_transcript_failed, key)
+        for row in rows:
+            await row
+    if delivered and handle.is_current():
+        fire = gw.callbacks.pop(key, handle.generation)
+        if fire is not None:
+            await fire_bounded(fire, gw.clock, key=key)
+
+
+def _transcript_failed(failure: Any, key: str) -> Any:
+    if failure.check(CancelledError):
+        return failure
+    log.failure("Transcript write failed for {key}", failure, key=key)
+    return None
