@@ -74,6 +74,12 @@ class RelaySettings:
     route_keys: tuple[str, ...] = ()
     instance_id: str | None = None
     wake_url: str | None = None
+    # OAuth2 client-credentials IdP for provision/enroll (GATEWAY_RELAY_IDP_*, gateway.idp.*)
+    idp_token_url: str | None = None
+    idp_client_id: str | None = None
+    idp_client_secret: str | None = None
+    idp_scope: str | None = None
+    enroll_token: str | None = None  # GATEWAY_RELAY_ENROLL_TOKEN
 
     @property
     def enabled(self) -> bool:

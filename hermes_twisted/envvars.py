@@ -1,0 +1,547 @@
+# -*- test-case-name: tests.test_envvars -*-
+"""
+The registry of every environment variable and config.yaml key this daemon reads.
+
+L{ENV_VARS} mirrors Hermes's C{OPTIONAL_ENV_VARS} metadata (description, prompt, category,
+password, url, advanced, help) and adds what our loader needs: the value's type, the
+config.yaml key it overrides (C{yaml_key}), and for platform variables the platform and the
+key of C{PlatformSettings.extra} it fills.  L{YAML_KEYS} lists the keys that only exist in
+config.yaml.  C{config.py} is driven by these two tables (there is no second list of names)
+and C{docs/configuration.md} is rendered from them by L{render_reference}::
+
+    python -m hermes_twisted.envvars > docs/configuration.md
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+#: Value types understood by the loader (see C{config._convert}).
+TYPES = frozenset({
+    "str",         # a scalar, as text
+    "secret",      # text, never shown (redacted, never logged, never echoed in errors)
+    "url",         # http(s)://host[...]
+    "relay_url",   # http(s)://host or ws(s)://host[...]
+    "int", "float", "bool",
+    "list",        # a YAML list, or a comma separated string: stripped, empties dropped
+    "enum",        # one of C{choices}, case-insensitive
+    "json",        # a JSON object (env) or a mapping (YAML)
+    "path",        # a filesystem path; ~ expanded, relative to $HERMES_HOME
+    "mapping",     # a YAML mapping, passed through
+    "flag",        # off/false/no/none/0/empty: False; any other value: True
+})
+
+
+@dataclass(frozen=True)
+class EnvVar:
+    name: str
+    description: str
+    prompt: str
+    category: str = "messaging"  # provider | messaging | tool | skill | setting
+    password: bool = False
+    url: str | None = None
+    advanced: bool = False
+    help: str | None = None
+    # ours:
+    type: str = "str"
+    yaml_key: str | None = None  # dotted config.yaml key this variable overrides
+    platform: str | None = None
+    extra_key: str | None = None  # key in PlatformSettings.extra
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    ours: bool = False  # not a Hermes 0.19.0 variable
+    enables: bool = False  # a non-empty (truthy, for bools) value turns its platform on
+
+    @property
+    def setting(self) -> str:
+        """Where the loader keeps this value: its YAML key, or C{$NAME} when env-only."""
+        return self.yaml_key or f"${self.name}"
+
+
+@dataclass(frozen=True)
+class ConfigKey:
+    """A config.yaml key with no environment variable.  C{<name>} stands for any platform."""
+
+    path: str
+    description: str
+    type: str = "str"
+    default: Any = None
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    password: bool = False
+    ours: bool = False
+
+
+def _var(name: str, description: str, prompt: str, **kw: Any) -> EnvVar:
+    if kw.get("type") == "secret":
+        kw.setdefault("password", True)
+    return EnvVar(name=name, description=description, prompt=prompt, **kw)
+
+
+def _pvar(platform: str, name: str, key: str, description: str, prompt: str,
+          **kw: Any) -> EnvVar:
+    """A platform variable filling C{PlatformSettings.extra[key]}."""
+    return _var(name, description, prompt, platform=platform, extra_key=key,
+                yaml_key=f"platforms.{platform}.extra.{key}", **kw)
+
+
+def _pfield(platform: str, name: str, field_name: str, description: str, prompt: str,
+            **kw: Any) -> EnvVar:
+    """A platform variable filling a C{PlatformSettings} field (token, allowed_users, ...)."""
+    return _var(name, description, prompt, platform=platform,
+                yaml_key=f"platforms.{platform}.{field_name}", **kw)
+
+
+def _common(platform: str, prefix: str, label: str) -> list[EnvVar]:
+    """Hermes's per-platform pattern: allowlist, allow-all, home channel."""
+    return [
+        _pfield(platform, f"{prefix}_ALLOWED_USERS", "allowed_users",
+                f"Comma separated {label} user ids allowed to talk to the agent.",
+                f"{label} allowed users (comma separated)", type="list"),
+        _pfield(platform, f"{prefix}_ALLOW_ALL_USERS", "allow_all_users",
+                f"Allow every {label} user (no allowlist).", f"Allow all {label} users (true/false)",
+                type="bool", default=False, advanced=True),
+        _pfield(platform, f"{prefix}_HOME_CHANNEL", "home_channel",
+                f"{label} chat id for proactive messages (cron deliveries, restart notices).",
+                f"{label} home channel", advanced=True),
+        _pvar(platform, f"{prefix}_HOME_CHANNEL_NAME", "home_channel_name",
+              f"Display name of the {label} home channel.", f"{label} home channel name",
+              advanced=True),
+        _pvar(platform, f"{prefix}_HOME_CHANNEL_THREAD_ID", "home_channel_thread_id",
+              f"Thread id inside the {label} home channel.", f"{label} home channel thread id",
+              advanced=True),
+    ]
+
+
+_ENV_VAR_LIST: list[EnvVar] = [
+    # -- daemon ---------------------------------------------------------------------------
+    _var("HERMES_HOME", "Hermes home directory: config.yaml, .env and gateway.db live here.",
+         "Hermes home directory", category="setting", type="path", default="~/.hermes",
+         advanced=True),
+    _var("HERMES_GATEWAY_DB", "Session database (SQLite). Relative paths are under $HERMES_HOME.",
+         "Session database path", category="setting", type="path",
+         yaml_key="gateway.db_path", default="$HERMES_HOME/gateway.db", advanced=True, ours=True),
+    # -- proxy mode (proxy.md 1.1, 4) -----------------------------------------------------
+    _var("GATEWAY_PROXY_URL",
+         "URL of a remote Hermes API server to forward messages to. The gateway then does "
+         "platform I/O only and the remote server runs the agent. Also gateway.proxy_url in "
+         "config.yaml.",
+         "Remote Hermes API server URL (e.g. http://192.168.1.100:8642)",
+         type="url", yaml_key="gateway.proxy_url", advanced=True),
+    _var("GATEWAY_PROXY_KEY",
+         "Bearer token for the remote API server; must match its API_SERVER_KEY.",
+         "Remote API server auth key", type="secret", yaml_key="gateway.proxy_key",
+         advanced=True),
+    _var("HERMES_PROXY_MODEL", "The \"model\" field sent to the remote API server.",
+         "Model name sent to the remote API server", type="str",
+         yaml_key="gateway.proxy_model", default="hermes-agent", advanced=True, ours=True),
+    # -- relay (relay.md 1.1) -------------------------------------------------------------
+    _var("GATEWAY_RELAY_URL",
+         "Connector base URL. Setting it activates the relay platform. Accepts http(s)://host "
+         "or ws(s)://host/relay; the dial URL is ws(s)://.../relay.",
+         "Relay connector URL", type="relay_url", yaml_key="gateway.relay_url",
+         enables=True, platform="relay", advanced=True),
+    _var("GATEWAY_RELAY_ID", "Per-gateway relay id (the auth token payload).", "Relay gateway id",
+         yaml_key="gateway.relay_id", advanced=True),
+    _var("GATEWAY_RELAY_SECRET", "Per-gateway relay HMAC secret.", "Relay gateway secret",
+         type="secret", yaml_key="gateway.relay_secret", advanced=True),
+    _var("GATEWAY_RELAY_DELIVERY_KEY",
+         "Per-tenant delivery key written by enroll/provision (unused by 0.19.0's wire).",
+         "Relay delivery key", type="secret", advanced=True),
+    _var("GATEWAY_RELAY_PLATFORMS",
+         "Comma separated platforms the relay fronts (e.g. discord,slack). Empty: one "
+         "identity, platform \"relay\".", "Relay platforms (comma separated)", type="list",
+         advanced=True),
+    _var("GATEWAY_RELAY_BOT_IDS",
+         "JSON object {\"<platform>\": {\"botId\": \"...\", \"username\": \"@h\"}}. Invalid "
+         "JSON or a non-object is logged and ignored.", "Relay bot ids (JSON)", type="json",
+         advanced=True),
+    _var("GATEWAY_RELAY_ENDPOINT", "Gateway's public inbound URL (retired; still sent at "
+         "provision).", "Relay gateway endpoint", type="url",
+         yaml_key="gateway.relay_endpoint", advanced=True),
+    _var("GATEWAY_RELAY_ROUTE_KEYS", "Discriminators (guild/chat ids, paths) this tenant owns.",
+         "Relay route keys (comma separated)", type="list",
+         yaml_key="gateway.relay_route_keys", advanced=True),
+    _var("GATEWAY_RELAY_INSTANCE_ID", "Instance id forwarded at provision.",
+         "Relay instance id", yaml_key="gateway.relay_instance_id", advanced=True),
+    _var("GATEWAY_RELAY_WAKE_URL", "URL the connector requests to wake a suspended gateway.",
+         "Relay wake URL", type="url", yaml_key="gateway.relay_wake_url", advanced=True),
+    _var("GATEWAY_RELAY_IDP_TOKEN_URL", "OAuth2 client-credentials token URL used to get the "
+         "identity token for relay provisioning.", "Relay IdP token URL", type="url",
+         yaml_key="gateway.idp.token_url", advanced=True),
+    _var("GATEWAY_RELAY_IDP_CLIENT_ID", "Relay IdP client id.", "Relay IdP client id",
+         yaml_key="gateway.idp.client_id", advanced=True),
+    _var("GATEWAY_RELAY_IDP_CLIENT_SECRET", "Relay IdP client secret.",
+         "Relay IdP client secret", type="secret", yaml_key="gateway.idp.client_secret",
+         advanced=True),
+    _var("GATEWAY_RELAY_IDP_SCOPE", "Relay IdP scope.", "Relay IdP scope",
+         yaml_key="gateway.idp.scope", advanced=True),
+    _var("GATEWAY_RELAY_ENROLL_TOKEN", "Single-use relay enrollment token.",
+         "Relay enrollment token", type="secret", advanced=True),
+    # -- gateway-wide access and sessions -------------------------------------------------
+    _var("GATEWAY_ALLOWED_USERS", "Comma separated user ids allowed on every platform.",
+         "Gateway allowed users (comma separated)", type="list"),
+    _var("GATEWAY_ALLOW_ALL_USERS", "Allow every user on every platform (no allowlist).",
+         "Allow all users (true/false)", type="bool", default=False, advanced=True),
+    _var("SESSION_IDLE_MINUTES", "Idle minutes before a session resets (mode idle or both).",
+         "Session idle minutes", category="setting", type="int",
+         yaml_key="session_reset.idle_minutes", default=1440, minimum=1, advanced=True),
+    _var("SESSION_RESET_HOUR", "Local hour of the daily session reset (mode daily or both).",
+         "Session reset hour (0-23)", category="setting", type="int",
+         yaml_key="session_reset.at_hour", default=4, minimum=0, maximum=23, advanced=True),
+    # -- IRC ------------------------------------------------------------------------------
+    _pvar("irc", "IRC_SERVER", "server", "IRC server host name. Setting it enables IRC.",
+          "IRC server", enables=True),
+    _pvar("irc", "IRC_PORT", "port", "IRC server port.", "IRC port", type="int", default=6697,
+          minimum=1, maximum=65535),
+    _pvar("irc", "IRC_USE_TLS", "use_tls", "Connect with TLS.", "Use TLS (true/false)",
+          type="bool", default=True),
+    _pvar("irc", "IRC_NICKNAME", "nickname", "The bot's nick.", "IRC nickname"),
+    _pvar("irc", "IRC_CHANNEL", "channel", "Channel(s) to join, comma separated.",
+          "IRC channel(s)"),
+    _pvar("irc", "IRC_SERVER_PASSWORD", "server_password", "Server password (PASS).",
+          "IRC server password", type="secret", advanced=True),
+    _pvar("irc", "IRC_NICKSERV_PASSWORD", "nickserv_password", "NickServ IDENTIFY password.",
+          "NickServ password", type="secret", advanced=True),
+    *_common("irc", "IRC", "IRC"),
+    # -- Matrix ---------------------------------------------------------------------------
+    _pvar("matrix", "MATRIX_HOMESERVER", "homeserver",
+          "Homeserver URL. With an access token (or user id and password) it enables Matrix.",
+          "Matrix homeserver URL", type="url", enables=True),
+    _pvar("matrix", "MATRIX_ACCESS_TOKEN", "access_token", "Access token of the bot account.",
+          "Matrix access token", type="secret"),
+    _pvar("matrix", "MATRIX_USER_ID", "user_id", "Bot user id (@bot:example.org).",
+          "Matrix user id"),
+    _pvar("matrix", "MATRIX_PASSWORD", "password", "Bot password (login instead of a token).",
+          "Matrix password", type="secret"),
+    _pvar("matrix", "MATRIX_DEVICE_ID", "device_id", "Device id to log in as.",
+          "Matrix device id", advanced=True),
+    _pvar("matrix", "MATRIX_ALLOWED_ROOMS", "allowed_rooms",
+          "Only these room ids (comma separated).", "Matrix allowed rooms", type="list",
+          advanced=True),
+    _pvar("matrix", "MATRIX_REQUIRE_MENTION", "require_mention",
+          "In group rooms, answer only when mentioned.", "Require mention (true/false)",
+          type="bool", default=True),
+    _pvar("matrix", "MATRIX_FREE_RESPONSE_ROOMS", "free_response_rooms",
+          "Rooms where no mention is needed (comma separated).", "Matrix free-response rooms",
+          type="list", advanced=True),
+    _pvar("matrix", "MATRIX_HOME_ROOM", "home_room", "Room id for proactive messages.",
+          "Matrix home room", advanced=True),
+    _pvar("matrix", "MATRIX_MAX_MESSAGE_LENGTH", "max_message_length",
+          "Longest message sent before splitting.", "Matrix max message length", type="int",
+          default=16000, minimum=500, maximum=65535, advanced=True),
+    _pvar("matrix", "MATRIX_AUTO_JOIN", "auto_join", "Accept room invites.",
+          "Auto-join invited rooms (true/false)", type="bool", default=True, advanced=True,
+          ours=True),
+    *_common("matrix", "MATRIX", "Matrix"),
+    # -- Telegram -------------------------------------------------------------------------
+    _pfield("telegram", "TELEGRAM_BOT_TOKEN", "token",
+            "Bot API token from @BotFather. Setting it enables Telegram.", "Telegram bot token",
+            type="secret", url="https://t.me/BotFather", enables=True),
+    _pvar("telegram", "TELEGRAM_BASE_URL", "base_url", "Bot API base URL.",
+          "Telegram Bot API base URL", type="url", default="https://api.telegram.org",
+          advanced=True, ours=True),
+    _pfield("telegram", "TELEGRAM_REPLY_TO_MODE", "reply_to_mode",
+            "Which chunks of a reply thread onto the user's message.",
+            "Reply-to mode (off/first/all)", type="enum", choices=("off", "first", "all"),
+            default="first", advanced=True),
+    _pvar("telegram", "TELEGRAM_REQUIRE_MENTION", "require_mention",
+          "In groups, answer only when mentioned.", "Require mention (true/false)",
+          type="bool", advanced=True),
+    _pvar("telegram", "TELEGRAM_GROUP_ALLOWED_USERS", "group_allowed_users",
+          "User ids allowed in groups (comma separated).", "Telegram group allowed users",
+          type="list", advanced=True),
+    _pvar("telegram", "TELEGRAM_GROUP_ALLOWED_CHATS", "group_allowed_chats",
+          "Group chat ids whose members are all allowed (comma separated; * = all).",
+          "Telegram group allowed chats", type="list", advanced=True),
+    _pvar("telegram", "TELEGRAM_ALLOW_BOTS", "allow_bots",
+          "Messages from other bots: none, mentions (only when they mention us) or all.",
+          "Allow bots (none/mentions/all)", type="enum", choices=("none", "mentions", "all"),
+          default="none", advanced=True),
+    *_common("telegram", "TELEGRAM", "Telegram"),
+    # -- API server (proxy.md 2.1, 4) -----------------------------------------------------
+    _var("API_SERVER_ENABLED",
+         "Enable the OpenAI-compatible API server (for Open WebUI, LobeChat and similar).",
+         "Enable API server (true/false)", type="bool", platform="api_server",
+         enables=True, advanced=True),
+    _pvar("api_server", "API_SERVER_KEY", "key",
+          "Bearer token clients must send; required (at least 16 characters), even on "
+          "loopback.", "API server auth key", type="secret", enables=True, advanced=True),
+    _pvar("api_server", "API_SERVER_PORT", "port", "Port to listen on.", "API server port",
+          type="int", default=8642, minimum=0, maximum=65535, advanced=True),
+    _pvar("api_server", "API_SERVER_HOST", "host",
+          "Interface to listen on; the key is still required on loopback.", "API server host",
+          default="127.0.0.1", advanced=True),
+    _pvar("api_server", "API_SERVER_MODEL_NAME", "model_name",
+          "Model name advertised on /v1/models.", "API server model name",
+          default="hermes-agent", advanced=True),
+    _pvar("api_server", "API_SERVER_CORS_ORIGINS", "cors_origins",
+          "Browser origins allowed to call the API (comma separated; * = any).",
+          "API server CORS origins", type="list", advanced=True),
+]
+
+ENV_VARS: dict[str, EnvVar] = {v.name: v for v in _ENV_VAR_LIST}
+
+_PLATFORM_FIELDS = "platforms.<name>"
+
+_YAML_KEY_LIST: list[ConfigKey] = [
+    # gateway:
+    ConfigKey("gateway.proxy_connect_timeout", "Seconds to wait for the API server's TCP "
+              "connection.", "float", 10.0, minimum=0, ours=True),
+    ConfigKey("gateway.proxy_idle_timeout", "Seconds of silence from the API server before a "
+              "turn fails (the server sends keepalives every 30 s).", "float", 1800.0,
+              minimum=0, ours=True),
+    ConfigKey("gateway.proxy_max_event_bytes", "Largest single SSE event accepted from the API "
+              "server.", "int", 16 * 1024 * 1024, minimum=1, ours=True),
+    ConfigKey("gateway.relay_max_message_bytes", "Largest relay WebSocket message accepted.",
+              "int", 16 * 1024 * 1024, minimum=1, ours=True),
+    ConfigKey("gateway.relay_request_timeout", "Seconds to wait for a relay outbound_result.",
+              "float", 30.0, minimum=0, ours=True),
+    ConfigKey("gateway.shutdown_timeout", "Seconds each service gets to stop on shutdown.",
+              "float", 4.0, minimum=0, ours=True),
+    ConfigKey("gateway.api_server.max_concurrent_runs", "Concurrent API server runs "
+              "(0 = unlimited).", "int", 10, minimum=0),
+    # sessions (top level, or under gateway:)
+    ConfigKey("session_reset.mode", "When sessions reset by themselves.", "enum", "none",
+              choices=("none", "idle", "daily", "both")),
+    ConfigKey("session_reset.notify", "Tell the user when a session was reset.", "bool", True),
+    ConfigKey("session_reset.notify_exclude_platforms", "Platforms never told about resets.",
+              "list", ["api_server", "webhook"]),
+    ConfigKey("group_sessions_per_user", "In groups, one session per user (not per chat).",
+              "bool", True),
+    ConfigKey("thread_sessions_per_user", "In threads, one session per user.", "bool", False),
+    ConfigKey("unauthorized_dm_behavior", "What an unauthorized DM gets. pair is accepted and "
+              "treated as ignore (this daemon does not implement pairing).", "enum", "ignore",
+              choices=("pair", "ignore")),
+    # streaming (top level, or under gateway:)
+    ConfigKey("streaming.enabled", "Stream replies by editing a message as text arrives.",
+              "bool", False),
+    ConfigKey("streaming.transport", "How to stream.", "enum", "auto",
+              choices=("auto", "edit", "draft", "off")),
+    ConfigKey("streaming.mode", "Alias of transport that also turns streaming on.", "enum",
+              None, choices=("auto", "edit", "draft", "off")),
+    ConfigKey("streaming.edit_interval", "Seconds between edits.", "float", 0.8, minimum=0),
+    ConfigKey("streaming.buffer_threshold", "Characters to collect before an edit.", "int", 24,
+              minimum=0),
+    ConfigKey("streaming.cursor", "Shown at the end of a message still being written.", "str",
+              " \u2589"),
+    ConfigKey("streaming.fresh_final_after_seconds", "Send the final reply as a new message "
+              "when streaming took longer than this (0 = never).", "float", 0.0, minimum=0),
+    # display
+    ConfigKey("display.busy_input_mode", "A message arriving during a turn: interrupt it, or "
+              "queue the message. steer is accepted and treated as interrupt.", "enum",
+              "interrupt", choices=("interrupt", "queue", "steer")),
+    ConfigKey("display.tool_progress", "Show tool progress lines. off/false: no; any other "
+              "value (true, all, new, verbose): yes.", "flag", False),
+    ConfigKey("display.typing_interval", "Seconds between typing notifications.", "float", 2.0,
+              minimum=0.1, ours=True),
+    ConfigKey("display.busy_ack_interval", "Least seconds between two \"still working\" "
+              "acknowledgements in one chat.", "float", 30.0, minimum=0, ours=True),
+    # every platform block (platforms.<name>, gateway.platforms.<name>)
+    ConfigKey(f"{_PLATFORM_FIELDS}.enabled", "Turn the platform on or off; false beats any "
+              "environment variable.", "bool", False),
+    ConfigKey(f"{_PLATFORM_FIELDS}.token", "Platform token.", "secret", password=True),
+    ConfigKey(f"{_PLATFORM_FIELDS}.api_key", "Platform API key.", "secret", password=True),
+    ConfigKey(f"{_PLATFORM_FIELDS}.home_channel", "Home chat id (or a mapping with chat_id).",
+              "str"),
+    ConfigKey(f"{_PLATFORM_FIELDS}.reply_to_mode", "Which reply chunks thread onto the user's "
+              "message.", "enum", "first", choices=("off", "first", "all")),
+    ConfigKey(f"{_PLATFORM_FIELDS}.typing_indicator", "Send typing notifications.", "bool",
+              True),
+    ConfigKey(f"{_PLATFORM_FIELDS}.allowed_users", "User ids allowed on this platform.", "list",
+              ours=True),
+    ConfigKey(f"{_PLATFORM_FIELDS}.allow_all_users", "Allow every user of this platform.",
+              "bool", False, ours=True),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra", "Platform-specific keys (see each platform's "
+              "variables above; other keys are passed to the adapter unchanged).", "mapping"),
+]
+
+YAML_KEYS: dict[str, ConfigKey] = {k.path: k for k in _YAML_KEY_LIST}
+
+#: Keys of a top-level shortcut block (C{irc:}, C{matrix:}, ...) copied into that platform's
+#: C{extra} (platforms.md 3.2).  They are also accepted inside C{platforms.<name>}.
+SHORTCUT_KEYS = frozenset({
+    "unauthorized_dm_behavior", "notice_delivery", "reply_prefix", "reply_in_thread",
+    "cron_continuable_surface", "require_mention", "free_response_channels",
+    "mention_patterns", "exclusive_bot_mentions", "dm_policy", "allow_from",
+    "allow_admin_from", "user_allowed_commands", "group_policy", "group_allow_from",
+    "group_allow_admin_from", "group_user_allowed_commands", "channel_prompts",
+    "gateway_restart_notification", "typing_indicator", "typing_status_text",
+    "channel_overrides", "send_read_receipts",
+})
+SHORTCUT_KEYS_BY_PLATFORM = {
+    "telegram": frozenset({"allowed_chats", "group_allowed_chats", "allowed_topics",
+                           "observe_unmentioned_group_messages"}),
+    "matrix": frozenset({"allowed_rooms", "free_response_rooms"}),
+    "api_server": frozenset({"port", "host", "key", "cors_origins", "model_name"}),
+}
+
+#: Platforms Hermes 0.19.0 knows and this daemon does not implement, with the variable that
+#: would turn each on in Hermes.  The relay can front them.
+UNSUPPORTED_PLATFORMS: dict[str, tuple[str, ...]] = {
+    "discord": ("DISCORD_BOT_TOKEN",),
+    "slack": ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN"),
+    "whatsapp": ("WHATSAPP_ENABLED",),
+    "whatsapp_cloud": (),
+    "signal": ("SIGNAL_HTTP_URL",),
+    "mattermost": ("MATTERMOST_TOKEN",),
+    "homeassistant": ("HASS_TOKEN",),
+    "email": ("EMAIL_ADDRESS",),
+    "sms": ("TWILIO_ACCOUNT_SID",),
+    "dingtalk": ("DINGTALK_CLIENT_ID",),
+    "webhook": ("WEBHOOK_ENABLED",),
+    "msgraph_webhook": (),
+    "feishu": ("FEISHU_APP_ID",),
+    "wecom": ("WECOM_BOT_ID",),
+    "wecom_callback": ("WECOM_CALLBACK_CORP_ID",),
+    "weixin": ("WEIXIN_TOKEN",),
+    "bluebubbles": ("BLUEBUBBLES_SERVER_URL",),
+    "qqbot": ("QQ_APP_ID",),
+    "yuanbao": (),
+    "ntfy": ("NTFY_TOPIC",),
+    "simplex": ("SIMPLEX_WS_URL",),
+    "line": ("LINE_CHANNEL_ACCESS_TOKEN",),
+    "teams": ("TEAMS_CLIENT_ID",),
+    "google_chat": ("GOOGLE_CHAT_SERVICE_ACCOUNT_JSON",),
+    "photon": ("PHOTON_PROJECT_ID",),
+    "raft": ("RAFT_PROFILE",),
+}
+
+
+def platform_vars(platform: str) -> list[EnvVar]:
+    return [v for v in ENV_VARS.values() if v.platform == platform]
+
+
+# -- reference documentation ----------------------------------------------------------------
+
+_INTRO = """\
+# Configuration reference
+
+<!-- Generated by `python -m hermes_twisted.envvars > docs/configuration.md`; do not edit.
+     tests/test_envvars.py fails when this file and the registry disagree. -->
+
+hermes-twisted reads the same environment variables and `config.yaml` keys as
+`hermes gateway` 0.19.0 in proxy/relay mode, plus a few of its own (marked *ours*).
+
+## Where settings come from
+
+1. The process environment.
+2. `$HERMES_HOME/.env` (`KEY=VALUE` lines, `#` comments, optional `export `, optional single
+   or double quotes). It never overrides a variable already set in the environment.
+3. The YAML file: `--config FILE`, else `$HERMES_HOME/config.yaml` when it exists. Without
+   either, the daemon starts from environment variables alone.
+4. Defaults.
+
+An environment variable wins over its YAML key. A value made only of whitespace counts as
+unset. `HERMES_HOME` defaults to `~/.hermes`.
+
+Shared settings (`session_reset`, `streaming`, `group_sessions_per_user`,
+`thread_sessions_per_user`, `unauthorized_dm_behavior`) may be written at the top level or
+under `gateway:`; the top level wins. Platform blocks may be written under `platforms:` or
+`gateway.platforms:` (merged; `platforms:` wins). Top-level shortcut blocks (`irc:`,
+`matrix:`, `telegram:`, ...) copy these keys into that platform's `extra`:
+{shortcut}.
+
+A platform is turned on by its enabling variable (marked *enables*) or by
+`platforms.<name>.enabled: true`; `enabled: false` in YAML beats the environment.
+
+Problems are reported before the daemon starts, naming the key, for example
+`platforms.irc.extra.port: expected an integer, got 'abc'`. Unknown keys inside known blocks
+are logged and ignored; unknown top-level keys (Hermes's agent settings) are ignored.
+Booleans accept `1/true/yes/on` and `0/false/no/off` (any case). Lists accept a YAML list or
+a comma separated string.
+
+Supported platforms: `irc`, `matrix`, `telegram`, `api_server`, `relay`. Platforms Hermes
+knows but this daemon does not implement are rejected with a pointer to the relay
+(`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them (their
+blocks then configure the relay) or the block says `enabled: false`.
+"""
+
+_GROUPS = [
+    ("Daemon", lambda v: v.name in ("HERMES_HOME", "HERMES_GATEWAY_DB")),
+    ("Proxy mode (the remote Hermes API server)",
+     lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
+    ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_")),
+    ("Access and sessions",
+     lambda v: v.name.startswith(("GATEWAY_ALLOW", "SESSION_"))),
+    ("IRC", lambda v: v.platform == "irc"),
+    ("Matrix", lambda v: v.platform == "matrix"),
+    ("Telegram", lambda v: v.platform == "telegram"),
+    ("API server", lambda v: v.platform == "api_server"),
+]
+
+
+def _fmt_default(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "`true`" if value else "`false`"
+    if isinstance(value, (list, tuple)):
+        return "`" + ",".join(value) + "`"
+    return f"`{value!r}`" if isinstance(value, str) and value.strip() != value else f"`{value}`"
+
+
+def _fmt_type(kind: str, choices: tuple[str, ...], minimum: Any, maximum: Any) -> str:
+    if kind == "enum":
+        return " \\| ".join(choices)
+    text = kind
+    if minimum is not None and maximum is not None:
+        text += f" {minimum:g}..{maximum:g}"
+    elif minimum is not None:
+        text += f" >= {minimum:g}"
+    return text
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_reference() -> str:
+    """The Markdown text of C{docs/configuration.md}."""
+    out = [_INTRO.format(shortcut=", ".join(f"`{k}`" for k in sorted(SHORTCUT_KEYS)))]
+    out.append("\n## Environment variables\n")
+    for title, belongs in _GROUPS:
+        out.append(f"\n### {title}\n\n")
+        out.append("| Variable | config.yaml key | Type | Default | Description |\n")
+        out.append("|---|---|---|---|---|\n")
+        for v in ENV_VARS.values():
+            if not belongs(v):
+                continue
+            notes = []
+            if v.password:
+                notes.append("secret")
+            if v.enables:
+                notes.append("enables")
+            if v.ours:
+                notes.append("ours")
+            name = f"`{v.name}`" + (f" ({', '.join(notes)})" if notes else "")
+            key = f"`{v.yaml_key}`" if v.yaml_key else "(none)"
+            kind = _fmt_type(v.type, v.choices, v.minimum, v.maximum)
+            out.append(f"| {name} | {key} | {kind} | {_fmt_default(v.default)} | "
+                       f"{_cell(v.description)} |\n")
+    out.append("\n## config.yaml keys without an environment variable\n\n")
+    out.append("`<name>` is any supported platform.\n\n")
+    out.append("| Key | Type | Default | Description |\n|---|---|---|---|\n")
+    for k in YAML_KEYS.values():
+        name = f"`{k.path}`" + (" (ours)" if k.ours else "")
+        kind = _fmt_type(k.type, k.choices, k.minimum, k.maximum)
+        out.append(f"| {name} | {kind} | {_fmt_default(k.default)} | {_cell(k.description)} |\n")
+    out.append("\n## Shortcut keys specific to one platform\n\n")
+    for platform, keys in sorted(SHORTCUT_KEYS_BY_PLATFORM.items()):
+        out.append(f"- `{platform}:` also copies {', '.join(f'`{k}`' for k in sorted(keys))}\n")
+    out.append("\n## Hermes platforms not supported by this daemon\n\n")
+    out.append("Front them through the relay. Their Hermes variables are ignored with a "
+               "warning:\n\n")
+    for platform, names in UNSUPPORTED_PLATFORMS.items():
+        suffix = f" ({', '.join(f'`{n}`' for n in names)})" if names else ""
+        out.append(f"- `{platform}`{suffix}\n")
+    return "".join(out)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render_reference())
