@@ -1,0 +1,492 @@
+# -*- test-case-name: tests.test_proxy,tests.test_proxy_loopback -*-
+"""
+Proxy mode: one turn is one C{POST /v1/chat/completions} to a remote Hermes API server,
+streamed back as server-sent events (proxy.md §1).
+
+Wire-compatible with hermes-agent 0.19.0's C{_run_agent_via_proxy}, and deliberately better
+where that is wrong: the SSE framing is the full spec (L{hermes_twisted.upstream.sse}), C{[DONE]}
+ends the turn even when the server keeps the socket open, C{hermes.tool.progress} events and
+remote agent errors reach the user, a connect timeout exists, and cancelling a turn closes the
+connection at once.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from twisted.application.service import Service
+from twisted.internet import error as net_error
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    succeed,
+)
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
+
+from hermes_twisted.settings import UpstreamSettings
+from hermes_twisted.upstream import NO_RESPONSE, TurnRequest, TurnSink, result
+from hermes_twisted.upstream.body import ENDED, STOPPED, BodyStream
+from hermes_twisted.upstream.sse import SSEDecoder, SSEEvent, SSEEventTooLarge
+
+NOT_CONFIGURED = "⚠️ Proxy URL not configured (GATEWAY_PROXY_URL or gateway.proxy_url)"
+TOOL_PROGRESS_EVENT = "hermes.tool.progress"
+
+
+def build_messages(request: TurnRequest) -> list[dict[str, Any]]:
+    """
+    The C{messages} array 0.19.0 sends: the context prompt as a system message (only if it
+    is non-empty), the history reduced to user/assistant rows that have content, then the
+    current message.
+    """
+    messages: list[dict[str, Any]] = []
+    if request.context_prompt:
+        messages.append({"role": "system", "content": request.context_prompt})
+    for row in request.history:
+        if row.get("role") in ("user", "assistant") and row.get("content"):
+            messages.append({"role": row["role"], "content": row["content"]})
+    messages.append({"role": "user", "content": request.message})
+    return messages
+
+
+def build_headers(session_id: str, key: str | None) -> dict[str, str]:
+    headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if session_id:
+        headers["X-Hermes-Session-Id"] = session_id
+    return headers
+
+
+def redact_url(url: str) -> str:
+    """C{url} without any user:password part, for logs."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def describe_failure(exc: BaseException) -> str:
+    """A one-line, human-readable reason for a failed upstream exchange."""
+    reasons = getattr(exc, "reasons", None)  # ResponseFailed, ResponseNeverReceived, ...
+    if reasons:
+        inner = [r for r in reasons if not r.check(CancelledError)] or reasons
+        return describe_failure(inner[0].value)
+    if isinstance(exc, net_error.ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, net_error.DNSLookupError):
+        return f"DNS lookup failed ({exc})"
+    if isinstance(exc, (net_error.TimeoutError, net_error.TCPTimedOutError)):
+        return "timed out while connecting"
+    if isinstance(exc, (net_error.ConnectionDone, net_error.ConnectionLost)):
+        return "connection closed by the server before the reply was complete"
+    if isinstance(exc, SSEEventTooLarge):
+        return str(exc)
+    module = type(exc).__module__
+    if module.startswith("OpenSSL") or "VerificationError" in type(exc).__name__:
+        return f"TLS failure ({exc})"
+    if isinstance(exc, net_error.ConnectError):
+        return str(exc).strip() or type(exc).__name__
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def remote_error_message(chunk: dict[str, Any]) -> str:
+    """The error text of a failed finish chunk (proxy.md §2.5): C{error} and/or C{hermes}."""
+    error = chunk.get("error")
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    if isinstance(error, str) and error:
+        return error
+    hermes = chunk.get("hermes")
+    if isinstance(hermes, dict) and hermes.get("error"):
+        return str(hermes["error"])
+    return "the remote agent failed without a message"
+
+
+@implementer(IBodyProducer)
+class BytesProducer:
+    """Writes a small request body synchronously (no cooperator, no global reactor)."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self.length = len(body)
+
+    def startProducing(self, consumer: Any) -> Deferred[None]:
+        consumer.write(self._body)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class ProxyUpstream(Service):
+    """
+    The L{hermes_twisted.upstream.Upstream} of proxy mode.  Owns one persistent
+    C{HTTPConnectionPool}; connections are reused after a turn whose response ended, and
+    closed when a turn stopped reading early.
+
+    @param agent: an C{IAgent} to use instead of the pooled C{Agent} (tests).
+    @param client: a treq-like client (C{request(method, url, ...)}) to use instead of an
+        C{HTTPClient}, e.g. C{treq.testing.StubTreq}.
+    """
+
+    name = "upstream.proxy"
+    log = Logger()
+
+    #: After C{[DONE]} the turn is over at once, but the response gets this long to end by
+    #: itself so its connection can go back to the pool; then it is closed.
+    done_grace = 2.0
+    #: A non-200 response body is read up to this size and for this long.
+    error_body_cap = 64 * 1024
+    error_body_timeout = 30.0
+    #: How long an idle persistent connection is kept.
+    cached_connection_timeout = 120.0
+
+    def __init__(self, settings: UpstreamSettings, *, reactor: IReactorTime,
+                 agent: Any = None, client: Any = None) -> None:
+        self.settings = settings
+        self._reactor = reactor
+        self.pool = HTTPConnectionPool(reactor, persistent=True)
+        self.pool.maxPersistentPerHost = settings.max_persistent_per_host
+        self.pool.cachedConnectionTimeout = self.cached_connection_timeout
+        if client is None:
+            from treq.client import HTTPClient
+
+            if agent is None:
+                agent = Agent(reactor, pool=self.pool, connectTimeout=settings.connect_timeout)
+            client = HTTPClient(agent, data_to_body_producer=BytesProducer)
+        self._client = client
+        self._turns: set[Deferred[dict[str, Any]]] = set()
+        self._draining: set[BodyStream] = set()
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Cancel turns still running, close connections still draining after C{[DONE]}, and
+        close the pool's idle connections.  Fires when all of that is done.
+        """
+        super().stopService()
+        for turn in list(self._turns):
+            turn.cancel()
+        waits = []
+        for body in list(self._draining):
+            body.stop()
+            waits.append(body.closed)
+        waits.append(self.pool.closeCachedConnections())
+        return DeferredList(waits, consumeErrors=True).addCallback(lambda _: None)
+
+    def run_turn(self, request: TurnRequest, sink: TurnSink) -> Deferred[dict[str, Any]]:
+        """
+        Run one turn against the remote API server.
+
+        @return: a Deferred firing with the Hermes result dict.  Upstream trouble (proxy
+            not configured, HTTP errors, connection errors, timeouts, remote agent errors)
+            is a result with a C{⚠️} message, never a failure.  A run that went stale
+            (C{sink.is_current()} false) fires with the empty result of proxy.md §1.7.
+            Cancelling it closes the upstream connection at once, whether it is still
+            connecting, waiting for headers or streaming, and fails it with
+            C{CancelledError}; no byte is processed after that.
+        """
+        proxy_url = (self.settings.proxy_url or "").strip().rstrip("/")
+        if not proxy_url:
+            return succeed(result(NOT_CONFIGURED, request=request, api_calls=0))
+        if not sink.is_current():
+            return succeed(result("", request=request, api_calls=0))
+        turn = _Turn(self, request, sink, proxy_url)
+        d: Deferred[dict[str, Any]] = Deferred(lambda _: turn.cancel())
+        Deferred.fromCoroutine(turn.run()).chainDeferred(d)
+        if not d.called:
+            self._turns.add(d)
+
+            def forget(outcome: object) -> object:
+                self._turns.discard(d)
+                return outcome
+
+            d.addBoth(forget)
+        return d
+
+    def _drain(self, body: BodyStream) -> None:
+        """Give a response that sent C{[DONE]} a moment to end, then close it."""
+        if body.is_closed:
+            return
+        timer = self._reactor.callLater(self.done_grace, body.stop)
+        self._draining.add(body)
+
+        def closed(_: None) -> None:
+            self._draining.discard(body)
+            if timer.active():
+                timer.cancel()
+
+        body.closed.addCallback(closed)
+
+
+class _Turn:
+    """The state of one proxied turn; L{run} is its coroutine."""
+
+    log = Logger()
+
+    def __init__(self, upstream: ProxyUpstream, request: TurnRequest, sink: TurnSink,
+                 proxy_url: str) -> None:
+        self.upstream = upstream
+        self.settings = upstream.settings
+        self.clock: IReactorTime = upstream._reactor
+        self.request = request
+        self.sink = sink
+        self.url = proxy_url + "/v1/chat/completions"
+        self.decoder = SSEDecoder(self.settings.max_event_bytes)
+        self.parts: list[str] = []
+        self.remote_error: str | None = None
+        self.saw_done = False
+        self.stale = False
+        self.timed_out = False
+        self.cancelled = False
+        self._waiting: Deferred[Any] | None = None
+        self._idle: Any = None
+
+    async def run(self) -> dict[str, Any]:
+        started = self.clock.seconds()
+        body_bytes = json.dumps({
+            "model": self.settings.model or "hermes-agent",
+            "messages": build_messages(self.request),
+            "stream": True,
+        }).encode("utf-8")
+        headers = build_headers(self.request.session_id, self.settings.proxy_key)
+        self._idle = self.clock.callLater(self.settings.idle_read_timeout, self._on_idle)
+        try:
+            return await self._exchange(body_bytes, headers, started)
+        finally:
+            if self._idle.active():
+                self._idle.cancel()
+
+    async def _exchange(self, body_bytes: bytes, headers: dict[str, str],
+                        started: float) -> dict[str, Any]:
+        try:
+            response = await self._wait(self.upstream._client.request(
+                "POST", self.url, data=body_bytes, headers=headers,
+                unbuffered=True, allow_redirects=False))
+        except Exception as e:
+            # Cancelling the request surfaces as CancelledError, ConnectingCancelledError
+            # or ResponseNeverReceived([CancelledError]): our flags say why it happened.
+            if self.cancelled:
+                raise CancelledError() from e
+            if self.timed_out:
+                return self._connection_error(self._idle_reason())
+            return self._connection_error(describe_failure(e))
+
+        if not self.sink.is_current():
+            unread = BodyStream(lambda _: True)
+            response.deliverBody(unread)
+            unread.stop()
+            return self._stale_result()
+        if response.code != 200:
+            return await self._http_error(response)
+
+        body = BodyStream(self._on_chunk)
+        response.deliverBody(body)
+        failure_reason: str | None = None
+        try:
+            outcome = await self._wait(body.done)
+        except Exception as e:
+            if self.cancelled:
+                raise CancelledError() from e
+            failure_reason = self._idle_reason() if self.timed_out else describe_failure(e)
+            outcome = None
+
+        if outcome == STOPPED and self.saw_done:
+            self.upstream._drain(body)
+        elif outcome is None or outcome == STOPPED:
+            body.stop()
+        else:  # the body ended without [DONE]: a last event may lack its blank line
+            try:
+                self._handle_events(self.decoder.finish())
+            except Exception as e:
+                failure_reason = describe_failure(e)
+
+        if self.stale or not self.sink.is_current():
+            return self._stale_result()
+        if failure_reason is not None:
+            return self._connection_error(failure_reason)
+        return self._success(started)
+
+    def _wait(self, d: Deferred[Any]) -> Deferred[Any]:
+        """Remember what we wait on, so the idle timer can cancel it."""
+        self._waiting = d
+
+        def clear(outcome: object) -> object:
+            if self._waiting is d:
+                self._waiting = None
+            return outcome
+
+        return d.addBoth(clear)
+
+    def cancel(self) -> None:
+        """The caller cancelled the turn: stop whatever we wait on; the turn fails."""
+        self.cancelled = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _on_idle(self) -> None:
+        self.timed_out = True
+        if self._waiting is not None:
+            self._waiting.cancel()
+
+    def _idle_reason(self) -> str:
+        return f"no data from the server for {self.settings.idle_read_timeout:g} s"
+
+    # --- the stream --------------------------------------------------------------------
+
+    def _on_chunk(self, data: bytes) -> bool:
+        """One piece of the body; True once the turn has what it needs (or went stale)."""
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.settings.idle_read_timeout)
+        if not self.sink.is_current():
+            self.stale = True
+            return True
+        try:
+            events = self.decoder.feed(data)
+        except SSEEventTooLarge as e:
+            if self._handle_events(e.events):
+                return True
+            raise
+        return self._handle_events(events)
+
+    def _handle_events(self, events: list[SSEEvent]) -> bool:
+        for event in events:
+            if event.event == TOOL_PROGRESS_EVENT:
+                progress = self._decode(event.data)
+                if isinstance(progress, dict) and self._still_current():
+                    self._call_sink("on_tool_progress", progress)
+            elif event.event == "message":
+                if event.data.strip() == "[DONE]":
+                    self.saw_done = True
+                    return True
+                chunk = self._decode(event.data)
+                if isinstance(chunk, dict):
+                    self._handle_chunk(chunk)
+            if self.stale:
+                return True
+        return False
+
+    def _handle_chunk(self, chunk: dict[str, Any]) -> None:
+        choices = chunk.get("choices")
+        if not (isinstance(choices, list) and choices and isinstance(choices[0], dict)):
+            if chunk.get("error"):  # an error object with no choices at all
+                self.remote_error = remote_error_message(chunk)
+            return
+        choice = choices[0]
+        delta = choice.get("delta")
+        content = delta.get("content") if isinstance(delta, dict) else None
+        if isinstance(content, str) and content and self._still_current():
+            self.parts.append(content)
+            self._call_sink("on_delta", content)
+        if choice.get("finish_reason") == "error":
+            self.remote_error = remote_error_message(chunk)
+
+    def _still_current(self) -> bool:
+        if self.stale or not self.sink.is_current():
+            self.stale = True
+            return False
+        return True
+
+    def _call_sink(self, method: str, arg: Any) -> None:
+        try:
+            getattr(self.sink, method)(arg)
+        except Exception:
+            # The sink's trouble is not the stream's: keep reading.
+            self.log.failure("TurnSink.{method} raised", method=method)
+
+    def _decode(self, data: str) -> Any:
+        try:
+            return json.loads(data)
+        except ValueError:
+            self.log.warn("Skipping an SSE data line that is not JSON: {data!r}",
+                          data=data[:200])
+            return None
+
+    # --- results -----------------------------------------------------------------------
+
+    def _success(self, started: float) -> dict[str, Any]:
+        full = "".join(self.parts)
+        if self.remote_error is not None:
+            notice = f"⚠️ Remote agent error: {self.remote_error}"
+            final = f"{full}\n\n{notice}" if full else notice
+            self.log.warn("Remote agent error from {url}: {error}",
+                          url=redact_url(self.url), error=self.remote_error)
+        else:
+            final = full or NO_RESPONSE
+        self.log.info(
+            "proxy response: url={url} session={session} time={elapsed:.1f}s "
+            "response={chars} chars",
+            url=redact_url(self.url), session=(self.request.session_id or "")[:20],
+            elapsed=self.clock.seconds() - started, chars=len(full))
+        return result(final, request=self.request, api_calls=1, full_response=full)
+
+    def _connection_error(self, reason: str) -> dict[str, Any]:
+        self.log.warn("Proxy connection error to {url}: {reason}",
+                      url=redact_url(self.url), reason=reason)
+        notice = f"⚠️ Proxy connection error: {reason}"
+        full = "".join(self.parts)
+        if not full:
+            return result(notice, request=self.request, api_calls=0)
+        # Keep what arrived (0.19.0 does too), and say that it was cut short.
+        return result(f"{full}\n\n{notice}", request=self.request, api_calls=1,
+                      full_response=full)
+
+    def _stale_result(self) -> dict[str, Any]:
+        self.log.info(
+            "Discarding stale proxy stream for {key}: the run is no longer current",
+            key=self.request.session_key or "?")
+        return result("", request=self.request, api_calls=0)
+
+    async def _http_error(self, response: Any) -> dict[str, Any]:
+        received: list[bytes] = []
+        size = 0
+        cap = self.upstream.error_body_cap
+
+        def on_chunk(data: bytes) -> bool:
+            nonlocal size
+            received.append(data)
+            size += len(data)
+            return size >= cap
+
+        body = BodyStream(on_chunk)
+        response.deliverBody(body)
+        gave_up = False
+
+        def give_up() -> None:
+            nonlocal gave_up
+            gave_up = True
+            body.done.cancel()
+
+        timer = self.clock.callLater(self.upstream.error_body_timeout, give_up)
+        outcome = None
+        try:
+            outcome = await self._wait(body.done)
+        except Exception as e:
+            if self.cancelled:
+                raise CancelledError() from e
+            if not (gave_up or self.timed_out):
+                self.log.debug("Error body cut short: {reason}", reason=describe_failure(e))
+        finally:
+            if timer.active():
+                timer.cancel()
+        if outcome != ENDED:
+            body.stop()
+        text = b"".join(received)[:cap].decode("utf-8", "replace")
+        self.log.warn("Proxy error ({status}) from {url}: {text}", status=response.code,
+                      url=redact_url(self.url), text=text[:500])
+        return result(f"⚠️ Proxy error ({response.code}): {text[:300]}",
+                      request=self.request, api_calls=0)
+
