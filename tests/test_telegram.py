@@ -473,3 +473,34 @@ async def test_telegram_down_keeps_the_adapter_serving_and_secret_out_of_logs() 
     text = "\n".join(formatEvent(e) for e in logged)
     assert "polling again" in text
     assert TOKEN not in text and TOKEN.split(":")[1] not in text
+
+
+@pytest_twisted.ensureDeferred
+async def test_drop_pending_updates_skips_the_backlog_only(fake) -> None:
+    fake.push_message(5, "old 1")
+    fake.push_message(5, "old 2")
+    sink = RecordingSink()
+    adapter = started(fake, sink, drop_pending_updates=True)
+    try:
+        await wait_until(lambda: fake.held_polls == 1)
+        fake.push_message(5, "new")
+        await wait_until(lambda: len(sink.events) == 1)
+        assert sink.texts == ["new"]
+    finally:
+        await adapter.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_turns_an_abandoned_send_into_a_failed_result(fake) -> None:
+    from twisted.internet import reactor
+
+    adapter = started(fake)
+    await wait_until(lambda: fake.held_polls == 1)
+    fake.rate_limit("sendMessage", retry_after=20)  # the send sits in its flood wait...
+    pending = adapter.send("5", "hello")
+    await wait_until(lambda: len(fake.calls_of("sendMessage")) == 1)
+    await deferLater(reactor, 0.05, lambda: None)
+    await adapter.stopService()  # ...and the service stops under it
+    result = await pending
+    assert (result.success, result.error) == (False, "adapter stopped")
+    assert fake.messages_in(5) == []

@@ -23,6 +23,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
@@ -64,7 +65,7 @@ class TelegramAPIError(Exception):
             return "forbidden"
         if "not found" in text:
             return "not_found"
-        if self.error_code >= 500:
+        if self.error_code >= 500 or self.error_code == 0:
             return "transient"
         return "unknown"
 
@@ -174,6 +175,7 @@ class TelegramAdapter(PlatformAdapter):
         self.allow_bots = {"true": "all", "1": "all", "yes": "all"}.get(allow_bots, allow_bots)
         self.group_allowed_users = _as_list(extra.get("group_allowed_users"))
         self.group_allowed_chats = _as_list(extra.get("group_allowed_chats"))
+        self.drop_pending_updates = _as_bool(extra.get("drop_pending_updates", False))
         self.poll_timeout = poll_timeout
         self.request_timeout = request_timeout
         self._injected_client = http_client
@@ -182,6 +184,7 @@ class TelegramAdapter(PlatformAdapter):
         self._loop: Deferred | None = None
         self._polling = False
         self._inflight: set[Deferred] = set()
+        self._aborting = False
         self.me: dict[str, Any] | None = None
         #: The next update_id to ask for; every update below it was admitted by the gateway.
         self.offset: int | None = None
@@ -234,8 +237,14 @@ class TelegramAdapter(PlatformAdapter):
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.cancel()
-        for d in list(self._inflight):
-            d.cancel()
+        # Calls the service itself abandons fail as "adapter stopped", so a send in flight
+        # still fires with a failed SendResult rather than a CancelledError nobody asked for.
+        self._aborting = True
+        try:
+            for d in list(self._inflight):
+                d.cancel()
+        finally:
+            self._aborting = False
         if self.offset is not None and self.offset != self._offset_requested:
             await self._confirm_offset()
         if self._pool is not None:
@@ -272,20 +281,25 @@ class TelegramAdapter(PlatformAdapter):
         """
         POST C{params} as JSON to C{method}.  Fires with the C{result} field; fails with
         L{TelegramAPIError} for an C{ok: false} answer, C{TimeoutError} after C{timeout}
-        seconds, or the transport's error.  Cancelling (also by the timeout) aborts the
-        request and closes its connection.
+        seconds, C{TelegramAPIError(0, "adapter stopped")} when C{stopService} abandons it,
+        or the transport's error.  Cancelling (also by the timeout) aborts the request and
+        closes its connection.
         """
         d = Deferred.fromCoroutine(self._call_once(method, params))
         d.addTimeout(timeout, self.reactor)
-        if track:
-            self._inflight.add(d)
+        return self._tracked(d) if track else d
 
-            def untrack(result: Any) -> Any:
-                self._inflight.discard(d)
-                return result
+    def _tracked(self, d: Deferred) -> Deferred:
+        """Register C{d} so C{stopService} abandons it (as "adapter stopped") if unfinished."""
+        self._inflight.add(d)
 
-            d.addBoth(untrack)
-        return d
+        def settled(result: Any) -> Any:
+            self._inflight.discard(d)
+            if self._aborting and isinstance(result, Failure) and result.check(CancelledError):
+                raise TelegramAPIError(0, "adapter stopped")
+            return result
+
+        return d.addBoth(settled)
 
     async def _call_once(self, method: str, params: dict[str, Any]) -> Any:
         if self._http is None:
@@ -324,6 +338,8 @@ class TelegramAdapter(PlatformAdapter):
                 if self.me is None:
                     self.me = await self._call("getMe", {}, timeout=self.request_timeout)
                     self.log.info("telegram: polling as @{username}", username=self.bot_username)
+                if self.offset is None and self.drop_pending_updates:
+                    await self._skip_backlog()
                 params: dict[str, Any] = {"timeout": self.poll_timeout,
                                           "allowed_updates": ["message", "edited_message"]}
                 if self.offset is not None:
@@ -355,6 +371,18 @@ class TelegramAdapter(PlatformAdapter):
             self.log.info("telegram: polling again in {delay:.1f}s (failure {failures})",
                           delay=delay, failures=failures)
             await deferLater(self.reactor, delay, lambda: None)
+
+    async def _skip_backlog(self) -> None:
+        # offset=-1 returns only the newest update; asking past it next forgets the rest.
+        latest = await self._call("getUpdates", {"offset": -1, "timeout": 0},
+                                  timeout=self.request_timeout)
+        ids = [u.get("update_id") for u in latest or () if isinstance(u, dict)]
+        ids = [i for i in ids if isinstance(i, int)]
+        if ids:
+            self.offset = max(ids) + 1
+            self.log.info("telegram: skipped the backlog up to update {update_id} "
+                          "(drop_pending_updates)", update_id=max(ids))
+        self.drop_pending_updates = False
 
     def _is_fatal(self, error: Exception) -> bool:
         # 401: a revoked or wrong token; 404 on getMe: a malformed one.  Retrying cannot
@@ -668,7 +696,11 @@ class TelegramAdapter(PlatformAdapter):
                         waited = True
                         self.log.info("telegram: flood wait {seconds}s before {method}",
                                       seconds=retry_after, method=method)
-                        await deferLater(self.reactor, retry_after, lambda: None)
+                        try:
+                            await self._tracked(deferLater(self.reactor, retry_after,
+                                                           lambda: None))
+                        except TelegramAPIError as stopped:
+                            return SendResult.failed(stopped.description, kind="transient")
                         continue
                     return SendResult.failed(e.description, kind="rate_limited",
                                              retryable=True, retry_after=retry_after)

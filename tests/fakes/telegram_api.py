@@ -350,6 +350,10 @@ class FakeTelegramAPI:
         offset = int(params.get("offset") or 0)
         timeout = float(params.get("timeout") or 0)
         limit = int(params.get("limit") or 100)
+        if offset < 0:
+            # The last -offset updates; every earlier one is forgotten.
+            self._updates = self._updates[offset:]
+            offset = _update_id(self._updates[0]) if self._updates else 0
         if offset:
             # Telegram forgets every update below the offset: it is confirmed.
             self._updates = [u for u in self._updates if _update_id(u) >= offset]
