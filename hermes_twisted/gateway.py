@@ -301,6 +301,7 @@ class Gateway(Service):
                     self._dispatch(inbound)
                 except Exception:
                     self.log.failure("Dispatching a message for {key} failed", key=key)
+        self._drain(key)
 
     def _dispatch(self, inbound: _Inbound) -> None:
         if self._stopping:
@@ -381,6 +382,13 @@ class Gateway(Service):
             return
         if lane.queue:
             self._start_run(lane.queue.popleft())
+            return
+        # An idle lane is forgotten (generations are kept), unless its last busy ack is
+        # recent enough that forgetting it would allow a second ack inside the interval.
+        recent_ack = (lane.last_ack is not None and self.clock.seconds() - lane.last_ack
+                      < self.config.display.busy_ack_interval)
+        if not lane.arrivals and not recent_ack:
+            del self._lanes[key]
 
     def _turn_finished(self, adapter: Any, event: MessageEvent, key: str,
                        delivered: bool) -> None:

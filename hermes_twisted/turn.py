@@ -132,15 +132,13 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
     if handle.typing is not None:
         handle.typing.stop()
     final = (result or {}).get("final_response") or ""
-    delivered = False
-    message_ids: tuple[str, ...] = ()
-    if final or handle.consumer.already_sent:
-        report = await handle.consumer.finish(final)
-        delivered = bool(report.delivered)
-        handle.delivered = delivered
-        message_ids = tuple(report.message_ids or ())
-        if not delivered:
-            log.warn("Reply for {key} was not delivered: {error}", key=key, error=report.error)
+    # The consumer decides what the chat still needs: nothing when the streamed text already
+    # is the answer (response_previewed), an edit, or a send; also for an empty answer.
+    report = await handle.consumer.finish(final)
+    delivered = handle.delivered = bool(report.delivered)
+    message_ids = tuple(report.message_ids or ())
+    if not delivered:
+        log.info("Reply for {key} was not delivered: {error}", key=key, error=report.error)
     if not handle.is_current():
         return
     if final:

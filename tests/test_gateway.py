@@ -403,3 +403,21 @@ def test_case_10_200_sessions_run_in_parallel():
 
 def test_gateway_is_a_named_service():
     assert Gateway.name == "gateway"
+
+
+def test_idle_lanes_are_forgotten_but_generations_are_not():
+    kit = Kit()
+    for i in range(50):
+        kit.say("hello", chat_id=f"c{i}")
+        kit.upstream.last.finish("answer")
+    assert kit.gateway._lanes == {}
+    kit.say("hello", chat_id="c0")
+    assert kit.handle("c0").generation == 2
+
+
+def test_commands_leave_no_lane_behind():
+    kit = Kit()
+    kit.say("/status")
+    kit.say("/stop")
+    kit.say("/help")
+    assert kit.gateway._lanes == {}

@@ -120,6 +120,8 @@ class FakeConsumer:
         self.finished_with.append(final_text)
         if self.cancelled or not self.is_current():
             return succeed(Report(False, error="stale"))
+        if not final_text.strip():
+            return succeed(Report(False, error="empty reply"))
         if self.already_sent:
             d = self.adapter.edit_message(self.chat_id, self._message_id, final_text, True)
             return d.addCallback(lambda r: Report(True, [r.message_id], streamed=True))
