@@ -277,7 +277,8 @@ def _url(raw: _Raw, schemes: tuple[str, ...]) -> str | None:
     if not text:
         return None
     parts = urlsplit(text)
-    wanted = " or ".join(f"{s}://" for s in schemes)
+    names = [f"{s}://" for s in schemes]
+    wanted = ", ".join(names[:-1]) + " or " + names[-1]
     if parts.scheme.lower() not in schemes:
         raise ConfigError(raw.where, f"expected an {wanted} URL, got {_shown(value, False)}")
     try:
