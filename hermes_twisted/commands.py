@@ -36,12 +36,11 @@ RESET_FAILED = "⚠️ Could not start a new session: {error}"
 MID_TURN = ("⏳ Agent is running — `/{name}` can't run mid-turn. Wait for the current "
             "response or `/stop` first.")
 
-#: Handled here; the value says whether it may run while a turn is busy without touching it.
-HANDLED = {"stop": True, "new": True, "reset": True, "status": True, "help": True,
-           "commands": True, "start": True}
+#: Answered by the gateway itself, busy or not (none of them queues behind a run).
+HANDLED = frozenset({"stop", "new", "reset", "status", "help", "commands", "start"})
 
 #: Every command name (and alias) the 0.19.0 gateway resolves (platforms.md §5).
-RESOLVABLE = frozenset(HANDLED) | frozenset("""
+RESOLVABLE = HANDLED | frozenset("""
     approve deny whoami retry undo title resume sessions branch fork compress compact rollback
     background bg btw queue q steer agents tasks goal subgoal moa topic sethome set-home model
     codex-runtime personality reasoning fast yolo footer voice verbose skills memory bundles
@@ -86,7 +85,7 @@ def public_url(url: str | None) -> str:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-def _age(seconds: float) -> str:
+def age_text(seconds: float) -> str:
     seconds = max(0, int(seconds))
     if seconds < 60:
         return f"{seconds}s"
@@ -170,7 +169,7 @@ class CommandRouter:
         if handle is None:
             run = "idle"
         else:
-            run = f"running for {_age(gw.clock.seconds() - handle.started_at)} ({handle.phase})"
+            run = f"running for {age_text(gw.clock.seconds() - handle.started_at)} ({handle.phase})"
         lines = [
             "📊 **Session status**",
             f"Session ID: `{entry.session_id if entry else '(none yet)'}`",

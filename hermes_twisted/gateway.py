@@ -30,7 +30,14 @@ from collections import deque
 from typing import Any, Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred, maybeDeferred, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    ensureDeferred,
+    maybeDeferred,
+    succeed,
+)
 from twisted.logger import Logger
 
 from hermes_twisted import commands, interrupts
@@ -137,8 +144,13 @@ class Gateway(Service):
         waiter: Deferred = Deferred(lambda d: self._idle_waiters.remove(d))
         self._idle_waiters.append(waiter)
         waiter.addTimeout(self.config.shutdown_timeout * 0.9, self.clock)
-        waiter.addErrback(lambda f: self.log.warn("{n} runs still unwinding at shutdown",
-                                                  n=len(self._runs)))
+
+        def gave_up(failure: Any) -> None:
+            failure.trap(TimeoutError)
+            self.log.warn("{n} runs still unwinding at shutdown; not waiting longer",
+                          n=len(self._runs))
+
+        waiter.addErrback(gave_up)
         return waiter
 
     # -- GatewaySink -----------------------------------------------------------------------
@@ -173,6 +185,7 @@ class Gateway(Service):
         def failed(failure: Any) -> Any:
             if failure.check(CancelledError):
                 self._admitted(inbound, False)
+                self._turn_finished(adapter, event, key, False)
                 return failure
             # Answering without a durable record beats dropping the message.
             self.log.failure("Could not record {dedupe_key}; running it anyway", failure,
@@ -340,7 +353,7 @@ class Gateway(Service):
         if lane.last_ack is not None and now - lane.last_ack < self.config.display.busy_ack_interval:
             return
         lane.last_ack = now
-        elapsed = commands._age(now - lane.handle.started_at) if lane.handle else "0s"
+        elapsed = commands.age_text(now - lane.handle.started_at) if lane.handle else "0s"
         self.reply(inbound.adapter, inbound.event, template.format(elapsed=elapsed))
 
     def _start_run(self, inbound: _Inbound) -> RunHandle:

@@ -50,6 +50,13 @@ class TypingLoop:
         self._loop.start(self._interval, now=True)
 
     def _tick(self) -> None:
+        # A LoopingCall body: an exception escaping here would end the loop for good.
+        try:
+            self._refresh()
+        except Exception:
+            log.failure("Typing refresh failed for {chat}", chat=self._chat_id)
+
+    def _refresh(self) -> None:
         if self.stopped:
             return
         previous, self._in_flight = self._in_flight, None

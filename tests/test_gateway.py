@@ -421,3 +421,12 @@ def test_commands_leave_no_lane_behind():
     kit.say("/stop")
     kit.say("/help")
     assert kit.gateway._lanes == {}
+
+
+def test_case_42_delivery_stops_typing_before_the_final_send():
+    kit = Kit()
+    kit.say("hello")
+    kit.upstream.last.finish("answer")
+    names = [e[0] for e in kit.timeline]
+    assert names.index("stop_typing") < names.index("send")
+    assert "typing" not in names[names.index("stop_typing"):]
