@@ -99,7 +99,8 @@ class UpdateMappingTests(SynchronousTestCase):
     def test_bots_ignored_unless_allowed(self) -> None:
         message = self.fake.message(5, "beep", is_bot=True)
         self.assertIsNone(self.event(message))
-        self.assertIsNotNone(self.event(message, adapter_with_me(allow_bots="all")))
+        admitted = self.event(message, adapter_with_me(allow_bots="all"))
+        self.assertTrue(admitted.source.is_bot and admitted.source.role_authorized)
         self.assertIsNone(self.event(message, adapter_with_me(allow_bots="mentions")))
         mentioned = self.fake.message(5, "@hermes_test_bot beep", is_bot=True)
         self.assertIsNotNone(self.event(mentioned, adapter_with_me(allow_bots="mentions")))

@@ -493,7 +493,10 @@ class TelegramAdapter(PlatformAdapter):
             thread_id=thread_id,
             is_bot=is_bot,
             message_id=str(message.get("message_id")) if "message_id" in message else None,
-            role_authorized=group and self._group_authorized(str(chat["id"]), user_id),
+            # 0.19.0 lets through, before any user allowlist, bots admitted by ALLOW_BOTS and
+            # anyone in a group listed in (or a user listed in) the group allowlists.
+            role_authorized=is_bot or (group and self._group_authorized(str(chat["id"]),
+                                                                        user_id)),
         )
         event = MessageEvent(
             text=text,
