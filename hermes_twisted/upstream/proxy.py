@@ -25,6 +25,7 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IBodyProducer
@@ -305,6 +306,15 @@ class _Turn:
             outcome = None
 
         if outcome == STOPPED and self.saw_done:
+            if not body.is_closed:
+                # The end of the response usually sits in the same read as [DONE]: let the
+                # HTTP layer finish parsing it, so the connection is back in the pool before
+                # the caller's next turn asks for one.
+                try:
+                    await self._wait(deferLater(self.clock, 0, lambda: None))
+                except CancelledError:
+                    body.stop()
+                    raise
             self.upstream._drain(body)
         elif outcome is None or outcome == STOPPED:
             body.stop()

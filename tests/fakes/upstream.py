@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
@@ -175,6 +176,18 @@ class _Answer:
             self.request.channel.transport.abortConnection()
 
 
+class _TrackedChannel(HTTPChannel):
+    """Remembers itself on the fake while connected, so L{FakeHermesAPI.stop} can close it."""
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.fake.channels.add(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.fake.channels.discard(self)
+        super().connectionLost(reason)
+
+
 class _Completions(Resource):
     isLeaf = True
 
@@ -238,8 +251,12 @@ class FakeHermesAPI:
         self.requests: list[SeenRequest] = []
         self.disconnects: list[float] = []
         self.resource = _Completions(self)
-        self.site = Site(self.resource)
+        # No idle timeout: it would leave a DelayedCall per connection on the reactor.
+        self.site = Site(self.resource, timeout=None)
+        self.site.protocol = _TrackedChannel
         self.site.noisy = False
+        self.site.fake = self
+        self.channels: set[Any] = set()  # open server-side connections
         self.port: Any = None
         self._scripts: deque[Script] = deque()
         self._answers: set[_Answer] = set()
@@ -300,9 +317,14 @@ class FakeHermesAPI:
             d.callback(value)
 
     def stop(self) -> Deferred[None]:
-        """Abort open responses and stop listening; fires when the port is closed."""
+        """
+        Abort open responses, close every connection and stop listening; fires when the
+        port is closed.
+        """
         for answer in list(self._answers):
             answer.close()
+        for channel in list(self.channels):
+            channel.transport.abortConnection()
         waits = []
         if self.port is not None:
             waits.append(self.port.stopListening())
