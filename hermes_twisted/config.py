@@ -70,7 +70,8 @@ def _expand_user(path: str, environ: Mapping[str, str]) -> str:
 def hermes_home(environ: Mapping[str, str]) -> str:
     """C{$HERMES_HOME} (C{~/.hermes} when unset or blank), with C{~} expanded."""
     home = (environ.get("HERMES_HOME") or "").strip() or "~/.hermes"
-    return _expand_user(home, environ)
+    # Absolute, so a later chdir (twistd's --rundir) cannot move the database.
+    return os.path.abspath(_expand_user(home, environ))
 
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
@@ -590,18 +591,19 @@ class _Loader:
         if raw is None:
             return spec.default if default is None else default
         value = _convert(raw, spec)
-        return (spec.default if default is None else default) if value is None else value
+        if value is None:
+            return spec.default if default is None else default
+        if spec.type == "path":
+            value = _expand_user(value, self.env)
+            value = value if os.path.isabs(value) else os.path.join(self.home, value)
+        return value
 
     def has(self, path: str) -> bool:
         return self.raw(path) is not None
 
 
 def _db_path(loader: _Loader) -> str:
-    configured = loader.get("gateway.db_path", "")
-    if not configured:
-        return os.path.join(loader.home, "gateway.db")
-    path = _expand_user(configured, loader.env)
-    return path if os.path.isabs(path) else os.path.join(loader.home, path)
+    return loader.get("gateway.db_path", "") or os.path.join(loader.home, "gateway.db")
 
 
 def _upstream(loader: _Loader) -> UpstreamSettings:
@@ -708,7 +710,7 @@ def _check_platform(loader: _Loader, settings: PlatformSettings) -> None:
             _require(loader, "irc", key, "IRC")
     elif name == "matrix":
         _require(loader, "matrix", "homeserver", "Matrix")
-        if not extra.get("access_token") and not (extra.get("user_id")
+        if not (extra.get("access_token") or settings.token) and not (extra.get("user_id")
                                                   and extra.get("password")):
             raise ConfigError("MATRIX_ACCESS_TOKEN", "Matrix needs an access token, or "
                               "MATRIX_USER_ID and MATRIX_PASSWORD (or platforms.matrix.extra."
@@ -718,7 +720,7 @@ def _check_platform(loader: _Loader, settings: PlatformSettings) -> None:
             raise ConfigError("TELEGRAM_BOT_TOKEN", "required when Telegram is enabled "
                                                     "(or set platforms.telegram.token)")
     elif name == "api_server":
-        key = extra.get("key")
+        key = extra.get("key") or settings.api_key
         if not key or len(key) < 16:
             raise ConfigError("API_SERVER_KEY", "the API server needs a key of at least 16 "
                               "characters (or set platforms.api_server.extra.key)")

@@ -342,6 +342,20 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               minimum=0.1, ours=True),
     ConfigKey("display.busy_ack_interval", "Least seconds between two \"still working\" "
               "acknowledgements in one chat.", "float", 30.0, minimum=0, ours=True),
+    # adapter tuning (ours)
+    ConfigKey("platforms.irc.extra.max_message_length", "Longest PRIVMSG text in UTF-8 bytes "
+              "before splitting.", "int", 450, minimum=1, maximum=510),
+    ConfigKey("platforms.irc.extra.send_burst", "Lines sent at once before pacing starts.",
+              "int", 4, minimum=1, ours=True),
+    ConfigKey("platforms.irc.extra.send_interval", "Seconds between paced lines.", "float", 0.3,
+              minimum=0, ours=True),
+    ConfigKey("platforms.matrix.extra.sync_timeout_ms", "Long-poll timeout of /sync.", "int",
+              30000, minimum=0, ours=True),
+    ConfigKey("platforms.matrix.extra.state_dir", "Where the sync token and joined rooms are "
+              "kept (relative paths are under $HERMES_HOME).", "path", "$HERMES_HOME/matrix",
+              ours=True),
+    ConfigKey("platforms.telegram.extra.drop_pending_updates", "Skip updates that arrived "
+              "while the daemon was down.", "bool", False, ours=True),
     # every platform block (platforms.<name>, gateway.platforms.<name>)
     ConfigKey(f"{_PLATFORM_FIELDS}.enabled", "Turn the platform on or off; false beats any "
               "environment variable.", "bool", False),

@@ -1,5 +1,6 @@
 """The configuration loader: Hermes names and precedence, .env, validation, relay URLs, redaction."""
 
+import os
 import re
 import socket
 from pathlib import Path
@@ -120,6 +121,7 @@ class TestFiles:
         assert hermes_home({"HOME": "/home/x", "HERMES_HOME": " "}) == "/home/x/.hermes"
         assert hermes_home({"HOME": "/home/x", "HERMES_HOME": "~/h2"}) == "/home/x/h2"
         assert hermes_home({"HERMES_HOME": "/srv/h"}) == "/srv/h"
+        assert hermes_home({"HERMES_HOME": "rel"}) == os.path.abspath("rel")
 
     def test_env_only_without_any_file(self, tmp_path):
         config = load_config(None, {"HERMES_HOME": str(tmp_path),
@@ -619,6 +621,28 @@ class TestPlatforms:
         irc = load({"platforms": {"irc": {"home_channel": {"platform": "irc", "chat_id": "#h",
                                                            "name": "Home"}}}}).platforms["irc"]
         assert irc.home_channel == "#h" and irc.extra["home_channel_name"] == "Home"
+
+    def test_adapter_tuning_keys_are_typed(self):
+        config = load({"platforms": {
+            "irc": {"extra": {"send_burst": "2", "send_interval": 0, "max_message_length": 400}},
+            "matrix": {"token": "syt-in-token-field", "extra": {
+                "homeserver": "https://m", "state_dir": "mx", "sync_timeout_ms": 100}},
+            "telegram": {"extra": {"drop_pending_updates": "yes"}}}})
+        irc = config.platforms["irc"].extra
+        assert (irc["send_burst"], irc["send_interval"], irc["max_message_length"]) == \
+            (2, 0.0, 400)
+        assert config.platforms["matrix"].extra["state_dir"] == f"{HOME}/mx"
+        assert config.platforms["matrix"].extra["sync_timeout_ms"] == 100
+        assert config.platforms["telegram"].extra["drop_pending_updates"] is True
+        assert "platforms.irc.extra.send_burst: expected an integer >= 1, got 0" in error_of(
+            {"platforms": {"irc": {"extra": {"send_burst": 0}}}})
+        assert "platforms.irc.extra.max_message_length: expected an integer between 1 and " \
+               "510" in error_of({"platforms": {"irc": {"extra": {"max_message_length": 600}}}})
+
+    def test_matrix_token_field_counts_as_access_token(self):
+        config = load({"platforms": {"matrix": {"enabled": True, "token": "syt-abc",
+                                                "extra": {"homeserver": "https://m"}}}})
+        assert config.platforms["matrix"].enabled
 
     def test_gateway_allowlist(self):
         config = load(env={"GATEWAY_ALLOWED_USERS": " a ,b,, ", "GATEWAY_ALLOW_ALL_USERS": "1"})
