@@ -9,6 +9,9 @@ import gc
 import pytest
 from twisted.logger import globalLogPublisher
 
+# Real-server fixtures (session-scoped, started on first use, bound to 127.0.0.1).
+pytest_plugins = ["tests.servers.synapse"]
+
 
 @pytest.fixture(autouse=True)
 def fail_on_logged_errors():

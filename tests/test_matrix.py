@@ -1,0 +1,336 @@
+"""Matrix: unit tests against a scripted homeserver, then a real Synapse on loopback."""
+
+import json
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import Clock
+from twisted.web.client import ResponseDone
+from twisted.python.failure import Failure
+
+from hermes_twisted.platforms.matrix import MatrixAdapter
+from hermes_twisted.platforms.matrix_format import markdown_to_html
+from hermes_twisted.settings import GatewayConfig, PlatformSettings
+
+ME = "@bot:localhost"
+
+
+class FakeResponse:
+    def __init__(self, code, body):
+        self.code, self.phrase, self._body = code, b"X", json.dumps(body).encode()
+        self.original = self
+
+    def deliverBody(self, protocol):
+        from twisted.internet.testing import StringTransport
+
+        class Transport(StringTransport):
+            def abortConnection(self):
+                self.loseConnection()
+
+        protocol.makeConnection(Transport())
+        protocol.dataReceived(self._body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+class ScriptedHomeserver:
+    """Records requests; each answer is queued per (method, path prefix) or held open."""
+
+    def __init__(self):
+        self.requests, self.answers, self.pending = [], {}, []
+
+    def answer(self, method, prefix, code, body):
+        self.answers.setdefault((method, prefix), []).append((code, body))
+
+    def request(self, method, url, headers=None, params=None, json=None):
+        path = url.split("/_matrix/client/v3", 1)[1]
+        self.requests.append((method, path, params, json))
+        for (m, prefix), queue in self.answers.items():
+            if m == method and path.startswith(prefix) and queue:
+                code, body = queue.pop(0)
+                return succeed(FakeResponse(code, body))
+        d = Deferred(lambda d: self.pending.remove(d))
+        self.pending.append(d)
+        return d
+
+
+class Sink:
+    def __init__(self):
+        self.events = []
+
+    def handle_message(self, adapter, event):
+        self.events.append(event)
+        return succeed(None)
+
+    def interrupt_session(self, *a, **kw):
+        return False
+
+
+def make_adapter(tmp_path, hs, clock, **extra):
+    settings = PlatformSettings(name="matrix", enabled=True, allowed_users=("@alice:localhost",),
+                                extra={"homeserver": "http://hs", "access_token": "tok",
+                                       "state_dir": str(tmp_path), **extra})
+    config = GatewayConfig(hermes_home=str(tmp_path), db_path=str(tmp_path / "db"))
+    adapter = MatrixAdapter(settings, reactor=clock, clock=clock, http=hs,
+                            gateway_config=config, run_in_thread=maybeDeferred)
+    sink = Sink()
+    adapter.attach(sink)
+    return adapter, sink
+
+
+def message(event_id, body, sender="@alice:localhost", **content):
+    return {"type": "m.room.message", "event_id": event_id, "sender": sender,
+            "content": {"msgtype": "m.text", "body": body, **content}}
+
+
+def batch(next_batch, room="!r:localhost", events=(), members=2, invite=None):
+    rooms = {"join": {room: {"summary": {"m.joined_member_count": members},
+                             "timeline": {"events": list(events)}}}}
+    if invite:
+        rooms["invite"] = invite
+    return {"next_batch": next_batch, "rooms": rooms}
+
+
+def test_first_start_skips_history_and_later_batches_are_delivered(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
+    hs.answer("GET", "/sync", 200, batch("s1", events=[message("$old", "old history")]))
+    hs.answer("GET", "/sync", 200, batch("s2", events=[message("$new", "hello"),
+                                                       message("$mine", "echo", sender=ME)]))
+    adapter, sink = make_adapter(tmp_path, hs, clock)
+    adapter.startService()
+    assert [e.text for e in sink.events] == ["hello"]
+    event = sink.events[0]
+    assert event.source.chat_type == "dm" and event.source.chat_id == "!r:localhost"
+    assert event.metadata["dedupe_key"] == "matrix:$new"
+    syncs = [r for r in hs.requests if r[1] == "/sync"]
+    assert "since" not in syncs[0][2] and syncs[1][2]["since"] == "s1"
+    assert syncs[2][2]["since"] == "s2"  # the third sync is the held long-poll
+    assert json.loads((tmp_path / "_bot_localhost.json").read_text()) == {"since": "s2"}
+    adapter.stopService()
+    assert hs.pending == [] and clock.getDelayedCalls() == []
+
+
+def test_restart_resumes_from_the_saved_token(tmp_path):
+    (tmp_path / "_bot_localhost.json").write_text(json.dumps({"since": "saved"}))
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
+    hs.answer("GET", "/sync", 200, batch("s9", events=[message("$x", "while away")]))
+    adapter, sink = make_adapter(tmp_path, hs, clock)
+    adapter.startService()
+    assert hs.requests[1][2]["since"] == "saved"
+    assert [e.text for e in sink.events] == ["while away"]
+    adapter.stopService()
+
+
+def test_group_mentions_threads_emotes_and_malformed_events(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
+    hs.answer("GET", "/sync", 200, batch("s1", members=5))
+    events = [
+        message("$1", "no mention here"),
+        message("$2", "bot: do it"),
+        {"type": "m.room.message", "sender": "@alice:localhost", "content": "not a dict"},
+        "garbage",
+        message("$3", "@bot:localhost in a thread",
+                **{"m.relates_to": {"rel_type": "m.thread", "event_id": "$root"}}),
+        message("$4", "edited", **{"m.relates_to": {"rel_type": "m.replace", "event_id": "$2"}}),
+        {"type": "m.room.message", "event_id": "$5", "sender": "@alice:localhost",
+         "content": {"msgtype": "m.emote", "body": "waves at bot"}},
+    ]
+    hs.answer("GET", "/sync", 200, batch("s2", members=5, events=events))
+    adapter, sink = make_adapter(tmp_path, hs, clock, require_mention=True)
+    adapter.startService()
+    assert [(e.text, e.source.chat_type, e.source.thread_id) for e in sink.events] == [
+        ("do it", "group", None),
+        ("in a thread", "group", "$root"),
+        ("* @alice:localhost waves at bot", "group", None),
+    ]
+    adapter.stopService()
+
+
+def test_invites_are_joined_only_from_allowed_users(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
+
+    def invite(sender):
+        return {"invite_state": {"events": [{"type": "m.room.member", "state_key": ME,
+                                             "sender": sender}]}}
+
+    hs.answer("GET", "/sync", 200, batch("s1", invite={"!ok:localhost": invite("@alice:localhost"),
+                                                       "!no:localhost": invite("@eve:localhost")}))
+    hs.answer("POST", "/join/", 200, {"room_id": "!ok:localhost"})
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    adapter.startService()
+    joins = [r[1] for r in hs.requests if r[0] == "POST"]
+    assert joins == ["/join/%21ok%3Alocalhost"]
+    adapter.stopService()
+
+
+def test_sync_errors_back_off_and_bad_token_disables(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
+    hs.answer("GET", "/sync", 502, {"error": "bad gateway"})
+    hs.answer("GET", "/sync", 401, {"errcode": "M_UNKNOWN_TOKEN", "error": "gone"})
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    adapter.startService()
+    assert len([r for r in hs.requests if r[1] == "/sync"]) == 1
+    clock.advance(2)
+    assert adapter.status.startswith("disabled")
+    adapter.stopService()
+    assert clock.getDelayedCalls() == []
+
+
+def test_send_waits_out_a_rate_limit_but_edits_report_it(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    adapter.user_id = ME
+    adapter.running = True
+    limited = {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down", "retry_after_ms": 1500}
+    hs.answer("PUT", "/rooms/", 429, limited)
+    hs.answer("PUT", "/rooms/", 200, {"event_id": "$sent"})
+    d = adapter.send("!r:localhost", "**hi** there")
+    clock.advance(1.5)
+    result = d.result
+    assert result.success and result.message_id == "$sent"
+    body = hs.requests[-1][3]
+    assert body["formatted_body"] == "<strong>hi</strong> there"
+    hs.answer("PUT", "/rooms/", 429, limited)
+    edit = adapter.edit_message("!r:localhost", "$sent", "new text").result
+    assert not edit.success and edit.error_kind == "rate_limited" and edit.retry_after == 1.5
+    replace = hs.requests[-1][3]
+    assert replace["m.relates_to"] == {"rel_type": "m.replace", "event_id": "$sent"}
+    assert replace["m.new_content"]["body"] == "new text"
+
+
+def test_markdown_to_html_escapes_and_formats():
+    assert markdown_to_html("<script>x</script>") == "&lt;script&gt;x&lt;/script&gt;"
+    assert markdown_to_html("a `<b>` c") == "a <code>&lt;b&gt;</code> c"
+    assert (markdown_to_html("text\n```py\nx = 1 < 2\n```\nafter")
+            == 'text<pre><code class="language-py">x = 1 &lt; 2\n</code></pre>after')
+    assert markdown_to_html("[site](https://x.org) *it*") == \
+        '<a href="https://x.org">site</a> <em>it</em>'
+
+
+# -- a real Synapse ---------------------------------------------------------------------------
+
+from tests.servers.synapse import USERS  # noqa: E402
+
+
+class AliceClient:
+    def __init__(self, url):
+        import treq.client
+        from twisted.internet import reactor
+        from twisted.web.client import Agent, HTTPConnectionPool
+
+        self.url = url + "/_matrix/client/v3"
+        self.pool = HTTPConnectionPool(reactor, persistent=False)
+        self.http = treq.client.HTTPClient(Agent(reactor, pool=self.pool))
+        self.token = None
+
+    async def call(self, method, path, body=None, params=None):
+        headers = {"Authorization": [f"Bearer {self.token}"]} if self.token else {}
+        response = await self.http.request(method, self.url + path, json=body, headers=headers,
+                                           params=params)
+        data = await response.json()
+        assert 200 <= response.code < 300, data
+        return data
+
+    async def login(self):
+        reply = await self.call("POST", "/login", {
+            "type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"},
+            "password": USERS["alice"]})
+        self.token = reply["access_token"]
+
+    async def wait_for(self, room, predicate, timeout=20.0):
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        waited = 0.0
+        while waited < timeout:
+            reply = await self.call("GET", f"/rooms/{room}/messages",
+                                    params={"dir": "b", "limit": "50"})
+            found = [e for e in reply["chunk"] if predicate(e)]
+            if found:
+                return found
+            await deferLater(reactor, 0.1, lambda: None)
+            waited += 0.1
+        raise AssertionError("expected Matrix event not seen")
+
+
+class ReplyingSink:
+    """Answers each message like a streamed turn: a first send, then an edit."""
+
+    def __init__(self):
+        self.events = []
+
+    def handle_message(self, adapter, event):
+        self.events.append(event)
+        chat = event.source.chat_id
+
+        async def reply():
+            first = await adapter.send(chat, "Thinking ▉", reply_to=event.message_id)
+            assert first.success, first.error
+            await adapter.send_typing(chat)
+            final = await adapter.edit_message(chat, first.message_id,
+                                               f"**Echo:** {event.text}", finalize=True)
+            assert final.success, final.error
+            await adapter.stop_typing(chat)
+
+        from twisted.internet.defer import ensureDeferred
+        ensureDeferred(reply()).addErrback(lambda f: self.events.append(f))
+        return succeed(None)
+
+    def interrupt_session(self, *a, **kw):
+        return False
+
+
+def real_adapter(synapse, home):
+    from twisted.internet import reactor
+
+    settings = PlatformSettings(name="matrix", enabled=True, allowed_users=("@alice:localhost",),
+                                extra={"homeserver": synapse.url, "user_id": "bot",
+                                       "password": USERS["bot"], "sync_timeout_ms": 1000})
+    config = GatewayConfig(hermes_home=str(home), db_path=str(home / "db"))
+    adapter = MatrixAdapter(settings, reactor=reactor, gateway_config=config)
+    sink = ReplyingSink()
+    adapter.attach(sink)
+    return adapter, sink
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_round_trip_with_edits_and_restart_against_synapse(synapse, tmp_path):
+    alice = AliceClient(synapse.url)
+    await alice.login()
+    room = (await alice.call("POST", "/createRoom", {
+        "invite": ["@bot:localhost"], "is_direct": True,
+        "preset": "trusted_private_chat"}))["room_id"]
+    adapter, sink = real_adapter(synapse, tmp_path)
+    adapter.startService()
+    try:
+        await alice.wait_for(room, lambda e: e["type"] == "m.room.member"
+                             and e.get("state_key") == "@bot:localhost"
+                             and e["content"].get("membership") == "join")
+        await alice.call("PUT", f"/rooms/{room}/send/m.room.message/t1",
+                         {"msgtype": "m.text", "body": "hello bot"})
+        edits = await alice.wait_for(room, lambda e: e["content"].get("m.relates_to", {})
+                                     .get("rel_type") == "m.replace")
+        new = edits[0]["content"]["m.new_content"]
+        assert new["body"] == "**Echo:** hello bot"
+        assert new["formatted_body"] == "<strong>Echo:</strong> hello bot"
+        assert [e.text for e in sink.events] == ["hello bot"]
+    finally:
+        await adapter.stopService()
+    # While the bot is down alice writes again; the next start gets exactly that message.
+    await alice.call("PUT", f"/rooms/{room}/send/m.room.message/t2",
+                     {"msgtype": "m.text", "body": "while you were away"})
+    again, sink2 = real_adapter(synapse, tmp_path)
+    again.startService()
+    try:
+        await alice.wait_for(room, lambda e: e["content"].get("m.new_content", {}).get("body")
+                             == "**Echo:** while you were away")
+        assert [e.text for e in sink2.events] == ["while you were away"]
+    finally:
+        await again.stopService()
+        await alice.pool.closeCachedConnections()
