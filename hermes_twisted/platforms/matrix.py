@@ -32,17 +32,19 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, HTTPConnectionPool
 
 import treq.client
 
 from hermes_twisted.cancellation import raise_if_cancelled
+from hermes_twisted.http_body import read_body
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
 from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
 from hermes_twisted.platforms.matrix_format import has_markup, markdown_to_html
 from hermes_twisted.reconnect import exponential_delay
 
 SYNC_TIMEOUT_MS = 30_000
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a large initial sync is big, but not unbounded
 SYNC_FILTER = json.dumps({
     "room": {"timeline": {"limit": 100}, "state": {"lazy_load_members": True},
              "ephemeral": {"types": []}, "account_data": {"types": []}},
@@ -169,7 +171,7 @@ class MatrixAdapter(PlatformAdapter):
         d.addTimeout(timeout, self.clock)
         try:
             response = await self._track(d)
-            raw = readBody(getattr(response, "original", response))
+            raw = read_body(response, max_bytes=MAX_RESPONSE_BYTES)
             raw.addTimeout(timeout, self.clock)
             data = await self._track(raw)
         except Exception as e:
