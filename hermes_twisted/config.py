@@ -412,12 +412,11 @@ def _freeze(value: Any) -> Any:
 class _Loader:
     """One load: the YAML document flattened to dotted keys, the environment laid over it."""
 
-    def __init__(self, document: Mapping[str, Any], environ: Mapping[str, str], home: str,
-                 source: str) -> None:
+    def __init__(self, document: Mapping[str, Any], environ: Mapping[str, str],
+                 home: str) -> None:
         self.doc = document
         self.env = environ
         self.home = home
-        self.source = source
         self.values: dict[str, _Raw] = {}
         self.unused: list[str] = []
         self.fronted_blocks: dict[str, dict[str, _Raw]] = {}
@@ -461,9 +460,10 @@ class _Loader:
             else:
                 continue
             if name in ("session_reset", "streaming"):
-                self._block(self._mapping(value, where), where, name,
-                            self._known_leaves(name) | {"bg_process_max_age_hours"}
-                            if name == "session_reset" else self._known_leaves(name))
+                known = self._known_leaves(name)
+                if name == "session_reset":
+                    known.add("bg_process_max_age_hours")  # Hermes's; nothing to do here
+                self._block(self._mapping(value, where), where, name, known)
             else:
                 self._put(name, value, where)
         if "display" in doc:
@@ -472,6 +472,10 @@ class _Loader:
         self._read_gateway(gateway)
         self.relay_platforms = self._relay_platforms()
         self._read_platforms(gateway)
+        # relay.md 2.4: the relay's policy falls back to these top-level keys.
+        for key in ("require_mention", "free_response_channels"):
+            if doc.get(key) is not None and not self.has(f"platforms.relay.extra.{key}"):
+                self._put(f"platforms.relay.extra.{key}", doc[key], key)
 
     def _read_gateway(self, gateway: Mapping[str, Any]) -> None:
         known = self._known_leaves("gateway")
@@ -524,11 +528,13 @@ class _Loader:
 
     def _platform_block(self, name: str, where: str, block: Mapping[str, Any],
                         shortcut: bool) -> None:
+        if name in self.relay_platforms:
+            # The relay fronts it: the block also configures the relay's view of it (policy).
+            fronted = self.fronted_blocks.setdefault(name, {})
+            for key, value in block.items():
+                fronted[str(key)] = _Raw(value, f"{where}.{key}")
         if name not in SUPPORTED:
             if name in self.relay_platforms:
-                fronted = self.fronted_blocks.setdefault(name, {})
-                for key, value in block.items():
-                    fronted[str(key)] = _Raw(value, f"{where}.{key}")
                 return
             enabled = block.get("enabled")
             if enabled is False or (isinstance(enabled, str) and enabled.strip().lower() in
@@ -867,7 +873,7 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
     """
     if not isinstance(document, Mapping):
         raise ConfigError(source, f"expected a mapping at the top level, got {_kind(document)}")
-    loader = _Loader(document, environ, home or hermes_home(environ), source)
+    loader = _Loader(document, environ, home or hermes_home(environ))
     loader.read_document()
     loader.overlay_environment()
     upstream = _upstream(loader)

@@ -472,8 +472,18 @@ a comma separated string.
 
 Supported platforms: `irc`, `matrix`, `telegram`, `api_server`, `relay`. Platforms Hermes
 knows but this daemon does not implement are rejected with a pointer to the relay
-(`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them (their
-blocks then configure the relay) or the block says `enabled: false`.
+(`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them or the
+block says `enabled: false`.
+
+The relay: a block for a platform the relay fronts (`discord:`, `platforms.discord`, ...)
+is copied to `platforms.relay.extra.<platform>`, merged with what is written there, for the
+relay's relevance policy; top-level `require_mention` and `free_response_channels` become
+`platforms.relay.extra.require_mention` / `free_response_channels` (relay.md 2.4). The dial
+URL is derived from the configured one: `https` becomes `wss`, `http` becomes `ws`, and
+`/relay` is added to the path (`wss://h/base?x=1` dials `wss://h/base/relay?x=1`).
+
+The API server also accepts `port`, `host`, `key`, `cors_origins` and `model_name` directly
+in its block (`platforms.api_server.port` or `gateway.api_server.port`), as Hermes does.
 """
 
 _GROUPS = [

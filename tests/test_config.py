@@ -483,6 +483,15 @@ class TestRelaySettings:
             "require_mention": True, "free_response_channels": "1,2", "allow_bots": "all"}
         assert "discord" not in config.platforms
 
+    def test_fronted_supported_platform_and_top_level_policy_defaults(self):
+        config = load({"telegram": {"require_mention": True}, "require_mention": False,
+                       "free_response_channels": ["c1"]},
+                      {"GATEWAY_RELAY_URL": "https://c", "GATEWAY_RELAY_PLATFORMS": "telegram"})
+        relay = config.platforms["relay"].extra
+        assert dict(relay["telegram"]) == {"require_mention": True}
+        assert (relay["require_mention"], relay["free_response_channels"]) == (False, ("c1",))
+        assert config.platforms["telegram"].extra["require_mention"] is True
+
 
 # -- platforms ------------------------------------------------------------------------------
 
