@@ -4,9 +4,12 @@ import os
 import re
 import socket
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
 from hermes_twisted.config import (
@@ -815,3 +818,49 @@ def test_sample_keeps_secrets_and_relay_identity_commented_out(tmp_path):
         assert platform.token is None and platform.api_key is None
         assert not {"key", "access_token", "password", "server_password",
                     "nickserv_password"} & set(platform.extra)
+
+
+def test_no_secret_reaches_a_log_line(tmp_path):
+    """Load a config that warns about everything it can, and read every rendered event."""
+    events = []
+
+    def observer(event):
+        events.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observer)
+    secrets = {name: f"S3CRET-{name.lower()}" for name, var in ENV_VARS.items() if var.password}
+    (tmp_path / ".env").write_text("\n".join([
+        "not a line S3CRET-in-bad-line", "BROKEN='S3CRET-unterminated",
+        *(f"{k}={v}" for k, v in secrets.items())]) + "\n")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({
+        "display": {"busy_input_mode": "steer", "S3CRET_key_name_is_fine": 1},
+        "unauthorized_dm_behavior": "pair", "irc": {"junk": "S3CRET-junk-value"},
+        "gateway": {"proxy_url": "http://a:1"}}))
+    try:
+        load_config(None, {"HERMES_HOME": str(tmp_path), "DISCORD_BOT_TOKEN": "S3CRET-discord",
+                           "GATEWAY_RELAY_URL": "https://c", "GATEWAY_RELAY_BOT_IDS": "S3CRET{",
+                           "IRC_SERVER": "i", "IRC_NICKNAME": "n", "IRC_CHANNEL": "#c",
+                           "MATRIX_HOMESERVER": "https://m", "API_SERVER_PORT": "9999"})
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert events, "expected warnings"
+    leaked = [e for e in events if "S3CRET-" in e or "S3CRET{" in e]
+    assert leaked == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(scheme=st.sampled_from(["http", "https", "ws", "wss"]),
+       segments=st.lists(st.text("abcxyz-_", min_size=1, max_size=6), max_size=3),
+       trailing=st.sampled_from(["", "/", "//"]),
+       query=st.one_of(st.just(""), st.text("abc=&1", min_size=1, max_size=8)))
+def test_relay_dial_url_properties(scheme, segments, trailing, query):
+    path = "".join("/" + s for s in segments) + trailing
+    url = f"{scheme}://host.example{path}" + (f"?{query}" if query else "")
+    dial = relay_dial_url(url)
+    parts = urlsplit(dial)
+    assert parts.scheme == {"http": "ws", "https": "wss"}.get(scheme, scheme)
+    assert parts.path.endswith("/relay") and "//" not in parts.path
+    assert parts.query == query.rstrip("/") if query else parts.query == ""
+    assert relay_dial_url(dial) == dial
+    assert urlsplit(relay_http_base(dial)).scheme in ("http", "https")
+    assert not relay_http_base(dial).endswith("/relay")
