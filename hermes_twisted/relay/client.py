@@ -1,0 +1,524 @@
+# -*- test-case-name: tests.test_relay_client -*-
+"""
+The relay's WebSocket client: an autobahn protocol and factory run by a C{ClientService}.
+
+L{RelayClient} owns one connection at a time (C{ClientService} guarantees a single dialer and
+redials with L{SessionBackoff}), mints a fresh bearer token for every dial, says C{hello} once
+per fronted identity, keeps descriptors per platform, correlates C{outbound} requests by
+C{requestId}, and hands the application frames (C{inbound}, C{interrupt_inbound},
+C{passthrough_forward}) to its L{RelayHandler}.
+
+The read path never waits: each frame is dispatched and the reader returns, so a handler that
+sends a request and waits for its C{outbound_result} cannot deadlock the socket (0.19.0's
+"/stop deafens the relay for 30 s").  One bad frame is logged and skipped, never fatal.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Callable, Protocol
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from autobahn.websocket.types import ConnectingRequest
+from autobahn.websocket.util import parse_url
+from twisted.application.internet import ClientService
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.logger import Logger
+
+from hermes_twisted.reconnect import SessionBackoff
+from hermes_twisted.relay import wire
+from hermes_twisted.relay.auth import authorization_headers
+from hermes_twisted.relay.descriptor import BadDescriptor, CapabilityDescriptor
+from hermes_twisted.settings import RelaySettings
+
+UNAUTHORIZED = 4401
+NOT_CONNECTED = "relay transport not connected"
+CONNECTION_LOST = "relay transport connection lost"
+CLOSED = "relay transport closed"
+TIMED_OUT = "relay outbound timed out"
+DISABLED_CODE = "relay_disabled"
+DISABLED_MESSAGE = "Relay disabled (opted out \u2014 recreate the instance to re-enable)"
+GOING_IDLE_BUDGET = 2.0
+CLOSE_BUDGET = 1.0
+
+
+def failure_result(error: str, **extra: Any) -> dict[str, Any]:
+    return {"success": False, "error": error, **extra}
+
+
+def identities(settings: RelaySettings) -> list[tuple[str, str]]:
+    """The fronted C{(platform, botId)} pairs in configured order; C{[("relay", "")]} if none."""
+    out = []
+    for platform in settings.platforms:
+        entry = settings.bot_ids.get(platform) or {}
+        out.append((platform, str(entry.get("botId") or "")))
+    return out or [("relay", "")]
+
+
+def endpoint_for_url(reactor: Any, url: str) -> Any:
+    """A TCP (ws://) or TLS (wss://) client endpoint for the host and port of C{url}."""
+    is_secure, host, port, _resource, _path, _params = parse_url(url)
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+    if is_secure:
+        from twisted.internet.ssl import optionsForClientTLS
+
+        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
+    return endpoint
+
+
+class _Call:
+    """A timer autobahn may cancel after it fired (its own batched calls allow that)."""
+
+    def __init__(self, call: Any) -> None:
+        self._call = call
+
+    def cancel(self) -> None:
+        if self._call.active():
+            self._call.cancel()
+
+
+class ReactorTimer:
+    """
+    autobahn's per-factory timer (handshake, ping and close timeouts) on an injected reactor.
+    txaio's default batches timers on the global reactor and leaves a bucket's DelayedCall
+    behind after its timers were cancelled; this one cancels each timer for real.
+    """
+
+    def __init__(self, reactor: Any) -> None:
+        self._reactor = reactor
+
+    def call_later(self, delay: float, func: Callable[..., Any], *args: Any,
+                   **kwargs: Any) -> _Call:
+        return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
+
+
+def cancel_leftover_timers(protocol: Any) -> None:
+    """autobahn leaves its close-handshake timers armed when the TCP connection ends first."""
+    for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+        call = getattr(protocol, name, None)
+        if call is not None:
+            setattr(protocol, name, None)
+            try:
+                call.cancel()
+            except Exception:
+                pass  # it already fired (a twisted DelayedCall from txaio raises then)
+
+
+class RelayHandler(Protocol):
+    """What the client calls on its owner (the adapter).  None of these may raise."""
+
+    def relay_frame(self, frame: dict[str, Any]) -> None:
+        """An C{inbound}, C{interrupt_inbound} or C{passthrough_forward} frame."""
+
+    def relay_descriptor(self, descriptor: CapabilityDescriptor) -> None:
+        """A descriptor arrived (first connect or any reconnect)."""
+
+    def relay_disabled(self, reason: str) -> None:
+        """The connector revoked us; the client stopped dialing for good."""
+
+
+class RelayClientProtocol(WebSocketClientProtocol):
+    """One WebSocket connection to the connector.  Forwards everything to L{RelayClient}."""
+
+    _log = Logger()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.relay: RelayClient | None = None
+        self._lines: wire.LineBuffer | None = None
+
+    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
+        # A fresh token per dial: the factory's headers would be minted once and expire.
+        f = self.factory
+        return ConnectingRequest(host=f.host, port=f.port, resource=f.resource,
+                                 headers=f.relay.dial_headers(), useragent=f.useragent)
+
+    def onOpen(self) -> None:
+        self.relay = self.factory.relay
+        self._lines = wire.LineBuffer(self.factory.relay.max_message_bytes)
+        try:
+            self.relay.connection_opened(self)
+        except Exception:
+            self._log.failure("while opening the relay session")
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.relay is None or self._lines is None:
+            return
+        before = self._lines.overflows
+        lines = self._lines.feed(payload)
+        if self._lines.overflows != before:
+            self._log.warn("relay: dropped a frame longer than {limit} bytes",
+                           limit=self._lines.max_bytes)
+        for line in lines:
+            try:
+                self.relay.line_received(self, line)
+            except Exception:
+                self._log.failure("while handling a relay frame; skipped")
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # autobahn reports an unclean close as 1006 even when the peer's close frame (e.g. 4401)
+        # arrived before the TCP drop; the peer's code is what carries the meaning.
+        if self.remoteCloseCode is not None:
+            code, reason = self.remoteCloseCode, self.remoteCloseReason
+        try:
+            self.factory.relay.connection_closed(self, code, reason or "")
+        except Exception:
+            self._log.failure("while closing the relay session")
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        cancel_leftover_timers(self)
+
+    def send_frame(self, frame: dict[str, Any]) -> None:
+        self.sendMessage(wire.encode_frame(frame), isBinary=False)
+
+
+class RelayClientFactory(WebSocketClientFactory):
+    protocol = RelayClientProtocol
+
+    def __init__(self, relay: "RelayClient", url: str, *, reactor: Any,
+                 max_message_bytes: int) -> None:
+        super().__init__(url, reactor=reactor)
+        self.relay = relay
+        self._batched_timer = ReactorTimer(reactor)
+        self.setProtocolOptions(
+            autoPingInterval=30, autoPingTimeout=60,
+            maxMessagePayloadSize=max_message_bytes, maxFramePayloadSize=max_message_bytes,
+            openHandshakeTimeout=10, closeHandshakeTimeout=CLOSE_BUDGET,
+        )
+
+
+class RelayClient(Service):
+    """
+    The supervised connection to the connector.  Start it to dial; stop it to say
+    C{going_idle} (2 s budget) and close.  All request methods are safe at any time.
+    """
+
+    log = Logger()
+
+    def __init__(self, settings: RelaySettings, *, reactor: Any, handler: RelayHandler,
+                 endpoint: Any = None, rand: Callable[[], float] = random.random) -> None:
+        if not settings.url:
+            raise ValueError("relay settings have no url")
+        self.settings = settings
+        self.reactor = reactor
+        self.handler = handler
+        self.identities = identities(settings)
+        self.max_message_bytes = settings.max_message_bytes
+        self.request_timeout = settings.request_timeout
+        self.backoff = SessionBackoff(reactor, rand=rand)
+        self.factory = RelayClientFactory(self, settings.url, reactor=reactor,
+                                          max_message_bytes=settings.max_message_bytes)
+        self._endpoint = endpoint if endpoint is not None else endpoint_for_url(reactor, settings.url)
+        self._service: ClientService | None = None
+        self._protocol: RelayClientProtocol | None = None
+        self._pending: dict[str, tuple[Deferred, Any]] = {}
+        self._handshake_waiters: list[Deferred] = []
+        self._idle_waiters: list[Deferred] = []
+        self.descriptors: dict[str, CapabilityDescriptor] = {}
+        self.default_descriptor: CapabilityDescriptor | None = None
+        self.handshaked = False  # a descriptor arrived on some connection since start
+        self._provisional_4401 = False
+        self._redial_now = False
+        self._stopping = False
+        self.disabled_reason: str | None = None
+        self.dials = 0
+        self.setName("relay.client")
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._protocol is not None
+
+    @property
+    def status(self) -> str:
+        if self.disabled_reason:
+            return f"disabled: {self.disabled_reason}"
+        if not self.running:
+            return "stopped"
+        if self._protocol is not None and self.handshaked:
+            return "connected"
+        return "connecting"
+
+    def dial_headers(self) -> dict[str, str]:
+        self.dials += 1
+        return authorization_headers(self.settings.gateway_id, self.settings.secret,
+                                     now=self.reactor.seconds())
+
+    def _retry_delay(self, attempt: int) -> float:
+        if self._redial_now:
+            # A provisional 4401 after a handshake: redial at once with a fresh token.
+            self._redial_now = False
+            return 0.0
+        return self.backoff(attempt)
+
+    # -- service ------------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._service = ClientService(self._endpoint, self.factory,
+                                      retryPolicy=self._retry_delay, clock=self.reactor)
+        self._service.startService()
+
+    def stopService(self) -> Deferred:
+        """
+        Say C{going_idle} (waiting up to 2 s for the ack), settle every pending request with
+        C{relay transport closed}, close the socket and stop dialing.  Fires with None when the
+        connection is gone; never fails.
+        """
+        super().stopService()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self._protocol is not None and not self._stopping:
+            self._stopping = True
+            await self.go_idle(GOING_IDLE_BUDGET)
+        self._stopping = True
+        self._settle_pending(failure_result(CLOSED))
+        self._fire_waiters(self._handshake_waiters, None)
+        protocol, service, self._service = self._protocol, self._service, None
+        if protocol is not None:
+            protocol.sendClose(code=1000)
+            await self._closed_or_timeout(protocol, CLOSE_BUDGET)
+        if service is not None and service.running:
+            await service.stopService()
+
+    async def _closed_or_timeout(self, protocol: RelayClientProtocol, budget: float) -> None:
+        # is_closed is autobahn's shared Deferred: wait on a private one so the timeout
+        # cancels nothing of autobahn's.
+        done: Deferred = Deferred()
+
+        def closed(result: Any) -> Any:
+            if not done.called:
+                done.callback(None)
+            return result
+
+        protocol.is_closed.addBoth(closed)
+        done.addTimeout(budget, self.reactor, onTimeoutCancel=lambda *_: None)
+        await done
+
+    # -- called by the protocol ---------------------------------------------------------------
+
+    def connection_opened(self, protocol: RelayClientProtocol) -> None:
+        if self._stopping or self.disabled_reason:
+            protocol.sendClose(code=1000)
+            return
+        self._protocol = protocol
+        self.backoff.connection_opened()
+        self.log.info("relay: connected to {url}; saying hello as {identities}",
+                      url=self.settings.url, identities=self.identities)
+        for platform, bot_id in self.identities:
+            protocol.send_frame(wire.hello_frame(platform, bot_id))
+
+    def connection_closed(self, protocol: RelayClientProtocol, code: int | None,
+                          reason: str) -> None:
+        self.backoff.connection_lost()
+        if protocol is not self._protocol:
+            # The upgrade failed (HTTP refusal, handshake timeout) or it was a straggler.
+            self.log.info("relay: dial failed before the session opened ({code} {reason})",
+                          code=code, reason=reason)
+            return
+        self._protocol = None
+        self._settle_pending(failure_result(CLOSED if self._stopping else CONNECTION_LOST))
+        self._fire_waiters(self._idle_waiters, False)
+        if self._stopping:
+            return
+        self.log.info("relay: connection closed ({code} {reason}); redialing",
+                      code=code, reason=reason)
+        if code == UNAUTHORIZED:
+            self._unauthorized(reason)
+
+    def _unauthorized(self, reason: str) -> None:
+        expired = reason.strip().lower() == "expired"
+        if not self.handshaked:
+            return  # a cold-start race: retry with backoff
+        if not self._provisional_4401:
+            self._provisional_4401 = True
+            self._redial_now = True
+            self.log.warn("relay: connector answered 4401 after a handshake; redialing once "
+                          "with a fresh token")
+            return
+        if expired:
+            return  # an expired token (a suspend, clock skew) is never a revocation
+        self._disable(f"{DISABLED_CODE} {DISABLED_MESSAGE}")
+
+    def _disable(self, reason: str) -> None:
+        self.disabled_reason = reason
+        self.log.error("relay: {reason}; not reconnecting", reason=reason)
+        self._settle_pending(failure_result(reason))
+        self._fire_waiters(self._handshake_waiters, None)
+        service, self._service = self._service, None
+        if service is not None:
+            # Not from inside ClientService's own disconnect transition.
+            self.reactor.callLater(0, service.stopService)
+        try:
+            self.handler.relay_disabled(reason)
+        except Exception:
+            self.log.failure("while reporting the relay as disabled")
+
+    def line_received(self, protocol: RelayClientProtocol, line: str) -> None:
+        if protocol is not self._protocol:
+            return
+        try:
+            frame = wire.decode_line(line)
+        except wire.BadFrame as e:
+            self.log.warn("relay: skipped a bad frame: {error}", error=str(e))
+            return
+        kind = frame["type"]
+        if kind == wire.DESCRIPTOR:
+            self._descriptor_received(frame.get("descriptor"))
+        elif kind == wire.OUTBOUND_RESULT:
+            self._result_received(frame)
+        elif kind == wire.GOING_IDLE_ACK:
+            self._fire_waiters(self._idle_waiters, True)
+        elif kind in (wire.INBOUND, wire.INTERRUPT_INBOUND, wire.PASSTHROUGH_FORWARD):
+            self.handler.relay_frame(frame)
+        else:
+            self.log.debug("relay: ignored a {kind} frame", kind=kind)
+
+    def _descriptor_received(self, data: Any) -> None:
+        try:
+            descriptor = CapabilityDescriptor.from_json(data)
+        except BadDescriptor as e:
+            self.log.warn("relay: skipped a bad descriptor: {error}", error=str(e))
+            return
+        self.descriptors[descriptor.platform] = descriptor
+        first_platform = self.identities[0][0]
+        if (self.default_descriptor is None or descriptor.platform == first_platform
+                or self.default_descriptor.platform not in self.descriptors):
+            self.default_descriptor = descriptor
+        self.handshaked = True
+        self._provisional_4401 = False
+        self._fire_waiters(self._handshake_waiters, descriptor)
+        self.handler.relay_descriptor(descriptor)
+
+    def _result_received(self, frame: dict[str, Any]) -> None:
+        entry = self._pending.pop(str(frame.get("requestId")), None)
+        if entry is None:
+            return  # unknown or late
+        d, timer = entry
+        if timer.active():
+            timer.cancel()
+        result = frame.get("result")
+        d.callback(result if isinstance(result, dict) else {})
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def descriptor_for(self, platform: str | None) -> CapabilityDescriptor | None:
+        if platform and platform in self.descriptors:
+            return self.descriptors[platform]
+        return self.default_descriptor
+
+    def when_handshaked(self) -> Deferred:
+        """
+        Fires with the first descriptor of any connection (at once if one arrived already),
+        or with None if the client stops or is disabled first.  Cancelling drops the waiter.
+        """
+        if self.default_descriptor is not None:
+            return succeed(self.default_descriptor)
+        return self._waiter(self._handshake_waiters)
+
+    def request(self, action: dict[str, Any], *, platform: str | None = None,
+                bot_id: str | None = None) -> Deferred:
+        """
+        Send one C{outbound} request.  Fires with the connector's C{result} dict, or a failure
+        dict (C{success: false}): at once when not connected, disabled or stopping; with
+        C{relay transport connection lost} when the socket drops first; with C{relay outbound
+        timed out} and C{ambiguous: true} after C{request_timeout}.  Never fails.  Cancelling
+        forgets the request (a late answer is ignored).
+        """
+        if self.disabled_reason:
+            return succeed(failure_result(self.disabled_reason))
+        if self._stopping:
+            return succeed(failure_result(CLOSED))
+        protocol = self._protocol
+        if protocol is None:
+            return succeed(failure_result(NOT_CONNECTED))
+        request_id = wire.new_request_id()
+        d = Deferred(lambda _: self._forget(request_id))
+        timer = self.reactor.callLater(self.request_timeout, self._timed_out, request_id)
+        self._pending[request_id] = (d, timer)
+        try:
+            protocol.send_frame(wire.outbound_frame(request_id, action, platform=platform,
+                                                    bot_id=bot_id))
+        except Exception as e:
+            self._settle(request_id, failure_result(f"relay send failed: {e}"))
+        return d
+
+    def send_frame(self, frame: dict[str, Any]) -> bool:
+        """Send a fire-and-forget frame; False when there is no connection to send it on."""
+        if self._protocol is None:
+            return False
+        try:
+            self._protocol.send_frame(frame)
+        except Exception:
+            self.log.failure("while sending a relay {kind} frame", kind=frame.get("type"))
+            return False
+        return True
+
+    def go_idle(self, timeout: float = GOING_IDLE_BUDGET) -> Deferred:
+        """
+        Send C{going_idle} and wait for C{going_idle_ack}.  Fires with True on the ack, False
+        on timeout, connection loss or when not connected.  Never fails, except with
+        CancelledError when cancelled (which drops the waiter and its timer).
+        """
+        if not self.send_frame(wire.going_idle_frame()):
+            return succeed(False)
+        d = self._waiter(self._idle_waiters)
+        timer = self.reactor.callLater(timeout, self._idle_timed_out, d)
+        d.addBoth(self._cancel_timer, timer)
+        return d
+
+    def _idle_timed_out(self, d: Deferred) -> None:
+        if d in self._idle_waiters:
+            self._idle_waiters.remove(d)
+            d.callback(False)
+
+    @staticmethod
+    def _cancel_timer(result: Any, timer: Any) -> Any:
+        if timer.active():
+            timer.cancel()
+        return result
+
+    def _waiter(self, waiters: list[Deferred]) -> Deferred:
+        d = Deferred(lambda d: waiters.remove(d) if d in waiters else None)
+        waiters.append(d)
+        return d
+
+    @staticmethod
+    def _fire_waiters(waiters: list[Deferred], value: Any) -> None:
+        current, waiters[:] = list(waiters), []
+        for d in current:
+            d.callback(value)
+
+    def _forget(self, request_id: str) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is not None and entry[1].active():
+            entry[1].cancel()
+
+    def _settle(self, request_id: str, result: dict[str, Any]) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is None:
+            return
+        d, timer = entry
+        if timer.active():
+            timer.cancel()
+        d.callback(result)
+
+    def _timed_out(self, request_id: str) -> None:
+        entry = self._pending.pop(request_id, None)
+        if entry is not None:
+            entry[0].callback(failure_result(TIMED_OUT, ambiguous=True))
+
+    def _settle_pending(self, result: dict[str, Any]) -> None:
+        for request_id in list(self._pending):
+            self._settle(request_id, dict(result))
+
+    @property
+    def pending_requests(self) -> int:
+        return len(self._pending)
+
