@@ -16,6 +16,7 @@ import json
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from treq.client import HTTPClient
 from twisted.application.service import Service
 from twisted.internet import error as net_error
 from twisted.internet.defer import (
@@ -164,8 +165,6 @@ class ProxyUpstream(Service):
         self.pool.maxPersistentPerHost = settings.max_persistent_per_host
         self.pool.cachedConnectionTimeout = self.cached_connection_timeout
         if client is None:
-            from treq.client import HTTPClient
-
             if agent is None:
                 agent = Agent(reactor, pool=self.pool, connectTimeout=settings.connect_timeout)
             client = HTTPClient(agent, data_to_body_producer=BytesProducer)
@@ -276,7 +275,7 @@ class _Turn:
         try:
             response = await self._wait(self.upstream._client.request(
                 "POST", self.url, data=body_bytes, headers=headers,
-                unbuffered=True, allow_redirects=False))
+                unbuffered=True, allow_redirects=False, reactor=self.clock))
         except Exception as e:
             # Cancelling the request surfaces as CancelledError, ConnectingCancelledError
             # or ResponseNeverReceived([CancelledError]): our flags say why it happened.

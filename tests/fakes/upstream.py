@@ -182,6 +182,10 @@ class _TrackedChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
         self.site.fake.channels.add(self)
+        # Like aiohttp (the real server): no Nagle delay between the headers and the stream.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
 
     def connectionLost(self, reason: Any) -> None:
         self.site.fake.channels.discard(self)

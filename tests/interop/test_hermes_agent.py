@@ -10,6 +10,7 @@ Skipped only when the package registry cannot be reached; any other failure fail
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -54,11 +55,32 @@ def free_port() -> int:
 
 
 async def ensure_venv() -> Path:
-    """The cached venv's C{hermes} script; creates the venv when it is missing."""
+    """
+    The cached venv's C{hermes} script; creates the venv when it is missing.  A lock file
+    next to the venv keeps concurrent test runs from building it over each other.
+    """
     hermes = VENV / "bin" / "hermes"
     marker = VENV / ".hermes-interop-ready"
     if hermes.exists() and marker.exists():
         return hermes
+    with open(f"{VENV}.lock", "w") as lock:
+        for _ in range(1200):  # another run may be building it: wait up to 20 minutes
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await deferLater(reactor, 1, lambda: None)
+        else:
+            pytest.fail(f"{VENV}.lock stayed locked for 20 minutes")
+        try:
+            if not (hermes.exists() and marker.exists()):
+                await build_venv(marker)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return hermes
+
+
+async def build_venv(marker: Path) -> None:
     base = getattr(sys, "_base_executable", sys.executable)
     out, err, code = await getProcessOutputAndValue(base, ["-m", "venv", "--clear", str(VENV)],
                                                     env=dict(os.environ))
@@ -69,11 +91,10 @@ async def ensure_venv() -> Path:
     text = (out + err).decode(errors="replace")
     if code != 0:
         if any(marker_text in text for marker_text in NETWORK_ERRORS):
-            pytest.skip(f"package registry unreachable, cannot install {PACKAGES}: "
-                        f"{text.strip().splitlines()[-1] if text.strip() else code}")
+            last = text.strip().splitlines()[-1] if text.strip() else f"exit {code}"
+            pytest.skip(f"package registry unreachable, cannot install {PACKAGES}: {last}")
         pytest.fail(f"pip install {PACKAGES} failed ({code}):\n{text[-3000:]}")
     marker.write_text(" ".join(PACKAGES))
-    return hermes
 
 
 class Child(ProcessProtocol):
