@@ -456,6 +456,32 @@ class Cancellation(ProxyTestCase):
         self.assertTrue(reactor.connectors[0].stoppedConnecting)
         self.assertEqual([c for c in reactor.getDelayedCalls() if c.active()], [])
 
+    def test_connect_timeout_is_reported(self) -> None:
+        from twisted.python.failure import Failure
+
+        reactor = MemoryReactorClock()
+        upstream = ProxyUpstream(UpstreamSettings(proxy_url="http://127.0.0.1:9"),
+                                 reactor=reactor)
+        d = upstream.run_turn(request(), self.sink)
+        [(_, _, factory, timeout, _)] = reactor.tcpClients
+        self.assertEqual(timeout, 10)  # the default connect_timeout
+        factory.clientConnectionFailed(reactor.connectors[0],
+                                       Failure(net_error.TimeoutError("connect")))
+        reactor.advance(1)  # HostnameEndpoint notices on its next attempt tick
+        res = self.successResultOf(d)
+        self.assertEqual(res["final_response"], "⚠️ Proxy connection error: timed out while connecting")
+        self.assertEqual([c for c in reactor.getDelayedCalls() if c.active()], [])
+
+    def test_stop_service_closes_a_response_left_open_after_done(self) -> None:
+        self.fake.queue(Script(keep_open=True))
+        self.upstream.startService()
+        self.assertEqual(self.turn()["final_response"], "Hello world")
+        self.assertEqual(self.fake.disconnects, [])
+        stopped = self.upstream.stopService()
+        self.stub.flush()
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.fake.disconnects), 1)  # and tearDown finds no timer left
+
     def test_stop_service_cancels_running_turns(self) -> None:
         self.fake.queue(Script(silent="after_headers"))
         self.upstream.startService()
