@@ -1,0 +1,565 @@
+# -*- test-case-name: tests.test_irc -*-
+"""
+The IRC platform: one bot connection kept alive by a C{ClientService}.
+
+Wire behaviour follows hermes-agent 0.19.0's IRC plugin (platforms.md §6.1): TLS by default,
+optional PASS, NICK/USER, NickServ IDENTIFY then JOIN, "nick:" addressing in channels,
+private messages as DMs, CTCP ACTION as "* nick text", replies stripped of markdown and split
+into byte-exact PRIVMSG lines.  Unlike 0.19.0 it backs off on failed sessions (a server that
+accepts TCP and then drops us is not hammered), decodes non-UTF-8 lines instead of dying on
+them, and cannot be made to emit a second protocol command from reply text.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from twisted.application.internet import ClientService
+from twisted.internet import protocol, task
+from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.ssl import optionsForClientTLS
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.words.protocols import irc
+
+from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
+from hermes_twisted.platforms.base import PlatformAdapter
+from hermes_twisted.platforms.irc_pacer import LinePacer, PacerClosed, PacerFull
+from hermes_twisted.platforms.irc_text import (
+    DEFAULT_MAX_TEXT_BYTES,
+    addressed_text,
+    irc_lower,
+    is_channel,
+    split_message,
+    valid_target,
+)
+from hermes_twisted.reconnect import SessionBackoff
+from hermes_twisted.settings import GatewayConfig, PlatformSettings
+
+#: Seconds to wait for 001 after TCP/TLS connected (0.19.0: 30 s).
+REGISTRATION_TIMEOUT = 30.0
+#: Seconds to wait after IDENTIFY before joining, unless NickServ confirms sooner.
+NICKSERV_GRACE = 2.0
+#: Collisions tolerated while registering before the attempt is abandoned (and retried).
+MAX_NICK_COLLISIONS = 30
+#: Bound of stopService: after this the connection is aborted instead of closed.
+STOP_TIMEOUT = 5.0
+REALNAME = "Hermes Agent"
+
+_NICKSERV_OK = ("you are now identified", "you are now logged in", "password accepted",
+                "you are successfully identified", "now recognized")
+
+
+def _as_list(value: Any) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        value = value.split(",")
+    return [str(v).strip() for v in value if str(v).strip()]
+
+
+def _as_bool(value: Any, default: bool) -> bool:
+    if value is None:
+        return default
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+class HermesIRCClient(irc.IRCClient):
+    """
+    One IRC connection.  Registration, PING/PONG and the heartbeat come from C{IRCClient};
+    this class forwards messages to the adapter and keeps every callback from raising.
+    """
+
+    log = Logger()
+    realname = REALNAME
+    lineRate = None  # pacing is LinePacer's job, on the injected clock
+    # 0.19.0 does not answer CTCP VERSION/FINGER/SOURCE; neither do we.
+    versionName = versionNum = versionEnv = sourceURL = None
+
+    def __init__(self, adapter: "IRCAdapter") -> None:
+        self.adapter = adapter
+        self.clock = adapter.reactor
+        self.base_nick = adapter.nickname
+        self.nickname = adapter.nickname
+        self.username = adapter.nickname
+        self.password = adapter.server_password
+        self.registered = False
+        self.channels_joined: set[str] = set()
+        self._join_requested: set[str] = set()
+        self.pacer: LinePacer | None = None
+        self._collisions = 0
+        self._registration_timer: Any = None
+        self._join_timer: Any = None
+
+    # -- connection lifecycle -----------------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.pacer = LinePacer(self.clock, self.transport.write, burst=self.adapter.send_burst,
+                               interval=self.adapter.send_interval)
+        self._registration_timer = self.clock.callLater(REGISTRATION_TIMEOUT,
+                                                        self._registration_timed_out)
+        self.adapter._connection_made(self)
+        super().connectionMade()
+
+    def register(self, nickname: str, hostname: str = "0", servername: str = "*") -> None:
+        # 0.19.0 registers as "USER <nick> 0 * :Hermes Agent"; PASS goes first when set.
+        if self.password:
+            self.sendLine(f"PASS {self.password}")
+        self.setNick(nickname)
+        self.sendLine(f"USER {self.username} {hostname} {servername} :{self.realname}")
+
+    def _registration_timed_out(self) -> None:
+        self._registration_timer = None
+        self.log.warn("IRC server {server} sent no welcome within {timeout}s; reconnecting",
+                      server=self.adapter.server, timeout=REGISTRATION_TIMEOUT)
+        self.transport.abortConnection()
+
+    def signedOn(self) -> None:
+        with self.log.failuresHandled("while finishing IRC registration"):
+            self._cancel_timer("_registration_timer")
+            self.registered = True
+            self.adapter._registered(self)
+            if self.adapter.nickserv_password:
+                self.msg("NickServ", f"IDENTIFY {self.adapter.nickserv_password}")
+                self._join_timer = self.clock.callLater(NICKSERV_GRACE, self._join_channels)
+            else:
+                self._join_channels()
+
+    def _join_channels(self) -> None:
+        self._join_timer = None
+        for channel in self.adapter.channels_to_join():
+            self.join(channel)
+
+    def join(self, channel: str, key: str | None = None) -> None:
+        self._join_requested.add(irc_lower(channel))
+        super().join(channel, key)
+
+    def join_when_needed(self, channel: str) -> None:
+        if irc_lower(channel) not in self._join_requested:
+            self.join(channel)
+
+    def joined(self, channel: str) -> None:
+        self.channels_joined.add(irc_lower(channel))
+        self.log.info("IRC joined {channel}", channel=channel)
+
+    def left(self, channel: str) -> None:
+        self.channels_joined.discard(irc_lower(channel))
+        self._join_requested.discard(irc_lower(channel))
+
+    def kickedFrom(self, channel: str, kicker: str, message: str) -> None:
+        self.channels_joined.discard(irc_lower(channel))
+        self._join_requested.discard(irc_lower(channel))
+        self.log.warn("IRC: kicked from {channel} by {kicker}: {message}",
+                      channel=channel, kicker=kicker, message=message)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        try:
+            self._cancel_timer("_registration_timer")
+            self._cancel_timer("_join_timer")
+            if self.pacer is not None:
+                self.pacer.close("connection lost")
+            self.adapter._connection_lost(self, reason)
+        except Exception:
+            self.log.failure("while cleaning up a lost IRC connection")
+        super().connectionLost(reason)
+
+    def say_goodbye(self, message: str) -> None:
+        """Drop unsent lines and send QUIT now (used by stopService)."""
+        if self.pacer is not None:
+            dropped = self.pacer.pending_lines
+            self.pacer.close("gateway stopping")
+            if dropped:
+                self.log.warn("IRC: {count} reply lines unsent at shutdown", count=dropped)
+        self.quit(message)
+
+    def _cancel_timer(self, name: str) -> None:
+        timer = getattr(self, name)
+        setattr(self, name, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _createHeartbeat(self) -> task.LoopingCall:
+        heartbeat = task.LoopingCall(self._sendHeartbeat)
+        heartbeat.clock = self.clock
+        return heartbeat
+
+    # -- nick collisions ----------------------------------------------------------------
+
+    def alterCollidedNick(self, nickname: str) -> str:
+        # nick -> nick_ -> nick_1 -> nick_2 ... as 0.19.0 does.
+        self._collisions += 1
+        if self._collisions > MAX_NICK_COLLISIONS:
+            self.log.error("IRC: nicknames {nick}_1..{nick}_{n} are all taken; reconnecting later",
+                           nick=self.base_nick, n=MAX_NICK_COLLISIONS - 1)
+            self.transport.loseConnection()
+        if self._collisions == 1:
+            return f"{self.base_nick}_"
+        return f"{self.base_nick}_{self._collisions - 1}"
+
+    def irc_ERR_ERRONEUSNICKNAME(self, prefix: str, params: list[str]) -> None:
+        self.log.error("IRC server rejected the nickname {nick}: {text}",
+                       nick=self._attemptedNick, text=params[-1] if params else "")
+        if not self.registered:
+            self.transport.loseConnection()
+
+    def irc_ERR_PASSWDMISMATCH(self, prefix: str, params: list[str]) -> None:
+        self.log.error("IRC server {server} rejected the server password", server=self.adapter.server)
+        self.transport.loseConnection()
+
+    def irc_ERROR(self, prefix: str, params: list[str]) -> None:
+        self.log.warn("IRC server closing the link: {text}", text=params[-1] if params else "")
+
+    # -- inbound ------------------------------------------------------------------------
+
+    def lineReceived(self, line: bytes) -> None:
+        try:
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                text = line.decode("latin-1")  # legacy clients; never drop the connection
+            prefix, command, params = irc.parsemsg(irc.lowDequote(text))
+        except Exception:
+            self.log.warn("IRC: skipping unparsable line {line!r}", line=line[:200])
+            return
+        command = irc.numeric_to_symbolic.get(command, command)
+        self.handleCommand(command, prefix, params)
+
+    def handleCommand(self, command: str, prefix: str, params: list[str]) -> None:
+        method = getattr(self, f"irc_{command}", None)
+        try:
+            if method is not None:
+                method(prefix, params)
+            else:
+                self.irc_unknown(prefix, command, params)
+        except Exception:
+            self.log.failure("while handling IRC {command} from {prefix}",
+                             command=command, prefix=prefix)
+
+    def irc_PRIVMSG(self, prefix: str, params: list[str]) -> None:
+        if len(params) < 2:
+            self.log.warn("IRC: PRIVMSG without text from {prefix}", prefix=prefix)
+            return
+        super().irc_PRIVMSG(prefix, params)
+
+    def privmsg(self, user: str, channel: str, message: str) -> None:
+        with self.log.failuresHandled("while handling an IRC message from {user}", user=user):
+            self.adapter._message_received(self, user, channel, message, action=False)
+
+    def action(self, user: str, channel: str, data: str) -> None:
+        with self.log.failuresHandled("while handling an IRC action from {user}", user=user):
+            self.adapter._message_received(self, user, channel, data or "", action=True)
+
+    def ctcpQuery(self, user: str, channel: str, messages: list[tuple[str, Any]]) -> None:
+        # Only ACTION is chat; every other CTCP (VERSION, DCC, ...) is ignored.
+        for tag, data in messages:
+            if tag == "ACTION":
+                self.action(user, channel, data)
+                return
+
+    def ctcpReply(self, user: str, channel: str, messages: list[tuple[str, Any]]) -> None:
+        pass
+
+    def irc_NOTICE(self, prefix: str, params: list[str]) -> None:
+        if len(params) < 2 or not params[-1]:
+            return
+        super().irc_NOTICE(prefix, params)
+
+    def noticed(self, user: str, channel: str, message: str) -> None:
+        # NickServ's confirmation lets us join before the grace period ends.
+        if (self._join_timer is not None and irc_lower(user.split("!", 1)[0]) == "nickserv"
+                and any(p in message.lower() for p in _NICKSERV_OK)):
+            self._cancel_timer("_join_timer")
+            self._join_channels()
+
+    def irc_900(self, prefix: str, params: list[str]) -> None:  # RPL_LOGGEDIN (SASL/services)
+        if self._join_timer is not None:
+            self._cancel_timer("_join_timer")
+            self._join_channels()
+
+    def badMessage(self, line: str, excType: Any, excValue: Any, tb: Any) -> None:
+        self.log.warn("IRC: skipping malformed line {line!r}", line=line[:200])
+
+    # -- outbound -----------------------------------------------------------------------
+
+    def send_lines(self, target: str, lines: list[str]) -> Deferred:
+        """Queue one PRIVMSG per line; fires like L{LinePacer.submit}."""
+        head = f"PRIVMSG {target} :".encode()
+        assert self.pacer is not None
+        return self.pacer.submit([head + line.encode("utf-8") + b"\r\n" for line in lines])
+
+
+class _ClientFactory(protocol.Factory):
+    def __init__(self, adapter: "IRCAdapter") -> None:
+        self.adapter = adapter
+
+    def buildProtocol(self, addr: Any) -> HermesIRCClient:
+        client = HermesIRCClient(self.adapter)
+        client.factory = self
+        return client
+
+
+class IRCAdapter(PlatformAdapter):
+    """
+    The IRC platform.  Settings (C{PlatformSettings.extra}, typed by the config loader):
+    C{server}, C{port} (6697), C{use_tls} (True), C{nickname}, C{channel} (comma list),
+    C{server_password}, C{nickserv_password}, C{home_channel}, C{max_message_length} (450),
+    C{send_burst} (4) and C{send_interval} (0.3 s).
+    """
+
+    log = Logger()
+    platform = Platform.IRC
+    max_message_length = DEFAULT_MAX_TEXT_BYTES
+    supports_edit = False
+    splits_long_messages = True
+
+    def __init__(self, settings: PlatformSettings, *, reactor: Any,
+                 gateway_config: GatewayConfig | None = None) -> None:
+        super().__init__(settings, reactor=reactor, gateway_config=gateway_config)
+        extra = settings.extra
+        self.server: str = str(extra.get("server") or "").strip()
+        self.port = int(extra.get("port") or 6697)
+        self.use_tls = _as_bool(extra.get("use_tls"), True)
+        self.nickname: str = str(extra.get("nickname") or "").strip()
+        self.channels = _as_list(extra.get("channel"))
+        self.server_password: str | None = extra.get("server_password") or None
+        self.nickserv_password: str | None = extra.get("nickserv_password") or None
+        self.home_channel: str | None = settings.home_channel or extra.get("home_channel") or None
+        self.max_message_length = int(extra.get("max_message_length") or DEFAULT_MAX_TEXT_BYTES)
+        self.send_burst = int(extra.get("send_burst") or 4)
+        self.send_interval = float(extra.get("send_interval", 0.3))
+        self.allowed_users = {irc_lower(u) for u in
+                              (*settings.allowed_users, *_as_list(extra.get("allowed_users")))}
+        self.backoff = SessionBackoff(reactor)
+        self._protocol: HermesIRCClient | None = None
+        self._last_problem: str | None = None
+        self._stopping = False
+        self._connector: ClientService | None = None
+        self._problem = self._config_problem()
+        if self._problem is None:
+            self._connector = ClientService(self.build_endpoint(), _ClientFactory(self),
+                                            retryPolicy=self.backoff, clock=reactor)
+            self._connector.setName(f"{self.name}.connection")
+            self._connector.setServiceParent(self)
+
+    def _config_problem(self) -> str | None:
+        if not self.server:
+            return "IRC_SERVER is not set"
+        if not self.nickname or not valid_target(self.nickname):
+            return "IRC_NICKNAME is not set or not a valid nickname"
+        bad = [c for c in self.channels if not valid_target(c)]
+        if bad:
+            return f"invalid channel name(s): {', '.join(bad)}"
+        return None
+
+    def build_endpoint(self) -> Any:
+        """The client endpoint: TCP, wrapped in TLS (verifying C{server}) when C{use_tls}."""
+        endpoint = HostnameEndpoint(self.reactor, self.server, self.port)
+        if self.use_tls:
+            endpoint = wrapClientTLS(optionsForClientTLS(self.server), endpoint)
+        return endpoint
+
+    @staticmethod
+    def len_fn(text: str) -> int:
+        return len(text.encode("utf-8"))
+
+    # -- service ------------------------------------------------------------------------
+
+    def startService(self) -> None:
+        self._stopping = False
+        super().startService()
+        if self._problem is not None:
+            self.log.error("IRC platform disabled: {problem}", problem=self._problem)
+            return
+        self.log.info("IRC connecting to {server}:{port} (tls={tls}) as {nick}",
+                      server=self.server, port=self.port, tls=self.use_tls, nick=self.nickname)
+        assert self._connector is not None
+        first = self._connector.whenConnected(failAfterFailures=1)
+        first.addErrback(self._first_attempt_failed)
+
+    def _first_attempt_failed(self, failure: Failure) -> None:
+        if failure.check(CancelledError) or self._stopping:
+            return
+        self.log.warn("IRC server {server}:{port} unreachable ({error}); retrying with backoff",
+                      server=self.server, port=self.port, error=failure.getErrorMessage())
+
+    def stopService(self) -> Deferred:
+        """
+        Send QUIT, then close the connection and stop reconnecting.  Fires with None once the
+        connection is gone; a connection that does not close within L{STOP_TIMEOUT} seconds is
+        aborted.  Never fails.
+        """
+        self._stopping = True
+        client = self._protocol
+        if client is not None and client.transport is not None:
+            try:
+                client.say_goodbye("Hermes gateway stopping")
+            except Exception:
+                self.log.failure("while sending IRC QUIT")
+        stopped = super().stopService()
+        abort = self.reactor.callLater(STOP_TIMEOUT, self._abort_connection)
+
+        def done(result: Any) -> None:
+            if abort.active():
+                abort.cancel()
+            return None
+
+        return stopped.addBoth(done)
+
+    def _abort_connection(self) -> None:
+        client = self._protocol
+        if client is not None and client.transport is not None:
+            self.log.warn("IRC connection did not close within {timeout}s; aborting",
+                          timeout=STOP_TIMEOUT)
+            client.transport.abortConnection()
+
+    @property
+    def status(self) -> str:
+        if self._problem is not None:
+            return f"disabled: {self._problem}"
+        if not self.running:
+            return "stopped"
+        client = self._protocol
+        if client is not None and client.registered:
+            return "connected"
+        if self._last_problem:
+            return f"reconnecting ({self._last_problem})"
+        return "connecting"
+
+    @property
+    def connected_client(self) -> HermesIRCClient | None:
+        client = self._protocol
+        return client if client is not None and client.registered else None
+
+    def channels_to_join(self) -> list[str]:
+        channels = list(self.channels)
+        home = self.home_channel
+        if home and is_channel(home) and irc_lower(home) not in map(irc_lower, channels):
+            channels.append(home)
+        return channels
+
+    # -- protocol callbacks -------------------------------------------------------------
+
+    def _connection_made(self, client: HermesIRCClient) -> None:
+        self._protocol = client
+
+    def _registered(self, client: HermesIRCClient) -> None:
+        self.backoff.connection_opened()
+        self._last_problem = None
+        self.log.info("IRC registered on {server} as {nick}", server=self.server,
+                      nick=client.nickname)
+
+    def _connection_lost(self, client: HermesIRCClient, reason: Failure) -> None:
+        if self._protocol is client:
+            self._protocol = None
+        self.backoff.connection_lost()
+        if self._stopping:
+            self.log.info("IRC connection closed")
+            return
+        self._last_problem = reason.getErrorMessage()
+        self.log.warn("IRC connection to {server} lost ({reason}); reconnecting after "
+                      "{failures} failed session(s)", server=self.server,
+                      reason=self._last_problem, failures=self.backoff.failures)
+
+    def _chantypes(self, client: HermesIRCClient) -> str:
+        return "".join(client.supported.getFeature("CHANTYPES") or "#&")
+
+    def _message_received(self, client: HermesIRCClient, user: str, target: str, text: str,
+                          *, action: bool) -> None:
+        nick = user.split("!", 1)[0]
+        own = irc_lower(client.nickname)
+        if not nick or irc_lower(nick) == own:
+            return
+        if is_channel(target, self._chantypes(client)):
+            body = addressed_text(client.nickname, text)
+            chat_type, chat_id = "group", target
+        elif irc_lower(target) == own:
+            body = text.strip()
+            chat_type, chat_id = "dm", nick
+        else:
+            return  # e.g. a STATUSMSG target such as "@#chan"
+        if not body:
+            return
+        if action:
+            body = f"* {nick} {body}"
+        if not self._sender_allowed(nick):
+            self.log.info("IRC: ignoring {nick}, not in allowed_users", nick=nick)
+            return
+        message_id = uuid.uuid4().hex
+        event = MessageEvent(
+            text=body,
+            source=SessionSource(platform=Platform.IRC, chat_id=chat_id, chat_name=chat_id,
+                                 chat_type=chat_type, user_id=nick, user_name=nick,
+                                 message_id=message_id),
+            message_id=message_id,
+            raw_message={"prefix": user, "target": target, "text": text, "action": action},
+        )
+        admitted = self.deliver_inbound(event)
+        admitted.addErrback(self._delivery_failed, message_id)
+
+    def _delivery_failed(self, failure: Failure, message_id: str) -> None:
+        if failure.check(CancelledError):
+            return
+        self.log.failure("while handing IRC message {message_id} to the gateway", failure,
+                         message_id=message_id)
+
+    def _sender_allowed(self, nick: str) -> bool:
+        if self.settings.allow_all_users or not self.allowed_users or "*" in self.allowed_users:
+            return True
+        return irc_lower(nick) in self.allowed_users
+
+    # -- outbound contract --------------------------------------------------------------
+
+    def send(self, chat_id: str, content: str, reply_to: str | None = None,
+             metadata: dict[str, Any] | None = None) -> Deferred:
+        """
+        Send C{content} to a channel or nick as plain-text PRIVMSG lines, paced.  Fires with
+        a L{SendResult} once every line was written to the connection (message_id: the time
+        in ms); with C{success=False} at once when not connected (retryable) or when the
+        target is invalid, and when the connection drops before the last line (retryable
+        only if no line went out).  Never fails.  Cancelling drops the lines not yet written.
+        """
+        if not valid_target(chat_id or ""):
+            return succeed(SendResult.failed(f"invalid IRC target {chat_id!r}", kind="bad_format"))
+        client = self.connected_client
+        if client is None:
+            self.log.warn("IRC: cannot send to {chat_id}: not connected ({status})",
+                          chat_id=chat_id, status=self.status)
+            return succeed(SendResult.failed("not connected", kind="transient", retryable=True))
+        try:
+            lines = split_message(content or "", chat_id, self.max_message_length)
+        except ValueError as e:
+            return succeed(SendResult.failed(str(e), kind="bad_format"))
+        message_id = str(int(self.reactor.seconds() * 1000))
+        if not lines:
+            return succeed(SendResult(True, message_id=message_id))
+        if is_channel(chat_id, self._chantypes(client)):
+            client.join_when_needed(chat_id)  # channels are often +n
+        written = client.send_lines(chat_id, lines)
+        written.addCallbacks(lambda _: SendResult(True, message_id=message_id),
+                             self._send_failed, errbackArgs=(chat_id,))
+        return written
+
+    def _send_failed(self, failure: Failure, chat_id: str) -> Failure | SendResult:
+        if failure.check(CancelledError):
+            return failure
+        if failure.check(PacerClosed):
+            err = failure.value
+            self.log.warn("IRC: reply to {chat_id} cut short: {error}", chat_id=chat_id,
+                          error=str(err))
+            return SendResult.failed(str(err), kind="transient", retryable=err.written == 0)
+        if failure.check(PacerFull):
+            self.log.warn("IRC: send queue full, reply to {chat_id} dropped", chat_id=chat_id)
+            return SendResult.failed(f"send queue full: {failure.value}", kind="rate_limited",
+                                     retryable=True)
+        self.log.failure("while sending to IRC {chat_id}", failure, chat_id=chat_id)
+        return SendResult.failed(failure.getErrorMessage(), kind="unknown")
+
+    def get_chat_info(self, chat_id: str) -> Deferred:
+        """Fires with C{{"name": chat_id, "type": "group" | "dm"}}; never fails."""
+        client = self._protocol
+        chantypes = self._chantypes(client) if client is not None else "#&"
+        return succeed({"name": chat_id, "type": "group" if is_channel(chat_id, chantypes) else "dm"})
