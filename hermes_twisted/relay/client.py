@@ -455,8 +455,9 @@ class RelayClient(Service):
             return False
         try:
             self._protocol.send_frame(frame)
-        except Exception:
-            self.log.failure("while sending a relay {kind} frame", kind=frame.get("type"))
+        except Exception as e:
+            self.log.error("relay: could not send a {kind} frame: {error}",
+                           kind=frame.get("type"), error=repr(e))
             return False
         return True
 
