@@ -383,6 +383,7 @@ class IRCAdapter(PlatformAdapter):
     def _first_attempt_failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) or self._stopping:
             return
+        self._last_problem = failure.getErrorMessage()
         self.log.warn("IRC server {server}:{port} unreachable ({error}); retrying with backoff",
                       server=self.server, port=self.port, error=failure.getErrorMessage())
 
