@@ -313,7 +313,8 @@ class _Turn:
                     await self._wait(deferLater(self.clock, 0, lambda: None))
                 except CancelledError:
                     body.stop()
-                    raise
+                    if self.cancelled:
+                        raise
             self.upstream._drain(body)
         elif outcome is None or outcome == STOPPED:
             body.stop()
