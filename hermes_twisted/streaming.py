@@ -54,6 +54,8 @@ MAX_FINAL_WAIT = 10.0
 SEND_ATTEMPTS = 3
 #: A platform asking for a longer pause than this gets no further attempt.
 MAX_SEND_RETRY_WAIT = 30.0
+#: Replies the agent uses to stay silent (group chats): never previewed, never sent.
+SILENCE_MARKERS = ("NO_REPLY", "[SILENT]")
 #: What a message left over after the reply was rewritten shorter is edited to (the adapter
 #: contract has no delete).
 LEFTOVER_TEXT = "\u2026"
@@ -73,6 +75,11 @@ def is_rate_limited(result: SendResult) -> bool:
 
 def _visible(text: str) -> int:
     return sum(1 for c in text if not c.isspace())
+
+
+def _may_become_silent(text: str) -> bool:
+    stripped = text.strip()
+    return any(marker.startswith(stripped) for marker in SILENCE_MARKERS)
 
 
 @dataclass
@@ -205,7 +212,9 @@ class StreamConsumer:
         replace it, or arrive with nothing streamed.  Waits for an in-flight edit first.
 
         Fires with a L{DeliveryReport}; C{delivered} is False when the run went stale, a send
-        failed for good, the reply is empty, or the consumer was cancelled before.  Never
+        failed for good, the reply is empty, or the consumer was cancelled before.  A reply
+        that is exactly a silence marker (C{NO_REPLY}, C{[SILENT]}) is not sent and counts as
+        delivered when nothing was streamed.  Never
         fails, except with CancelledError when cancelled (directly or through L{cancel}),
         after which nothing more is sent.  Call it once.
         """
@@ -228,14 +237,17 @@ class StreamConsumer:
         """
         if self._cancelled:
             return
-        self._cancelled = True
-        self._stop_timer()
         # finish first: its waiter is dropped, so it fails with CancelledError rather than
-        # resuming when the in-flight operation below is cancelled.
+        # resuming when the in-flight operation is cancelled.
         finish_d = self._finish_d
         if finish_d is not None:
             finish_d.cancel()
-        op, self._op = self._op, None
+        self._halt()
+
+    def _halt(self) -> None:
+        self._cancelled = True
+        self._stop_timer()
+        op = self._op
         if op is not None:
             op.cancel()
 
@@ -319,6 +331,11 @@ class StreamConsumer:
         """
         while True:
             body = self._text[self._base:]
+            if self._open_id is None and not self._reuse:
+                # A new message never starts with whitespace (platforms reject blank text).
+                stripped = body.lstrip()
+                self._base += len(body) - len(stripped)
+                body = stripped
             cut, skip = len(body), 0
             if self._limit is not None:
                 cut, skip = cut_at_newline(body, self._limit, self._len)
@@ -342,6 +359,8 @@ class StreamConsumer:
                 self._held_visible = _visible(body)
                 if self._held_visible < MIN_NEW_MESSAGE_CHARS:
                     return True
+                if not self._sent_any and _may_become_silent(body):
+                    return True  # "NO_R" must not be previewed before we know
             return await self._put(body, body + self._cursor, finalize=False)
 
     async def _put(self, body: str, content: str, finalize: bool) -> bool:
@@ -450,7 +469,8 @@ class StreamConsumer:
         try:
             await self._until_idle()
             self._stop_timer()
-            if self._stale:
+            if self._stale or not self._check_current():
+                self._go_stale()
                 return self._report(False, "stale run", streamed)
             if self._mode is _Mode.RAW:
                 return await self._finish_raw(final_text, streamed)
@@ -459,6 +479,8 @@ class StreamConsumer:
                     self._fold()  # take the cursor off what is shown
                     await self._render(final=True)
                 return self._report(False, "empty reply", streamed)
+            if final_text.strip() in SILENCE_MARKERS and not self._sent_any:
+                return self._report(True, None, streamed)  # the agent chose to stay silent
             if self._mode is _Mode.EDIT and not self._sent_any:
                 self._mode = _Mode.FINAL  # nothing shown yet: one ordinary delivery
             if self._mode is _Mode.EDIT:
@@ -472,16 +494,38 @@ class StreamConsumer:
             self._go_stale()
             return self._report(False, "stale run", streamed)
         except CancelledError:
-            self._cancelled = True
-            self._stop_timer()
+            self._halt()
             raise
+        except Exception:
+            self.log.failure("while finishing a reply to {chat_id}", chat_id=self._chat_id)
+            self._halt()
+            return self._report(False, "internal error", streamed)
 
     def _finish_done(self, result: Any) -> Any:
         self._finish_d = None
         return result
 
+    def _align(self, final_text: str) -> str:
+        """
+        Give C{final_text} the streamed text's leading whitespace when that is the only
+        difference at the start: it is never shown, and offsets into the streamed text then
+        stay valid for the final one.
+        """
+        done = self._text[:self._base]
+        if final_text.startswith(done):
+            return final_text
+        lead = len(self._text) - len(self._text.lstrip())
+        candidate = self._text[:lead] + final_text.lstrip()
+        return candidate if candidate.startswith(done) else final_text
+
+    def _shows_start_of(self, final_text: str) -> bool:
+        """Whether the chat shows the start of C{final_text} up to C{_visible_end}."""
+        shown = self._visible_end
+        return final_text[:shown].rstrip() == self._text[:shown].rstrip()
+
     async def _finish_edit(self, final_text: str) -> bool:
         self._fold()
+        final_text = self._align(final_text)
         if final_text[:self._base] != self._text[:self._base]:
             # The reply changed inside messages already finalized: overwrite them in order.
             self._reuse = self._closed_ids + ([self._open_id] if self._open_id else [])
@@ -489,11 +533,12 @@ class StreamConsumer:
             self._open_id = None
             self._open_rendered = None
             self._base = 0
-        if final_text[:self._visible_end] != self._text[:self._visible_end]:
+        if not self._shows_start_of(final_text):
             # Only the finalized messages are known to match the final text now.
             self._visible_end = self._base
         self._text = final_text
-        if self._open_id is not None or self._reuse:
+        unchanged = not self._reuse and self._open_rendered == final_text[self._base:]
+        if (self._open_id is not None and not unchanged) or self._reuse:
             delay = min(self._edit_delay(), MAX_FINAL_WAIT)
             if delay > 0:
                 await self._sleep(delay)  # the interval holds for the final edit too
@@ -502,10 +547,10 @@ class StreamConsumer:
     async def _send_tail(self, final_text: str) -> bool:
         """Fallback: send what the chat does not show yet (all of it if the past changed)."""
         self._fold()
-        shown = self._visible_end
+        final_text = self._align(final_text)
         tail = final_text
-        if final_text[:shown] == self._text[:shown]:
-            tail = final_text[shown:]
+        if self._shows_start_of(final_text):
+            tail = final_text[self._visible_end:]
         tail = tail.lstrip()
         if not tail:
             return True

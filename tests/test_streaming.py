@@ -600,3 +600,137 @@ def _result(d: Deferred):
     d.addBoth(box.append)
     assert box
     return box[0]
+
+
+# -- silence markers ---------------------------------------------------------------------------------------
+
+
+def test_a_reply_that_may_become_a_silence_marker_is_not_previewed(make):
+    h = make()
+    h.feed("NO_R", "EP")
+    h.clock.advance(5)
+    assert h.adapter.sends == []
+    report = h.finish("NO_REPLY")
+    assert h.adapter.events == []
+    assert report == DeliveryReport(True, [], streamed=False, error=None)
+
+
+def test_text_that_only_starts_like_a_marker_is_streamed_once_it_diverges(make):
+    h = make()
+    h.feed("[SIL")
+    h.clock.advance(1)
+    assert h.adapter.sends == []
+    h.feed("LY] idea, but here it is")
+    h.clock.advance(0)
+    assert [e[2] for e in h.adapter.sends] == ["[SILLY] idea, but here it is" + CURSOR]
+    h.finish("[SILLY] idea, but here it is")
+
+
+def test_finish_checks_currency_even_when_nothing_is_left_to_send(make):
+    h = make()
+    h.adapter.script("edit", error())
+    h.feed("Everything shown ")
+    h.clock.advance(0)
+    h.feed("x", every=1.0)
+    h.current = False
+    report = h.finish("Everything shown")
+    assert not report.delivered and report.error == "stale run"
+
+
+def test_leading_whitespace_differences_do_not_force_a_rewrite(make):
+    h = make(max_message_length=600)
+    lines = [f"line {i:02d} " + "w" * 40 + "\n" for i in range(20)]
+    h.feed("\n\n", *lines, every=0.05)
+    h.clock.advance(2)
+    finalized = {e[2] for e in h.adapter.edits if e[4]}
+    assert "m1" in finalized
+    events_before = len(h.adapter.events)
+    report = h.finish("".join(lines).strip())
+    assert report.delivered
+    assert "\n".join(h.adapter.transcript()) == "".join(lines).strip()
+    # Finalized messages were not touched again.
+    later = h.adapter.events[events_before:]
+    assert later and not any(e[0] == "edit" and e[2] in finalized for e in later)
+
+
+# -- properties -------------------------------------------------------------------------------------------
+
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+delta_text = st.text(alphabet="ab \n😀é.", min_size=1, max_size=120)
+edit_outcomes = st.lists(st.sampled_from(["ok", "ok", "ok", "flood", "flood5", "error"]),
+                         max_size=8)
+STEP = 0.0625  # exact in binary
+
+
+def _outcome(name: str):
+    return {"ok": None, "flood": flood(), "flood5": flood(retry_after=5.0),
+            "error": error()}[name]
+
+
+def _visible_text(messages: list[str]) -> str:
+    return "".join("".join(m.replace(CURSOR, "").split()) for m in messages)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deltas=st.lists(delta_text, min_size=1, max_size=80),
+       gaps=st.lists(st.integers(0, 16), min_size=80, max_size=80),
+       suffix=st.sampled_from(["", "\n\n⚠️ Remote agent error: boom"]),
+       outcomes=edit_outcomes,
+       max_length=st.sampled_from([100, 200, 600, 4096]),
+       utf16=st.booleans())
+def test_property_streamed_replies_fit_are_paced_and_complete(deltas, gaps, suffix, outcomes,
+                                                              max_length, utf16):
+    len_fn = utf16_len if utf16 else len
+    h = Harness(max_message_length=max_length, len_fn=len_fn)
+    h.adapter.script("edit", *(_outcome(o) for o in outcomes))
+    for delta, gap in zip(deltas, gaps, strict=False):
+        h.feed(delta, every=gap * STEP)
+    final = "".join(deltas) + suffix
+    report = h.finish(final)
+    event(f"mode={h.consumer.mode} messages={min(len(h.adapter.transcript()), 3)}")
+    assert h.clock.getDelayedCalls() == []
+    contents = [e[2] for e in h.adapter.sends] + [e[3] for e in h.adapter.edits]
+    assert all(len_fn(c) <= max_length for c in contents)
+    # Intermediate edits (cursor shown) are at least one edit interval apart.
+    times = [t for t, e in h.adapter.timeline if e[0] == "edit" and not e[4]]
+    assert all(b - a >= 0.8 - 1e-9 for a, b in zip(times, times[1:], strict=False)), times
+    if not final.strip():
+        assert not report.delivered
+        return
+    assert report.delivered, report
+    messages = h.adapter.transcript()
+    if h.consumer.mode == "edit":
+        assert not any(m.endswith(CURSOR) for m in messages)
+    # Everything the reply says is visible, in order, once (markers aside).
+    import re
+    plain = [re.sub(r"[ \n]\(\d+/\d+\)$", "", m) for m in messages]
+    assert _visible_text(plain) == "".join(final.split())
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(deltas=st.lists(delta_text, min_size=1, max_size=60),
+       gaps=st.lists(st.integers(0, 16), min_size=60, max_size=60),
+       edits=edit_outcomes,
+       sends=st.lists(st.sampled_from(["ok", "ok", "flood", "error", "noid"]), max_size=6),
+       max_length=st.sampled_from([100, 600]))
+def test_property_send_failures_never_duplicate_or_lose_silently(deltas, gaps, edits, sends,
+                                                                 max_length):
+    h = Harness(max_message_length=max_length)
+    h.adapter.script("edit", *(_outcome(o) for o in edits))
+    h.adapter.script("send", *({"ok": None, "flood": flood(retry_after=1.0), "error": error(),
+                                "noid": NO_ID}[o] for o in sends))
+    for delta, gap in zip(deltas, gaps, strict=False):
+        h.feed(delta, every=gap * STEP)
+    final = "".join(deltas)
+    report = h.finish(final)
+    event(f"mode={h.consumer.mode} delivered={report.delivered}")
+    assert h.clock.getDelayedCalls() == []
+    assert all(len(e[2]) <= max_length for e in h.adapter.sends)
+    if report.delivered:
+        import re
+        plain = [re.sub(r"[ \n]\(\d+/\d+\)$", "", m) for m in h.adapter.transcript()]
+        assert _visible_text(plain) == "".join(final.split())
+    elif final.strip():
+        assert report.error
