@@ -131,6 +131,45 @@ class RegistrationTests(IRCTestCase):
         _, transport = self.connect()
         self.assertEqual(self.lines(transport)[0], b"PASS s3cret")
 
+    def test_rejected_server_password_closes_without_logging_it(self) -> None:
+        seen: list[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        self.start(server_password="s3cret")
+        proto, transport = self.connect()
+        proto.dataReceived(b":srv 464 * :Password incorrect\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.lose(proto)
+        self.assertTrue(seen)
+        self.assertFalse(any("s3cret" in repr(e) for e in seen))
+
+    def test_services_login_numeric_joins_at_once(self) -> None:
+        self.start(nickserv_password="hunter2")
+        proto, transport = self.register()
+        self.lines(transport)
+        proto.dataReceived(b":srv 900 hermes hermes!h@x hermes :You are now logged in\r\n")
+        self.assertEqual(self.lines(transport), [b"JOIN #hermes"])
+
+    def test_endless_collisions_give_up_and_reconnect_later(self) -> None:
+        self.start()
+        proto, transport = self.connect()
+        for _ in range(31):
+            proto.dataReceived(b":srv 433 * x :Nickname is already in use\r\n")
+        self.assertTrue(transport.disconnecting)
+        self.lose(proto)
+
+    def test_pacing_is_configurable(self) -> None:
+        self.start(send_burst=1, send_interval=2.0)
+        _, transport = self.register()
+        self.lines(transport)
+        d = self.adapter.send("alice", "a\nb")
+        self.assertEqual(self.lines(transport), [b"PRIVMSG alice :a"])
+        self.reactor.advance(1.9)
+        self.assertNoResult(d)
+        self.reactor.advance(0.1)
+        self.assertEqual(self.lines(transport), [b"PRIVMSG alice :b"])
+        self.successResultOf(d)
+
     def test_home_channel_is_joined_too(self) -> None:
         self.start(home_channel="#home")
         _, transport = self.register()

@@ -114,9 +114,10 @@ class HermesIRCClient(irc.IRCClient):
 
     def _registration_timed_out(self) -> None:
         self._registration_timer = None
-        self.log.warn("IRC server {server} sent no welcome within {timeout}s; reconnecting",
-                      server=self.adapter.server, timeout=REGISTRATION_TIMEOUT)
-        self.transport.abortConnection()
+        with self.log.failuresHandled("while abandoning an unregistered IRC connection"):
+            self.log.warn("IRC server {server} sent no welcome within {timeout}s; reconnecting",
+                          server=self.adapter.server, timeout=REGISTRATION_TIMEOUT)
+            self.transport.abortConnection()
 
     def signedOn(self) -> None:
         with self.log.failuresHandled("while finishing IRC registration"):
@@ -131,8 +132,9 @@ class HermesIRCClient(irc.IRCClient):
 
     def _join_channels(self) -> None:
         self._join_timer = None
-        for channel in self.adapter.channels_to_join():
-            self.join(channel)
+        with self.log.failuresHandled("while joining IRC channels"):
+            for channel in self.adapter.channels_to_join():
+                self.join(channel)
 
     def join(self, channel: str, key: str | None = None) -> None:
         self._join_requested.add(irc_lower(channel))
