@@ -22,7 +22,8 @@ Unlike hermes-agent 0.19.0 (proxy.md §3), the edit interval really holds: 0.19.
 50 ms tick once 24 characters have accumulated, which is what trips flood limits.
 
 Every send, edit and push first asks C{is_current()}; once the run is stale nothing more
-reaches the chat (generations.md §2.4).
+reaches the chat (generations.md §2.4).  A reply that could still turn out to be a silence
+marker (C{NO_REPLY}, C{[SILENT]}) is not previewed.
 """
 
 from __future__ import annotations
@@ -214,9 +215,9 @@ class StreamConsumer:
         Fires with a L{DeliveryReport}; C{delivered} is False when the run went stale, a send
         failed for good, the reply is empty, or the consumer was cancelled before.  A reply
         that is exactly a silence marker (C{NO_REPLY}, C{[SILENT]}) is not sent and counts as
-        delivered when nothing was streamed.  Never
-        fails, except with CancelledError when cancelled (directly or through L{cancel}),
-        after which nothing more is sent.  Call it once.
+        delivered when nothing was streamed.  Never fails, except with CancelledError when
+        cancelled (directly or through L{cancel}), after which nothing more is sent.  Call
+        it once.
         """
         if self._finishing:
             return succeed(self._report(False, "finish called twice"))
