@@ -14,7 +14,9 @@ headers, an HTTP error, a remote agent error, or C{[DONE]} with the connection l
     seconds = await fake.when_disconnected()   # reactor time the server saw the client leave
     await fake.stop()                  # closes open responses, cancels timers, stops listening
 
-Or from a shell: C{python -m tests.fakes.upstream --port 8642 --deltas 20 --delay 0}.
+Or from a shell: C{python -m tests.fakes.upstream --port 8642 --deltas 20 --delay 0}
+(also C{--keep-open}, C{--silent after_headers}, C{--status 500}, C{--finish-reason error},
+C{--tool-progress}, C{--key K}).
 """
 
 from __future__ import annotations
@@ -344,12 +346,23 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between frames")
     parser.add_argument("--key", default=None, help="require this bearer key")
     parser.add_argument("--keep-open", action="store_true", help="leave responses open after [DONE]")
+    parser.add_argument("--silent", choices=["before_headers", "after_headers"], default=None,
+                        help="never send (more than the headers)")
+    parser.add_argument("--status", type=int, default=200, help="answer with this HTTP status")
+    parser.add_argument("--finish-reason", default="stop", help='"error" sends an agent error')
+    parser.add_argument("--tool-progress", action="store_true",
+                        help="send a running/completed hermes.tool.progress pair")
     args = parser.parse_args(argv)
 
     from twisted.internet import reactor
 
+    progress = [{"tool": "read_file", "emoji": "📖", "label": "notes.txt",
+                 "toolCallId": "call_1", "status": "running"},
+                {"tool": "read_file", "toolCallId": "call_1", "status": "completed"}]
     script = Script(deltas=[f"tok{i} " for i in range(args.deltas)], delay=args.delay,
-                    keep_open=args.keep_open)
+                    keep_open=args.keep_open, silent=args.silent, status=args.status,
+                    finish_reason=args.finish_reason,
+                    tool_progress=progress if args.tool_progress else ())
     fake = FakeHermesAPI(reactor, script, key=args.key)
     url = fake.listen(args.port, args.host)
     print(f"fake Hermes API listening on {url}", flush=True)  # noqa: T201 (CLI output)
