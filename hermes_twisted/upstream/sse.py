@@ -13,8 +13,9 @@ of a single HTTP response and not a reconnecting source:
     drops it);
   - C{retry:} is parsed but only recorded: reconnecting is not this decoder's business.
 
-Memory is bounded: the data of one event plus the line still waiting for its end may not
-exceed C{max_event_bytes}; past that the decoder raises L{SSEEventTooLarge}.
+Memory is bounded: the data lines of one event (as sent, with their line ends) plus the line
+still waiting for its end may not exceed C{max_event_bytes}; past that the decoder raises
+L{SSEEventTooLarge}.
 """
 
 from __future__ import annotations
@@ -164,9 +165,9 @@ class SSEDecoder:
                 continue
             if line.startswith(b"data:"):
                 # The hot path: nearly every line of an OpenAI-style stream.
-                value = line[6:] if line[5:6] == b" " else line[5:]
-                data.append(value)
-                self._data_size += len(value) + 1
+                data.append(line[6:] if line[5:6] == b" " else line[5:])
+                # Count wire bytes, not payload: empty data lines must cost something too.
+                self._data_size += len(line) + 1
                 if self._data_size > self.max_event_bytes:
                     raise SSEEventTooLarge(self.max_event_bytes, events)
                 continue
@@ -181,7 +182,9 @@ class SSEDecoder:
                 value = line[colon + 2:] if line[colon + 1:colon + 2] == b" " else line[colon + 1:]
             if field == b"data":  # "data" with no colon at all: an empty data line
                 data.append(value)
-                self._data_size += len(value) + 1
+                self._data_size += len(line) + 1
+                if self._data_size > self.max_event_bytes:
+                    raise SSEEventTooLarge(self.max_event_bytes, events)
             elif field == b"event":
                 self._event_type = value
             elif field == b"id":
