@@ -246,3 +246,11 @@ def test_mixed_line_endings_match_the_reference(stream, data):
     size = data.draw(st.integers(1, 7))
     assert decode_all([mixed[i:i + size] for i in range(0, len(mixed), size)])[0] == \
         reference_decode(mixed)
+
+
+def test_a_flood_of_empty_data_lines_trips_the_cap():
+    decoder = SSEDecoder(max_event_bytes=100)
+    with pytest.raises(SSEEventTooLarge):
+        decoder.feed(b"data\n" * 30)
+    with pytest.raises(SSEEventTooLarge):
+        SSEDecoder(max_event_bytes=100).feed(b"data:\n" * 30)
