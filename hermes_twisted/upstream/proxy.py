@@ -263,11 +263,12 @@ class _Turn:
             "stream": True,
         }).encode("utf-8")
         headers = build_headers(self.request.session_id, self.settings.proxy_key)
-        self._idle = self.clock.callLater(self.settings.idle_read_timeout, self._on_idle)
+        if self.settings.idle_read_timeout and self.settings.idle_read_timeout > 0:
+            self._idle = self.clock.callLater(self.settings.idle_read_timeout, self._on_idle)
         try:
             return await self._exchange(body_bytes, headers, started)
         finally:
-            if self._idle.active():
+            if self._idle is not None and self._idle.active():
                 self._idle.cancel()
 
     async def _exchange(self, body_bytes: bytes, headers: dict[str, str],
