@@ -12,7 +12,8 @@ Run lifecycle, per session key (a "lane"):
  2. B{Dispatch.}  Gateway commands run at once, also while busy.  Text starts a run when
     the lane is idle; while busy it is queued (FIFO, one turn per message) and, in the
     default C{interrupt} mode, the running turn is interrupted so the new message runs
-    next.  At most one busy acknowledgement per C{busy_ack_interval} per lane.
+    next (the interrupted question goes along as history, so the agent still sees it).
+    At most one busy acknowledgement per C{busy_ack_interval} per lane.
  3. B{Start.}  Starting a run claims the lane and the next generation synchronously, then
     runs L{execute_turn} as one Deferred held by the L{RunHandle}.
  4. B{Stop.}  /stop, /new and a remote interrupt bump the generation, stop the run's
@@ -68,7 +69,7 @@ class _Inbound:
 class _Lane:
     """One session key's state: the running handle, queued input, arrivals, holds."""
 
-    __slots__ = ("handle", "queue", "arrivals", "last_ack", "holds")
+    __slots__ = ("handle", "queue", "arrivals", "last_ack", "holds", "carried")
 
     def __init__(self) -> None:
         self.handle: RunHandle | None = None
@@ -76,6 +77,9 @@ class _Lane:
         self.arrivals: deque[_Inbound] = deque()
         self.last_ack: float | None = None
         self.holds = 0
+        # User messages of runs interrupted by a newer message: the next run sends them as
+        # history and records them, so the agent never loses what was asked.
+        self.carried: list[MessageEvent] = []
 
 
 class Gateway(Service):
@@ -269,6 +273,7 @@ class Gateway(Service):
             self.generations.bump(key, invalidation)
             handle.interrupt(reason)
         if drop_queue:
+            lane.carried = []
             dropped, lane.queue = list(lane.queue), deque()
             for inbound in dropped:
                 self._complete(inbound.dedupe_key)
@@ -346,6 +351,7 @@ class Gateway(Service):
         self._maybe_ack(lane, inbound, ACK_INTERRUPT if interrupt else ACK_QUEUE)
         if interrupt:
             handle.interrupt(INTERRUPTED_BY_MESSAGE)
+            lane.carried = handle.carried + [handle.event]
             handle.cancel()
 
     def _maybe_ack(self, lane: _Lane, inbound: _Inbound, template: str) -> None:
@@ -363,6 +369,7 @@ class Gateway(Service):
                            generations=self.generations, adapter=inbound.adapter,
                            event=inbound.event, started_at=self.clock.seconds(),
                            dedupe_key=inbound.dedupe_key)
+        handle.carried, lane.carried = lane.carried, []
         lane.handle = handle
         self._runs.add(handle)
         d = ensureDeferred(execute_turn(self, handle))

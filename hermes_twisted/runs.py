@@ -83,6 +83,8 @@ class RunHandle:
         self.session_id: str | None = None
         self.interrupt_reason: str | None = None
         self.delivered = False
+        #: Events of earlier runs interrupted by a newer message, oldest first.
+        self.carried: list[Any] = []
         self.deferred: Deferred | None = None
         self.typing: Any = None
         self.consumer: Any = None

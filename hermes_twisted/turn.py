@@ -8,8 +8,11 @@ connection.  Nothing here swallows C{CancelledError}, and every side effect asks
 C{handle.is_current()} right before it happens.
 
 The user row of a turn is written together with the assistant row once the turn completed
-and is still current; an interrupted, stopped or stale turn writes neither (a lone user row
-would leave a user/user wedge in the history sent to the agent next time).
+and is still current; a stopped, reset or stale turn writes neither.  A turn interrupted by
+a newer message (busy mode C{interrupt}) writes nothing either, but its question is carried
+by its successor: sent as history in the successor's request, and written, just before the
+successor's own rows, once the successor completes.  So what the user asked is never lost,
+and nothing is written twice or for a turn that did not end with an answer.
 """
 
 from __future__ import annotations
@@ -115,8 +118,10 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
     history = await gw.store.load_transcript(entry.session_id)
     if not handle.is_current():
         return
+    carried = [{"role": "user", "content": e.text} for e in handle.carried if e.text]
     request = TurnRequest(message=event.text, session_id=entry.session_id, session_key=key,
-                          context_prompt=build_context_prompt(event), history=list(history))
+                          context_prompt=build_context_prompt(event),
+                          history=list(history) + carried)
     handle.consumer = gw.consumer_factory(
         adapter, handle.chat_id, clock=gw.clock, settings=gw.config.streaming,
         is_current=handle.is_current, reply_to=event.message_id,
@@ -145,6 +150,9 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
         # Both rows are issued together, under one currency check; a failed write is
         # logged, never turned into an error reply (the user already has the answer).
         rows = [
+            gw.store.append(entry.session_id, "user", e.text, platform_message_id=e.message_id)
+            for e in handle.carried if e.text
+        ] + [
             gw.store.append(entry.session_id, "user", event.text,
                             platform_message_id=event.message_id),
             gw.store.append(entry.session_id, "assistant", final,

@@ -306,8 +306,10 @@ def test_transcript_written_once_for_a_current_turn_only():
     kit.say("interrupted")
     kit.say("replacement")
     kit.upstream.last.finish("answer 2")
+    # The stopped turn left nothing; the interrupted question came along with its successor.
     assert kit.store.rows(kit.key()) == [("user", "hello"), ("assistant", "answer"),
-                                         ("user", "replacement"), ("assistant", "answer 2")]
+                                         ("user", "interrupted"), ("user", "replacement"),
+                                         ("assistant", "answer 2")]
 
 
 def test_request_carries_history_and_a_small_context_block():

@@ -50,7 +50,35 @@ def test_case_55_interrupt_mode_replaces_the_running_answer():
     assert texts[1].startswith(_ack(ACK_INTERRUPT)) and "5s elapsed" in texts[1]
     assert texts[2] == "answer B"
     assert "full A" not in texts and not any("full A" in e[2] for e in kit.adapter.edits)
-    assert kit.store.rows(kit.key()) == [("user", "B"), ("assistant", "answer B")]
+    # A's question is not lost: B's turn carried it as history and recorded it.
+    assert [(r["role"], r["content"]) for r in kit.upstream.last.request.history] == [
+        ("user", "A")]
+    assert kit.store.rows(kit.key()) == [("user", "A"), ("user", "B"), ("assistant", "answer B")]
+
+
+def test_interrupted_questions_chain_and_are_recorded_once():
+    kit = Kit()
+    kit.say("A")
+    kit.say("B")
+    kit.say("C")
+    assert [r["content"] for r in kit.upstream.last.request.history] == ["A", "B"]
+    kit.upstream.last.finish("answer C")
+    kit.say("D")
+    kit.upstream.last.finish("answer D")
+    assert kit.store.rows(kit.key()) == [
+        ("user", "A"), ("user", "B"), ("user", "C"), ("assistant", "answer C"),
+        ("user", "D"), ("assistant", "answer D")]
+
+
+def test_stop_drops_carried_questions():
+    kit = Kit()
+    kit.say("A")
+    kit.say("B")
+    kit.say("/stop")
+    kit.say("C")
+    assert kit.upstream.last.request.history == []
+    kit.upstream.last.finish("answer C")
+    assert kit.store.rows(kit.key()) == [("user", "C"), ("assistant", "answer C")]
 
 
 def test_case_55_one_busy_ack_per_30_seconds():
