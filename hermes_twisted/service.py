@@ -50,7 +50,7 @@ class GatewayService(MultiService):
             except Exception:
                 self.log.failure("Service {name} failed to start", name=child.name)
         self.log.info("hermes-gateway started: services {names}",
-                      names=", ".join(c.name for c in self if c.running))
+                      names=", ".join(str(c.name) for c in self if c.running))
 
     def stopService(self) -> Deferred:
         """

@@ -101,7 +101,9 @@ def build_service(config: Any, reactor: Any):
                          summary=describe(config))
     store = SQLiteSessionStore(config.db_path, reactor=reactor,
                                reset_policy_for=lambda source: config.session_reset)
-    StoreService(store).setServiceParent(top)
+    store_service = StoreService(store)
+    store_service.setName("sessions")
+    store_service.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
     gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
