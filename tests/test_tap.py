@@ -1,0 +1,93 @@
+"""The twistd plugin, the options and the service tree, without starting anything."""
+
+import pytest
+from twisted.application.service import IServiceMaker
+from twisted.internet.testing import MemoryReactorClock
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from hermes_twisted import tap
+
+
+def test_plugin_is_discoverable():
+    import twisted.plugins
+
+    makers = [p for p in getPlugins(IServiceMaker, twisted.plugins) if p.tapname == "hermes-gateway"]
+    assert len(makers) >= 1
+    assert makers[0].options is tap.Options
+
+
+def test_help_lists_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        tap.Options().parseOptions(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for flag in ("--config", "--hermes-home", "--print-config", "--version"):
+        assert flag in out
+
+
+def parse(args, home, monkeypatch, env=None):
+    for key in list(__import__("os").environ):
+        if key.startswith(("GATEWAY_", "IRC_", "MATRIX_", "TELEGRAM_", "API_SERVER_")):
+            monkeypatch.delenv(key)
+    for key, value in (env or {}).items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("HERMES_HOME", str(home))
+    options = tap.Options()
+    options.parseOptions(args)
+    return options
+
+
+def test_env_only_configuration(tmp_path, monkeypatch):
+    options = parse([], tmp_path, monkeypatch, {"GATEWAY_PROXY_URL": "http://agent:8642/"})
+    assert options.gateway_config.upstream.proxy_url == "http://agent:8642"
+    assert options.gateway_config.db_path == str(tmp_path / "gateway.db")
+
+
+def test_bad_config_is_a_usage_error_naming_the_key(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("platforms:\n  carrier_pigeon:\n    enabled: true\n")
+    with pytest.raises(usage.UsageError, match="carrier_pigeon"):
+        parse(["--config", str(cfg)], tmp_path, monkeypatch)
+
+
+def test_malformed_yaml_is_a_usage_error(tmp_path, monkeypatch):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("gateway: [unclosed\n")
+    with pytest.raises(usage.UsageError):
+        parse(["--config", str(cfg)], tmp_path, monkeypatch)
+
+
+def test_missing_config_file_is_a_usage_error(tmp_path, monkeypatch):
+    with pytest.raises(usage.UsageError, match="no such file"):
+        parse(["--config", str(tmp_path / "nope.yaml")], tmp_path, monkeypatch)
+
+
+def test_corrupt_database_is_a_usage_error(tmp_path, monkeypatch):
+    (tmp_path / "gateway.db").write_bytes(b"this is not a sqlite database" * 100)
+    with pytest.raises(usage.UsageError, match="session store"):
+        parse([], tmp_path, monkeypatch)
+
+
+def test_print_config_redacts_secrets(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--print-config"], tmp_path, monkeypatch,
+              {"GATEWAY_PROXY_URL": "http://agent:8642", "GATEWAY_PROXY_KEY": "sekrit-proxy-key",
+               "GATEWAY_RELAY_URL": "https://connector.example", "GATEWAY_RELAY_ID": "gw-1",
+               "GATEWAY_RELAY_SECRET": "sekrit-relay-secret"})
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "http://agent:8642" in out
+    assert "sekrit" not in out
+
+
+def test_make_service_wires_named_children_without_io(tmp_path, monkeypatch):
+    options = parse([], tmp_path, monkeypatch,
+                    {"GATEWAY_PROXY_URL": "http://127.0.0.1:1",
+                     "GATEWAY_RELAY_URL": "http://127.0.0.1:2", "GATEWAY_RELAY_ID": "gw",
+                     "GATEWAY_RELAY_SECRET": "s"})
+    reactor = MemoryReactorClock()
+    top = tap.makeService(options, reactor=reactor)
+    names = [child.name for child in top]
+    assert names == ["sessions", "upstream.proxy", "platform.relay", "gateway"]
+    assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
