@@ -40,7 +40,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hermes_twisted.model import SendResult
-from hermes_twisted.platforms.splitting import cut_at_newline, truncate_message
+from hermes_twisted.platforms.splitting import (
+    FENCE,
+    FENCE_CLOSE,
+    cut_at_newline,
+    fence_state,
+    truncate_message,
+)
 from hermes_twisted.settings import StreamingSettings
 
 #: A new message is not opened for fewer visible (non-whitespace) characters (0.19.0 rule).
@@ -161,6 +167,9 @@ class StreamConsumer:
         # in finalized messages.
         self._base = 0
         self._held_visible = 0
+        # A message cut inside a code fence closes it; the next one reopens it with this
+        # language tag (None: the next message starts outside any fence).
+        self._fence_lang: str | None = None
         self._open_id: str | None = None
         self._open_rendered: str | None = None
         self._closed_ids: list[str] = []
@@ -332,25 +341,33 @@ class StreamConsumer:
         """
         while True:
             body = self._text[self._base:]
-            if self._open_id is None and not self._reuse:
-                # A new message never starts with whitespace (platforms reject blank text).
+            opener = "" if self._fence_lang is None else f"{FENCE}{self._fence_lang}\n"
+            if self._open_id is None and not self._reuse and not opener:
+                # A new message never starts with whitespace (platforms reject blank text);
+                # inside a fence the indentation is content.
                 stripped = body.lstrip()
                 self._base += len(body) - len(stripped)
                 body = stripped
             cut, skip = len(body), 0
             if self._limit is not None:
-                cut, skip = cut_at_newline(body, self._limit, self._len)
+                budget = self._limit - self._len(opener)
+                if opener or FENCE in body:
+                    budget -= self._len(FENCE_CLOSE)
+                cut, skip = cut_at_newline(body, max(1, budget), self._len)
             if cut < len(body):
                 chunk = body[:cut]
-                if not await self._put(chunk, chunk, finalize=True):
+                lang = fence_state(chunk, self._fence_lang)
+                closer = FENCE_CLOSE if lang is not None else ""
+                if not await self._put(chunk, opener + chunk + closer, finalize=True):
                     return False
                 self._close_open()
                 self._base += cut + skip
+                self._fence_lang = lang
                 self._held_visible = 0
                 continue
             if final:
                 if self._open_id is not None or self._reuse or body.strip():
-                    content = body if body.strip() else LEFTOVER_TEXT
+                    content = opener + body if body.strip() else LEFTOVER_TEXT
                     if not await self._put(body, content, finalize=True):
                         return False
                     self._close_open()
@@ -362,7 +379,7 @@ class StreamConsumer:
                     return True
                 if not self._sent_any and _may_become_silent(body):
                     return True  # "NO_R" must not be previewed before we know
-            return await self._put(body, body + self._cursor, finalize=False)
+            return await self._put(body, opener + body + self._cursor, finalize=False)
 
     async def _put(self, body: str, content: str, finalize: bool) -> bool:
         """Show C{content} (C{body} plus maybe the cursor) in the open message or a new one."""
@@ -534,6 +551,7 @@ class StreamConsumer:
             self._open_id = None
             self._open_rendered = None
             self._base = 0
+            self._fence_lang = None
         if not self._shows_start_of(final_text):
             # Only the finalized messages are known to match the final text now.
             self._visible_end = self._base
@@ -551,9 +569,14 @@ class StreamConsumer:
         final_text = self._align(final_text)
         tail = final_text
         if self._shows_start_of(final_text):
+            shown = final_text[:self._visible_end]
             tail = final_text[self._visible_end:]
-        tail = tail.lstrip()
-        if not tail:
+            lang = fence_state(shown)
+            if lang is not None and tail.strip():
+                # The tail starts inside a code block: reopen it, keep the indentation.
+                tail = f"{FENCE}{lang}\n" + tail.lstrip("\n")
+        tail = tail.lstrip() if not tail.startswith(FENCE) else tail
+        if not tail.strip():
             return True
         return await self._deliver_whole(tail)
 

@@ -734,3 +734,65 @@ def test_property_send_failures_never_duplicate_or_lose_silently(deltas, gaps, e
         assert _visible_text(plain) == "".join(final.split())
     elif final.strip():
         assert report.error
+
+
+# -- code fences across messages ----------------------------------------------------------------------------
+
+
+def _fence_lines(text: str) -> list[str]:
+    return [line for line in text.split("\n") if line.lstrip().startswith("```")]
+
+
+def _content(text: str) -> str:
+    return "".join("".join(line.split()) for line in text.split("\n")
+                   if not line.lstrip().startswith("```"))
+
+
+def test_a_message_cut_inside_a_code_block_closes_it_and_the_next_reopens_it(make):
+    h = make(max_message_length=600)
+    code = "".join(f"    value_{i:03d} = compute({i})\n" for i in range(60))
+    final = "Here is the code:\n```python\n" + code + "```\nThat is all."
+    h.feed(*(final[i:i + 40] for i in range(0, len(final), 40)), every=0.1)
+    report = h.finish(final)
+    assert report.delivered
+    messages = h.adapter.transcript()
+    assert len(messages) >= 3
+    for i, message in enumerate(messages):
+        assert len(message) <= 600
+        assert len(_fence_lines(message)) % 2 == 0, message
+        if i > 0:
+            assert message.startswith("```python\n    value_")  # indentation kept
+    assert _content("\n".join(messages)) == _content(final)
+
+
+def test_a_fallback_tail_that_starts_inside_a_code_block_reopens_it(make):
+    h = make()
+    h.adapter.script("edit", error())
+    h.feed("Look:\n```sh\necho one\n")
+    h.clock.advance(0)
+    h.feed("echo two\n", every=1.0)
+    final = "Look:\n```sh\necho one\necho two\n```\nDone."
+    h.finish(final)
+    assert h.adapter.transcript()[-1] == "```sh\necho two\n```\nDone."
+
+
+from tests.test_splitting import documents  # noqa: E402
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(document=documents, size=st.integers(5, 200), max_length=st.sampled_from([200, 600]))
+def test_property_streamed_code_keeps_fences_balanced_per_message(document, size, max_length):
+    h = Harness(max_message_length=max_length)
+    for i in range(0, len(document), size):
+        h.feed(document[i:i + size], every=0.25)
+    report = h.finish(document)
+    assert h.clock.getDelayedCalls() == []
+    if not document.strip():
+        return
+    assert report.delivered
+    messages = h.adapter.transcript()
+    event(f"messages={min(len(messages), 4)}")
+    for message in messages:
+        assert len(message) <= max_length
+        assert len(_fence_lines(message)) % 2 == 0, message
+    assert _content("\n".join(messages)) == _content(document)

@@ -82,7 +82,7 @@ def _is_fence_line(line: str) -> bool:
     return line.lstrip().startswith(FENCE)
 
 
-def _fence_state(body: str, lang: str | None) -> str | None:
+def fence_state(body: str, lang: str | None = None) -> str | None:
     """
     The language tag of the fence open at the end of C{body} (C{""} for an untagged fence),
     or None when the body ends outside any fence.  C{lang} is the state at its start.
@@ -199,7 +199,7 @@ def _split(content: str, max_length: int, len_fn: LenFn, reserve: int) -> list[_
             budget = max_length - reserve
         cut = _choose_cut(rest, fit_prefix(rest, budget, len_fn), lang)
         body = rest[:cut]
-        end_lang = _fence_state(body, lang) if repair else None
+        end_lang = fence_state(body, lang) if repair else None
         rest = rest[cut:]
         if end_lang is None:
             rest = rest.lstrip()
