@@ -23,8 +23,10 @@ of that kind; each outcome is one of:
   - L{HOLD}: the call returns an unfired Deferred; it is appended to C{adapter.held} as a
     L{HeldCall}, which the test settles by hand (C{.succeed()}, C{.fail_with(...)},
     C{.fire(result)});
-  - L{NO_ID}: a successful send that carries no message id;
-  - an C{Exception}: the call returns a failed Deferred (an adapter breaking the contract).
+  - L{NO_ID}: a successful send that carries no message id (its text still shows in
+    C{transcript()}, keyed C{"(no id N)"} in C{messages});
+  - an C{Exception}: the call returns a failed Deferred (an adapter breaking the contract);
+  - None: the default success.
 
 C{flood(...)} and C{error(...)} build the common failure results.  C{adapter.hold_all = True}
 holds every send and edit.  Capabilities (C{supports_edit}, C{max_message_length},
@@ -80,6 +82,9 @@ class HeldCall:
     adapter: "RecordingAdapter" = field(repr=False)
 
     def fire(self, result: SendResult) -> None:
+        """Settle the call; a no-op when the caller already cancelled it."""
+        if self.deferred.called:
+            return
         self.deferred.callback(self.adapter._settle(self, result))
 
     def succeed(self, message_id: str | None = None) -> None:
