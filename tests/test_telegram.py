@@ -505,3 +505,33 @@ async def test_stop_turns_an_abandoned_send_into_a_failed_result(fake) -> None:
     result = await pending
     assert (result.success, result.error) == (False, "adapter stopped")
     assert fake.messages_in(5) == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_stream_consumer_edits_through_flood_waits(fake) -> None:
+    """The real StreamConsumer over the adapter: a 429 on an edit slows it, the end is exact."""
+    from twisted.internet import reactor
+
+    from hermes_twisted.settings import StreamingSettings
+    from hermes_twisted.streaming import StreamConsumer
+
+    adapter = started(fake)
+    try:
+        consumer = StreamConsumer(
+            adapter, "5", clock=reactor, is_current=lambda: True, reply_to="9",
+            settings=StreamingSettings(enabled=True, transport="edit", edit_interval=0.02,
+                                       buffer_threshold=1))
+        fake.rate_limit("editMessageText", times=1, retry_after=1)
+        words = ["Here ", "is **bold**", " and `code`", " and a list:\n", "- one.\n", "- two!"]
+        for word in words:
+            consumer.on_delta(word)
+            await deferLater(reactor, 0.03, lambda: None)
+        report = await consumer.finish("".join(words))
+        assert report.delivered, report
+        assert fake.messages_in(5) == ["Here is bold and code and a list:\n• one.\n• two!"]
+        (message,) = fake.sent
+        assert message.reply_to == 9 and message.edits >= 1
+        edits = fake.calls_of("editMessageText")
+        print(f"{len(edits)} edit calls (1 rate-limited), {message.edits} applied")
+    finally:
+        await adapter.stopService()
