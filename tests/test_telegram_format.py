@@ -26,7 +26,7 @@ _PIECES = list("ab _*[]()~`>#+-=|{}.!\\\n:/é😀\t") + [
 markdown_text = st.lists(st.sampled_from(_PIECES), max_size=60).map("".join)
 
 
-@settings(max_examples=500)
+@settings(max_examples=500, deadline=None)
 @given(st.text())
 def test_escaped_plain_text_always_parses_to_itself(text: str) -> None:
     visible, entities = parse_markdown_v2(escape_text(text))
@@ -34,7 +34,7 @@ def test_escaped_plain_text_always_parses_to_itself(text: str) -> None:
     assert entities == []
 
 
-@settings(max_examples=1500)
+@settings(max_examples=1500, deadline=None)
 @given(markdown_text)
 def test_rendered_markdown_always_parses_and_never_grows(text: str) -> None:
     rendered = to_markdown_v2(text)
@@ -43,7 +43,7 @@ def test_rendered_markdown_always_parses_and_never_grows(text: str) -> None:
     assert utf16_units(visible) <= utf16_units(text)
 
 
-@settings(max_examples=300)
+@settings(max_examples=300, deadline=None)
 @given(st.text())
 def test_arbitrary_text_renders_to_valid_markdown_v2(text: str) -> None:
     parse_markdown_v2(to_markdown_v2(text))
