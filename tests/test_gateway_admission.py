@@ -142,3 +142,19 @@ def test_interrupt_session_stops_exactly_that_session_without_reply():
     kit.gateway.interrupt_session(kit.adapter, kit.key("b"), "b",
                                   reason=interrupts.SSE_DISCONNECT)
     assert kit.upstream.turn_for("two").sink._handle.interrupt_reason == interrupts.SSE_DISCONNECT
+
+
+def test_the_reader_never_waits_on_its_own_answer():
+    """
+    DESIGN.md: 0.19.0's relay reader sent the /stop reply and then waited for a result only
+    that same reader could read.  Admission here never waits on any outbound send.
+    """
+    from twisted.internet.defer import Deferred
+
+    kit = Kit()
+    kit.adapter.send = lambda *a, **k: Deferred()  # a reply whose result never comes
+    kit.say("hello", dedupe_key="k1")
+    for text, key in (("/stop", "k2"), ("/status", "k3"), ("hello again", "k4"),
+                      ("more", "k5")):
+        d = kit.say(text, dedupe_key=key)
+        assert d.called, text
