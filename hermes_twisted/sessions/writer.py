@@ -1,0 +1,302 @@
+# -*- test-case-name: tests.test_store -*-
+"""
+One SQLite connection driven from one dedicated thread, with group commit.
+
+Why a private one-thread C{ThreadPool} with C{deferToThreadPool} rather than
+C{adbapi.ConnectionPool(cp_min=1, cp_max=1)}:
+  - one connection on one thread runs operations in exactly the order the reactor submitted
+    them (a session row commits before the transcript rows naming it), and SQLite allows only
+    one writer at a time anyway;
+  - group commit: while the thread commits a batch, new operations queue on the reactor side
+    and go down together as the next transaction, so one fsync covers many appends; adbapi
+    commits once per C{runInteraction};
+  - C{open}/C{close} start and stop the thread, so its lifetime is the owning service's;
+    adbapi starts and stops its pool on global reactor triggers;
+  - an operation still queued is withdrawn when its Deferred is cancelled.
+
+Each operation runs in its own savepoint, so one failing operation does not fail the others
+of its batch; every Deferred fires only after the batch's COMMIT returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from hermes_twisted.sessions.interface import StoreError
+from hermes_twisted.sessions.schema import connect, describe
+
+Work = Callable[[sqlite3.Connection], Any]
+
+MAX_BATCH = 256  # operations per transaction, so one commit never grows without bound
+
+
+def as_store_error(failure: Failure, path: str) -> Failure:
+    """SQLite's own errors become L{StoreError} with an operator message; others pass."""
+    if failure.check(sqlite3.Error):
+        error = StoreError(describe(failure.value, path))
+        error.__cause__ = failure.value
+        return Failure(error)
+    return failure
+
+
+def _daemon_thread(*args: Any, **kwargs: Any) -> threading.Thread:
+    # A store whose close() never ran (a stop timeout, a crashed test) must not keep the
+    # process alive at exit.  Killing the thread loses nothing committed: a Deferred fires
+    # only after COMMIT, and SQLite rolls an interrupted transaction back on the next open.
+    return threading.Thread(*args, daemon=True, **kwargs)
+
+
+@dataclass(eq=False)
+class _Op:
+    work: Work
+    undo: Callable[[], None] | None
+    deferred: Deferred | None = None
+
+
+class SQLiteWriter:
+    """The thread, the connection and the queue of one database file."""
+
+    def __init__(self, path: str, *, reactor: Any, name: str = "session-store") -> None:
+        self.path = path
+        self._reactor = reactor
+        self._name = name
+        self.state = "closed"  # closed | opening | open | closing
+        self._pool: ThreadPool | None = None
+        self._conn: sqlite3.Connection | None = None  # touched on the store thread only
+        self._queue: list[_Op] = []
+        self._busy = False  # a batch (or the close) is on the thread or being delivered
+        self._open_waiters: list[tuple[Deferred, Callable[[Failure | None], None]]] = []
+        self._close_waiters: list[Deferred] = []
+        self._close_requested = False
+        self.transactions = 0  # batches committed (or failed) since open: group-commit figure
+        self.operations = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def open(self, prepare: Work) -> Deferred:
+        """
+        Start the thread, connect (creating or migrating the file) and run C{prepare} on the
+        connection.  Fires with what C{prepare} returned, before any operation that waited
+        for the open runs.  Fails with L{StoreError} (the writer is then closed again).
+        Cancelling cannot interrupt the thread: the writer closes once the attempt finishes.
+        """
+        if self.state != "closed":
+            return fail(StoreError(f"the session store is already {self.state}"))
+        self.state, self._close_requested = "opening", False
+        self._pool = ThreadPool(minthreads=1, maxthreads=1, name=self._name)
+        self._pool.threadFactory = _daemon_thread  # type: ignore[assignment]
+        self._pool.start()
+        result = Deferred(lambda _: setattr(self, "_close_requested", True))
+        attempt = deferToThreadPool(self._reactor, self._pool, self._open_in_thread, prepare)
+        attempt.addCallbacks(self._opened, self._open_failed,
+                             callbackArgs=(result,), errbackArgs=(result,))
+        return result
+
+    def _open_in_thread(self, prepare: Work) -> Any:
+        conn = connect(self.path)
+        try:
+            prepared = prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return prepared
+
+    def _opened(self, prepared: Any, result: Deferred) -> None:
+        self.state = "open"
+        waiters, self._open_waiters = self._open_waiters, []
+        if self._close_requested:
+            self.state = "closing"
+            self._close_when_idle()
+            for _, resume in waiters:
+                resume(Failure(StoreError("the session store was closed while opening")))
+            if not result.called:
+                result.errback(StoreError("the session store was closed while opening"))
+            return
+        if not result.called:
+            result.callback(prepared)
+        for _, resume in waiters:
+            resume(None)
+
+    def _open_failed(self, failure: Failure, result: Deferred) -> None:
+        self._stop_thread()
+        failure = as_store_error(failure, self.path)
+        waiters, self._open_waiters = self._open_waiters, []
+        for _, resume in waiters:
+            resume(Failure(failure.value))
+        for waiter in self._take_close_waiters():
+            waiter.callback(None)
+        if not result.called:
+            result.errback(failure)
+
+    def close(self) -> Deferred:
+        """
+        Stop accepting operations, wait until every accepted one has committed (or failed),
+        then close the connection and stop the thread.  Fires with None once closed; fails
+        with L{StoreError} only if closing the connection fails.  Cancelling stops this
+        caller's wait; the writer still closes.
+        """
+        if self.state == "closed":
+            return succeed(None)
+        waiter = Deferred(lambda d: self._close_waiters.remove(d))
+        self._close_waiters.append(waiter)
+        if self.state == "opening":
+            self._close_requested = True
+        elif self.state == "open":
+            self.state = "closing"
+            self._close_when_idle()
+        return waiter
+
+    def _close_when_idle(self) -> None:
+        if self.state != "closing" or self._busy or self._queue or self._pool is None:
+            return
+        self._busy = True
+        done = deferToThreadPool(self._reactor, self._pool, self._close_in_thread)
+        done.addBoth(self._closed)
+
+    def _close_in_thread(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
+
+    def _closed(self, outcome: object) -> None:
+        self._busy = False
+        self._stop_thread()
+        for waiter in self._take_close_waiters():
+            if isinstance(outcome, Failure):
+                waiter.errback(as_store_error(outcome, self.path))
+            else:
+                waiter.callback(None)
+
+    def _take_close_waiters(self) -> list[Deferred]:
+        waiters, self._close_waiters = self._close_waiters, []
+        return waiters
+
+    def _stop_thread(self) -> None:
+        self.state = "closed"
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            # The thread has already finished its last job, so this join returns at once.
+            pool.stop()
+
+    # -- operations ------------------------------------------------------------------------
+
+    def when_open(self, start: Callable[[], Deferred]) -> Deferred:
+        """
+        C{start()} now when open, or once the open in progress succeeds; fires as its
+        Deferred does (an exception it raises becomes a failure).  Fails with L{StoreError}
+        when the writer is (or ends up) not open.
+        Cancelling drops the wait, or cancels C{start()}'s Deferred once it has begun.
+        """
+        if self.state == "open":
+            return maybeDeferred(start)
+        if self.state != "opening" or self._close_requested:
+            return fail(StoreError(f"the session store is {self.state}"))
+        inner: list[Deferred] = []
+
+        def cancel(outer: Deferred) -> None:
+            if inner:
+                inner[0].cancel()
+            else:
+                self._open_waiters[:] = [w for w in self._open_waiters if w[0] is not outer]
+
+        outer = Deferred(cancel)
+
+        def resume(failure: Failure | None) -> None:
+            if failure is not None:
+                outer.errback(failure)
+                return
+            inner.append(maybeDeferred(start))
+            inner[0].chainDeferred(outer)
+
+        self._open_waiters.append((outer, resume))
+        return outer
+
+    def submit(self, work: Work, undo: Callable[[], None] | None = None) -> Deferred:
+        """
+        Queue C{work(connection)} for the next transaction.  Fires with its return value once
+        that transaction has committed.  Fails with L{StoreError} when SQLite fails (C{work}'s
+        own exceptions pass through) or the writer is not open; C{undo} is then called, so
+        the caller can roll back what it cached.  Cancelling while queued withdraws the work
+        (and calls C{undo}); once on the thread it may still commit.
+        """
+        if self.state != "open":
+            if undo is not None:
+                undo()
+            return fail(StoreError(f"the session store is {self.state}"))
+        op = _Op(work, undo)
+        op.deferred = Deferred(lambda _: self._withdraw(op))
+        self._queue.append(op)
+        self._kick()
+        return op.deferred
+
+    def _withdraw(self, op: _Op) -> None:
+        if op in self._queue:
+            self._queue.remove(op)
+            if op.undo is not None:
+                op.undo()
+
+    def _kick(self) -> None:
+        if self._busy or not self._queue or self._pool is None:
+            return
+        batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+        self._busy = True
+        done = deferToThreadPool(self._reactor, self._pool, self._run_batch,
+                                 [op.work for op in batch])
+        done.addBoth(self._deliver, batch)
+
+    def _run_batch(self, works: list[Work]) -> list[Any]:
+        conn = self._conn
+        assert conn is not None
+        results: list[Any] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for work in works:
+                conn.execute("SAVEPOINT op")
+                try:
+                    results.append(work(conn))
+                except Exception:
+                    conn.execute("ROLLBACK TO op")
+                    results.append(Failure())
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except BaseException:
+            with contextlib.suppress(sqlite3.Error):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            raise
+        return results
+
+    def _deliver(self, outcome: list[Any] | Failure, batch: list[_Op]) -> None:
+        self.transactions += 1
+        self.operations += len(batch)
+        try:
+            for index, op in enumerate(batch):
+                if isinstance(outcome, Failure):
+                    result: Any = as_store_error(Failure(outcome.value), self.path)
+                else:
+                    result = outcome[index]
+                    if isinstance(result, Failure):
+                        result = as_store_error(result, self.path)
+                if isinstance(result, Failure) and op.undo is not None:
+                    op.undo()
+                assert op.deferred is not None
+                if op.deferred.called:
+                    continue  # cancelled while on the thread
+                if isinstance(result, Failure):
+                    op.deferred.errback(result)
+                else:
+                    op.deferred.callback(result)
+        finally:
+            self._busy = False
+        self._kick()
+        self._close_when_idle()

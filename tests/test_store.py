@@ -1,0 +1,561 @@
+"""
+The embedded SQLite session store, against real files under the real reactor: session ids,
+routing (only the changed row is written), reset policies applied by get_or_create, /new,
+transcripts, the inbound de-duplication buffer, group commit, cancellation, lifecycle, and
+the operator-facing pre-flight check.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sqlite3
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import CancelledError, gatherResults
+from twisted.internet.task import Clock
+
+from hermes_twisted.model import Platform, SessionSource
+from hermes_twisted.sessions.ids import is_session_id, new_session_id
+from hermes_twisted.sessions.interface import SessionEntry, StoreError
+from hermes_twisted.sessions.schema import APPLICATION_ID, SCHEMA_VERSION
+from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService, check_database
+from hermes_twisted.settings import ResetPolicy
+
+PLUS2 = timezone(timedelta(hours=2))
+ALICE = SessionSource(Platform.IRC, "alice", user_id="alice", user_name="Alice")
+KEY = "agent:main:irc:dm:alice"
+T0 = datetime(2026, 3, 10, 12, 0, tzinfo=PLUS2).timestamp()
+
+
+def make_store(path, policy=ResetPolicy(), **kwargs) -> SQLiteSessionStore:
+    policy_for = policy if callable(policy) else (lambda source: policy)
+    return SQLiteSessionStore(str(path), reactor=reactor, reset_policy_for=policy_for,
+                              tz=PLUS2, **kwargs)
+
+
+@pytest.fixture
+def db(tmp_path):
+    return tmp_path / "gateway.db"
+
+
+@pytest_twisted.async_yield_fixture
+async def store(db):
+    s = make_store(db)
+    await s.open()
+    yield s
+    await s.close()
+
+
+def query(path, sql, *args):
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+# -- ids -----------------------------------------------------------------------------------
+
+def test_session_id_is_local_time_plus_eight_hex():
+    now = 1_780_000_123.9
+    session_id = new_session_id(now)
+    assert re.fullmatch(r"\d{8}_\d{6}_[0-9a-f]{8}", session_id)
+    assert session_id.startswith(time.strftime("%Y%m%d_%H%M%S_", time.localtime(now)))
+    assert is_session_id(session_id) and not is_session_id("20260101_000000_XYZ")
+
+
+def test_session_ids_made_in_the_same_second_are_unique():
+    ids = [new_session_id(1_780_000_000.0 + i / 10000) for i in range(5000)]
+    assert len(set(ids)) == 5000
+
+
+# -- routing -------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_new_key_creates_a_session_and_peek_needs_no_io(store, db):
+    assert store.peek(KEY) is None
+    entry = await store.get_or_create(KEY, ALICE, now=T0)
+    assert entry == SessionEntry(KEY, entry.session_id, T0, T0)
+    assert is_session_id(entry.session_id) and not entry.was_auto_reset
+    assert store.peek(KEY) == entry
+    rows = query(db, "SELECT session_key, source, started_at, ended_at FROM sessions")
+    assert rows == [(KEY, rows[0][1], T0, None)]
+    assert '"chat_id": "alice"' in rows[0][1]
+    assert query(db, "SELECT session_key, session_id FROM routing") == [(KEY, entry.session_id)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_existing_key_is_touched_and_survives_a_restart(db):
+    first = make_store(db)
+    await first.open()
+    created = await first.get_or_create(KEY, ALICE, now=T0)
+    touched = await first.get_or_create(KEY, ALICE, now=T0 + 60)
+    await first.close()
+    assert touched == SessionEntry(KEY, created.session_id, T0, T0 + 60)
+
+    second = make_store(db)
+    await second.open()
+    try:
+        assert second.peek(KEY) == touched
+        again = await second.get_or_create(KEY, ALICE, now=T0 + 120)
+        assert again.session_id == created.session_id and again.created_at == T0
+    finally:
+        await second.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_change_writes_only_its_own_rows(db):
+    """0.19.0 rewrites every routing row per change; count row writes with triggers."""
+    s = make_store(db)
+    await s.open()
+    keys = [f"agent:main:irc:dm:user{i}" for i in range(300)]
+    await gatherResults([s.get_or_create(k, ALICE, now=T0) for k in keys])
+    await s.close()
+    conn = sqlite3.connect(str(db))
+    conn.execute("CREATE TABLE writes (tbl TEXT, op TEXT)")
+    for table in ("routing", "sessions"):
+        for op in ("INSERT", "UPDATE", "DELETE"):
+            conn.execute(f"CREATE TRIGGER count_{table}_{op} AFTER {op} ON {table} "
+                         f"BEGIN INSERT INTO writes VALUES ('{table}', '{op}'); END")
+    conn.commit()
+    conn.close()
+
+    s = make_store(db)
+    await s.open()
+    try:
+        await s.get_or_create(keys[7], ALICE, now=T0 + 5)
+        assert sorted(query(db, "SELECT * FROM writes")) == [
+            ("routing", "UPDATE"), ("sessions", "UPDATE")]
+        query(db, "DELETE FROM writes")
+        await s.reset(keys[8], now=T0 + 6)
+        assert sorted(query(db, "SELECT * FROM writes")) == [
+            ("routing", "UPDATE"), ("sessions", "INSERT"), ("sessions", "UPDATE")]
+    finally:
+        await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_creations_in_one_second_get_distinct_ids(store):
+    keys = [f"agent:main:irc:group:#c:u{i}" for i in range(100)]
+    entries = await gatherResults([store.get_or_create(k, ALICE, now=T0) for k in keys])
+    assert len({e.session_id for e in entries}) == 100
+
+
+# -- reset policies ------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_idle_expiry_rotates_and_ends_the_old_session(db):
+    s = make_store(db, ResetPolicy(mode="idle", idle_minutes=60))
+    await s.open()
+    try:
+        old = await s.get_or_create(KEY, ALICE, now=T0)
+        same = await s.get_or_create(KEY, ALICE, now=T0 + 3600)
+        assert same.session_id == old.session_id and not same.was_auto_reset
+        new = await s.get_or_create(KEY, ALICE, now=T0 + 2 * 3600 + 1)
+        assert new.session_id != old.session_id
+        assert (new.was_auto_reset, new.auto_reset_reason) == (True, "idle")
+        assert new.created_at == new.updated_at == T0 + 2 * 3600 + 1
+        assert s.peek(KEY) == SessionEntry(KEY, new.session_id, new.created_at, new.updated_at)
+        after = await s.get_or_create(KEY, ALICE, now=T0 + 2 * 3600 + 5)
+        assert after.session_id == new.session_id and not after.was_auto_reset
+        assert query(db, "SELECT ended_at, end_reason FROM sessions WHERE id = ?",
+                     old.session_id) == [(T0 + 2 * 3600 + 1, "idle")]
+        assert query(db, "SELECT session_id FROM routing") == [(new.session_id,)]
+    finally:
+        await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_daily_expiry_at_the_local_hour(db):
+    s = make_store(db, ResetPolicy(mode="daily", at_hour=4))
+    three = datetime(2026, 3, 10, 3, 0, tzinfo=PLUS2).timestamp()
+    await s.open()
+    try:
+        old = await s.get_or_create(KEY, ALICE, now=three)
+        before = await s.get_or_create(KEY, ALICE, now=three + 59 * 60)
+        assert before.session_id == old.session_id
+        after = await s.get_or_create(KEY, ALICE, now=three + 3600)
+        assert (after.was_auto_reset, after.auto_reset_reason) == (True, "daily")
+        assert query(db, "SELECT end_reason FROM sessions WHERE id = ?",
+                     old.session_id) == [("daily",)]
+    finally:
+        await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_policy_is_chosen_per_source(db):
+    telegram = SessionSource(Platform.TELEGRAM, "42")
+    strict = ResetPolicy(mode="idle", idle_minutes=1)
+    s = make_store(db, lambda source: strict if source.platform is Platform.TELEGRAM
+                   else ResetPolicy())
+    await s.open()
+    try:
+        a = await s.get_or_create("tg", telegram, now=T0)
+        b = await s.get_or_create("irc", ALICE, now=T0)
+        assert (await s.get_or_create("tg", telegram, now=T0 + 3600)).session_id != a.session_id
+        assert (await s.get_or_create("irc", ALICE, now=T0 + 3600)).session_id == b.session_id
+    finally:
+        await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_reset_ends_with_session_reset_and_keeps_the_source(store, db):
+    old = await store.get_or_create(KEY, ALICE, now=T0)
+    new = await store.reset(KEY, now=T0 + 10)
+    assert new.session_id != old.session_id and not new.was_auto_reset
+    assert store.peek(KEY) == new
+    ended = query(db, "SELECT ended_at, end_reason, source FROM sessions WHERE id = ?",
+                  old.session_id)
+    assert ended[0][:2] == (T0 + 10, "session_reset")
+    assert query(db, "SELECT source FROM sessions WHERE id = ?",
+                 new.session_id) == [(ended[0][2],)]
+    fresh = await store.reset("agent:main:irc:dm:bob", SessionSource(Platform.IRC, "bob"))
+    assert store.peek("agent:main:irc:dm:bob") == fresh
+
+
+# -- transcripts and group commit ----------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_transcript_rows_come_back_in_append_order(store):
+    entry = await store.get_or_create(KEY, ALICE, now=T0)
+    await store.append(entry.session_id, "user", "hello", platform_message_id="m1",
+                       timestamp=T0)
+    await store.append(entry.session_id, "assistant", "hi!", timestamp=T0 + 1)
+    await store.append("other", "user", "elsewhere", timestamp=T0 + 2)
+    assert await store.load_transcript(entry.session_id) == [
+        {"role": "user", "content": "hello", "timestamp": T0, "platform_message_id": "m1"},
+        {"role": "assistant", "content": "hi!", "timestamp": T0 + 1,
+         "platform_message_id": None},
+    ]
+    assert await store.load_transcript("unknown") == []
+
+
+@pytest_twisted.ensureDeferred
+async def test_each_append_fires_only_once_visible_to_another_connection(store, db):
+    seen = []
+
+    def committed(_, k):
+        rows = query(db, "SELECT count(*) FROM messages WHERE content = ?", f"m{k}")
+        seen.append((k, rows[0][0]))
+
+    before = store._writer.transactions
+    await gatherResults([store.append("s", "user", f"m{k}").addCallback(committed, k)
+                         for k in range(400)])
+    transactions = store._writer.transactions - before
+    print(f"400 concurrent appends committed in {transactions} transactions")
+    assert seen == [(k, 1) for k in range(400)]
+    assert transactions < 400  # group commit happened
+    rows = await store.load_transcript("s")
+    assert [r["content"] for r in rows] == [f"m{k}" for k in range(400)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_queued_append_withdraws_it(store):
+    first = store.append("s", "user", "first")  # goes to the thread at once
+    second = store.append("s", "user", "second")  # queued behind it
+    third = store.append("s", "user", "third")
+    second.cancel()
+    with pytest.raises(CancelledError):
+        await second
+    await gatherResults([first, third])
+    assert [r["content"] for r in await store.load_transcript("s")] == ["first", "third"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_queued_creation_restores_the_cache(store):
+    blocker = store.append("s", "user", "x")
+    pending = store.get_or_create(KEY, ALICE, now=T0)
+    assert store.peek(KEY) is not None
+    pending.cancel()
+    assert store.peek(KEY) is None
+    with pytest.raises(CancelledError):
+        await pending
+    await blocker
+    await store.close()
+    assert query(store.path, "SELECT count(*) FROM routing") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_one_failing_operation_does_not_fail_its_batch(store):
+    def broken(conn):
+        conn.execute("INSERT INTO messages (session_id, role, content, timestamp)"
+                     " VALUES ('s', 'user', 'rolled back', 0)")
+        raise ValueError("bug in an operation")
+
+    blocker = store.append("s", "user", "a")
+    failing = store._writer.submit(broken)
+    after = store.append("s", "user", "b")
+    await blocker
+    with pytest.raises(ValueError):
+        await failing
+    await after
+    assert [r["content"] for r in await store.load_transcript("s")] == ["a", "b"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sqlite_failure_is_a_store_error(store):
+    with pytest.raises(StoreError, match="unusable"):
+        await store._writer.submit(lambda conn: conn.execute("SELECT * FROM nowhere"))
+
+
+# -- inbound buffer ------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_inbound_is_deduplicated_and_pending_survives_a_restart(db):
+    s = make_store(db)
+    await s.open()
+    assert await s.admit_inbound("a", {"text": "one"}) is True
+    assert await s.admit_inbound("b", {"text": "two"}) is True
+    assert await s.admit_inbound("c", {"text": "three", "n": [1, 2]}) is True
+    assert await s.admit_inbound("a", {"text": "one again"}) is False
+    assert await s.complete_inbound("b") is True
+    assert await s.complete_inbound("b") is False
+    assert await s.complete_inbound("zzz") is False
+    assert await s.pending_inbound() == [("a", {"text": "one"}),
+                                         ("c", {"text": "three", "n": [1, 2]})]
+    await s.close()
+    s = make_store(db)
+    await s.open()
+    try:
+        assert [k for k, _ in await s.pending_inbound()] == ["a", "c"]
+        assert await s.admit_inbound("b", {}) is False  # completed keys still dedupe
+    finally:
+        await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_completed_inbound_is_swept_after_the_retention(db):
+    clock = Clock()
+    clock.advance(T0)
+    s = make_store(db, clock=clock, inbound_retention=3600)
+    await s.open()
+    await s.admit_inbound("old", {})
+    await s.admit_inbound("open", {})
+    await s.complete_inbound("old")
+    await s.close()
+    clock.advance(3601)
+    s = make_store(db, clock=clock, inbound_retention=3600)
+    await s.open()
+    try:
+        assert await s.admit_inbound("old", {}) is True
+        assert await s.pending_inbound() == [("open", {}), ("old", {})]
+    finally:
+        await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_unencodable_payload_fails_at_once(store):
+    with pytest.raises(TypeError):
+        await store.admit_inbound("k", {"x": object()})
+
+
+# -- lifecycle -----------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_open_creates_a_wal_database_with_our_marks(store, db):
+    assert query(db, "PRAGMA journal_mode") == [("wal",)]
+    assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert query(db, "PRAGMA application_id") == [(APPLICATION_ID,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_operations_issued_while_opening_wait_for_the_open(db):
+    s = make_store(db)
+    opened = s.open()
+    created = s.get_or_create(KEY, ALICE, now=T0)
+    appended = s.append("s", "user", "early")
+    await opened
+    assert (await created).session_key == KEY
+    await appended
+    await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_close_waits_for_every_accepted_write(db):
+    s = make_store(db)
+    await s.open()
+    appends = [s.append("s", "user", f"m{k}") for k in range(300)]
+    await s.close()
+    assert all(d.called for d in appends)
+    await gatherResults(appends)
+    assert query(db, "SELECT count(*) FROM messages") == [(300,)]
+    with pytest.raises(StoreError, match="closed"):
+        await s.append("s", "user", "late")
+    await s.close()  # idempotent
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_failure_is_a_store_error_and_the_store_can_retry(tmp_path):
+    path = tmp_path / "missing" / "gateway.db"
+    s = make_store(path)
+    pending = s.open()
+    waiting = s.append("s", "user", "x")
+    with pytest.raises(StoreError, match="does not exist"):
+        await pending
+    with pytest.raises(StoreError, match="does not exist"):
+        await waiting
+    path.parent.mkdir()
+    await s.open()
+    await s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_closing_while_opening_closes_after_the_open(db):
+    s = make_store(db)
+    opening = s.open()
+    waiting = s.append("s", "user", "x")
+    await s.close()
+    with pytest.raises(StoreError, match="closed while opening"):
+        await opening
+    with pytest.raises(StoreError):
+        await waiting
+    check_database(str(db))
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_service_opens_and_closes(db):
+    s = make_store(db)
+    service = StoreService(s)
+    service.startService()
+    entry = await s.get_or_create(KEY, ALICE, now=T0)
+    await service.stopService()
+    assert query(db, "SELECT id FROM sessions") == [(entry.session_id,)]
+
+
+# -- the pre-flight check ------------------------------------------------------------------
+
+def test_check_accepts_a_missing_file_without_creating_it(db):
+    check_database(str(db))
+    assert not db.exists()
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_accepts_our_database_and_leaves_no_lock(db):
+    s = make_store(db)
+    await s.open()
+    await s.append("s", "user", "x")
+    await s.close()
+    check_database(str(db))
+    conn = sqlite3.connect(str(db), timeout=0)
+    conn.execute("BEGIN EXCLUSIVE")
+    conn.rollback()
+    conn.close()
+
+
+def test_check_reports_a_missing_directory(tmp_path):
+    with pytest.raises(StoreError, match="does not exist.*create it"):
+        check_database(str(tmp_path / "nope" / "gateway.db"))
+
+
+def test_check_reports_a_file_in_place_of_the_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StoreError):
+        check_database(str(tmp_path / "file" / "gateway.db"))
+
+
+def _check_as_unprivileged(path: str) -> str:
+    """Run check_database in a forked child that dropped root; returns its message."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(read_end)
+            os.setgid(65534)
+            os.setuid(65534)
+            check_database(path)
+            message = "ok"
+        except StoreError as e:
+            message = str(e)
+        except BaseException as e:
+            message = f"unexpected {e!r}"
+            code = 1
+        os.write(write_end, message.encode())
+        os._exit(code)
+    os.close(write_end)
+    chunks = []
+    while chunk := os.read(read_end, 4096):
+        chunks.append(chunk)
+    os.close(read_end)
+    os.waitpid(pid, 0)
+    return b"".join(chunks).decode()
+
+
+@pytest.mark.parametrize("what", ["directory", "file"])
+def test_check_reports_what_is_not_writable(what):
+    directory = tempfile.mkdtemp(prefix="hermes-store-")
+    path = os.path.join(directory, "gateway.db")
+    try:
+        if what == "file":
+            sqlite3.connect(path).close()
+            os.chmod(path, 0o444)
+        os.chmod(directory, 0o755 if what == "file" else 0o555)
+        if what == "file":
+            os.chmod(directory, 0o777)
+        if os.getuid() == 0:
+            message = _check_as_unprivileged(path)
+        else:
+            with pytest.raises(StoreError) as caught:
+                check_database(path)
+            message = str(caught.value)
+        expected = ("directory .* is not writable" if what == "directory"
+                    else "not readable and writable")
+        assert re.search(expected, message), message
+    finally:
+        os.chmod(directory, 0o700)
+        if os.path.exists(path):
+            os.unlink(path)
+        os.rmdir(directory)
+
+
+def test_check_reports_a_file_that_is_not_a_database(db):
+    db.write_text("these are my notes, not a database\n")
+    with pytest.raises(StoreError, match="not an SQLite database"):
+        check_database(str(db))
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_reports_a_corrupt_database(db):
+    s = make_store(db)
+    await s.open()
+    await gatherResults([s.append("s", "user", "x" * 500) for _ in range(200)])
+    await s.close()
+    size = db.stat().st_size
+    with open(db, "r+b") as f:
+        for offset in range(4096, size, 4096):
+            f.seek(offset + 16)
+            f.write(os.urandom(512))
+    with pytest.raises(StoreError, match="corrupt"):
+        check_database(str(db))
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_and_open_refuse_a_newer_schema(db):
+    s = make_store(db)
+    await s.open()
+    await s.close()
+    query(db, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}.*newer"):
+        check_database(str(db))
+    with pytest.raises(StoreError, match="newer"):
+        await make_store(db).open()
+
+
+@pytest_twisted.ensureDeferred
+async def test_check_and_open_refuse_another_programs_database(db):
+    conn = sqlite3.connect(str(db))
+    conn.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, source TEXT)")
+    conn.execute("CREATE TABLE schema_version (version INTEGER)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(StoreError, match="another program"):
+        check_database(str(db))
+    with pytest.raises(StoreError, match="another program"):
+        await make_store(db).open()
+    assert query(db, "PRAGMA application_id") == [(0,)]
