@@ -1,9 +1,19 @@
 """
 Runs and stale-run suppression in the gateway (generations.md §5).
 
-Where each §5 case lives: 1-5, 30-33, 36-37 in tests/test_runs.py (unit form, 3 and 5 also
-here); 38, 40-42 in tests/test_typing_loop.py; 39, 43-54 in tests/test_commands.py; busy
-input 55-62 in tests/test_gateway_busy.py; the rest here.
+Where each §5 case is tested (test names start with C{test_case_NN_}):
+
+ =========  =================================================================================
+ 1-5        tests/test_runs.py (unit form); 1, 2, 3, 5 also here, through the gateway
+ 6          tests/test_gateway_busy.py (we differ: every turn claims its own generation)
+ 7, 9-11    here
+ 13-16, 19  here (14 and 15 in Twisted form: the sink's is_current, the upstream cancel)
+ 20-26      here (slot = the lane's current RunHandle)
+ 30-33, 37  tests/test_runs.py;  34-36 here (36 also in tests/test_runs.py)
+ 38, 40-42  tests/test_typing_loop.py (42 also here);  39, 43-52, 54 tests/test_commands.py
+ 55, 56,    tests/test_gateway_busy.py (62 is stricter than 0.19.0; its docstring says why)
+ 59, 61, 62
+ =========  =================================================================================
 
 Cases that do not apply to this design:
 
@@ -19,6 +29,11 @@ Cases that do not apply to this design:
        own C{addBoth}, which runs on every exit path (see test_crashed_run_releases_lane).
  29    Turn lease per session id: one routing key maps to one session id here (no /resume or
        cross-key pinning), so the per-key lane already serializes each transcript.
+ 53    "Send it again" after a stop with api_calls=0: no agent survives between turns, so
+       no sticky interrupt flag can swallow the next turn (tests/test_commands.py).
+ 57,58 Photo-burst merging; interrupt demoted while subagents/compression run: proxy mode
+ 60    sends text only, the remote agent's state is invisible, and there is no recursion
+       (tests/test_gateway_busy.py).
  ====  ======================================================================================
 """
 
