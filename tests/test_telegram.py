@@ -432,7 +432,8 @@ async def test_forum_topic_round_trip(fake) -> None:
         assert result.success
         assert fake.messages_in(-100, thread_id=77) == ["answer"]
         assert fake.actions == [("-100", "typing", 77)]
-        assert await adapter.get_chat_info("-100") == {"name": "Team", "type": "forum"}
+        assert await adapter.get_chat_info("-100") == {"name": "Team", "type": "group",
+                                                    "forum": True}
     finally:
         await adapter.stopService()
 
@@ -535,3 +536,30 @@ async def test_stream_consumer_edits_through_flood_waits(fake) -> None:
         print(f"{len(edits)} edit calls (1 rate-limited), {message.edits} applied")
     finally:
         await adapter.stopService()
+
+
+class HostileUpdateTests(SynchronousTestCase):
+    """Whatever JSON Telegram (or a proxy) sends, reading it never raises."""
+
+    def test_garbage_fields_never_raise(self) -> None:
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        adapter = adapter_with_me(require_mention=True, allow_bots="mentions")
+        scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.text(max_size=8))
+        values = st.recursive(scalars, lambda inner: st.one_of(
+            st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=6), inner,
+                                                          max_size=3)), max_leaves=8)
+        field = st.sampled_from(["chat", "from", "text", "entities", "message_thread_id",
+                                 "is_topic_message", "reply_to_message", "caption",
+                                 "message_id"])
+        base = FakeTelegramAPI(Clock()).message(-100, "@hermes_test_bot hi",
+                                                chat_type="supergroup", is_forum=True,
+                                                thread_id=77)
+
+        @settings(max_examples=300, deadline=None)
+        @given(st.dictionaries(field, values, max_size=4))
+        def check(overrides: dict[str, Any]) -> None:
+            adapter.event_from_update({"update_id": 1, "message": {**base, **overrides}})
+
+        check()

@@ -16,21 +16,21 @@ is part of every URL, so no URL is ever logged.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
-from twisted.web.http import PotentialDataLoss
+from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermes_twisted.model import MessageEvent, MessageType, Platform, SendResult, SessionSource
-from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
+from hermes_twisted.model import MessageEvent, Platform, SendResult
+from hermes_twisted.platforms import telegram_botapi
+from hermes_twisted.platforms.base import PlatformAdapter
 from hermes_twisted.platforms.splitting import truncate_message, utf16_len
+from hermes_twisted.platforms.telegram_botapi import TelegramAPIError
 from hermes_twisted.platforms.telegram_format import to_markdown_v2
+from hermes_twisted.platforms.telegram_updates import UpdateReader, as_bool, chat_name, chat_type
 from hermes_twisted.reconnect import exponential_delay
 from hermes_twisted.settings import GatewayConfig, PlatformSettings
 
@@ -38,99 +38,6 @@ DEFAULT_BASE_URL = "https://api.telegram.org"
 MAX_MESSAGE_UTF16 = 4096
 #: Longest flood wait a plain send sits out before reporting rate_limited instead.
 MAX_SEND_WAIT = 30.0
-_MAX_BODY = 32 * 1024 * 1024
-
-
-class TelegramAPIError(Exception):
-    """An C{{"ok": false}} answer (or a non-JSON one) from the Bot API."""
-
-    def __init__(self, error_code: int, description: str,
-                 retry_after: float | None = None) -> None:
-        super().__init__(f"{error_code} {description}")
-        self.error_code = error_code
-        self.description = description
-        self.retry_after = retry_after
-
-    @property
-    def kind(self) -> str:
-        """The L{SendResult.error_kind} of this error."""
-        text = self.description.lower()
-        if self.error_code == 429:
-            return "rate_limited"
-        if "can't parse entities" in text:
-            return "bad_format"
-        if "too long" in text:
-            return "too_long"
-        if self.error_code == 403:
-            return "forbidden"
-        if "not found" in text:
-            return "not_found"
-        if self.error_code >= 500 or self.error_code == 0:
-            return "transient"
-        return "unknown"
-
-
-class _BodyReader(Protocol):
-    """Collect a response body up to a cap; the Deferred's canceller drops the connection."""
-
-    def __init__(self, finished: Deferred, limit: int) -> None:
-        self._finished = finished
-        self._limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._finished.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.abort()
-            self._finished.errback(TelegramAPIError(0, "response body too large"))
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Any) -> None:
-        if self._finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._finished.callback(b"".join(self._chunks))
-        else:
-            self._finished.errback(reason)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-
-def _read_body(response: Any, limit: int = _MAX_BODY) -> Deferred:
-    """
-    Fires with the whole body of C{response} (bytes); fails with the transport's reason or
-    L{TelegramAPIError} past C{limit} bytes.  Cancelling closes the connection.
-    """
-    reader: _BodyReader | None = None
-
-    def cancel(_: Deferred) -> None:
-        if reader is not None:
-            reader.abort()
-
-    finished: Deferred = Deferred(cancel)
-    reader = _BodyReader(finished, limit)
-    response.deliverBody(reader)
-    return finished
-
-
-def _as_bool(value: Any) -> bool:
-    if isinstance(value, str):
-        return value.strip().lower() in ("1", "true", "yes", "on", "all", "mentions")
-    return bool(value)
-
-
-def _as_list(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        value = value.split(",")
-    return tuple(str(v).strip() for v in value if str(v).strip())
 
 
 def _chat_ref(chat_id: str) -> Any:
@@ -170,12 +77,8 @@ class TelegramAdapter(PlatformAdapter):
         extra = settings.extra
         self.base_url = str(extra.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
         self.reply_to_mode = str(extra.get("reply_to_mode") or settings.reply_to_mode or "first")
-        self.require_mention = _as_bool(extra.get("require_mention", False))
-        allow_bots = str(extra.get("allow_bots", "none")).strip().lower()
-        self.allow_bots = {"true": "all", "1": "all", "yes": "all"}.get(allow_bots, allow_bots)
-        self.group_allowed_users = _as_list(extra.get("group_allowed_users"))
-        self.group_allowed_chats = _as_list(extra.get("group_allowed_chats"))
-        self.drop_pending_updates = _as_bool(extra.get("drop_pending_updates", False))
+        self.updates = UpdateReader(extra)
+        self.drop_pending_updates = as_bool(extra.get("drop_pending_updates", False))
         self.poll_timeout = poll_timeout
         self.request_timeout = request_timeout
         self._injected_client = http_client
@@ -185,7 +88,6 @@ class TelegramAdapter(PlatformAdapter):
         self._polling = False
         self._inflight: set[Deferred] = set()
         self._aborting = False
-        self.me: dict[str, Any] | None = None
         #: The next update_id to ask for; every update below it was admitted by the gateway.
         self.offset: int | None = None
         self._offset_requested: int | None = None
@@ -201,8 +103,21 @@ class TelegramAdapter(PlatformAdapter):
         return self._state
 
     @property
+    def me(self) -> dict[str, Any] | None:
+        """The bot's own user (C{getMe}), once known."""
+        return self.updates.me
+
+    @me.setter
+    def me(self, value: dict[str, Any] | None) -> None:
+        self.updates.me = value
+
+    @property
     def bot_username(self) -> str | None:
-        return (self.me or {}).get("username")
+        return self.updates.username
+
+    def event_from_update(self, update: Any) -> MessageEvent | None:
+        """The event of one update, or None (logged) when it does not count."""
+        return self.updates.read(update)
 
     def startService(self) -> None:
         super().startService()
@@ -304,30 +219,11 @@ class TelegramAdapter(PlatformAdapter):
     async def _call_once(self, method: str, params: dict[str, Any]) -> Any:
         if self._http is None:
             raise TelegramAPIError(0, "adapter not running")
-        url = f"{self.base_url}/bot{self.settings.token}/{method}"
-        response = await self._http.post(url, json=params, unbuffered=True)
-        body = await _read_body(response)
-        try:
-            payload = json.loads(body)
-        except ValueError:
-            payload = None
-        if not isinstance(payload, dict):
-            raise TelegramAPIError(response.code, f"HTTP {response.code} with a non-JSON body")
-        if payload.get("ok") is True:
-            return payload.get("result")
-        parameters = payload.get("parameters")
-        retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
-        return_code = payload.get("error_code", response.code)
-        raise TelegramAPIError(int(return_code) if isinstance(return_code, int) else 0,
-                               str(payload.get("description") or "unknown error"),
-                               float(retry_after) if isinstance(retry_after, (int, float))
-                               else None)
+        return await telegram_botapi.call(self._http, self.base_url, self.settings.token or "",
+                                          method, params)
 
     def _describe(self, error: BaseException) -> str:
-        """An error as a log-safe string: the token never appears in it."""
-        text = str(error) or type(error).__name__
-        token = self.settings.token
-        return text.replace(token, "<token>") if token else text
+        return telegram_botapi.describe(error, self.settings.token)
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -429,173 +325,6 @@ class TelegramAdapter(PlatformAdapter):
             if isinstance(update_id, int) and not isinstance(update_id, bool):
                 if self.offset is None or update_id + 1 > self.offset:
                     self.offset = update_id + 1
-
-    def event_from_update(self, update: Any) -> MessageEvent | None:
-        """
-        The L{MessageEvent} of one update, or None (logged) when it is malformed, not a text
-        message, from a bot we ignore, or a group message not addressed to us.
-        """
-        if not isinstance(update, dict):
-            self.log.warn("telegram: skipping a malformed update ({kind})",
-                          kind=type(update).__name__)
-            return None
-        update_id = update.get("update_id")
-        edited = "message" not in update and "edited_message" in update
-        message = update.get("edited_message" if edited else "message")
-        if not isinstance(message, dict):
-            self.log.warn("telegram: skipping update {update_id} without a message",
-                          update_id=update_id)
-            return None
-        chat = message.get("chat")
-        if not isinstance(chat, dict) or not isinstance(chat.get("id"), (int, str)):
-            self.log.warn("telegram: skipping update {update_id} without a chat",
-                          update_id=update_id)
-            return None
-        text = message.get("text")
-        entities = message.get("entities")
-        if not isinstance(text, str):
-            text, entities = message.get("caption"), message.get("caption_entities")
-        if not isinstance(text, str) or not text.strip():
-            self.log.debug("telegram: skipping update {update_id}: no text", update_id=update_id)
-            return None
-        entities = [e for e in entities if isinstance(e, dict)] \
-            if isinstance(entities, list) else []
-        sender = message.get("from") if isinstance(message.get("from"), dict) else {}
-        me_id = (self.me or {}).get("id")
-        if me_id is not None and sender.get("id") == me_id:
-            return None  # our own message
-        chat_type = self._chat_type(chat)
-        group = chat_type != "dm"
-        is_bot = bool(sender.get("is_bot"))
-        addressed = self._addressed_to_me(message, text, entities)
-        if is_bot and (self.allow_bots not in ("all", "mentions")
-                       or self.allow_bots == "mentions" and not addressed):
-            self.log.debug("telegram: ignoring a bot's message in {chat_id}", chat_id=chat["id"])
-            return None
-        if self._command_for_other_bot(text, entities):
-            return None
-        if group and self.require_mention and not addressed \
-                and not self._bare_command(text, entities):
-            return None
-        text = self._strip_own_mention(text, entities) if group else text
-        thread_id = None
-        if chat_type == "forum" and message.get("is_topic_message") \
-                and message.get("message_thread_id") is not None:
-            thread_id = str(message["message_thread_id"])
-        user_id = str(sender["id"]) if sender.get("id") is not None else None
-        source = SessionSource(
-            platform=Platform.TELEGRAM,
-            chat_id=str(chat["id"]),
-            chat_name=self._chat_name(chat),
-            chat_type=chat_type,
-            user_id=user_id,
-            user_name=sender.get("username") or sender.get("first_name"),
-            thread_id=thread_id,
-            is_bot=is_bot,
-            message_id=str(message.get("message_id")) if "message_id" in message else None,
-            # 0.19.0 lets through, before any user allowlist, bots admitted by ALLOW_BOTS and
-            # anyone in a group listed in (or a user listed in) the group allowlists.
-            role_authorized=is_bot or (group and self._group_authorized(str(chat["id"]),
-                                                                        user_id)),
-        )
-        event = MessageEvent(
-            text=text,
-            source=source,
-            message_type=MessageType.COMMAND if text.startswith("/") else MessageType.TEXT,
-            raw_message=message,
-            message_id=source.message_id,
-            platform_update_id=update_id if isinstance(update_id, int) else None,
-        )
-        reply = message.get("reply_to_message")
-        if isinstance(reply, dict) and not (thread_id and reply.get("message_id") == int(thread_id)):
-            # In a topic every message "replies" to the topic's first message; not a reply.
-            author = reply.get("from") if isinstance(reply.get("from"), dict) else {}
-            event.reply_to_message_id = str(reply.get("message_id"))
-            event.reply_to_text = reply.get("text") or reply.get("caption")
-            event.reply_to_author_id = str(author["id"]) if "id" in author else None
-            event.reply_to_author_name = author.get("username") or author.get("first_name")
-            event.reply_to_is_own_message = me_id is not None and author.get("id") == me_id
-        if edited:
-            event.metadata["edited"] = True
-        return event
-
-    @staticmethod
-    def _chat_type(chat: dict[str, Any]) -> str:
-        kind = chat.get("type")
-        if kind == "private":
-            return "dm"
-        if kind == "channel":
-            return "channel"
-        if kind == "supergroup" and chat.get("is_forum"):
-            return "forum"
-        return "group"
-
-    @staticmethod
-    def _chat_name(chat: dict[str, Any]) -> str | None:
-        if chat.get("title"):
-            return str(chat["title"])
-        names = " ".join(str(chat[k]) for k in ("first_name", "last_name") if chat.get(k))
-        return names or chat.get("username")
-
-    def _group_authorized(self, chat_id: str, user_id: str | None) -> bool:
-        """TELEGRAM_GROUP_ALLOWED_CHATS / _USERS grant access in groups (0.19.0 authz step 2)."""
-        if self.group_allowed_chats and is_allowed(chat_id, self.group_allowed_chats):
-            return True
-        return bool(self.group_allowed_users) and is_allowed(user_id, self.group_allowed_users)
-
-    @staticmethod
-    def _entity_text(text: str, entity: dict[str, Any]) -> str:
-        """The text an entity covers; Telegram counts offsets in UTF-16 units."""
-        raw = text.encode("utf-16-le", "surrogatepass")
-        try:
-            start, length = int(entity["offset"]), int(entity["length"])
-        except (KeyError, TypeError, ValueError):
-            return ""
-        return raw[2 * start:2 * (start + length)].decode("utf-16-le", "replace")
-
-    def _addressed_to_me(self, message: dict[str, Any], text: str,
-                         entities: list[dict[str, Any]]) -> bool:
-        me = self.me or {}
-        username = (me.get("username") or "").lower()
-        for entity in entities:
-            kind = entity.get("type")
-            if kind == "mention" and username \
-                    and self._entity_text(text, entity).lower() == f"@{username}":
-                return True
-            if kind == "text_mention" and isinstance(entity.get("user"), dict) \
-                    and entity["user"].get("id") == me.get("id"):
-                return True
-            if kind == "bot_command" and username \
-                    and self._entity_text(text, entity).lower().endswith(f"@{username}"):
-                return True
-        reply = message.get("reply_to_message")
-        if isinstance(reply, dict) and isinstance(reply.get("from"), dict):
-            return me.get("id") is not None and reply["from"].get("id") == me.get("id")
-        return False
-
-    def _command_for_other_bot(self, text: str, entities: list[dict[str, Any]]) -> bool:
-        username = (self.bot_username or "").lower()
-        for entity in entities:
-            if entity.get("type") == "bot_command" and entity.get("offset") == 0:
-                command = self._entity_text(text, entity)
-                if "@" in command and username and command.split("@", 1)[1].lower() != username:
-                    return True
-        return False
-
-    def _bare_command(self, text: str, entities: list[dict[str, Any]]) -> bool:
-        """A "/cmd" without "@bot": Telegram shows it to every bot, and it is meant for one."""
-        return any(e.get("type") == "bot_command" and e.get("offset") == 0
-                   and "@" not in self._entity_text(text, e) for e in entities)
-
-    def _strip_own_mention(self, text: str, entities: list[dict[str, Any]]) -> str:
-        username = self.bot_username
-        if not username:
-            return text
-        handle = f"@{username}"
-        if text.lower().startswith(handle.lower()):
-            stripped = text[len(handle):].lstrip(" ,:")
-            return stripped or text
-        return text
 
     # -- outbound ---------------------------------------------------------------------------
 
@@ -752,4 +481,7 @@ class TelegramAdapter(PlatformAdapter):
                            chat_id=chat_id, error=self._describe(e))
             return {"name": chat_id, "type": "group" if chat_id.startswith("-") else "dm"}
         chat = chat if isinstance(chat, dict) else {}
-        return {"name": self._chat_name(chat) or chat_id, "type": self._chat_type(chat)}
+        kind = chat_type(chat)
+        # The contract knows dm/group/channel; a forum is a group with topics.
+        return {"name": chat_name(chat) or chat_id,
+                "type": "group" if kind == "forum" else kind, "forum": kind == "forum"}
