@@ -28,6 +28,13 @@ def test_case_02_invalidate_then_new_turn():
     assert new > g and gens.is_current("K", new)
 
 
+def test_case_03_counter_has_no_reset():
+    gens = Generations()
+    seen = [gens.bump("K"), gens.bump("K", "session_reset"), gens.bump("K")]
+    assert seen == [1, 2, 3]
+    assert not hasattr(gens, "reset") and not hasattr(gens, "clear")
+
+
 def test_case_04_empty_key_is_untracked():
     gens = Generations()
     assert gens.bump("") == 0
