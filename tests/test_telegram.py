@@ -563,3 +563,19 @@ class HostileUpdateTests(SynchronousTestCase):
             adapter.event_from_update({"update_id": 1, "message": {**base, **overrides}})
 
         check()
+
+
+def test_reads_the_settings_the_config_loader_builds(tmp_path) -> None:
+    from hermes_twisted.config import build_config
+
+    config = build_config({}, {
+        "HERMES_HOME": str(tmp_path), "TELEGRAM_BOT_TOKEN": TOKEN,
+        "TELEGRAM_BASE_URL": "http://127.0.0.1:9", "TELEGRAM_REQUIRE_MENTION": "true",
+        "TELEGRAM_GROUP_ALLOWED_CHATS": "-1,-2", "TELEGRAM_GROUP_ALLOWED_USERS": "7",
+        "TELEGRAM_ALLOW_BOTS": "mentions", "TELEGRAM_REPLY_TO_MODE": "all"})
+    adapter = adapter_class("telegram")(config.platforms["telegram"], reactor=Clock(),
+                                        gateway_config=config)
+    assert (adapter.base_url, adapter.reply_to_mode) == ("http://127.0.0.1:9", "all")
+    reader = adapter.updates
+    assert (reader.require_mention, reader.allow_bots) == (True, "mentions")
+    assert (reader.group_allowed_chats, reader.group_allowed_users) == (("-1", "-2"), ("7",))
