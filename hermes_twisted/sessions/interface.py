@@ -38,7 +38,7 @@ class SessionStore(Protocol):
         (a new id with C{was_auto_reset} when it expired) and touching C{updated_at}."""
 
     def reset(self, session_key: str, source: SessionSource | None = None,
-              reason: str = "session_reset") -> Deferred:
+              reason: str = "session_reset", now: float | None = None) -> Deferred:
         """/new: end the current session and fire with a new L{SessionEntry} (new id)."""
 
     def peek(self, session_key: str) -> SessionEntry | None:
@@ -56,7 +56,8 @@ class SessionStore(Protocol):
         False when C{dedupe_key} was admitted before (a redelivery: do not run it again)."""
 
     def complete_inbound(self, dedupe_key: str) -> Deferred:
-        """Mark an admitted event as handled, so it is not replayed at the next start."""
+        """Mark an admitted event as handled, so it is not replayed at the next start.  Fires
+        True when it was pending, False when unknown or already complete."""
 
     def pending_inbound(self) -> Deferred:
         """Fires with C{[(dedupe_key, payload)]} admitted but never completed (oldest first)."""

@@ -285,5 +285,7 @@ class StoreService(Service):
                                        path=self.store.path))
 
     def stopService(self) -> Deferred:
+        """Fires with None once every accepted write has committed and the file is closed;
+        fails with L{StoreError} if closing fails.  Cancelling stops the wait only."""
         super().stopService()
         return self.store.close()
