@@ -44,6 +44,7 @@ from twisted.logger import Logger
 from hermes_twisted import commands, interrupts
 from hermes_twisted.authz import is_authorized, log_denied
 from hermes_twisted.inbound import event_from_payload, payload_for
+from hermes_twisted.lanes import Inbound, Lane
 from hermes_twisted.model import MessageEvent
 from hermes_twisted.runs import Generations, PostDeliveryCallbacks, RunHandle
 from hermes_twisted.sessions.keys import build_session_key
@@ -55,31 +56,6 @@ ACK_INTERRUPT = "⚡ Interrupting current task ({elapsed} elapsed). I'll respond
 ACK_QUEUE = ("⏳ Queued for the next turn ({elapsed} elapsed). I'll respond once the current "
              "task finishes.")
 INTERRUPTED_BY_MESSAGE = "interrupted by a newer message"
-
-
-class _Inbound:
-    __slots__ = ("adapter", "event", "key", "dedupe_key", "admitted")
-
-    def __init__(self, adapter: Any, event: MessageEvent, key: str,
-                 dedupe_key: str | None, admitted: bool | None) -> None:
-        self.adapter, self.event, self.key = adapter, event, key
-        self.dedupe_key, self.admitted = dedupe_key, admitted
-
-
-class _Lane:
-    """One session key's state: the running handle, queued input, arrivals, holds."""
-
-    __slots__ = ("handle", "queue", "arrivals", "last_ack", "holds", "carried")
-
-    def __init__(self) -> None:
-        self.handle: RunHandle | None = None
-        self.queue: deque[_Inbound] = deque()
-        self.arrivals: deque[_Inbound] = deque()
-        self.last_ack: float | None = None
-        self.holds = 0
-        # User messages of runs interrupted by a newer message: the next run sends them as
-        # history and records them, so the agent never loses what was asked.
-        self.carried: list[MessageEvent] = []
 
 
 class Gateway(Service):
@@ -100,7 +76,7 @@ class Gateway(Service):
         self.callbacks = PostDeliveryCallbacks()
         self.commands = commands.CommandRouter(self)
         self._adapters: dict[str, Any] = {}
-        self._lanes: dict[str, _Lane] = {}
+        self._lanes: dict[str, Lane] = {}
         self._runs: set[RunHandle] = set()
         self._idle_waiters: list[Deferred] = []
         self._stopping = False
@@ -127,7 +103,7 @@ class Gateway(Service):
                 continue
             event = event_from_payload(payload, dedupe_key)
             self.log.info("Replaying admitted message {dedupe_key}", dedupe_key=dedupe_key)
-            self._arrive(_Inbound(adapter, event, self.session_key_for(event), dedupe_key, True))
+            self._arrive(Inbound(adapter, event, self.session_key_for(event), dedupe_key, True))
 
     def stopService(self) -> Deferred:
         """
@@ -173,9 +149,9 @@ class Gateway(Service):
             return succeed(None)
         dedupe_key = event.metadata.get("dedupe_key") if event.metadata else None
         if not dedupe_key:
-            self._arrive(_Inbound(adapter, event, key, None, True))
+            self._arrive(Inbound(adapter, event, key, None, True))
             return succeed(None)
-        inbound = _Inbound(adapter, event, key, dedupe_key, None)
+        inbound = Inbound(adapter, event, key, dedupe_key, None)
         self._arrive(inbound)
         d = maybeDeferred(self.store.admit_inbound, dedupe_key,
                           payload_for(adapter.settings.name, event))
@@ -296,17 +272,17 @@ class Gateway(Service):
 
     # -- internals --------------------------------------------------------------------------
 
-    def _lane(self, key: str) -> _Lane:
+    def _lane(self, key: str) -> Lane:
         lane = self._lanes.get(key)
         if lane is None:
-            lane = self._lanes[key] = _Lane()
+            lane = self._lanes[key] = Lane()
         return lane
 
-    def _arrive(self, inbound: _Inbound) -> None:
+    def _arrive(self, inbound: Inbound) -> None:
         self._lane(inbound.key).arrivals.append(inbound)
         self._pump(inbound.key)
 
-    def _admitted(self, inbound: _Inbound, ok: bool) -> None:
+    def _admitted(self, inbound: Inbound, ok: bool) -> None:
         inbound.admitted = ok
         self._pump(inbound.key)
 
@@ -321,7 +297,7 @@ class Gateway(Service):
                     self.log.failure("Dispatching a message for {key} failed", key=key)
         self._drain(key)
 
-    def _dispatch(self, inbound: _Inbound) -> None:
+    def _dispatch(self, inbound: Inbound) -> None:
         if self._stopping:
             # Admitted events are replayed at the next start; others cannot be kept.
             self.log.info("Gateway stopping: not running a message for {key}", key=inbound.key)
@@ -354,7 +330,7 @@ class Gateway(Service):
             lane.carried = handle.carried + [handle.event]
             handle.cancel()
 
-    def _maybe_ack(self, lane: _Lane, inbound: _Inbound, template: str) -> None:
+    def _maybe_ack(self, lane: Lane, inbound: Inbound, template: str) -> None:
         now = self.clock.seconds()
         if lane.last_ack is not None and now - lane.last_ack < self.config.display.busy_ack_interval:
             return
@@ -362,7 +338,7 @@ class Gateway(Service):
         elapsed = commands.age_text(now - lane.handle.started_at) if lane.handle else "0s"
         self.reply(inbound.adapter, inbound.event, template.format(elapsed=elapsed))
 
-    def _start_run(self, inbound: _Inbound) -> RunHandle:
+    def _start_run(self, inbound: Inbound) -> RunHandle:
         lane = self._lane(inbound.key)
         handle = RunHandle(session_key=inbound.key,
                            generation=self.generations.bump(inbound.key),

@@ -1,0 +1,44 @@
+# -*- test-case-name: tests.test_gateway -*-
+"""
+The per-session-key state of the dispatcher (see L{hermes_twisted.gateway}).
+
+A L{Lane} holds at most one running L{RunHandle}, the FIFO of messages waiting for it, the
+arrivals still being admitted (dispatched strictly in arrival order), the time of the last
+busy acknowledgement, the holds of commands in flight (/new), and the questions of runs
+interrupted by a newer message.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from hermes_twisted.model import MessageEvent
+from hermes_twisted.runs import RunHandle
+
+
+class Inbound:
+    """One admitted (or being admitted) message: C{admitted} is None until the store answered."""
+
+    __slots__ = ("adapter", "event", "key", "dedupe_key", "admitted")
+
+    def __init__(self, adapter: Any, event: MessageEvent, key: str,
+                 dedupe_key: str | None, admitted: bool | None) -> None:
+        self.adapter, self.event, self.key = adapter, event, key
+        self.dedupe_key, self.admitted = dedupe_key, admitted
+
+
+class Lane:
+    """One session key's state: the running handle, queued input, arrivals, holds."""
+
+    __slots__ = ("handle", "queue", "arrivals", "last_ack", "holds", "carried")
+
+    def __init__(self) -> None:
+        self.handle: RunHandle | None = None
+        self.queue: deque[Inbound] = deque()
+        self.arrivals: deque[Inbound] = deque()
+        self.last_ack: float | None = None
+        self.holds = 0
+        # User messages of runs interrupted by a newer message: the next run sends them as
+        # history and records them, so the agent never loses what was asked.
+        self.carried: list[MessageEvent] = []
