@@ -110,7 +110,8 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
     if settings is None or settings.typing_indicator:
         handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
                                    interval=gw.config.display.typing_interval,
-                                   metadata=thread_metadata(event))
+                                   metadata=thread_metadata(event),
+                                   is_current=handle.is_current)
         handle.typing.start()
 
     entry = await gw.store.get_or_create(key, event.source)

@@ -17,7 +17,7 @@ interrupts.  Three rules keep "is typing…" from outliving its run:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.internet.task import LoopingCall
@@ -28,8 +28,10 @@ log = Logger()
 
 class TypingLoop:
     def __init__(self, adapter: Any, chat_id: str, *, clock: Any, interval: float = 2.0,
-                 metadata: dict[str, Any] | None = None) -> None:
+                 metadata: dict[str, Any] | None = None,
+                 is_current: Callable[[], bool] | None = None) -> None:
         self._adapter = adapter
+        self._is_current = is_current
         self._chat_id = chat_id
         self._clock = clock
         self._interval = interval
@@ -58,6 +60,9 @@ class TypingLoop:
 
     def _refresh(self) -> None:
         if self.stopped:
+            return
+        if self._is_current is not None and not self._is_current():
+            self.stop()  # the run went stale without being told: stop showing it
             return
         previous, self._in_flight = self._in_flight, None
         if previous is not None:

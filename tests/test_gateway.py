@@ -447,3 +447,12 @@ def test_case_42_delivery_stops_typing_before_the_final_send():
     names = [e[0] for e in kit.timeline]
     assert names.index("stop_typing") < names.index("send")
     assert "typing" not in names[names.index("stop_typing"):]
+
+
+def test_typing_of_a_run_gone_stale_stops_at_its_next_tick():
+    kit = Kit()
+    kit.say("hello")
+    kit.gateway.generations.bump(kit.key(), "test")
+    kit.clock.pump([2, 2])
+    assert kit.adapter.typing == ["typing", "stop"]
+    kit.upstream.last.finish("stale")

@@ -123,3 +123,15 @@ def test_metadata_is_passed_for_threads():
     loop.start()
     loop.stop()
     assert seen == [{"thread_id": "t"}]
+
+
+def test_a_tick_of_a_stale_run_sends_nothing_and_stops_the_indicator():
+    clock, platform = Clock(), Platform()
+    current = [True]
+    loop = TypingLoop(platform, "c", clock=clock, interval=2.0, is_current=lambda: current[0])
+    loop.start()
+    current[0] = False
+    clock.advance(2.0)
+    clock.advance(2.0)
+    assert platform.calls == ["typing", "stop"]
+    assert clock.getDelayedCalls() == []
