@@ -95,7 +95,8 @@ def read_version(conn: sqlite3.Connection, path: str) -> int:
 
 def describe(e: sqlite3.Error, path: str) -> str:
     if "locked" in str(e) or "busy" in str(e):
-        return f"the session database {path} is locked by another process ({e})"
+        return (f"the session database {path} is locked by another process ({e}); is another "
+                f"gateway using it?")
     return (f"the session database {path} is unusable ({e}); it may be corrupt: restore a "
             f"backup or move it aside")
 

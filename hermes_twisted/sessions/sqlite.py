@@ -1,8 +1,13 @@
 # -*- test-case-name: tests.test_store -*-
 """
 The embedded session store (the default L{SessionStore}): one SQLite file in WAL mode with
-C{synchronous=FULL}, driven from one dedicated thread with group commit (L{writer} says why
-that and not adbapi; L{schema} holds the tables, migrations and L{check_database}).
+C{synchronous=FULL} (a committed row survives SIGKILL and power loss), never touched on the
+reactor thread.  It runs on a dedicated one-thread C{ThreadPool} via C{deferToThreadPool}
+rather than C{adbapi.ConnectionPool}: one connection on one thread keeps every operation in
+submission order, lets queued operations share one transaction and one fsync (group commit),
+lets a queued operation be withdrawn by cancelling it, and ties the thread's lifetime to
+C{open}/C{close} instead of global reactor triggers (details in L{writer}; the tables,
+migrations and the pre-flight L{check_database} are in L{schema}).
 
 The routing table (session key -> current session id) is also held in memory, so C{peek}
 does no I/O and each change writes only the rows it changes; hermes-agent 0.19.0 rewrites
