@@ -10,12 +10,13 @@ from __future__ import annotations
 import re
 import sqlite3
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import CancelledError, gatherResults
+from twisted.internet.defer import CancelledError, DeferredList, gatherResults
 from twisted.internet.task import Clock
 
 from hermes_twisted.model import Platform, SessionSource
@@ -265,17 +266,19 @@ async def test_cancelling_a_queued_append_withdraws_it(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancelling_a_queued_creation_restores_the_cache(store):
+async def test_cancelling_a_creation_stops_the_wait_but_keeps_cache_and_file_agreeing(store):
     blocker = store.append("s", "user", "x")
     pending = store.get_or_create(KEY, ALICE, now=T0)
-    assert store.peek(KEY) is not None
+    created = store.peek(KEY)
+    touched = store.get_or_create(KEY, ALICE, now=T0 + 1)  # builds on the queued creation
     pending.cancel()
-    assert store.peek(KEY) is None
     with pytest.raises(CancelledError):
         await pending
-    await blocker
+    await gatherResults([blocker, touched])
+    assert store.peek(KEY) == replace(created, updated_at=T0 + 1)
     await store.close()
-    assert query(store.path, "SELECT count(*) FROM routing") == [(0,)]
+    assert query(store.path, "SELECT session_key, session_id, updated_at FROM routing") == [
+        (KEY, created.session_id, T0 + 1)]
 
 
 @pytest_twisted.ensureDeferred
@@ -297,8 +300,32 @@ async def test_one_failing_operation_does_not_fail_its_batch(store):
 
 @pytest_twisted.ensureDeferred
 async def test_a_sqlite_failure_is_a_store_error(store):
-    with pytest.raises(StoreError, match="unusable"):
+    with pytest.raises(StoreError, match="bug"):
         await store._writer.submit(lambda conn: conn.execute("SELECT * FROM nowhere"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_full_disk_fails_the_writes_and_keeps_the_cache_true(store):
+    kept = await store.get_or_create(KEY, ALICE, now=T0)
+    pages = (await store._writer.submit(
+        lambda conn: conn.execute("PRAGMA page_count").fetchone()))[0]
+    await store._writer.submit(lambda conn: conn.execute(f"PRAGMA max_page_count = {pages}"))
+    with pytest.raises(StoreError, match="disk is full"):
+        await store.append(kept.session_id, "user", "x" * 100_000)
+    keys = [f"agent:main:irc:dm:bob{i}" for i in range(300)]
+    outcomes = await DeferredList([store.get_or_create(k, ALICE, now=T0) for k in keys],
+                                  consumeErrors=True)
+    failed = [k for k, (ok, _) in zip(keys, outcomes, strict=True) if not ok]
+    assert failed and all("disk is full" in str(r.value) for ok, r in outcomes if not ok)
+    assert all(store.peek(k) is None for k in failed) and store.peek(KEY) == kept
+    await store._writer.submit(lambda conn: conn.execute("PRAGMA max_page_count = 1000000"))
+    await store.append(kept.session_id, "user", "space again")
+    assert [r["content"] for r in await store.load_transcript(kept.session_id)] == [
+        "space again"]
+    cached = {k for k in keys if store.peek(k) is not None} | {KEY}
+    await store.close()
+    assert {k for (k,) in query(store.path, "SELECT session_key FROM routing")} == cached
+    print(f"disk full: {len(failed)} of {len(keys)} creations failed, cache matched the file")
 
 
 # -- inbound buffer ------------------------------------------------------------------------

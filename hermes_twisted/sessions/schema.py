@@ -94,9 +94,15 @@ def read_version(conn: sqlite3.Connection, path: str) -> int:
 
 
 def describe(e: sqlite3.Error, path: str) -> str:
-    if "locked" in str(e) or "busy" in str(e):
+    """An operator-facing sentence for an SQLite error on C{path}."""
+    text = str(e)
+    if "locked" in text or "busy" in text:
         return (f"the session database {path} is locked by another process ({e}); is another "
                 f"gateway using it?")
+    if "full" in text:
+        return f"cannot write the session database {path}: the disk is full ({e})"
+    if isinstance(e, sqlite3.ProgrammingError) or "no such" in text or "syntax" in text:
+        return f"session store query failed on {path} ({e}); this is a bug"
     return (f"the session database {path} is unusable ({e}); it may be corrupt: restore a "
             f"backup or move it aside")
 

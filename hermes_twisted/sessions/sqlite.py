@@ -13,8 +13,8 @@ The routing table (session key -> current session id) is also held in memory, so
 does no I/O and each change writes only the rows it changes; hermes-agent 0.19.0 rewrites
 every session's routing row on each change.  Decisions (new, touched, expired, reset) are
 taken on the reactor thread against the cache, in call order; the write follows, and the
-caller's Deferred fires once it has committed.  A failed or withdrawn write restores the
-cached entry it replaced.
+caller's Deferred fires once it has committed.  A failed write restores the cached entry
+it replaced; cancelling such a call only stops the caller's wait.
 """
 
 from __future__ import annotations
@@ -117,8 +117,8 @@ class SQLiteSessionStore:
         a new session when the key is unknown, a rotated one (C{was_auto_reset=True},
         C{auto_reset_reason} "idle" or "daily") when the policy of C{source} says it expired,
         else the same session with C{updated_at} touched.  Fails with L{StoreError} when the
-        write fails or the store is not open.  Cancelling before the write reaches the store
-        thread withdraws it (and the cache change); after that, it may still commit.
+        write fails or the store is not open (the cached entry is then restored).
+        Cancelling only stops the wait: the change, already visible to C{peek}, is written.
         """
         return self._writer.when_open(lambda: self._get_or_create(session_key, source, now))
 

@@ -226,8 +226,9 @@ class SQLiteWriter:
         Queue C{work(connection)} for the next transaction.  Fires with its return value once
         that transaction has committed.  Fails with L{StoreError} when SQLite fails (C{work}'s
         own exceptions pass through) or the writer is not open; C{undo} is then called, so
-        the caller can roll back what it cached.  Cancelling while queued withdraws the work
-        (and calls C{undo}); once on the thread it may still commit.
+        the caller can roll back what it cached.  Cancelling while queued withdraws work
+        without an C{undo}; other work (and work already on the thread) still commits, and
+        the Deferred fails with C{CancelledError} at once.
         """
         if self.state != "open":
             if undo is not None:
@@ -240,10 +241,10 @@ class SQLiteWriter:
         return op.deferred
 
     def _withdraw(self, op: _Op) -> None:
-        if op in self._queue:
+        # Work with an undo changed a cache that later queued work may build on, so it is
+        # not withdrawn: it still commits and only the caller stops waiting.
+        if op.undo is None and op in self._queue:
             self._queue.remove(op)
-            if op.undo is not None:
-                op.undo()
 
     def _kick(self) -> None:
         if self._busy or not self._queue or self._pool is None:
@@ -265,6 +266,10 @@ class SQLiteWriter:
                 try:
                     results.append(work(conn))
                 except Exception:
+                    if not conn.in_transaction:
+                        # SQLite rolled the whole transaction back (disk full, I/O error):
+                        # the earlier operations of the batch are lost too.
+                        raise
                     conn.execute("ROLLBACK TO op")
                     results.append(Failure())
                 conn.execute("RELEASE op")
@@ -279,16 +284,18 @@ class SQLiteWriter:
     def _deliver(self, outcome: list[Any] | Failure, batch: list[_Op]) -> None:
         self.transactions += 1
         self.operations += len(batch)
+        if isinstance(outcome, Failure):
+            results = [as_store_error(Failure(outcome.value), self.path) for _ in batch]
+        else:
+            results = [as_store_error(r, self.path) if isinstance(r, Failure) else r
+                       for r in outcome]
+        # Newest first, so that a later change to the same cached entry is undone before
+        # the change it was built on.
+        for op, result in reversed(list(zip(batch, results, strict=True))):
+            if isinstance(result, Failure) and op.undo is not None:
+                op.undo()
         try:
-            for index, op in enumerate(batch):
-                if isinstance(outcome, Failure):
-                    result: Any = as_store_error(Failure(outcome.value), self.path)
-                else:
-                    result = outcome[index]
-                    if isinstance(result, Failure):
-                        result = as_store_error(result, self.path)
-                if isinstance(result, Failure) and op.undo is not None:
-                    op.undo()
+            for op, result in zip(batch, results, strict=True):
                 assert op.deferred is not None
                 if op.deferred.called:
                     continue  # cancelled while on the thread
