@@ -99,6 +99,9 @@ def describe(e: sqlite3.Error, path: str) -> str:
     if "locked" in text or "busy" in text:
         return (f"the session database {path} is locked by another process ({e}); is another "
                 f"gateway using it?")
+    if "readonly" in text or "read-only" in text:
+        return (f"the session database {path} is read-only for uid {os.getuid()} ({e}): check "
+                f"the owner and mode of it and of its -wal and -shm files")
     if "full" in text:
         return f"cannot write the session database {path}: the disk is full ({e})"
     if isinstance(e, sqlite3.ProgrammingError) or "no such" in text or "syntax" in text:
