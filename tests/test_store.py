@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+import threading
 import time
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -326,6 +327,31 @@ async def test_a_full_disk_fails_the_writes_and_keeps_the_cache_true(store):
     await store.close()
     assert {k for (k,) in query(store.path, "SELECT session_key FROM routing")} == cached
     print(f"disk full: {len(failed)} of {len(keys)} creations failed, cache matched the file")
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_never_runs_on_the_reactor_thread(db, monkeypatch):
+    reactor_thread = threading.current_thread()
+    calls = []
+
+    class Watched(sqlite3.Connection):
+        def execute(self, *args, **kwargs):
+            calls.append(threading.current_thread() is reactor_thread)
+            return super().execute(*args, **kwargs)
+
+    real_connect = sqlite3.connect
+    monkeypatch.setattr("hermes_twisted.sessions.schema.sqlite3.connect",
+                        lambda *a, **kw: real_connect(*a, factory=Watched, **kw))
+    s = make_store(db)
+    await s.open()
+    entry = await s.get_or_create(KEY, ALICE, now=T0)
+    await gatherResults([s.append(entry.session_id, "user", f"m{k}") for k in range(50)])
+    await s.load_transcript(entry.session_id)
+    await s.admit_inbound("k", {})
+    await s.pending_inbound()
+    await s.reset(KEY)
+    await s.close()
+    assert len(calls) > 50 and not any(calls)
 
 
 # -- inbound buffer ------------------------------------------------------------------------
