@@ -354,3 +354,36 @@ class ClientTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.successResultOf(self.client.request({"op": "send"}))["error"],
                          relay_client.CLOSED)
+
+    def test_go_dormant_closes_after_the_ack_and_redials_on_the_base_cadence(self) -> None:
+        proto = self.open()
+        self.handshake(proto)
+        for _ in range(3):  # a history of flaps must not slow the wake-up redial
+            self.client.backoff.connection_lost()
+        d = self.client.go_dormant()
+        self.client.line_received(proto, line({"type": "going_idle_ack"}))
+        self.assertTrue(self.successResultOf(d))
+        self.assertEqual(proto.close_code, 1000)
+        self.client.connection_closed(proto, 1000, "")
+        self.assertEqual(self.client.status, "stopped")  # not started in this test
+        self.assertTrue(self.client.dormant)
+        self.assertEqual(self.client._retry_delay(1), 1)
+        self.open()
+        self.assertFalse(self.client.dormant)
+
+    def test_go_dormant_without_an_ack_stays_connected(self) -> None:
+        proto = self.open()
+        d = self.client.go_dormant()
+        self.clock.advance(relay_client.GOING_IDLE_BUDGET)
+        self.assertFalse(self.successResultOf(d))
+        self.assertIsNone(proto.close_code)
+        self.assertFalse(self.client.dormant)
+
+    def test_without_a_url_nothing_dials_and_status_says_why(self) -> None:
+        client = RelayClient(RelaySettings(url=None), reactor=self.clock, handler=self.handler,
+                             endpoint=self.endpoint)
+        client.startService()
+        self.assertEqual(self.endpoint.attempts, [])
+        self.assertTrue(client.status.startswith("disabled: relay_url_missing"))
+        self.assertFalse(self.successResultOf(client.request({"op": "send"}))["success"])
+        self.successResultOf(client.stopService())

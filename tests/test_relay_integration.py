@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import globalLogPublisher
 
 from hermes_twisted.model import Platform
@@ -170,6 +170,7 @@ async def test_stop_reply_does_not_block_another_chats_inbound():
         await eventually(lambda: "other chat" in sink.texts(), timeout=2,
                          what="the other chat's message while a reply is pending")
         assert not replies[0].called
+        replies[0].addErrback(lambda f: f.trap(CancelledError))
         replies[0].cancel()
         assert adapter.client.pending_requests == 0
 
@@ -356,6 +357,8 @@ async def test_going_idle_on_shutdown_and_shutdown_without_ack_completes():
         await adapter.stopService()
         assert stub.going_idle == 1
         await stub.wait_until(lambda: not stub.open)
+        after = await adapter.send("c1", "too late")
+        assert not after.success and after.error == relay_client.CLOSED
     async with relay_pair() as (stub, adapter, sink):
         await handshaked(adapter)
         stub.answer_going_idle = False
@@ -394,3 +397,31 @@ async def test_secret_and_token_never_appear_in_logs():
     assert "super-secret-value" not in text
     assert token not in text
     assert len(seen) > 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_refusal_of_the_upgrade_is_retried_not_fatal():
+    async with relay_pair(start=False) as (stub, adapter, sink):
+        stub.refuse_with_http = True
+        stub.secrets = {"gw-test": ["other"]}
+        fast_backoff(adapter)
+        adapter.startService()
+        await eventually(lambda: len(stub.authorizations) >= 3, what="retries after HTTP 401")
+        assert stub.connections == 0  # never upgraded
+        assert adapter.status == "connecting" and adapter.client.backoff.failures >= 2
+        stub.secrets = {"gw-test": ["s3cret"]}
+        await handshaked(adapter)
+
+
+@pytest_twisted.ensureDeferred
+async def test_go_dormant_redials_and_drains_the_buffered_backlog():
+    async with relay_pair() as (stub, adapter, sink):
+        fast_backoff(adapter)
+        await handshaked(adapter)
+        assert await adapter.go_dormant() is True
+        stub.backlog = [{"type": "inbound", "bufferId": "while-asleep",
+                         "event": inbound_event("woke me up", "c1")}]
+        await eventually(lambda: stub.acks == ["while-asleep"], what="the drained backlog")
+        assert sink.texts() == ["woke me up"]
+        assert not adapter.client.dormant and adapter.status == "connected"
+        assert stub.connections == 2 and stub.max_open == 1

@@ -110,7 +110,12 @@ class RelayAdapter(PlatformAdapter):
                       edit=descriptor.supports_edit)
 
     def relay_disabled(self, reason: str) -> None:
-        self.log.error("relay platform disabled: {reason}", reason=reason)
+        # The client already logged it at error level; /status shows it through self.status.
+        pass
+
+    def go_dormant(self) -> Deferred:
+        """Hand delivery to the connector's buffer and close; see L{RelayClient.go_dormant}."""
+        return self.client.go_dormant()
 
     # -- inbound ------------------------------------------------------------------------------
 

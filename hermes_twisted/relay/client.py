@@ -200,8 +200,6 @@ class RelayClient(Service):
 
     def __init__(self, settings: RelaySettings, *, reactor: Any, handler: RelayHandler,
                  endpoint: Any = None, rand: Callable[[], float] = random.random) -> None:
-        if not settings.url:
-            raise ValueError("relay settings have no url")
         self.settings = settings
         self.reactor = reactor
         self.handler = handler
@@ -209,9 +207,12 @@ class RelayClient(Service):
         self.max_message_bytes = settings.max_message_bytes
         self.request_timeout = settings.request_timeout
         self.backoff = SessionBackoff(reactor, rand=rand)
-        self.factory = RelayClientFactory(self, settings.url, reactor=reactor,
+        # Without a URL (the relay platform enabled but no relay_url) nothing ever dials; the
+        # placeholder keeps the factory constructible and /status says why.
+        url = settings.url or "ws://relay.invalid/relay"
+        self.factory = RelayClientFactory(self, url, reactor=reactor,
                                           max_message_bytes=settings.max_message_bytes)
-        self._endpoint = endpoint if endpoint is not None else endpoint_for_url(reactor, settings.url)
+        self._endpoint = endpoint if endpoint is not None else endpoint_for_url(reactor, url)
         self._service: ClientService | None = None
         self._protocol: RelayClientProtocol | None = None
         self._pending: dict[str, tuple[Deferred, Any]] = {}
@@ -223,7 +224,9 @@ class RelayClient(Service):
         self._provisional_4401 = False
         self._redial_now = False
         self._stopping = False
-        self.disabled_reason: str | None = None
+        self.disabled_reason: str | None = (
+            None if settings.url else "relay_url_missing: no gateway.relay_url configured")
+        self.dormant = False
         self.dials = 0
         self.setName("relay.client")
 
@@ -241,7 +244,7 @@ class RelayClient(Service):
             return "stopped"
         if self._protocol is not None and self.handshaked:
             return "connected"
-        return "connecting"
+        return "dormant" if self.dormant else "connecting"
 
     def dial_headers(self) -> dict[str, str]:
         self.dials += 1
@@ -260,6 +263,9 @@ class RelayClient(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
+        if self.disabled_reason:
+            self.log.error("relay: not dialing: {reason}", reason=self.disabled_reason)
+            return
         self._service = ClientService(self._endpoint, self.factory,
                                       retryPolicy=self._retry_delay, clock=self.reactor)
         self._service.startService()
@@ -308,6 +314,7 @@ class RelayClient(Service):
             protocol.sendClose(code=1000)
             return
         self._protocol = protocol
+        self.dormant = False
         self.backoff.connection_opened()
         self.log.info("relay: connected to {url}; saying hello as {identities}",
                       url=self.settings.url, identities=self.identities)
@@ -317,6 +324,8 @@ class RelayClient(Service):
     def connection_closed(self, protocol: RelayClientProtocol, code: int | None,
                           reason: str) -> None:
         self.backoff.connection_lost()
+        if self.dormant:
+            self.backoff.reset()  # we closed on purpose: redial on the base cadence
         if protocol is not self._protocol:
             # The upgrade failed (HTTP refusal, handshake timeout) or it was a straggler.
             self.log.info("relay: dial failed before the session opened ({code} {reason})",
@@ -473,6 +482,26 @@ class RelayClient(Service):
         timer = self.reactor.callLater(timeout, self._idle_timed_out, d)
         d.addBoth(self._cancel_timer, timer)
         return d
+
+    def go_dormant(self) -> Deferred:
+        """
+        Scale-to-zero: say C{going_idle} and, once the connector acked (it now buffers for us),
+        close the socket without stopping; the supervisor redials on the base cadence and the
+        connector replays the backlog.  Fires with True when dormant, False when the ack did
+        not come (then we stay connected).  Never fails.
+        """
+        d = self.go_idle(GOING_IDLE_BUDGET)
+
+        def acked(ok: bool) -> bool:
+            protocol = self._protocol
+            if not ok or protocol is None:
+                return False
+            self.dormant = True
+            self.backoff.reset()
+            protocol.sendClose(code=1000)
+            return True
+
+        return d.addCallback(acked)
 
     def _idle_timed_out(self, d: Deferred) -> None:
         if d in self._idle_waiters:
