@@ -403,6 +403,12 @@ class SendTests(IRCTestCase):
         self.reactor.advance(10)
         self.assertEqual(self.lines(self.transport), [])
 
+    def test_a_reply_that_could_never_be_queued_is_too_long_not_retryable(self) -> None:
+        result = self.successResultOf(self.adapter.send("alice", "x\n" * 2001))
+        self.assertEqual((result.success, result.error_kind, result.retryable),
+                         (False, "too_long", False))
+        self.assertEqual(self.lines(self.transport), [])
+
     def test_empty_reply_sends_nothing(self) -> None:
         result = self.successResultOf(self.adapter.send("alice", "\n\n  \n"))
         self.assertTrue(result.success)

@@ -539,6 +539,9 @@ class IRCAdapter(PlatformAdapter):
         message_id = str(int(self.reactor.seconds() * 1000))
         if not lines:
             return succeed(SendResult(True, message_id=message_id))
+        if client.pacer is not None and len(lines) > client.pacer.max_pending:
+            return succeed(SendResult.failed(f"reply too long for IRC: {len(lines)} lines",
+                                             kind="too_long"))
         if is_channel(chat_id, self._chantypes(client)):
             client.join_when_needed(chat_id)  # channels are often +n
         written = client.send_lines(chat_id, lines)
