@@ -229,6 +229,18 @@ class RegistrationTests(IRCTestCase):
         self.reactor.advance(120)
         self.assertEqual(self.lines(transport), [b"PING srv"])
 
+    def test_a_silent_server_is_declared_dead(self) -> None:
+        self.start()
+        proto, transport = self.register()
+        self.reactor.advance(120)
+        proto.dataReceived(b":srv PONG srv :srv\r\n")  # alive: answered our PING
+        self.reactor.advance(240)
+        self.assertFalse(transport.disconnecting)
+        self.reactor.advance(120)  # 360 s since the PONG, nothing heard
+        self.assertTrue(transport.disconnected)
+        self.lose(proto, ConnectionLost())
+        self.assertIn("reconnecting", self.adapter.status)
+
     def test_tls_is_the_default_and_verifies_the_server_name(self) -> None:
         settings = make_settings()
         extra = dict(settings.extra)

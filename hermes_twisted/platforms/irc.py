@@ -44,6 +44,9 @@ REGISTRATION_TIMEOUT = 30.0
 NICKSERV_GRACE = 2.0
 #: Collisions tolerated while registering before the attempt is abandoned (and retried).
 MAX_NICK_COLLISIONS = 30
+#: Seconds between our keepalive PINGs; silence for IDLE_LIMIT means a dead (half-open) link.
+HEARTBEAT_INTERVAL = 120.0
+IDLE_LIMIT = 300.0
 #: Bound of stopService: after this the connection is aborted instead of closed.
 STOP_TIMEOUT = 5.0
 REALNAME = "Hermes Agent"
@@ -77,6 +80,7 @@ class HermesIRCClient(irc.IRCClient):
     log = Logger()
     realname = REALNAME
     lineRate = None  # pacing is LinePacer's job, on the injected clock
+    heartbeatInterval = HEARTBEAT_INTERVAL
     # 0.19.0 does not answer CTCP VERSION/FINGER/SOURCE; neither do we.
     versionName = versionNum = versionEnv = sourceURL = None
 
@@ -94,6 +98,7 @@ class HermesIRCClient(irc.IRCClient):
         self._collisions = 0
         self._registration_timer: Any = None
         self._join_timer: Any = None
+        self._last_heard = self.clock.seconds()
 
     # -- connection lifecycle -----------------------------------------------------------
 
@@ -189,6 +194,19 @@ class HermesIRCClient(irc.IRCClient):
         heartbeat.clock = self.clock
         return heartbeat
 
+    def _sendHeartbeat(self) -> None:
+        # IRCClient only PINGs; a half-open link (NAT timeout, suspended peer) would stay
+        # "connected" for as long as TCP retransmits.  The server answers our PING, so
+        # silence past IDLE_LIMIT means the link is dead.
+        with self.log.failuresHandled("while checking IRC liveness"):
+            silent = self.clock.seconds() - self._last_heard
+            if silent >= IDLE_LIMIT:
+                self.log.warn("IRC server {server} silent for {silent:.0f}s; reconnecting",
+                              server=self.adapter.server, silent=silent)
+                self.transport.abortConnection()
+            else:
+                super()._sendHeartbeat()
+
     # -- nick collisions ----------------------------------------------------------------
 
     def alterCollidedNick(self, nickname: str) -> str:
@@ -218,6 +236,7 @@ class HermesIRCClient(irc.IRCClient):
     # -- inbound ------------------------------------------------------------------------
 
     def lineReceived(self, line: bytes) -> None:
+        self._last_heard = self.clock.seconds()
         try:
             try:
                 text = line.decode("utf-8")
