@@ -113,12 +113,13 @@ class Gateway(Service):
         """
         super().stopService()
         self._stopping = True
-        for key, lane in self._lanes.items():
-            if lane.handle is not None:
-                handle = self.interrupt_and_clear(key, interrupts.GATEWAY_SHUTDOWN,
-                                                  "gateway_shutdown", drop_queue=False)
-                if handle is not None:
-                    handle.cancel()
+        for handle in list(self._runs):
+            if self.current_run(handle.session_key) is handle:
+                self.interrupt_and_clear(handle.session_key, interrupts.GATEWAY_SHUTDOWN,
+                                         "gateway_shutdown", drop_queue=False)
+            else:
+                handle.interrupt(interrupts.GATEWAY_SHUTDOWN)
+            handle.cancel()
         if not self._runs:
             return succeed(None)
         waiter: Deferred = Deferred(lambda d: self._idle_waiters.remove(d))

@@ -122,11 +122,16 @@ def test_stop_service_wait_is_bounded():
     """Runs unwind synchronously on cancel; the wait is bounded for anything that does not."""
     kit = Kit()
     kit.gateway.startService()
-    kit.gateway._runs.add(object())  # stands for a run whose unwind never finishes
+    from hermes_twisted.runs import RunHandle
+
+    stuck = RunHandle(session_key="k", generation=1, generations=kit.gateway.generations,
+                      adapter=kit.adapter, event=kit.event("x"), started_at=0.0)
+    kit.gateway._runs.add(stuck)  # a run whose unwind never finishes (no Deferred to cancel)
     d = kit.gateway.stopService()
     assert not d.called
     kit.clock.advance(kit.config.shutdown_timeout * 0.9)
     assert d.called and d.result is None
+    assert stuck.interrupt_reason == interrupts.GATEWAY_SHUTDOWN
     assert kit.clock.getDelayedCalls() == []
 
 
