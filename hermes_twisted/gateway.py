@@ -59,6 +59,18 @@ INTERRUPTED_BY_MESSAGE = "interrupted by a newer message"
 
 
 class Gateway(Service):
+    """
+    The dispatcher service ("gateway"); implements L{GatewaySink} for every adapter added
+    with L{add_adapter}.
+
+    @param store: the L{SessionStore}.
+    @param upstream: the L{Upstream} running turns (proxy mode).
+    @param clock: C{IReactorTime} for typing, acks, callback and shutdown bounds.
+    @param consumer_factory: builds the per-run stream consumer, called as
+        C{factory(adapter, chat_id, clock=, settings=, is_current=, reply_to=, metadata=)};
+        default L{hermes_twisted.streaming.StreamConsumer}.
+    """
+
     log = Logger()
     name = "gateway"
 
