@@ -339,8 +339,9 @@ class Gateway(Service):
         interrupt = self.config.display.busy_input_mode != "queue"
         self._maybe_ack(lane, inbound, ACK_INTERRUPT if interrupt else ACK_QUEUE)
         if interrupt:
-            handle.interrupt(INTERRUPTED_BY_MESSAGE)
+            # Carry first: interrupting may end the run (and start the next) synchronously.
             lane.carried = handle.carried + [handle.event]
+            handle.interrupt(INTERRUPTED_BY_MESSAGE)
             handle.cancel()
 
     def _maybe_ack(self, lane: Lane, inbound: Inbound, template: str) -> None:

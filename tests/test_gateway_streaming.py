@@ -77,3 +77,18 @@ def test_non_streaming_platform_gets_one_message():
     upstream.last.delta("ignored preview")
     upstream.last.finish("Final.")
     assert adapter.transcript() == ["Final."]
+
+
+def test_interrupt_while_the_final_send_is_in_flight_carries_the_question():
+    clock, gateway, adapter, upstream, store = make(streaming=False)
+    say(gateway, adapter, "A")
+    adapter.hold_all = True
+    upstream.last.finish("answer A")  # the final send is in flight
+    adapter.hold_all = False
+    say(gateway, adapter, "B")
+    assert upstream.last.request.message == "B"
+    assert [r["content"] for r in upstream.last.request.history] == ["A"]
+    upstream.last.finish("answer B")
+    key = gateway.session_key_for(MessageEvent(
+        text="", source=SessionSource(platform=Platform.TELEGRAM, chat_id="c", user_id="u")))
+    assert store.rows(key) == [("user", "A"), ("user", "B"), ("assistant", "answer B")]
