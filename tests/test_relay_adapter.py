@@ -108,6 +108,12 @@ class AdapterTests(SynchronousTestCase):
         admission.cancel()  # e.g. the gateway shut down before admitting it
         self.assertEqual([a["bufferId"] for a in proto.of("inbound_ack")], ["b1", "b1"])
 
+    def test_without_a_gateway_buffered_messages_are_not_acked(self) -> None:
+        self.adapter._sink = None
+        proto = self.connect()
+        self.inbound(proto, buffer_id="keep-me")
+        self.assertEqual(proto.of("inbound_ack"), [])
+
     def test_a_poisoned_replay_is_acked_and_skipped(self) -> None:
         proto = self.connect()
         self.receive(proto, {"type": "inbound", "event": [1, 2], "bufferId": "bad"})

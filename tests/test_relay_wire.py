@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import MISSING
 
 import pytest
 from hypothesis import given
@@ -128,6 +129,19 @@ def test_descriptor_len_unit_and_ops():
     plain = CapabilityDescriptor.from_json({**DESCRIPTOR, "markdown_dialect": "plain",
                                             "len_unit": "bytes"})
     assert not plain.supports_code_blocks and plain.len_fn("\U0001f600") == 1
+
+
+def test_descriptor_fields_match_the_contract_table():
+    from dataclasses import fields
+
+    # relay.md §4.1: the wire keys, and which of them are required.
+    assert [f.name for f in fields(CapabilityDescriptor)] == [
+        "contract_version", "platform", "label", "max_message_length",
+        "supports_draft_streaming", "supports_edit", "supports_threads", "markdown_dialect",
+        "len_unit", "emoji", "platform_hint", "pii_safe", "supports_context",
+        "supports_inchannel_continuable", "supports_block_formatting", "supported_ops"]
+    assert set(REQUIRED_FIELDS) == {f.name for f in fields(CapabilityDescriptor)
+                                    if f.default is MISSING}
 
 
 def test_placeholder_descriptor():

@@ -156,6 +156,11 @@ class RelayAdapter(PlatformAdapter):
         self._admit(event, buffer_id)
 
     def _admit(self, event: MessageEvent, buffer_id: Any) -> None:
+        if self._sink is None:
+            # Not acked: the connector keeps a buffered message until a gateway can take it.
+            self.log.warn("relay: no gateway attached; message {message_id} not taken",
+                          message_id=event.message_id)
+            return
         self._capture(event)
         if buffer_id is not None and buffer_id != "":
             event.metadata["dedupe_key"] = f"relay:{buffer_id}"
