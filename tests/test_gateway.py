@@ -406,7 +406,7 @@ def test_on_turn_finished_once_per_inbound_event():
     assert [f[2] for f in kit.adapter.finished] == [True, True, False, True]
 
 
-def test_case_10_200_sessions_run_in_parallel():
+def test_200_sessions_run_in_parallel():
     """Requirement 10: 200 sessions with a 1 s upstream each finish after 1 s of Clock time."""
     kit = Kit(delay=1.0, auto_reply=lambda req: "re: " + req.message)
     for i in range(200):
