@@ -7,13 +7,16 @@ The first rule that matches decides:
  1. internal events, and events the relay delivered (C{source.delivered_via_upstream_relay},
     or an adapter declaring C{authorization_is_upstream}: the connector already bound the
     author, relay.md §6) are allowed;
- 2. a missing user id is denied;
- 3. the platform's C{allow_all_users} allows;
- 4. with an allowlist (the platform's C{allowed_users} and the global C{allowed_users}, as
+ 2. a sender the adapter already authorized (C{source.role_authorized}: a Discord role, a
+    Telegram group on C{group_allowed_chats}/C{group_allowed_users}, an admitted bot —
+    0.19.0 steps 2, 3 and 6) is allowed;
+ 3. a missing user id is denied;
+ 4. the platform's C{allow_all_users} allows;
+ 5. with an allowlist (the platform's C{allowed_users} and the global C{allowed_users}, as
     a union) the sender must match it (L{is_allowed}: C{*}, exact, C{x} matches C{x@domain});
- 5. with no allowlist at all, only the global C{allow_all_users} allows.  Default: deny.
+ 6. with no allowlist at all, only the global C{allow_all_users} allows.  Default: deny.
 
-Pairing, bot policies and group-chat allowlists of 0.19.0 are not implemented (deny).
+Pairing of 0.19.0 is not implemented: an unknown DM sender is denied and logged.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ def is_authorized(config: GatewayConfig, adapter: Any, event: MessageEvent) -> b
     if event.internal or source.delivered_via_upstream_relay:
         return True
     if getattr(adapter, "authorization_is_upstream", False):
+        return True
+    if source.role_authorized:
         return True
     if not source.user_id:
         return False

@@ -86,3 +86,12 @@ def test_unauthorized_user_gets_nothing_and_is_logged_without_text():
     assert len(denied) == 1
     assert denied[0]["user_id"] == "mallory" and denied[0]["platform"] == "telegram"
     assert "my secret plan" not in repr(denied[0])
+
+
+def test_adapter_authorized_senders_pass_without_an_allowlist():
+    """Telegram group allowlists and admitted bots mark the source role_authorized (0.19.0
+    steps 2, 3, 6); the gateway must honour it even though no user allowlist names them."""
+    allowed = event(user_id="42")
+    allowed.source.role_authorized = True
+    assert is_authorized(config(), Adapter(), allowed)
+    assert not is_authorized(config(), Adapter(), event(user_id="42"))
