@@ -139,6 +139,19 @@ class AdapterTests(SynchronousTestCase):
         self.assertEqual(proto.of("interrupt"), [
             {"type": "interrupt", "session_key": "k2", "reason": "Stop requested"}])
 
+    def test_the_echo_of_our_own_interrupt_does_not_cancel_the_next_turn(self) -> None:
+        proto = self.connect()
+        self.adapter.on_session_interrupted("k1", "c1", "Stop requested")
+        self.clock.advance(1)
+        self.receive(proto, {"type": "interrupt_inbound", "session_key": "k1", "chat_id": "c1"})
+        self.assertEqual(self.sink.interrupts, [])
+        self.receive(proto, {"type": "interrupt_inbound", "session_key": "k1", "chat_id": "c1"})
+        self.assertEqual(self.sink.interrupts, [("k1", "c1")])  # a second one is real
+        self.adapter.on_session_interrupted("k2", "c2", "Stop requested")
+        self.clock.advance(11)
+        self.receive(proto, {"type": "interrupt_inbound", "session_key": "k2", "chat_id": "c2"})
+        self.assertEqual(self.sink.interrupts[-1], ("k2", "c2"))  # too late to be an echo
+
     def test_passthrough(self) -> None:
         proto = self.connect()
 

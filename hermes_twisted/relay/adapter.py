@@ -27,6 +27,9 @@ from hermes_twisted.relay.passthrough import interaction_to_event, passthrough_f
 from hermes_twisted.settings import GatewayConfig, PlatformSettings, RelaySettings
 
 EGRESS_DECLINED = "egress_declined"
+#: How long an C{interrupt_inbound} for a session we interrupted ourselves counts as the
+#: connector routing our own C{interrupt} back to us (we own the session).
+INTERRUPT_ECHO_WINDOW = 10.0
 
 
 def _opt_str(value: Any) -> str | None:
@@ -82,6 +85,7 @@ class RelayAdapter(PlatformAdapter):
         self._chat_scope: dict[str, str] = {}
         self._chat_author: dict[str, str] = {}
         self._remote_interrupts: set[str] = set()
+        self._sent_interrupts: dict[str, float] = {}
 
     # -- capabilities -------------------------------------------------------------------------
 
@@ -198,6 +202,13 @@ class RelayAdapter(PlatformAdapter):
         chat_id = str(frame.get("chat_id") or "")
         if not session_key or self._sink is None:
             return
+        sent_at = self._sent_interrupts.pop(session_key, None)
+        if sent_at is not None and self.reactor.seconds() - sent_at <= INTERRUPT_ECHO_WINDOW:
+            # Our own /stop, routed back because this instance owns the session: the run is
+            # already stopped, and acting on it again could cancel the turn that came next.
+            self.log.info("relay: ignored the echo of our interrupt of {session_key}",
+                          session_key=session_key)
+            return
         self._remote_interrupts.add(session_key)
         try:
             ran = self._sink.interrupt_session(self, session_key, chat_id or None)
@@ -209,7 +220,12 @@ class RelayAdapter(PlatformAdapter):
     def on_session_interrupted(self, session_key: str, chat_id: str, reason: str) -> None:
         if session_key in self._remote_interrupts:
             return  # the connector told us; telling it back would loop
-        self.client.send_frame(wire.interrupt_frame(session_key, reason))
+        now = self.reactor.seconds()
+        for key, at in list(self._sent_interrupts.items()):
+            if now - at > INTERRUPT_ECHO_WINDOW:
+                del self._sent_interrupts[key]
+        if self.client.send_frame(wire.interrupt_frame(session_key, reason)):
+            self._sent_interrupts[session_key] = now
 
     # -- outbound -----------------------------------------------------------------------------
 
