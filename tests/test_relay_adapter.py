@@ -6,6 +6,8 @@ import base64
 import json
 from typing import Any
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -268,3 +270,40 @@ class AdapterTests(SynchronousTestCase):
         result = self.successResultOf(self.adapter.send("c", "x"))
         self.assertIn("relay_disabled", result.error)
         self.successResultOf(self.adapter.stopService())
+
+
+# -- any input ---------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4),
+    max_leaves=12)
+FRAME_TYPES = ["inbound", "interrupt_inbound", "passthrough_forward", "descriptor",
+               "outbound_result", "going_idle_ack", "hello", "outbound", "mystery"]
+KEYS = ["event", "bufferId", "forward", "session_key", "chat_id", "descriptor", "requestId",
+        "result", "source", "text"]
+
+
+@settings(max_examples=300, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kind=st.sampled_from(FRAME_TYPES),
+       fields=st.dictionaries(st.sampled_from(KEYS), json_values, max_size=5),
+       body=json_values)
+def test_no_frame_escapes_or_logs_a_failure(fail_on_logged_errors, kind, fields, body):
+    clock = Clock()
+    config = GatewayConfig(hermes_home="/x", db_path=":memory:", relay=RelaySettings(
+        url="ws://c/relay", platforms=("discord",)))
+    adapter = RelayAdapter(PlatformSettings(name="relay"), reactor=clock, gateway_config=config,
+                           endpoint=PendingEndpoint())
+    adapter.attach(RecordingSink())
+    proto = FakeProtocol()
+    adapter.client.connection_opened(proto)
+    frame = {"type": kind, **fields}
+    if kind == "passthrough_forward" and not isinstance(fields.get("forward"), dict):
+        frame["forward"] = {"platform": "discord", "bodyB64": base64.b64encode(
+            json.dumps(body).encode()).decode()}
+    adapter.client.line_received(proto, json.dumps(frame))
+    adapter.client.line_received(proto, json.dumps({"type": "inbound", "event": {"text": "ok"}}))
+    assert adapter._sink.texts()[-1] == "ok"
+    assert not fail_on_logged_errors
