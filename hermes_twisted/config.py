@@ -10,6 +10,7 @@ never touches the network.  The table of names is L{hermes_twisted.envvars}.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -239,7 +240,9 @@ def _kind(value: Any) -> str:
         return "a list"
     if isinstance(value, (int, float)):
         return "a number"
-    return "a string"
+    if isinstance(value, str):
+        return "a string"
+    return f"a {type(value).__name__}"
 
 
 def _shown(value: Any, secret: bool) -> str:
@@ -300,6 +303,8 @@ def _convert(raw: _Raw, spec: EnvVar | ConfigKey) -> Any:
     if value is None:
         return None
     if kind in ("str", "secret", "path"):
+        if isinstance(value, (datetime.date, datetime.time)):
+            value = value.isoformat()  # YAML read an unquoted id like 2024-01-01 as a date
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(raw.where, f"expected a string, got {_kind(value)}")
         text = value if isinstance(value, str) else str(value)

@@ -345,6 +345,13 @@ def test_errors_never_echo_secrets_or_url_passwords():
     assert text.startswith("GATEWAY_PROXY_URL:") and "hunter2" not in text
 
 
+def test_yaml_dates_in_string_settings_are_text():
+    config = load(yaml.safe_load("gateway:\n  relay_instance_id: 2024-01-02\n"))
+    assert config.relay.instance_id == "2024-01-02"
+    text = error_of(yaml.safe_load("streaming:\n  edit_interval: 2024-01-02\n"))
+    assert text == "streaming.edit_interval: expected a number, got datetime.date(2024, 1, 2)"
+
+
 def test_disabled_unsupported_block_is_accepted():
     config = load({"platforms": {"discord": {"enabled": False, "token": "x"}},
                    "slack": {"enabled": "false"}})
