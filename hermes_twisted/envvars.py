@@ -134,7 +134,8 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "Remote Hermes API server URL (e.g. http://192.168.1.100:8642)",
          type="url", yaml_key="gateway.proxy_url", advanced=True),
     _var("GATEWAY_PROXY_KEY",
-         "Bearer token for the remote API server; must match its API_SERVER_KEY.",
+         "Bearer token for the remote API server; must match its API_SERVER_KEY. (Hermes "
+         "reads only the variable; the config.yaml key is ours.)",
          "Remote API server auth key", type="secret", yaml_key="gateway.proxy_key",
          advanced=True),
     _var("HERMES_PROXY_MODEL", "The \"model\" field sent to the remote API server.",
