@@ -425,3 +425,21 @@ async def test_go_dormant_redials_and_drains_the_buffered_backlog():
         assert sink.texts() == ["woke me up"]
         assert not adapter.client.dormant and adapter.status == "connected"
         assert stub.connections == 2 and stub.max_open == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_load_driver_times_each_message_to_its_final_reply():
+    from hermes_twisted.relay.load import LoadDriver
+
+    async with relay_pair(platforms=("discord",)) as (stub, adapter, sink):
+        await handshaked(adapter)
+        sink.on_event = lambda adapter_, event: adapter_.send(event.source.chat_id, "pong")
+        driver = LoadDriver(stub, total=6, chats=2, final_text="pong")
+        driver.start()
+        d = driver.done
+        d.addTimeout(5, reactor)
+        figures = await d
+        assert figures["messages"] == 6 and figures["chats"] == 2
+        assert figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"]
+        assert sorted({e.source.chat_id for e in sink.events}) == ["bench-0", "bench-1"]
+        print(figures)

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_relay_client -*-
 """
-The relay's WebSocket client: an autobahn protocol and factory run by a C{ClientService}.
+The relay's supervised connection: the autobahn factory of L{hermes_twisted.relay.protocol}
+run by a C{ClientService}.
 
 L{RelayClient} owns one connection at a time (C{ClientService} guarantees a single dialer and
 redials with L{SessionBackoff}), mints a fresh bearer token for every dial, says C{hello} once
@@ -18,19 +19,21 @@ from __future__ import annotations
 import random
 from typing import Any, Callable, Protocol
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from autobahn.websocket.types import ConnectingRequest
-from autobahn.websocket.util import parse_url
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from hermes_twisted.reconnect import SessionBackoff
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import authorization_headers
 from hermes_twisted.relay.descriptor import BadDescriptor, CapabilityDescriptor
+from hermes_twisted.relay.protocol import (
+    CLOSE_BUDGET,
+    RelayClientFactory,
+    RelayClientProtocol,
+    endpoint_for_url,
+)
 from hermes_twisted.settings import RelaySettings
 
 UNAUTHORIZED = 4401
@@ -41,7 +44,6 @@ TIMED_OUT = "relay outbound timed out"
 DISABLED_CODE = "relay_disabled"
 DISABLED_MESSAGE = "Relay disabled (opted out \u2014 recreate the instance to re-enable)"
 GOING_IDLE_BUDGET = 2.0
-CLOSE_BUDGET = 1.0
 
 
 def failure_result(error: str, **extra: Any) -> dict[str, Any]:
@@ -57,54 +59,6 @@ def identities(settings: RelaySettings) -> list[tuple[str, str]]:
     return out or [("relay", "")]
 
 
-def endpoint_for_url(reactor: Any, url: str) -> Any:
-    """A TCP (ws://) or TLS (wss://) client endpoint for the host and port of C{url}."""
-    is_secure, host, port, _resource, _path, _params = parse_url(url)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
-    if is_secure:
-        from twisted.internet.ssl import optionsForClientTLS
-
-        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-    return endpoint
-
-
-class _Call:
-    """A timer autobahn may cancel after it fired (its own batched calls allow that)."""
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class ReactorTimer:
-    """
-    autobahn's per-factory timer (handshake, ping and close timeouts) on an injected reactor.
-    txaio's default batches timers on the global reactor and leaves a bucket's DelayedCall
-    behind after its timers were cancelled; this one cancels each timer for real.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-
-    def call_later(self, delay: float, func: Callable[..., Any], *args: Any,
-                   **kwargs: Any) -> _Call:
-        return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
-
-
-def cancel_leftover_timers(protocol: Any) -> None:
-    """autobahn leaves its close-handshake timers armed when the TCP connection ends first."""
-    for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
-        call = getattr(protocol, name, None)
-        if call is not None:
-            setattr(protocol, name, None)
-            try:
-                call.cancel()
-            except Exception:
-                pass  # it already fired (a twisted DelayedCall from txaio raises then)
-
 
 class RelayHandler(Protocol):
     """What the client calls on its owner (the adapter).  None of these may raise."""
@@ -117,78 +71,6 @@ class RelayHandler(Protocol):
 
     def relay_disabled(self, reason: str) -> None:
         """The connector revoked us; the client stopped dialing for good."""
-
-
-class RelayClientProtocol(WebSocketClientProtocol):
-    """One WebSocket connection to the connector.  Forwards everything to L{RelayClient}."""
-
-    _log = Logger()
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.relay: RelayClient | None = None
-        self._lines: wire.LineBuffer | None = None
-
-    def onConnecting(self, transport_details: Any) -> ConnectingRequest:
-        # A fresh token per dial: the factory's headers would be minted once and expire.
-        f = self.factory
-        return ConnectingRequest(host=f.host, port=f.port, resource=f.resource,
-                                 headers=f.relay.dial_headers(), useragent=f.useragent)
-
-    def onOpen(self) -> None:
-        self.relay = self.factory.relay
-        self._lines = wire.LineBuffer(self.factory.relay.max_message_bytes)
-        try:
-            self.relay.connection_opened(self)
-        except Exception:
-            self._log.failure("while opening the relay session")
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.relay is None or self._lines is None:
-            return
-        before = self._lines.overflows
-        lines = self._lines.feed(payload)
-        if self._lines.overflows != before:
-            self._log.warn("relay: dropped a frame longer than {limit} bytes",
-                           limit=self._lines.max_bytes)
-        for line in lines:
-            try:
-                self.relay.line_received(self, line)
-            except Exception:
-                self._log.failure("while handling a relay frame; skipped")
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        # autobahn reports an unclean close as 1006 even when the peer's close frame (e.g. 4401)
-        # arrived before the TCP drop; the peer's code is what carries the meaning.
-        if self.remoteCloseCode is not None:
-            code, reason = self.remoteCloseCode, self.remoteCloseReason
-        try:
-            self.factory.relay.connection_closed(self, code, reason or "")
-        except Exception:
-            self._log.failure("while closing the relay session")
-
-    def connectionLost(self, reason: Any) -> None:
-        super().connectionLost(reason)
-        cancel_leftover_timers(self)
-
-    def send_frame(self, frame: dict[str, Any]) -> None:
-        self.sendMessage(wire.encode_frame(frame), isBinary=False)
-
-
-class RelayClientFactory(WebSocketClientFactory):
-    protocol = RelayClientProtocol
-
-    def __init__(self, relay: "RelayClient", url: str, *, reactor: Any,
-                 max_message_bytes: int) -> None:
-        super().__init__(url, reactor=reactor)
-        self.relay = relay
-        self._batched_timer = ReactorTimer(reactor)
-        self.setProtocolOptions(
-            autoPingInterval=30, autoPingTimeout=60,
-            maxMessagePayloadSize=max_message_bytes, maxFramePayloadSize=max_message_bytes,
-            openHandshakeTimeout=10, closeHandshakeTimeout=CLOSE_BUDGET,
-        )
-
 
 class RelayClient(Service):
     """
