@@ -387,3 +387,14 @@ class ClientTests(SynchronousTestCase):
         self.assertTrue(client.status.startswith("disabled: relay_url_missing"))
         self.assertFalse(self.successResultOf(client.request({"op": "send"}))["success"])
         self.successResultOf(client.stopService())
+
+
+def test_redact_hides_bearer_tokens_in_every_shape_autobahn_logs():
+    from hermes_twisted.relay.protocol import redact
+
+    assert redact("GET /relay\r\nAuthorization: Bearer abc.def\r\nHost: x") == (
+        "GET /relay\r\nAuthorization: Bearer <redacted>\r\nHost: x")
+    assert redact(b"authorization: bearer abc\r\n") == b"authorization: bearer <redacted>\r\n"
+    assert redact({"authorization": "Bearer abc", "host": "x"}) == {
+        "authorization": "<redacted>", "host": "x"}
+    assert redact(5) == 5

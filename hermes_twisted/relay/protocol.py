@@ -10,6 +10,7 @@ everything so no frame can end the connection.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -72,6 +73,43 @@ def cancel_leftover_timers(protocol: Any) -> None:
                 pass  # it already fired (a twisted DelayedCall from txaio raises then)
 
 
+_BEARER = re.compile(r"(authorization:\s*bearer\s+)\S+", re.IGNORECASE)
+_BEARER_BYTES = re.compile(rb"(authorization:\s*bearer\s+)\S+", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """C{value} with any bearer token replaced (autobahn logs whole upgrade requests)."""
+    if isinstance(value, str):
+        return _BEARER.sub(r"\1<redacted>", value)
+    if isinstance(value, bytes):
+        return _BEARER_BYTES.sub(rb"\1<redacted>", value)
+    if isinstance(value, dict):
+        return {k: ("<redacted>" if str(k).lower() == "authorization" else v)
+                for k, v in value.items()}
+    return value
+
+
+class RedactingLog:
+    """
+    autobahn's own logger for one connection, minus the bearer token: at debug level autobahn
+    prints the complete HTTP upgrade request, Authorization header included.
+    """
+
+    def __init__(self, log: Any) -> None:
+        self._log = log
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._log, name)
+        if not callable(method):
+            return method
+
+        def redacted(*args: Any, **kwargs: Any) -> Any:
+            return method(*(redact(a) for a in args),
+                          **{k: redact(v) for k, v in kwargs.items()})
+
+        return redacted
+
+
 class RelayClientProtocol(WebSocketClientProtocol):
     """One WebSocket connection to the connector.  Forwards everything to L{RelayClient}."""
 
@@ -79,6 +117,7 @@ class RelayClientProtocol(WebSocketClientProtocol):
 
     def __init__(self) -> None:
         super().__init__()
+        self.log = RedactingLog(self.log)
         self.relay: Any = None
         self._lines: wire.LineBuffer | None = None
 

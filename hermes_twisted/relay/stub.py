@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import bearer_from_header, verify_token
-from hermes_twisted.relay.protocol import ReactorTimer, cancel_leftover_timers
+from hermes_twisted.relay.protocol import RedactingLog, ReactorTimer, cancel_leftover_timers
 
 #: A result that is never answered (forces the gateway's request timeout).
 NEVER = object()
@@ -44,6 +44,7 @@ class StubConnection(WebSocketServerProtocol):
 
     def __init__(self) -> None:
         super().__init__()
+        self.log = RedactingLog(self.log)
         self.stub: StubConnector | None = None
         self.index = 0
         self.gateway_id: str | None = None
