@@ -542,10 +542,15 @@ class _Loader:
             if name in self.relay_platforms:
                 return
             enabled = block.get("enabled")
-            if enabled is False or (isinstance(enabled, str) and enabled.strip().lower() in
-                                    _FALSE):
-                log.info("{where}: {name} is not supported by this daemon; the disabled block "
-                         "is ignored", where=where, name=name)
+            disabled = enabled is False or (isinstance(enabled, str)
+                                            and enabled.strip().lower() in _FALSE)
+            wants_it = not disabled and (enabled is not None
+                                         or any(block.get(k) for k in ("token", "api_key")))
+            if name in UNSUPPORTED_PLATFORMS and not wants_it:
+                # Hermes's stock config.yaml carries behaviour blocks (require_mention, ...)
+                # for platforms it may never enable; a copied file must still load.
+                log.warn("{where}: {name} is not supported by this daemon; the block is ignored "
+                         "(front {name} through the relay to use it)", where=where, name=name)
                 return
             supported = ", ".join(sorted(SUPPORTED))
             if name in UNSUPPORTED_PLATFORMS:

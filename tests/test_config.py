@@ -260,9 +260,8 @@ ERRORS = [
      "gateway.platforms.smoke: unknown platform 'smoke'"),
     ({"platforms": {"discord": {"enabled": True}}}, {},
      "platforms.discord: discord is not supported by this daemon"),
-    ({"slack": {"require_mention": True}}, {}, "slack: slack is not supported by this daemon"),
-    ({"gateway": {"discord": {"require_mention": True}}}, {},
-     "gateway.discord: discord is not supported"),
+    ({"platforms": {"slack": {"token": "xoxb-1"}}}, {},
+     "platforms.slack: slack is not supported by this daemon"),
     ({"platforms": "irc"}, {}, "platforms: expected a mapping, got a string"),
     ({"platforms": {"irc": {"extra": ["server"]}}}, {},
      "platforms.irc.extra: expected a mapping, got a list"),
@@ -350,6 +349,17 @@ def test_yaml_dates_in_string_settings_are_text():
     assert config.relay.instance_id == "2024-01-02"
     text = error_of(yaml.safe_load("streaming:\n  edit_interval: 2024-01-02\n"))
     assert text == "streaming.edit_interval: expected a number, got datetime.date(2024, 1, 2)"
+
+
+def test_hermes_stock_behaviour_blocks_of_unsupported_platforms_load_with_a_warning(warnings):
+    """hermes's shipped config.yaml has discord:/slack: blocks that enable nothing; a copied
+    file must load (the blocks are ignored, and the operator is told)."""
+    config = load({"slack": {"require_mention": True},
+                   "gateway": {"discord": {"require_mention": True,
+                                           "free_response_channels": ""}}})
+    assert "discord" not in config.platforms and "slack" not in config.platforms
+    assert any("slack is not supported" in w for w in warnings)
+    assert any("discord is not supported" in w for w in warnings)
 
 
 def test_disabled_unsupported_block_is_accepted():
