@@ -307,3 +307,15 @@ def test_no_frame_escapes_or_logs_a_failure(fail_on_logged_errors, kind, fields,
     adapter.client.line_received(proto, json.dumps({"type": "inbound", "event": {"text": "ok"}}))
     assert adapter._sink.texts()[-1] == "ok"
     assert not fail_on_logged_errors
+
+
+def test_routing_memory_is_bounded_and_keeps_recent_chats():
+    from hermes_twisted.relay.adapter import RecentMap
+
+    m = RecentMap(limit=3)
+    for key in "abcd":
+        m[key] = key.upper()
+    assert list(m) == ["b", "c", "d"]
+    m["b"] = "B2"  # written again: now the most recent
+    m["e"] = "E"
+    assert list(m) == ["d", "b", "e"]

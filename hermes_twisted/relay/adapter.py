@@ -12,6 +12,7 @@ egress discriminators (C{scope_id}, C{user_id}) the connector's egress guard nee
 from __future__ import annotations
 
 import random
+from collections import OrderedDict
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
@@ -30,6 +31,25 @@ EGRESS_DECLINED = "egress_declined"
 #: How long an C{interrupt_inbound} for a session we interrupted ourselves counts as the
 #: connector routing our own C{interrupt} back to us (we own the session).
 INTERRUPT_ECHO_WINDOW = 10.0
+
+
+#: Chats whose routing (identity, scope, author) is remembered; the least recently active go.
+ROUTING_MEMORY = 50_000
+
+
+class RecentMap(OrderedDict):
+    """A dict that forgets its least recently written keys beyond C{limit} (no unbounded growth
+    over months of chats)."""
+
+    def __init__(self, limit: int = ROUTING_MEMORY) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        super().__setitem__(key, value)
+        self.move_to_end(key)
+        while len(self) > self.limit:
+            self.popitem(last=False)
 
 
 def _opt_str(value: Any) -> str | None:
@@ -81,9 +101,9 @@ class RelayAdapter(PlatformAdapter):
         self.client.setServiceParent(self)
         self._bot_ids = dict(self.client.identities)
         self._len = codepoint_len
-        self._chat_platform: dict[str, str] = {}
-        self._chat_scope: dict[str, str] = {}
-        self._chat_author: dict[str, str] = {}
+        self._chat_platform: dict[str, str] = RecentMap()
+        self._chat_scope: dict[str, str] = RecentMap()
+        self._chat_author: dict[str, str] = RecentMap()
         self._remote_interrupts: set[str] = set()
         self._sent_interrupts: dict[str, float] = {}
 
