@@ -143,6 +143,14 @@ class ClientTests(SynchronousTestCase):
         self.assertEqual(self.client.descriptor_for("discord").max_length, 2000)
         self.assertEqual(self.client.descriptor_for("slack").platform, "telegram")
 
+    def test_a_reconnect_refreshes_the_default_descriptor(self) -> None:
+        self.client = self.make(platforms=("telegram", "discord"))
+        self.handshake(self.open(), {**DESCRIPTOR, "platform": "discord"})
+        self.client.connection_closed(self.client._protocol, 1006, "")
+        self.handshake(self.open(), {**DESCRIPTOR, "platform": "discord",
+                                     "max_message_length": 900})
+        self.assertEqual(self.client.default_descriptor.max_length, 900)
+
     def test_bad_descriptor_and_bad_lines_are_skipped(self) -> None:
         proto = self.open()
         for text in ["not json", "[1]", '{"type": "descriptor", "descriptor": {"platform": "x"}}',

@@ -278,9 +278,10 @@ class RelayClient(Service):
             self.log.warn("relay: skipped a bad descriptor: {error}", error=str(e))
             return
         self.descriptors[descriptor.platform] = descriptor
-        first_platform = self.identities[0][0]
-        if (self.default_descriptor is None or descriptor.platform == first_platform
-                or self.default_descriptor.platform not in self.descriptors):
+        # The first identity's descriptor is the default; until it arrives, the first one that
+        # did (and each newer copy of it, so a reconnect never leaves it stale).
+        current = self.default_descriptor
+        if current is None or descriptor.platform in (self.identities[0][0], current.platform):
             self.default_descriptor = descriptor
         self.handshaked = True
         self._provisional_4401 = False
