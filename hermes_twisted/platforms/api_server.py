@@ -112,6 +112,7 @@ class _TrackingSite(Site):
 
     requestFactory = LimitedRequest
     displayTracebacks = False
+    noisy = False
 
     def __init__(self, resource: Resource) -> None:
         super().__init__(resource)

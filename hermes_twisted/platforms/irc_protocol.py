@@ -280,6 +280,8 @@ class HermesIRCClient(irc.IRCClient):
 
 
 class IRCClientFactory(protocol.Factory):
+    noisy = False  # ClientService reconnects; per-attempt start/stop lines are noise
+
     def __init__(self, adapter: "IRCAdapter") -> None:
         self.adapter = adapter
 

@@ -21,6 +21,7 @@ import tempfile
 from typing import Any
 from urllib.parse import quote
 
+import treq.client
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
@@ -34,10 +35,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-import treq.client
-
 from hermes_twisted.cancellation import raise_if_cancelled
 from hermes_twisted.http_body import read_body
+from hermes_twisted.http_pool import make_pool
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
 from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
 from hermes_twisted.platforms.matrix_format import has_markup, markdown_to_html
@@ -109,8 +109,7 @@ class MatrixAdapter(PlatformAdapter):
     def startService(self) -> None:
         super().startService()
         if self._http is None:
-            self._pool = HTTPConnectionPool(self.reactor, persistent=True)
-            self._pool.maxPersistentPerHost = 4
+            self._pool = make_pool(self.reactor, max_per_host=4)
             self._http = treq.client.HTTPClient(Agent(self.reactor, pool=self._pool,
                                                       connectTimeout=10))
         self._state = "connecting"

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
+from hermes_twisted.http_pool import make_pool
 from hermes_twisted.model import MessageEvent, Platform, SendResult
 from hermes_twisted.platforms import telegram_botapi
 from hermes_twisted.platforms.base import PlatformAdapter
@@ -122,9 +123,7 @@ class TelegramAdapter(PlatformAdapter):
     def startService(self) -> None:
         super().startService()
         if self._injected_client is None:
-            self._pool = HTTPConnectionPool(self.reactor, persistent=True)
-            self._pool.maxPersistentPerHost = 4
-            self._pool.cachedConnectionTimeout = 60
+            self._pool = make_pool(self.reactor, max_per_host=4, idle_timeout=60)
             from treq.client import HTTPClient
             self._http = HTTPClient(Agent(self.reactor, pool=self._pool))
         if not self.settings.token:

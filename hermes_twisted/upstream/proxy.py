@@ -28,10 +28,11 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.client import Agent
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
+from hermes_twisted.http_pool import make_pool
 from hermes_twisted.settings import UpstreamSettings
 from hermes_twisted.upstream import NO_RESPONSE, TurnRequest, TurnSink, result
 from hermes_twisted.upstream.body import ENDED, STOPPED, BodyStream
@@ -161,9 +162,8 @@ class ProxyUpstream(Service):
                  agent: Any = None, client: Any = None) -> None:
         self.settings = settings
         self._reactor = reactor
-        self.pool = HTTPConnectionPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = settings.max_persistent_per_host
-        self.pool.cachedConnectionTimeout = self.cached_connection_timeout
+        self.pool = make_pool(reactor, max_per_host=settings.max_persistent_per_host,
+                              idle_timeout=self.cached_connection_timeout)
         if client is None:
             if agent is None:
                 agent = Agent(reactor, pool=self.pool, connectTimeout=settings.connect_timeout)
