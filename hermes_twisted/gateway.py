@@ -40,13 +40,14 @@ from twisted.internet.defer import (
     succeed,
 )
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hermes_twisted import commands, interrupts
 from hermes_twisted.authz import is_authorized, log_denied
 from hermes_twisted.inbound import event_from_payload, payload_for
 from hermes_twisted.lanes import Inbound, Lane
 from hermes_twisted.model import MessageEvent
-from hermes_twisted.runs import Generations, PostDeliveryCallbacks, RunHandle
+from hermes_twisted.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
 from hermes_twisted.sessions.keys import build_session_key
 from hermes_twisted.settings import GatewayConfig
 from hermes_twisted.turn import execute_turn, thread_metadata
@@ -90,6 +91,7 @@ class Gateway(Service):
         self._adapters: dict[str, Any] = {}
         self._lanes: dict[str, Lane] = {}
         self._runs: set[RunHandle] = set()
+        self._callback_runs: set[Deferred] = set()
         self._idle_waiters: list[Deferred] = []
         self._stopping = False
 
@@ -125,6 +127,8 @@ class Gateway(Service):
         """
         super().stopService()
         self._stopping = True
+        for callbacks in list(self._callback_runs):
+            callbacks.cancel()
         for handle in list(self._runs):
             if self.current_run(handle.session_key) is handle:
                 self.interrupt_and_clear(handle.session_key, interrupts.GATEWAY_SHUTDOWN,
@@ -333,8 +337,10 @@ class Gateway(Service):
             self._start_run(inbound)
             return
         lane.queue.append(inbound)
-        if event.internal or lane.handle is None:
-            return  # internal completions and input behind a /new wait silently
+        if event.internal or lane.handle is None or lane.handle.phase == "finishing":
+            # Internal completions, input behind a /new, and input arriving after the reply
+            # was delivered (only the transcript write is left) wait silently.
+            return
         handle = lane.handle
         interrupt = self.config.display.busy_input_mode != "queue"
         self._maybe_ack(lane, inbound, ACK_INTERRUPT if interrupt else ACK_QUEUE)
@@ -380,11 +386,25 @@ class Gateway(Service):
         if lane is not None and lane.handle is handle:
             lane.handle = None
             self._drain(handle.session_key)
+        fire, handle.after_delivery = handle.after_delivery, None
+        if fire is not None and not self._stopping:
+            self._fire_callbacks(fire, handle.session_key)
         if not self._runs:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.callback(None)
         return result
+
+    def _fire_callbacks(self, fire: Callable[[], Deferred], key: str) -> None:
+        d = fire_bounded(fire, self.clock, key=key)
+        self._callback_runs.add(d)
+
+        def done(result: Any) -> None:
+            self._callback_runs.discard(d)
+            if isinstance(result, Failure) and not result.check(CancelledError):
+                self.log.failure("Post-delivery callbacks for {key} failed", result, key=key)
+
+        d.addBoth(done)
 
     def _drain(self, key: str) -> None:
         lane = self._lanes.get(key)

@@ -65,7 +65,8 @@ class RunHandle:
 
     C{deferred} is the whole turn as one chain; cancelling it throws C{CancelledError} into
     the turn wherever it waits, which for the upstream call closes the connection.  C{phase}
-    is C{"preparing"} until the upstream call starts, then C{"running"}.
+    is C{"preparing"} until the upstream call starts, C{"running"} until the reply was
+    delivered, then C{"finishing"} while the transcript is written.
     """
 
     def __init__(self, *, session_key: str, generation: int, generations: Generations,
@@ -88,6 +89,8 @@ class RunHandle:
         self.deferred: Deferred | None = None
         self.typing: Any = None
         self.consumer: Any = None
+        #: The post-delivery callbacks this run popped, fired after its lane is released.
+        self.after_delivery: Callable[[], Deferred] | None = None
 
     def is_current(self) -> bool:
         """False once the run was interrupted or a newer generation claimed its session."""

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
-from hermes_twisted.runs import RunHandle, fire_bounded
+from hermes_twisted.runs import RunHandle
 from hermes_twisted.typing_loop import TypingLoop
 from hermes_twisted.upstream import TurnRequest
 
@@ -141,6 +141,9 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
     # The consumer decides what the chat still needs: nothing when the streamed text already
     # is the answer (response_previewed), an edit, or a send; also for an empty answer.
     report = await handle.consumer.finish(final)
+    # The reply is out; what is left (the transcript) is bookkeeping.  A message arriving now
+    # waits for it silently instead of "interrupting" an answer the user already has.
+    handle.phase = "finishing"
     delivered = handle.delivered = bool(report.delivered)
     message_ids = tuple(report.message_ids or ())
     if not delivered:
@@ -164,9 +167,9 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
         for row in rows:
             await row
     if delivered and handle.is_current():
-        fire = gw.callbacks.pop(key, handle.generation)
-        if fire is not None:
-            await fire_bounded(fire, gw.clock, key=key)
+        # Fired by the gateway once the lane is released, so a slow callback never holds up
+        # the user's next message.
+        handle.after_delivery = gw.callbacks.pop(key, handle.generation)
 
 
 def _transcript_failed(failure: Any, key: str) -> Any:

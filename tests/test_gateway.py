@@ -299,16 +299,49 @@ def test_case_35_callback_fires_after_the_main_reply():
 
 
 def test_case_36_hung_callback_is_abandoned_after_typing_stopped():
+    """
+    Differs from 0.19.0 on purpose: the callbacks fire after the run released its lane, so a
+    hung callback never holds up the user's next message; it is still abandoned after 30 s.
+    """
     from twisted.internet.defer import Deferred
 
     kit = Kit()
     kit.say("hello")
-    kit.gateway.callbacks.register(kit.key(), lambda: Deferred(), kit.handle().generation)
+    hung = []
+    kit.gateway.callbacks.register(kit.key(), lambda: hung.append(Deferred()) or hung[-1],
+                                   kit.handle().generation)
     kit.upstream.last.finish("answer")
     assert kit.adapter.typing[-1] == "stop"
-    assert kit.gateway.is_busy(kit.key())
+    assert len(hung) == 1 and not kit.gateway.is_busy(kit.key())
+    kit.say("next question")
+    assert kit.gateway.is_busy(kit.key())  # runs at once, no ack, no interrupt
+    assert not any("Interrupting" in text for text in kit.adapter.texts)
+    kit.upstream.last.finish("next answer")
     kit.clock.advance(30)
-    assert not kit.gateway.is_busy(kit.key())
+    assert hung[0].called  # abandoned (cancelled) by the 30 s bound
+    assert kit.clock.getDelayedCalls() == []
+
+
+def test_message_after_the_reply_was_delivered_waits_silently_for_the_transcript():
+    """
+    A follow-up that arrives after the reply reached the chat but before the transcript
+    committed must neither interrupt (the answer is already out) nor be acknowledged; it
+    runs right after, with the finished exchange in its history.
+    """
+    kit = Kit()
+    kit.store.hold("append")
+    kit.say("first")
+    kit.upstream.last.finish("first answer")
+    assert "first answer" in kit.adapter.texts
+    kit.say("second")
+    assert not any("Interrupting" in t or "Queued" in t for t in kit.adapter.texts)
+    assert len(kit.upstream.turns) == 1
+    kit.store._holding.discard("append")
+    for d in kit.store.held.pop("append"):
+        d.callback(None)
+    assert len(kit.upstream.turns) == 2
+    assert [m["content"] for m in kit.upstream.last.request.history] == ["first",
+                                                                         "first answer"]
 
 
 def test_transcript_written_once_for_a_current_turn_only():
