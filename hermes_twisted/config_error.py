@@ -1,0 +1,16 @@
+# -*- test-case-name: tests.test_config -*-
+"""The one error every part of the configuration loader raises: L{ConfigError}."""
+
+from __future__ import annotations
+
+
+class ConfigError(Exception):
+    """A configuration problem: C{key} is a dotted YAML key, an env var name or a file."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(key, problem)
+        self.key = key
+        self.problem = problem
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.problem}"
