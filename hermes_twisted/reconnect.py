@@ -34,8 +34,9 @@ class SessionBackoff:
     A C{ClientService} retry policy (C{attempt -> seconds}) that remembers failed sessions.
 
     The owning protocol calls L{connection_opened} when a session is established (e.g. the
-    WebSocket handshake completed) and L{connection_lost} when it ends; a connection that
-    lasted less than C{stable_after} seconds counts as a failure.
+    WebSocket handshake completed) and L{connection_lost} when it ends; only a session that
+    lasted C{stable_after} seconds resets the ladder, so connections that die right after
+    opening keep climbing it.
     """
 
     def __init__(self, clock: Any, *, initial: float = 1.0, factor: float = 2.0,
@@ -49,9 +50,13 @@ class SessionBackoff:
         self._opened_at: float | None = None
 
     def __call__(self, attempt: int) -> float:
-        return exponential_delay(max(attempt, self.failures + 1), initial=self._initial,
-                                 factor=self._factor, maximum=self._maximum,
-                                 jitter=self._jitter, rand=self._rand)
+        # ClientService asks once per failure, a refused connect or a lost connection alike
+        # (its own C{attempt} restarts at 1 whenever TCP connects, so it cannot be trusted
+        # here): every request is one more step up the ladder until a stable connection
+        # resets it.
+        self.failures += 1
+        return exponential_delay(self.failures, initial=self._initial, factor=self._factor,
+                                 maximum=self._maximum, jitter=self._jitter, rand=self._rand)
 
     def connection_opened(self) -> None:
         self._opened_at = self._clock.seconds()
@@ -60,8 +65,6 @@ class SessionBackoff:
         opened, self._opened_at = self._opened_at, None
         if opened is not None and self._clock.seconds() - opened >= self.stable_after:
             self.failures = 0
-        else:
-            self.failures += 1
 
     def reset(self) -> None:
         self.failures = 0

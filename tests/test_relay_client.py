@@ -278,7 +278,7 @@ class ClientTests(SynchronousTestCase):
             self.clock.advance(1)
             self.client.connection_closed(proto, 1000, "")
             delays.append(self.client._retry_delay(1))
-        self.assertEqual(delays, [2, 4, 8, 16, 30, 30])
+        self.assertEqual(delays, [1, 2, 4, 8, 16, 30])  # the ladder of relay.md §3.8
         proto = self.open()
         self.clock.advance(61)
         self.client.connection_closed(proto, 1000, "")
