@@ -169,6 +169,7 @@ class RelayClientProtocol(WebSocketClientProtocol):
 
 class RelayClientFactory(WebSocketClientFactory):
     protocol = RelayClientProtocol
+    noisy = False  # ClientService redials; per-dial start/stop lines are noise
 
     def __init__(self, relay: Any, url: str, *, reactor: Any,
                  max_message_bytes: int) -> None:
