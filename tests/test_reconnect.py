@@ -16,8 +16,8 @@ def test_ladder_without_jitter():
 
 def test_jitter_stays_inside_the_cap():
     for r in (0.0, 1.0):
-        assert 0.8 - 1e-9 <= exponential_delay(1, rand=lambda: r) <= 1.2 + 1e-9
-        assert exponential_delay(10, rand=lambda: r) <= 30
+        assert 0.8 - 1e-9 <= exponential_delay(1, rand=lambda r=r: r) <= 1.2 + 1e-9
+        assert exponential_delay(10, rand=lambda r=r: r) <= 30
 
 
 def test_connections_dying_right_after_opening_keep_climbing():
