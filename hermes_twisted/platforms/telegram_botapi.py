@@ -11,10 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
-from twisted.web.client import ResponseDone
-from twisted.web.http import PotentialDataLoss
+from hermes_twisted.http_body import BodyTooLarge, read_body
 
 #: Cap on a response body (a full getUpdates batch is far below it).
 MAX_BODY = 32 * 1024 * 1024
@@ -49,55 +46,6 @@ class TelegramAPIError(Exception):
         return "unknown"
 
 
-class _BodyReader(Protocol):
-    """Collect a response body up to a cap; the Deferred's canceller drops the connection."""
-
-    def __init__(self, finished: Deferred, limit: int) -> None:
-        self._finished = finished
-        self._limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._finished.called:
-            return
-        self._size += len(data)
-        if self._size > self._limit:
-            self.abort()
-            self._finished.errback(TelegramAPIError(0, "response body too large"))
-            return
-        self._chunks.append(data)
-
-    def connectionLost(self, reason: Any) -> None:
-        if self._finished.called:
-            return
-        if reason.check(ResponseDone, PotentialDataLoss):
-            self._finished.callback(b"".join(self._chunks))
-        else:
-            self._finished.errback(reason)
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.stopProducing()
-
-
-def read_body(response: Any, limit: int = MAX_BODY) -> Deferred:
-    """
-    Fires with the whole body of C{response} (bytes); fails with the transport's reason or
-    L{TelegramAPIError} past C{limit} bytes.  Cancelling closes the connection.
-    """
-    reader: _BodyReader | None = None
-
-    def cancel(_: Deferred) -> None:
-        if reader is not None:
-            reader.abort()
-
-    finished: Deferred = Deferred(cancel)
-    reader = _BodyReader(finished, limit)
-    response.deliverBody(reader)
-    return finished
-
-
 async def call(http: Any, base_url: str, token: str, method: str,
                params: dict[str, Any]) -> Any:
     """
@@ -107,7 +55,10 @@ async def call(http: Any, base_url: str, token: str, method: str,
     """
     response = await http.post(f"{base_url}/bot{token}/{method}", json=params,
                                unbuffered=True)
-    body = await read_body(response)
+    try:
+        body = await read_body(response, MAX_BODY)
+    except BodyTooLarge:
+        raise TelegramAPIError(0, "response body too large")
     try:
         payload = json.loads(body)
     except ValueError:
