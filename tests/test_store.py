@@ -12,51 +12,19 @@ import sqlite3
 import threading
 import time
 from dataclasses import replace
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, DeferredList, gatherResults
 from twisted.internet.task import Clock
 
 from hermes_twisted.model import Platform, SessionSource
 from hermes_twisted.sessions.ids import is_session_id, new_session_id
 from hermes_twisted.sessions.interface import SessionEntry, StoreError
-from hermes_twisted.sessions.sqlite import SQLiteSessionStore
 from hermes_twisted.settings import ResetPolicy
 
-PLUS2 = timezone(timedelta(hours=2))
-ALICE = SessionSource(Platform.IRC, "alice", user_id="alice", user_name="Alice")
-KEY = "agent:main:irc:dm:alice"
-T0 = datetime(2026, 3, 10, 12, 0, tzinfo=PLUS2).timestamp()
-
-
-def make_store(path, policy=ResetPolicy(), **kwargs) -> SQLiteSessionStore:
-    policy_for = policy if callable(policy) else (lambda source: policy)
-    return SQLiteSessionStore(str(path), reactor=reactor, reset_policy_for=policy_for,
-                              tz=PLUS2, **kwargs)
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "gateway.db"
-
-
-@pytest_twisted.async_yield_fixture
-async def store(db):
-    s = make_store(db)
-    await s.open()
-    yield s
-    await s.close()
-
-
-def query(path, sql, *args):
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+from tests.store_support import ALICE, KEY, PLUS2, T0, make_store, query  # noqa: F401
 
 
 # -- ids -----------------------------------------------------------------------------------

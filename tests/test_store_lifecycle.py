@@ -11,49 +11,16 @@ import os
 import re
 import sqlite3
 import tempfile
-from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
-from twisted.internet import reactor
 from twisted.internet.defer import gatherResults
 
-from hermes_twisted.model import Platform, SessionSource
 from hermes_twisted.sessions.interface import StoreError
 from hermes_twisted.sessions.schema import APPLICATION_ID, SCHEMA_VERSION
-from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService, check_database
-from hermes_twisted.settings import ResetPolicy
+from hermes_twisted.sessions.sqlite import StoreService, check_database
 
-PLUS2 = timezone(timedelta(hours=2))
-ALICE = SessionSource(Platform.IRC, "alice", user_id="alice", user_name="Alice")
-KEY = "agent:main:irc:dm:alice"
-T0 = datetime(2026, 3, 10, 12, 0, tzinfo=PLUS2).timestamp()
-
-
-def make_store(path) -> SQLiteSessionStore:
-    return SQLiteSessionStore(str(path), reactor=reactor,
-                              reset_policy_for=lambda source: ResetPolicy(), tz=PLUS2)
-
-
-@pytest.fixture
-def db(tmp_path):
-    return tmp_path / "gateway.db"
-
-
-@pytest_twisted.async_yield_fixture
-async def store(db):
-    s = make_store(db)
-    await s.open()
-    yield s
-    await s.close()
-
-
-def query(path, sql, *args):
-    conn = sqlite3.connect(str(path), isolation_level=None)
-    try:
-        return conn.execute(sql, args).fetchall()
-    finally:
-        conn.close()
+from tests.store_support import ALICE, KEY, PLUS2, T0, make_store, query  # noqa: F401
 
 
 # -- lifecycle -----------------------------------------------------------------------------
