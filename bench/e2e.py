@@ -82,11 +82,11 @@ def cpu_seconds(pid: int) -> float:
 
 
 def memory_kb(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of C{pid}, in kB."""
+    """VmRSS, VmHWM, RssAnon and RssFile of C{pid}, in kB."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[key] = int(value.split()[0])
     return out
 
@@ -290,6 +290,10 @@ async def run_load(reactor: Any, args: argparse.Namespace, load: str) -> dict[st
         await sleep(reactor, 2.0)
         idle = memory_kb(pid)
         figures["idle_rss_mb"] = round(idle["VmRSS"] / 1024, 1)
+        # The file-backed part is mostly shared libraries (libcrypto, libpython, ...) that
+        # other processes share; the anonymous part is this process's own heap.
+        figures["idle_rss_anon_mb"] = round(idle["RssAnon"] / 1024, 1)
+        figures["idle_rss_file_mb"] = round(idle["RssFile"] / 1024, 1)
         if args.py_spy:
             profiler = start_py_spy(reactor, pid, Path(args.py_spy) / f"{load}.txt",
                                     args.py_spy_idle)
@@ -308,6 +312,9 @@ async def run_load(reactor: Any, args: argparse.Namespace, load: str) -> dict[st
                                         "all_open")
             if opened.get("ev") == "error":
                 raise RuntimeError(opened["error"])
+            if profiler is not None:  # profile the opening of the streams only
+                await stop_py_spy(reactor, profiler)
+                profiler = None
             # Let the gateway settle with every stream open, then sample, well before [DONE].
             await sleep(reactor, min(3.0, args.hold / 3))
             open_kb = memory_kb(pid)["VmRSS"]
@@ -388,7 +395,7 @@ def start_py_spy(reactor: Any, pid: int, out: Path, idle: bool) -> tuple[Any, _Q
     exe = str(Path(sys.executable).with_name("py-spy"))
     proto = _Quiet()
     transport = reactor.spawnProcess(proto, exe, [exe, "record", "--pid", str(pid),
-                                                  "--format", "raw", "--rate", "250",
+                                                  "--format", "raw", "--rate", "1000",
                                                   "--nonblocking", "-o", str(out),
                                                   *(["--idle", "--threads"] if idle else [])],
                                      env=dict(os.environ))
@@ -437,7 +444,8 @@ def meets(value: Any, target: str) -> str:
 
 def print_report(figures: dict[str, dict[str, Any]]) -> None:
     for load, f in figures.items():
-        print(f"\n== load {load}  (ready {f.get('ready_s')} s, idle RSS {f.get('idle_rss_mb')} MB,"
+        print(f"\n== load {load}  (ready {f.get('ready_s')} s, idle RSS {f.get('idle_rss_mb')} MB"
+              f" [anon {f.get('idle_rss_anon_mb')}, file {f.get('idle_rss_file_mb')}],"
               f" peak RSS {f.get('peak_rss_mb')} MB, steady RSS {f.get('steady_rss_mb')} MB,"
               f" CPU {f.get('cpu_s')} s over {f.get('wall_s')} s)")
         if load == "a":
@@ -483,12 +491,25 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
     print_report(figures)
     if args.out:
         doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-               "machine": machine(), "args": vars(args), "loads": figures,
+               "commit": source_version(), "machine": machine(), "args": vars(args),
+               "loads": figures,
                "targets": {k: {"value": v, "target": TARGETS[k], "met": meets(v, TARGETS[k])}
                            for k, v in flat(figures).items()}}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
         print(f"\nwrote {args.out}")
+
+
+def source_version() -> str:
+    """The commit under test, with C{+dirty} when tracked files differ from it."""
+    import subprocess
+
+    def git(*argv: str) -> str:
+        return subprocess.run(["git", *argv], cwd=ROOT, capture_output=True,
+                              text=True).stdout.strip()
+
+    commit = git("rev-parse", "--short", "HEAD") or "?"
+    return commit + ("+dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
 def machine() -> dict[str, Any]:
