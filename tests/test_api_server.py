@@ -315,3 +315,25 @@ def test_session_id_problems(session):
 
     assert session_id_problem(session) == "Invalid session ID"
     assert session_id_problem("ok-id_1.2") is None
+
+
+def test_port_zero_means_any_free_port_and_unset_means_8642():
+    def port_of(extra):
+        settings = PlatformSettings(name="api_server", enabled=True, extra={"key": KEY, **extra})
+        return APIServerAdapter(settings, reactor=reactor).port_number
+
+    assert port_of({"port": 0}) == 0
+    assert port_of({}) == 8642
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_closes_a_connection_that_never_sent_a_request(server):
+    from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+
+    idle = Protocol()
+    await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.bound_port), idle)
+    await _until(lambda: server._site.channels)
+    await server.stopService()
+    await _until(lambda: not server._site.channels)
+    server.startService()  # the fixture stops it again
+    await _until(lambda: server.bound_port)

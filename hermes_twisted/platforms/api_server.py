@@ -22,10 +22,9 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.web.resource import Resource
-from twisted.web.server import NOT_DONE_YET, Request, Site
+from twisted.web.server import NOT_DONE_YET, Request
 
 from hermes_twisted import interrupts
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
@@ -37,6 +36,7 @@ from hermes_twisted.platforms.api_server_http import (
     error_body,
     parse_chat_request,
 )
+from hermes_twisted.http_server import TrackingSite
 from hermes_twisted.platforms.base import PlatformAdapter
 from hermes_twisted.sessions.keys import build_session_key
 
@@ -107,36 +107,8 @@ class LimitedRequest(Request):
         self.channel.transport.loseConnection()
 
 
-class _TrackingSite(Site):
-    """A Site that can close its client connections (keep-alive ones outlive stopListening)."""
-
+class _APISite(TrackingSite):
     requestFactory = LimitedRequest
-    displayTracebacks = False
-    noisy = False
-
-    def __init__(self, resource: Resource) -> None:
-        super().__init__(resource)
-        self.channels: set[Any] = set()
-
-    def buildProtocol(self, addr: Any) -> Any:
-        channel = super().buildProtocol(addr)
-        site = self
-        lost = channel.connectionLost
-
-        def connection_lost(reason: Any) -> None:
-            site.channels.discard(channel)
-            lost(reason)
-
-        channel.connectionLost = connection_lost
-        self.channels.add(channel)
-        return channel
-
-    def close_connections(self, clock: Any) -> Deferred:
-        """Abort every connection; fires once they are all gone (aborts complete next turn)."""
-        for channel in list(self.channels):
-            if channel.transport is not None:
-                channel.transport.abortConnection()
-        return deferLater(clock, 0, lambda: None)
 
 
 class APIServerAdapter(PlatformAdapter):
@@ -156,13 +128,15 @@ class APIServerAdapter(PlatformAdapter):
         self.clock = clock or reactor
         self.key: str = str(extra.get("key") or settings.api_key or "")
         self.host: str = str(extra.get("host") or DEFAULT_HOST)
-        self.port_number: int = int(extra.get("port") or DEFAULT_PORT)
+        port = extra.get("port")
+        # 0 is a real choice (any free port), not "unset".
+        self.port_number: int = DEFAULT_PORT if port is None or port == "" else int(port)
         self.model_name: str = str(extra.get("model_name") or "hermes-agent")
         self.cors_origins = tuple(extra.get("cors_origins") or ())
         self.max_concurrent = (gateway_config.max_concurrent_runs if gateway_config else 10)
         self._open: dict[str, OpenCompletion] = {}  # session id (chat id) -> request
         self._listening = None
-        self._site: _TrackingSite | None = None
+        self._site: _APISite | None = None
         self._state = "stopped"
 
     # -- service ------------------------------------------------------------------------------
@@ -177,7 +151,7 @@ class APIServerAdapter(PlatformAdapter):
             self._state = "disabled: API_SERVER_KEY missing or shorter than 16 characters"
             self.log.error("API server not started: {why}", why=self._state)
             return
-        site = _TrackingSite(_Root(self))
+        site = _APISite(_Root(self))
         self._site = site
         site.displayTracebacks = False
         d = TCP4ServerEndpoint(self.reactor, self.port_number, interface=self.host).listen(site)
