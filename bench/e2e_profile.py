@@ -29,11 +29,17 @@ def noline(frame: str) -> str:
     return re.sub(r":\d+\)$", ")", frame)
 
 
+_WAITS = {"Condition.wait", "EPollReactor.doPoll", "Queue.get", "select", "poll"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("path")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--thread", default=None, help="only stacks whose root names it")
+    parser.add_argument("--busy", action="store_true",
+                        help="drop samples whose leaf is a wait (Condition.wait, epoll, "
+                             "Queue.get): py-spy's blocking mode counts some waiting threads")
     args = parser.parse_args()
     threads: Counter[str] = Counter()
     self_: Counter[str] = Counter()
@@ -50,8 +56,10 @@ def main() -> None:
             if args.thread and args.thread not in frames[0]:
                 continue
             frames = frames[1:]
-        total += n
         names = [noline(short(f)) for f in frames] or ["(no frame)"]
+        if args.busy and names[-1].split(" (")[0] in _WAITS:
+            continue
+        total += n
         self_[names[-1]] += n
         for name in set(names):
             incl[name] += n
