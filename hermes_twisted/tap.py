@@ -98,7 +98,7 @@ def build_service(config: Any, reactor: Any):
     from hermes_twisted.upstream.proxy import ProxyUpstream
 
     top = GatewayService(clock=reactor, child_stop_timeout=config.shutdown_timeout,
-                         summary=describe(config))
+                         summary=describe(config), tune_gc=True)
     store = SQLiteSessionStore(config.db_path, reactor=reactor,
                                reset_policy_for=lambda source: config.session_reset)
     store_service = StoreService(store)

@@ -28,11 +28,10 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
-from twisted.web.client import Agent
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from hermes_twisted.http_pool import make_pool
+from hermes_twisted.http_pool import make_agent, make_pool
 from hermes_twisted.settings import UpstreamSettings
 from hermes_twisted.upstream import NO_RESPONSE, TurnRequest, TurnSink, result
 from hermes_twisted.upstream.body import ENDED, STOPPED, BodyStream
@@ -166,7 +165,7 @@ class ProxyUpstream(Service):
                               idle_timeout=self.cached_connection_timeout)
         if client is None:
             if agent is None:
-                agent = Agent(reactor, pool=self.pool, connectTimeout=settings.connect_timeout)
+                agent = make_agent(reactor, self.pool, connect_timeout=settings.connect_timeout)
             client = HTTPClient(agent, data_to_body_producer=BytesProducer)
         self._client = client
         self._turns: set[Deferred[dict[str, Any]]] = set()
