@@ -65,8 +65,8 @@ class RunHandle:
 
     C{deferred} is the whole turn as one chain; cancelling it throws C{CancelledError} into
     the turn wherever it waits, which for the upstream call closes the connection.  C{phase}
-    is C{"preparing"} until the upstream call starts, C{"running"} until the reply was
-    delivered, then C{"finishing"} while the transcript is written.
+    is C{"preparing"} until the upstream call starts, C{"running"} until the upstream's answer
+    is complete, then C{"finishing"} while it is delivered and the transcript is written.
     """
 
     def __init__(self, *, session_key: str, generation: int, generations: Generations,

@@ -138,12 +138,13 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
     if handle.typing is not None:
         handle.typing.stop()
     final = (result or {}).get("final_response") or ""
+    # The answer is complete: what is left is delivering it and bookkeeping.  A message
+    # arriving from now on waits silently instead of "interrupting" an answer the user is
+    # already seeing (over the relay the reply is visible before its send result returns).
+    handle.phase = "finishing"
     # The consumer decides what the chat still needs: nothing when the streamed text already
     # is the answer (response_previewed), an edit, or a send; also for an empty answer.
     report = await handle.consumer.finish(final)
-    # The reply is out; what is left (the transcript) is bookkeeping.  A message arriving now
-    # waits for it silently instead of "interrupting" an answer the user already has.
-    handle.phase = "finishing"
     delivered = handle.delivered = bool(report.delivered)
     message_ids = tuple(report.message_ids or ())
     if not delivered:

@@ -489,3 +489,20 @@ def test_typing_of_a_run_gone_stale_stops_at_its_next_tick():
     kit.clock.pump([2, 2])
     assert kit.adapter.typing == ["typing", "stop"]
     kit.upstream.last.finish("stale")
+
+
+def test_message_while_the_complete_answer_is_being_sent_waits_silently():
+    """
+    Over the relay the reply is visible before its send result returns; a follow-up in that
+    window must not interrupt the complete answer (0.19.0 would ack "Interrupting").
+    """
+    kit = Kit()
+    kit.adapter.hold_sends = True
+    kit.say("first")
+    kit.upstream.last.finish("first answer")
+    kit.say("second")
+    assert not any("Interrupting" in t or "Queued" in t for t in kit.adapter.texts)
+    assert len(kit.upstream.turns) == 1
+    kit.adapter.release_sends()
+    assert len(kit.upstream.turns) == 2
+    assert kit.store.rows(kit.key())[:2] == [("user", "first"), ("assistant", "first answer")]

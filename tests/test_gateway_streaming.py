@@ -79,16 +79,25 @@ def test_non_streaming_platform_gets_one_message():
     assert adapter.transcript() == ["Final."]
 
 
-def test_interrupt_while_the_final_send_is_in_flight_carries_the_question():
+def test_message_while_the_final_send_is_in_flight_waits_for_the_complete_answer():
+    """
+    The upstream's answer is complete once the final send starts; a message arriving then
+    waits (no interrupt, no ack) and runs after the answer is delivered and recorded.  0.19.0
+    would interrupt and lose an answer the user is about to see.
+    """
     clock, gateway, adapter, upstream, store = make(streaming=False)
     say(gateway, adapter, "A")
     adapter.hold_all = True
     upstream.last.finish("answer A")  # the final send is in flight
     adapter.hold_all = False
     say(gateway, adapter, "B")
+    assert upstream.last.request.message == "A"  # B waits
+    [final] = adapter.held
+    final.succeed()
     assert upstream.last.request.message == "B"
-    assert [r["content"] for r in upstream.last.request.history] == ["A"]
+    assert [r["content"] for r in upstream.last.request.history] == ["A", "answer A"]
     upstream.last.finish("answer B")
     key = gateway.session_key_for(MessageEvent(
         text="", source=SessionSource(platform=Platform.TELEGRAM, chat_id="c", user_id="u")))
-    assert store.rows(key) == [("user", "A"), ("user", "B"), ("assistant", "answer B")]
+    assert store.rows(key) == [("user", "A"), ("assistant", "answer A"),
+                               ("user", "B"), ("assistant", "answer B")]

@@ -37,13 +37,28 @@ class ChatAdapter(PlatformAdapter):
         self.finished: list[tuple[str, str, bool]] = []
         self.hold_typing = False
         self.fail_typing = False
+        #: Sends reach the chat (C{sent}) but their results wait for L{release_sends}, like a
+        #: relay send whose outbound_result has not come back yet.
+        self.hold_sends = False
+        self._held_sends: list[tuple[Deferred, SendResult]] = []
         self.typing_deferreds: list[Deferred] = []
         self._ids = itertools.count(100)
 
     def send(self, chat_id, content, reply_to=None, metadata=None):
         self.sent.append((chat_id, content))
         self.timeline.append(("send", content))
-        return succeed(SendResult(True, message_id=str(next(self._ids))))
+        result = SendResult(True, message_id=str(next(self._ids)))
+        if self.hold_sends:
+            d: Deferred = Deferred()
+            self._held_sends.append((d, result))
+            return d
+        return succeed(result)
+
+    def release_sends(self) -> None:
+        self.hold_sends = False
+        held, self._held_sends = self._held_sends, []
+        for d, result in held:
+            d.callback(result)
 
     def edit_message(self, chat_id, message_id, content, finalize=False):
         self.edits.append((chat_id, message_id, content))
