@@ -27,7 +27,6 @@ Run lifecycle, per session key (a "lane"):
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -267,7 +266,7 @@ class Gateway(Service):
             handle.interrupt(reason)
         if drop_queue:
             lane.carried = []
-            dropped, lane.queue = list(lane.queue), deque()
+            dropped, lane.queue = lane.queue, []
             for inbound in dropped:
                 self._complete(inbound.dedupe_key)
                 self._turn_finished(inbound.adapter, inbound.event, key, False)
@@ -306,7 +305,7 @@ class Gateway(Service):
     def _pump(self, key: str) -> None:
         arrivals = self._lane(key).arrivals
         while arrivals and arrivals[0].admitted is not None:
-            inbound = arrivals.popleft()
+            inbound = arrivals.pop(0)
             if inbound.admitted:
                 try:
                     self._dispatch(inbound)
@@ -411,7 +410,7 @@ class Gateway(Service):
         if lane is None or lane.handle is not None or lane.holds or self._stopping:
             return
         if lane.queue:
-            self._start_run(lane.queue.popleft())
+            self._start_run(lane.queue.pop(0))
             return
         # An idle lane is forgotten (generations are kept), unless its last busy ack is
         # recent enough that forgetting it would allow a second ack inside the interval.

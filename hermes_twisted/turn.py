@@ -109,7 +109,8 @@ async def _turn(gw: "Gateway", handle: RunHandle) -> None:
     settings = getattr(adapter, "settings", None)
     if settings is None or settings.typing_indicator:
         handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
-                                   interval=gw.config.display.typing_interval,
+                                   interval=getattr(adapter, "typing_interval", None)
+                                   or gw.config.display.typing_interval,
                                    metadata=thread_metadata(event),
                                    is_current=handle.is_current)
         handle.typing.start()

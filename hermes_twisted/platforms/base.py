@@ -60,6 +60,8 @@ class PlatformAdapter(MultiService):
     authorization_is_upstream: bool = False
     #: Adapters that split long messages themselves (IRC, relay).
     splits_long_messages: bool = False
+    #: How often a running turn refreshes the typing indicator; None = display.typing_interval.
+    typing_interval: float | None = None
     #: The API server streams raw deltas (SSE) instead of editing a message: the stream
     #: consumer calls L{push_delta} per delta and L{send} once with the final text.
     wants_raw_deltas: bool = False
