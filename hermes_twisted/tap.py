@@ -70,10 +70,23 @@ class Options(usage.Options):
             sys.stdout.flush()
             sys.exit(0)
         try:
+            ensure_home(config)
             check_database(config.db_path)
+        except OSError as e:
+            raise usage.UsageError(f"cannot create {config.hermes_home}: {e.strerror}")
         except StoreError as e:
             raise usage.UsageError(f"session store: {e}")
         self.gateway_config = config
+
+
+def ensure_home(config: Any) -> None:
+    """
+    Create C{$HERMES_HOME} (mode 0700) on first start, as hermes does; a database directory
+    elsewhere that does not exist stays an error for the operator to fix.
+    """
+    home = os.path.abspath(config.hermes_home)
+    if not os.path.exists(home) and os.path.dirname(os.path.abspath(config.db_path)) == home:
+        os.makedirs(home, mode=0o700)
 
 
 def makeService(options: Options, reactor: Any = None):

@@ -91,3 +91,15 @@ def test_make_service_wires_named_children_without_io(tmp_path, monkeypatch):
     names = [child.name for child in top]
     assert names == ["sessions", "upstream.proxy", "platform.relay", "gateway"]
     assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
+
+
+def test_first_start_creates_the_hermes_home(tmp_path, monkeypatch):
+    home = tmp_path / "fresh" / ".hermes"
+    options = parse([], home, monkeypatch, {"GATEWAY_PROXY_URL": "http://agent:8642"})
+    assert home.is_dir() and (home.stat().st_mode & 0o777) == 0o700
+    assert options.gateway_config.db_path == str(home / "gateway.db")
+
+
+def test_a_missing_custom_database_directory_is_a_usage_error(tmp_path, monkeypatch):
+    with pytest.raises(usage.UsageError, match="does not exist"):
+        parse([], tmp_path, monkeypatch, {"HERMES_GATEWAY_DB": str(tmp_path / "nope" / "g.db")})
