@@ -4,10 +4,9 @@ gateway transport dials our stub connector, so our reading of the wire (auth, he
 NDJSON, outbound correlation, inbound and its ack, interrupt, going_idle) is checked against
 the code it was read from, and 0.19.0's session keys are compared with ours.
 
-Needs an unpacked 0.19.0 wheel and a Python with websockets 15 and pyyaml:
-
-    pip download hermes-agent==0.19.0 --no-deps -d /tmp/w && python -m zipfile -e /tmp/w/*.whl /tmp/h019
-    HERMES_019_PATH=/tmp/h019 HERMES_019_PYTHON=/path/to/python pytest tests/test_relay_interop.py
+It runs 0.19.0 from the interop venv that C{test_hermes_agent.py} builds (hermes-agent 0.19.0
+with websockets 15 and pyyaml), or from an unpacked wheel and a Python named by
+C{HERMES_019_PATH} and C{HERMES_019_PYTHON}.
 """
 
 from __future__ import annotations
@@ -25,15 +24,17 @@ from twisted.internet.protocol import ProcessProtocol
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.stub import StubConnector, inbound_event
 from hermes_twisted.sessions.keys import build_session_key
+from tests.interop.test_hermes_agent import ensure_venv
 
-HERMES_PATH = os.environ.get("HERMES_019_PATH")
-HERMES_PYTHON = os.environ.get("HERMES_019_PYTHON")
+pytestmark = pytest.mark.interop
 
-pytestmark = [
-    pytest.mark.interop,
-    pytest.mark.skipif(not (HERMES_PATH and HERMES_PYTHON),
-                       reason="set HERMES_019_PATH and HERMES_019_PYTHON"),
-]
+
+async def hermes_019() -> tuple[str, str]:
+    """(python, directory to run in) of a hermes-agent 0.19.0 installation."""
+    if os.environ.get("HERMES_019_PATH") and os.environ.get("HERMES_019_PYTHON"):
+        return os.environ["HERMES_019_PYTHON"], os.environ["HERMES_019_PATH"]
+    hermes = await ensure_venv()  # skips only when the package registry is unreachable
+    return str(hermes.parent / "python"), str(hermes.parent.parent)
 
 EVENTS = [
     inbound_event("a", "chanA", user_id="userX", scope_id="guild1"),
@@ -126,10 +127,11 @@ async def test_hermes_019_transport_against_our_stub():
             stub.push_batch([{"type": wire.INBOUND, "bufferId": "b1",
                               "event": inbound_event("buffered", "c9", platform="telegram")}])
 
+    python, where = await hermes_019()
     runner = Runner(on_line)
-    process = reactor.spawnProcess(runner, HERMES_PYTHON, [
-        HERMES_PYTHON, "-c", SCRIPT, stub.url, json.dumps(EVENTS)],
-        env={**os.environ, "PYTHONPATH": HERMES_PATH}, path=HERMES_PATH)
+    process = reactor.spawnProcess(runner, python, [
+        python, "-c", SCRIPT, stub.url, json.dumps(EVENTS)],
+        env={**os.environ, "PYTHONPATH": where}, path=where)
     try:
         runner.result.addTimeout(30, reactor)
         result = await runner.result
@@ -228,10 +230,10 @@ async def test_our_adapter_against_a_websockets_connector_using_019_auth():
     from hermes_twisted.settings import PlatformSettings
 
     urls: list[str] = []
+    python, where = await hermes_019()
     runner = Runner(lambda line: urls.append(line.split()[-1]) if "listening" in line else None)
-    process = reactor.spawnProcess(runner, HERMES_PYTHON, [HERMES_PYTHON, "-c", SERVER],
-                                   env={**os.environ, "PYTHONPATH": HERMES_PATH},
-                                   path=HERMES_PATH)
+    process = reactor.spawnProcess(runner, python, [python, "-c", SERVER],
+                                   env={**os.environ, "PYTHONPATH": where}, path=where)
     adapter = None
     try:
         await eventually(lambda: urls, timeout=10, what="the websockets server")
