@@ -65,6 +65,9 @@ class ReplyChannel:
     L{close}d, every call fails with CancelledError.
     """
 
+    __slots__ = ("adapter", "chat_id", "_clock", "_is_current", "_pacer", "_reply_to",
+                 "_metadata", "len_fn", "max_length", "message_ids", "sent_any", "closed")
+
     log = Logger()
 
     def __init__(self, adapter: Any, chat_id: str, *, clock: IReactorTime,

@@ -69,6 +69,11 @@ class RunHandle:
     is complete, then C{"finishing"} while it is delivered and the transcript is written.
     """
 
+    # One per running turn.
+    __slots__ = ("session_key", "generation", "_generations", "adapter", "event", "chat_id",
+                 "started_at", "dedupe_key", "phase", "session_id", "interrupt_reason",
+                 "delivered", "carried", "deferred", "typing", "consumer", "after_delivery")
+
     def __init__(self, *, session_key: str, generation: int, generations: Generations,
                  adapter: Any, event: Any, started_at: float,
                  dedupe_key: str | None = None) -> None:

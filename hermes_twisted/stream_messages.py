@@ -42,6 +42,11 @@ class StreamedMessages:
     retry.
     """
 
+    __slots__ = ("_channel", "_pacer", "_clock", "_cursor", "_is_finishing", "_on_fallback",
+                 "_on_first_send_failed", "_len", "_limit", "_parts", "_text", "_base",
+                 "_held_visible", "_fence_lang", "_open_id", "_open_rendered", "_closed_ids",
+                 "_reuse", "_visible_end", "error")
+
     log = Logger()
 
     def __init__(self, channel: ReplyChannel, pacer: EditPacer, *, clock: IReactorTime,

@@ -19,6 +19,9 @@ FLOOD_STRIKES = 3
 class EditPacer:
     """The edit interval of one streamed reply and its flood backoff, on C{clock}."""
 
+    __slots__ = ("_clock", "_base_interval", "interval", "_not_before", "_last_op_at",
+                 "strikes")
+
     def __init__(self, clock: IReactorTime, edit_interval: float) -> None:
         self._clock = clock
         self._base_interval = max(0.0, float(edit_interval))

@@ -78,6 +78,11 @@ class StreamConsumer:
     C{metadata} (for example C{thread_id}) goes with every send.
     """
 
+    # One per running turn, so slotted, and the parts only the edit mode uses
+    # (L{StreamedMessages}, waiters for in-flight renders) are made only in that mode.
+    __slots__ = ("_chat_id", "_clock", "_pacer", "_channel", "_messages", "_mode", "_dirty",
+                 "_timer", "_op", "_idle_waiters", "_finish_d", "_finishing", "_stale")
+
     log = Logger()
 
     def __init__(self, adapter: Any, chat_id: str, *, clock: IReactorTime,
@@ -88,11 +93,6 @@ class StreamConsumer:
         self._pacer = EditPacer(clock, settings.edit_interval)
         self._channel = ReplyChannel(adapter, chat_id, clock=clock, is_current=is_current,
                                      pacer=self._pacer, reply_to=reply_to, metadata=metadata)
-        self._messages = StreamedMessages(
-            self._channel, self._pacer, clock=clock,
-            cursor=settings.cursor if adapter.supports_edit else "",
-            is_finishing=lambda: self._finishing, on_fallback=self._enter_fallback,
-            on_first_send_failed=self._streaming_off)
 
         if adapter.wants_raw_deltas:
             self._mode = _Mode.RAW
@@ -100,12 +100,21 @@ class StreamConsumer:
             self._mode = _Mode.EDIT
         else:
             self._mode = _Mode.FINAL
+        # Only the edit mode streams into messages (fallback is entered from it); the
+        # others deliver the final text whole.
+        self._messages: StreamedMessages | None = None
+        if self._mode is _Mode.EDIT:
+            self._messages = StreamedMessages(
+                self._channel, self._pacer, clock=clock,
+                cursor=settings.cursor if adapter.supports_edit else "",
+                is_finishing=self._is_finishing, on_fallback=self._enter_fallback,
+                on_first_send_failed=self._streaming_off)
 
         # Set when a render was refused (flood control): render again after the backoff.
         self._dirty = False
         self._timer: IDelayedCall | None = None
         self._op: Deferred | None = None
-        self._idle_waiters: list[Deferred] = []
+        self._idle_waiters: list[Deferred] | None = None
         self._finish_d: Deferred | None = None
         self._finishing = False
         self._stale = False
@@ -209,8 +218,8 @@ class StreamConsumer:
         if isinstance(result, Failure) and not result.check(CancelledError):
             self.log.failure("while streaming a reply to {chat_id}", result,
                              chat_id=self._chat_id)
-        waiters, self._idle_waiters = self._idle_waiters, []
-        for waiter in waiters:
+        waiters, self._idle_waiters = self._idle_waiters, None
+        for waiter in waiters or ():
             waiter.callback(None)
         self._kick()
 
@@ -218,9 +227,18 @@ class StreamConsumer:
         """Fires once no render is in flight.  Cancelling only drops this waiter."""
         if self._op is None:
             return succeed(None)
-        d: Deferred = Deferred(lambda d: self._idle_waiters.remove(d))
+        if self._idle_waiters is None:
+            self._idle_waiters = []
+        d: Deferred = Deferred(self._drop_idle_waiter)
         self._idle_waiters.append(d)
         return d
+
+    def _drop_idle_waiter(self, d: Deferred) -> None:
+        if self._idle_waiters is not None:
+            self._idle_waiters.remove(d)
+
+    def _is_finishing(self) -> bool:
+        return self._finishing
 
     def _stop_timer(self) -> None:
         timer, self._timer = self._timer, None

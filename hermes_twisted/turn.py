@@ -68,6 +68,8 @@ def tool_progress_text(event: dict[str, Any]) -> str | None:
 class RunSink:
     """The L{TurnSink} of one run: forwards only while the run is current."""
 
+    __slots__ = ("_gateway", "_handle")
+
     def __init__(self, gateway: "Gateway", handle: RunHandle) -> None:
         self._gateway = gateway
         self._handle = handle
@@ -93,8 +95,80 @@ async def execute_turn(gw: "Gateway", handle: RunHandle) -> None:
     Run C{handle}'s turn to the end.  Fails only with CancelledError; any other error is
     logged and, if the run is still current, the user gets a short notice.
     """
+    # One coroutine, not two: its frame lives as long as the turn, once per open stream.
     try:
-        await _turn(gw, handle)
+        event, adapter, key = handle.event, handle.adapter, handle.session_key
+        settings = getattr(adapter, "settings", None)
+        if settings is None or settings.typing_indicator:
+            handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
+                                       interval=getattr(adapter, "typing_interval", None)
+                                       or gw.config.display.typing_interval,
+                                       metadata=thread_metadata(event),
+                                       is_current=handle.is_current)
+            handle.typing.start()
+
+        entry = await gw.store.get_or_create(key, event.source)
+        handle.session_id = entry.session_id
+        history = await gw.store.load_transcript(entry.session_id)
+        if not handle.is_current():
+            return
+        carried = [{"role": "user", "content": e.text} for e in handle.carried if e.text]
+        request = TurnRequest(message=event.text, session_id=entry.session_id, session_key=key,
+                              context_prompt=build_context_prompt(event),
+                              history=list(history) + carried)
+        # This frame lives as long as the turn: it does not keep the history too (the
+        # upstream keeps what it still needs of the request).
+        del history, carried
+        handle.consumer = gw.consumer_factory(
+            adapter, handle.chat_id, clock=gw.clock, settings=gw.config.streaming,
+            is_current=handle.is_current, reply_to=event.message_id,
+            metadata=thread_metadata(event))
+        handle.phase = "running"
+        running = gw.upstream.run_turn(request, RunSink(gw, handle))
+        del request
+        result = await running
+
+        if not handle.is_current():
+            log.info("Discarding stale result for {key}: generation {gen} is no longer current",
+                     key=key, gen=handle.generation)
+            return
+        # Typing stops before the final send, so "is typing…" never trails the answer.
+        if handle.typing is not None:
+            handle.typing.stop()
+        final = (result or {}).get("final_response") or ""
+        # The answer is complete: what is left is delivering it and bookkeeping.  A message
+        # arriving from now on waits silently instead of "interrupting" an answer the user is
+        # already seeing (over the relay the reply is visible before its send result returns).
+        handle.phase = "finishing"
+        # The consumer decides what the chat still needs: nothing when the streamed text already
+        # is the answer (response_previewed), an edit, or a send; also for an empty answer.
+        report = await handle.consumer.finish(final)
+        delivered = handle.delivered = bool(report.delivered)
+        message_ids = tuple(report.message_ids or ())
+        if not delivered:
+            log.info("Reply for {key} was not delivered: {error}", key=key, error=report.error)
+        if not handle.is_current():
+            return
+        if final:
+            # Both rows are issued together, under one currency check; a failed write is
+            # logged, never turned into an error reply (the user already has the answer).
+            rows = [
+                gw.store.append(entry.session_id, "user", e.text, platform_message_id=e.message_id)
+                for e in handle.carried if e.text
+            ] + [
+                gw.store.append(entry.session_id, "user", event.text,
+                                platform_message_id=event.message_id),
+                gw.store.append(entry.session_id, "assistant", final,
+                                platform_message_id=message_ids[0] if message_ids else None),
+            ]
+            for row in rows:
+                row.addErrback(_transcript_failed, key)
+            for row in rows:
+                await row
+        if delivered and handle.is_current():
+            # Fired by the gateway once the lane is released, so a slow callback never holds up
+            # the user's next message.
+            handle.after_delivery = gw.callbacks.pop(key, handle.generation)
     except CancelledError:
         raise
     except Exception:
@@ -102,76 +176,6 @@ async def execute_turn(gw: "Gateway", handle: RunHandle) -> None:
                     gen=handle.generation)
         if handle.is_current():
             gw.reply(handle.adapter, handle.event, ERROR_NOTICE)
-
-
-async def _turn(gw: "Gateway", handle: RunHandle) -> None:
-    event, adapter, key = handle.event, handle.adapter, handle.session_key
-    settings = getattr(adapter, "settings", None)
-    if settings is None or settings.typing_indicator:
-        handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
-                                   interval=getattr(adapter, "typing_interval", None)
-                                   or gw.config.display.typing_interval,
-                                   metadata=thread_metadata(event),
-                                   is_current=handle.is_current)
-        handle.typing.start()
-
-    entry = await gw.store.get_or_create(key, event.source)
-    handle.session_id = entry.session_id
-    history = await gw.store.load_transcript(entry.session_id)
-    if not handle.is_current():
-        return
-    carried = [{"role": "user", "content": e.text} for e in handle.carried if e.text]
-    request = TurnRequest(message=event.text, session_id=entry.session_id, session_key=key,
-                          context_prompt=build_context_prompt(event),
-                          history=list(history) + carried)
-    handle.consumer = gw.consumer_factory(
-        adapter, handle.chat_id, clock=gw.clock, settings=gw.config.streaming,
-        is_current=handle.is_current, reply_to=event.message_id,
-        metadata=thread_metadata(event))
-    handle.phase = "running"
-    result = await gw.upstream.run_turn(request, RunSink(gw, handle))
-
-    if not handle.is_current():
-        log.info("Discarding stale result for {key}: generation {gen} is no longer current",
-                 key=key, gen=handle.generation)
-        return
-    # Typing stops before the final send, so "is typing…" never trails the answer.
-    if handle.typing is not None:
-        handle.typing.stop()
-    final = (result or {}).get("final_response") or ""
-    # The answer is complete: what is left is delivering it and bookkeeping.  A message
-    # arriving from now on waits silently instead of "interrupting" an answer the user is
-    # already seeing (over the relay the reply is visible before its send result returns).
-    handle.phase = "finishing"
-    # The consumer decides what the chat still needs: nothing when the streamed text already
-    # is the answer (response_previewed), an edit, or a send; also for an empty answer.
-    report = await handle.consumer.finish(final)
-    delivered = handle.delivered = bool(report.delivered)
-    message_ids = tuple(report.message_ids or ())
-    if not delivered:
-        log.info("Reply for {key} was not delivered: {error}", key=key, error=report.error)
-    if not handle.is_current():
-        return
-    if final:
-        # Both rows are issued together, under one currency check; a failed write is
-        # logged, never turned into an error reply (the user already has the answer).
-        rows = [
-            gw.store.append(entry.session_id, "user", e.text, platform_message_id=e.message_id)
-            for e in handle.carried if e.text
-        ] + [
-            gw.store.append(entry.session_id, "user", event.text,
-                            platform_message_id=event.message_id),
-            gw.store.append(entry.session_id, "assistant", final,
-                            platform_message_id=message_ids[0] if message_ids else None),
-        ]
-        for row in rows:
-            row.addErrback(_transcript_failed, key)
-        for row in rows:
-            await row
-    if delivered and handle.is_current():
-        # Fired by the gateway once the lane is released, so a slow callback never holds up
-        # the user's next message.
-        handle.after_delivery = gw.callbacks.pop(key, handle.generation)
 
 
 def _transcript_failed(failure: Any, key: str) -> Any:

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_typing_loop -*-
 """
-The typing indicator of one run: a C{LoopingCall} that refreshes C{send_typing} every
+The typing indicator of one run: a timer that refreshes C{send_typing} every
 C{interval} seconds until the run ends (generations.md §1.3, §6).
 
 The loop belongs to the run, not to the chat, so /stop stops exactly the loop of the run it
@@ -11,7 +11,7 @@ interrupts.  Three rules keep "is typing…" from outliving its run:
  - an in-flight C{send_typing} is cancelled (abandoned) before the final C{stop_typing},
    so the platform's last word is "stop";
  - a slow C{send_typing} never holds the cadence: the tick does not return its Deferred
-   to the C{LoopingCall}; the next tick abandons it and sends afresh.  A failing one is
+   to the timer; the next tick abandons it and sends afresh.  A failing one is
    logged and the loop goes on.
 """
 
@@ -20,13 +20,18 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 log = Logger()
 
 
 class TypingLoop:
+    # One per running turn: slotted, and one DelayedCall rescheduled by each tick instead of
+    # a LoopingCall (which adds an object and a Deferred per turn).  The tick times are the
+    # LoopingCall's: C{start + k * interval}, skipping ticks that a busy reactor missed.
+    __slots__ = ("_adapter", "_is_current", "_chat_id", "_clock", "_interval", "_metadata",
+                 "_call", "_started_at", "_in_flight", "stopped", "ticks")
+
     def __init__(self, adapter: Any, chat_id: str, *, clock: Any, interval: float = 2.0,
                  metadata: dict[str, Any] | None = None,
                  is_current: Callable[[], bool] | None = None) -> None:
@@ -36,27 +41,38 @@ class TypingLoop:
         self._clock = clock
         self._interval = interval
         self._metadata = metadata
-        self._loop: LoopingCall | None = None
+        self._call: Any = None
+        self._started_at: float | None = None
         self._in_flight: Deferred | None = None
         self.stopped = False
         self.ticks = 0
 
     def start(self) -> None:
         """Send typing now and every C{interval} seconds until L{stop}."""
-        if self.stopped or self._loop is not None:
+        if self.stopped or self._started_at is not None:
             return
-        self._loop = LoopingCall(self._tick)
-        self._loop.clock = self._clock
-        # The tick never raises and never returns a Deferred, so the loop's own Deferred
-        # can only fire on stop(); nothing needs to be attached to it.
-        self._loop.start(self._interval, now=True)
+        if self._interval < 0:
+            raise ValueError("interval must be >= 0")
+        self._started_at = self._clock.seconds()
+        self._tick()
 
     def _tick(self) -> None:
-        # A LoopingCall body: an exception escaping here would end the loop for good.
+        # A timer body: an exception escaping here would end the loop for good.
+        self._call = None
         try:
             self._refresh()
         except Exception:
             log.failure("Typing refresh failed for {chat}", chat=self._chat_id)
+        if not self.stopped:
+            self._call = self._clock.callLater(self._until_next(), self._tick)
+
+    def _until_next(self) -> float:
+        """Seconds to the next point of the C{start + k * interval} grid (as LoopingCall)."""
+        if self._interval == 0:
+            return 0
+        now = self._clock.seconds()
+        wait = self._interval - ((now - self._started_at) % self._interval)
+        return self._interval if now == now + wait else wait
 
     def _refresh(self) -> None:
         if self.stopped:
@@ -100,9 +116,9 @@ class TypingLoop:
         if self.stopped:
             return maybeDeferred(lambda: None)
         self.stopped = True
-        loop, self._loop = self._loop, None
-        if loop is not None and loop.running:
-            loop.stop()
+        call, self._call = self._call, None
+        if call is not None and call.active():
+            call.cancel()
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             in_flight.cancel()

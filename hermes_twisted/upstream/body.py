@@ -38,14 +38,26 @@ class BodyStream(Protocol):
         back to the pool.
     """
 
+    # One per open stream: slotted, and C{closed} is made only when someone asks for it
+    # (after [DONE], to hand the connection back), not for every stream.
+    __slots__ = ("_on_chunk", "done", "_closed", "complete", "is_closed")
+
     log = Logger()
 
     def __init__(self, on_chunk: Callable[[bytes], bool]) -> None:
         self._on_chunk = on_chunk
         self.done: Deferred[str] = Deferred(self._cancel)
-        self.closed: Deferred[None] = Deferred()
+        self._closed: Deferred[None] | None = None
         self.complete = False
         self.is_closed = False
+
+    @property
+    def closed(self) -> Deferred[None]:
+        if self._closed is None:
+            self._closed = Deferred()
+            if self.is_closed:
+                self._closed.callback(None)
+        return self._closed
 
     def dataReceived(self, data: bytes) -> None:
         if self.done.called:
@@ -69,7 +81,8 @@ class BodyStream(Protocol):
                 self.done.callback(ENDED)
             else:
                 self.done.errback(reason)
-        self.closed.callback(None)
+        if self._closed is not None:
+            self._closed.callback(None)
 
     def stop(self) -> None:
         """

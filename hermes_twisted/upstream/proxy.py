@@ -13,6 +13,7 @@ connection at once.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -114,14 +115,21 @@ def remote_error_message(chunk: dict[str, Any]) -> str:
 
 @implementer(IBodyProducer)
 class BytesProducer:
-    """Writes a small request body synchronously (no cooperator, no global reactor)."""
+    """
+    Writes a small request body synchronously (no cooperator, no global reactor), and lets
+    go of it once written: the HTTP layer keeps its request, so its producer, until the
+    response ends, which for a stream is minutes of holding the whole history for nothing.
+    """
+
+    __slots__ = ("_body", "length")
 
     def __init__(self, body: bytes) -> None:
         self._body = body
         self.length = len(body)
 
     def startProducing(self, consumer: Any) -> Deferred[None]:
-        consumer.write(self._body)
+        body, self._body = self._body, b""
+        consumer.write(body)
         return succeed(None)
 
     def pauseProducing(self) -> None:
@@ -132,6 +140,10 @@ class BytesProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+def _stop_at_once(_: bytes) -> bool:
+    return True
 
 
 class ProxyUpstream(Service):
@@ -170,6 +182,8 @@ class ProxyUpstream(Service):
         self._client = client
         self._turns: set[Deferred[dict[str, Any]]] = set()
         self._draining: set[BodyStream] = set()
+        self._proxy_url = ""
+        self._completions_url = ""
 
     def stopService(self) -> Deferred[None]:
         """
@@ -203,18 +217,21 @@ class ProxyUpstream(Service):
             return succeed(result(NOT_CONFIGURED, request=request, api_calls=0))
         if not sink.is_current():
             return succeed(result("", request=request, api_calls=0))
-        turn = _Turn(self, request, sink, proxy_url)
-        d: Deferred[dict[str, Any]] = Deferred(lambda _: turn.cancel())
+        if proxy_url != self._proxy_url:
+            # One URL string for every turn, not one per open stream.
+            self._proxy_url = proxy_url
+            self._completions_url = proxy_url + "/v1/chat/completions"
+        turn = _Turn(self, request, sink, self._completions_url)
+        d: Deferred[dict[str, Any]] = Deferred(turn.cancel)
         Deferred.fromCoroutine(turn.run()).chainDeferred(d)
         if not d.called:
             self._turns.add(d)
-
-            def forget(outcome: object) -> object:
-                self._turns.discard(d)
-                return outcome
-
-            d.addBoth(forget)
+            d.addBoth(self._forget, d)
         return d
+
+    def _forget(self, outcome: object, d: Deferred[dict[str, Any]]) -> object:
+        self._turns.discard(d)
+        return outcome
 
     def _drain(self, body: BodyStream) -> None:
         """Give a response that sent C{[DONE]} a moment to end, then close it."""
@@ -232,18 +249,26 @@ class ProxyUpstream(Service):
 
 
 class _Turn:
-    """The state of one proxied turn; L{run} is its coroutine."""
+    """
+    The state of one proxied turn; L{run} is its coroutine.  Slotted, and it holds only what
+    the rest of the stream needs: one exists per open stream.
+    """
+
+    __slots__ = ("upstream", "settings", "clock", "request", "sink", "url", "decoder", "parts",
+                 "remote_error", "saw_done", "stale", "timed_out", "cancelled", "_waiting",
+                 "_idle", "history_offset")
 
     log = Logger()
 
     def __init__(self, upstream: ProxyUpstream, request: TurnRequest, sink: TurnSink,
-                 proxy_url: str) -> None:
+                 url: str) -> None:
         self.upstream = upstream
         self.settings = upstream.settings
         self.clock: IReactorTime = upstream._reactor
         self.request = request
+        self.history_offset = len(request.history)
         self.sink = sink
-        self.url = proxy_url + "/v1/chat/completions"
+        self.url = url
         self.decoder = SSEDecoder(self.settings.max_event_bytes)
         self.parts: list[str] = []
         self.remote_error: str | None = None
@@ -256,26 +281,37 @@ class _Turn:
 
     async def run(self) -> dict[str, Any]:
         started = self.clock.seconds()
-        body_bytes = json.dumps({
-            "model": self.settings.model or "hermes-agent",
-            "messages": build_messages(self.request),
-            "stream": True,
-        }).encode("utf-8")
-        headers = build_headers(self.request.session_id, self.settings.proxy_key)
         if self.settings.idle_read_timeout and self.settings.idle_read_timeout > 0:
             self._idle = self.clock.callLater(self.settings.idle_read_timeout, self._on_idle)
         try:
-            return await self._exchange(body_bytes, headers, started)
+            return await self._exchange(started)
         finally:
+            self._waiting = None
             if self._idle is not None and self._idle.active():
                 self._idle.cancel()
 
-    async def _exchange(self, body_bytes: bytes, headers: dict[str, str],
-                        started: float) -> dict[str, Any]:
+    def _send_request(self) -> Deferred[Any]:
+        """
+        The POST.  Body and headers are built here, not in the coroutine, so no frame of the
+        turn keeps them for the length of the stream.
+        """
+        request = self.request
+        body = json.dumps({
+            "model": self.settings.model or "hermes-agent",
+            "messages": build_messages(request),
+            "stream": True,
+        }).encode("utf-8")
+        if request.history:
+            # Sent: the results need only its length (history_offset).
+            self.request = replace(request, history=[])
+        return self.upstream._client.request(
+            "POST", self.url, data=body,
+            headers=build_headers(self.request.session_id, self.settings.proxy_key),
+            unbuffered=True, allow_redirects=False, reactor=self.clock)
+
+    async def _exchange(self, started: float) -> dict[str, Any]:
         try:
-            response = await self._wait(self.upstream._client.request(
-                "POST", self.url, data=body_bytes, headers=headers,
-                unbuffered=True, allow_redirects=False, reactor=self.clock))
+            response = await self._wait(self._send_request())
         except Exception as e:
             # Cancelling the request surfaces as CancelledError, ConnectingCancelledError
             # or ResponseNeverReceived([CancelledError]): our flags say why it happened.
@@ -286,7 +322,7 @@ class _Turn:
             return self._connection_error(describe_failure(e))
 
         if not self.sink.is_current():
-            unread = BodyStream(lambda _: True)
+            unread = BodyStream(_stop_at_once)
             response.deliverBody(unread)
             unread.stop()
             return self._stale_result()
@@ -295,6 +331,7 @@ class _Turn:
 
         body = BodyStream(self._on_chunk)
         response.deliverBody(body)
+        del response  # the HTTP layer keeps what it needs; our wrapper is not part of it
         failure_reason: str | None = None
         try:
             outcome = await self._wait(body.done)
@@ -331,17 +368,15 @@ class _Turn:
         return self._success(started)
 
     def _wait(self, d: Deferred[Any]) -> Deferred[Any]:
-        """Remember what we wait on, so the idle timer can cancel it."""
+        """
+        Remember what we wait on, so the idle timer and L{cancel} can cancel it.  It is not
+        forgotten when it fires (cancelling a fired Deferred does nothing), which spares a
+        callback per wait; L{run} forgets it at the end.
+        """
         self._waiting = d
+        return d
 
-        def clear(outcome: object) -> object:
-            if self._waiting is d:
-                self._waiting = None
-            return outcome
-
-        return d.addBoth(clear)
-
-    def cancel(self) -> None:
+    def cancel(self, _: object = None) -> None:
         """The caller cancelled the turn: stop whatever we wait on; the turn fails."""
         self.cancelled = True
         if self._waiting is not None:
@@ -427,6 +462,11 @@ class _Turn:
 
     # --- results -----------------------------------------------------------------------
 
+    def _result(self, final: str, **kw: Any) -> dict[str, Any]:
+        outcome = result(final, request=self.request, **kw)
+        outcome["history_offset"] = self.history_offset
+        return outcome
+
     def _success(self, started: float) -> dict[str, Any]:
         full = "".join(self.parts)
         if self.remote_error is not None:
@@ -441,7 +481,7 @@ class _Turn:
             "response={chars} chars",
             url=redact_url(self.url), session=(self.request.session_id or "")[:20],
             elapsed=self.clock.seconds() - started, chars=len(full))
-        return result(final, request=self.request, api_calls=1, full_response=full)
+        return self._result(final, api_calls=1, full_response=full)
 
     def _connection_error(self, reason: str) -> dict[str, Any]:
         self.log.warn("Proxy connection error to {url}: {reason}",
@@ -449,16 +489,15 @@ class _Turn:
         notice = f"⚠️ Proxy connection error: {reason}"
         full = "".join(self.parts)
         if not full:
-            return result(notice, request=self.request, api_calls=0)
+            return self._result(notice, api_calls=0)
         # Keep what arrived (0.19.0 does too), and say that it was cut short.
-        return result(f"{full}\n\n{notice}", request=self.request, api_calls=1,
-                      full_response=full)
+        return self._result(f"{full}\n\n{notice}", api_calls=1, full_response=full)
 
     def _stale_result(self) -> dict[str, Any]:
         self.log.info(
             "Discarding stale proxy stream for {key}: the run is no longer current",
             key=self.request.session_key or "?")
-        return result("", request=self.request, api_calls=0)
+        return self._result("", api_calls=0)
 
     async def _http_error(self, response: Any) -> dict[str, Any]:
         received: list[bytes] = []
@@ -497,6 +536,5 @@ class _Turn:
         text = b"".join(received)[:cap].decode("utf-8", "replace")
         self.log.warn("Proxy error ({status}) from {url}: {text}", status=response.code,
                       url=redact_url(self.url), text=text[:500])
-        return result(f"⚠️ Proxy error ({response.code}): {text[:300]}",
-                      request=self.request, api_calls=0)
+        return self._result(f"⚠️ Proxy error ({response.code}): {text[:300]}", api_calls=0)
 

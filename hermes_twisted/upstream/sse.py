@@ -59,6 +59,11 @@ class SSEDecoder:
     @ivar retry: the last valid C{retry:} value in milliseconds, or L{None}.
     """
 
+    # One per open stream.
+    __slots__ = ("max_event_bytes", "comments", "retry", "last_event_id", "_pending",
+                 "_pending_size", "_skip_lf", "_bom_checked", "_data", "_data_size",
+                 "_event_type")
+
     def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
         self.max_event_bytes = max_event_bytes
         self.comments = 0
