@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import gc
 import itertools
 import sys
 import tempfile
@@ -174,6 +175,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
         while len(upstream._turns) < args.streams:
             await deferLater(reactor, 0.05)
         await deferLater(reactor, args.settle)
+        if args.collect:
+            print(f"gc.collect() before the snapshot: {gc.collect()} unreachable objects")
         rss_after = rss_kib()
         after = tracemalloc.take_snapshot() if args.trace else None
         print(f"{args.streams} open streams; RSS +{(rss_after - rss_before) / args.streams:.2f} "
@@ -198,6 +201,8 @@ if __name__ == "__main__":
                         help="seconds after every turn is running before the snapshot")
     parser.add_argument("--frames", type=int, default=25, help="tracemalloc traceback depth")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--collect", action="store_true",
+                        help="run a full collection first: what is left is really retained")
     parser.add_argument("--no-trace", dest="trace", action="store_false")
     args = parser.parse_args()
     react(lambda reactor: Deferred.fromCoroutine(main(reactor, args)))

@@ -79,7 +79,7 @@ class ReplyChannel:
         self._is_current = is_current
         self._pacer = pacer
         self._reply_to = reply_to
-        self._metadata = dict(metadata or {})
+        self._metadata = dict(metadata) if metadata else None  # most replies have none
         self.len_fn: Callable[[str], int] = adapter.len_fn
         self.max_length = int(adapter.max_message_length or 0)
         #: Every message of this reply, in order.
@@ -137,7 +137,7 @@ class ReplyChannel:
 
     def send_args(self) -> tuple[str | None, dict[str, Any]]:
         """C{reply_to} and C{metadata} for the next send."""
-        return (None if self.sent_any else self._reply_to), dict(self._metadata)
+        return (None if self.sent_any else self._reply_to), dict(self._metadata or ())
 
     def note_sent(self, result: SendResult) -> None:
         """Record a successful send's message ids."""
@@ -200,7 +200,7 @@ class ReplyChannel:
         For an adapter that took the raw deltas: one send of the whole reply with
         C{metadata["final"] = True}.  Fires with the L{DeliveryReport}; fails like L{call}.
         """
-        metadata = dict(self._metadata)
+        metadata = dict(self._metadata or ())
         metadata["final"] = True
         result = await self.send_patiently(final_text, self._reply_to, metadata)
         if not result.success:

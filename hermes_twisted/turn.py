@@ -98,13 +98,14 @@ async def execute_turn(gw: "Gateway", handle: RunHandle) -> None:
     # One coroutine, not two: its frame lives as long as the turn, once per open stream.
     try:
         event, adapter, key = handle.event, handle.adapter, handle.session_key
+        is_current = handle.is_current  # one bound method for the typing loop and consumer
         settings = getattr(adapter, "settings", None)
         if settings is None or settings.typing_indicator:
             handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
                                        interval=getattr(adapter, "typing_interval", None)
                                        or gw.config.display.typing_interval,
                                        metadata=thread_metadata(event),
-                                       is_current=handle.is_current)
+                                       is_current=is_current)
             handle.typing.start()
 
         entry = await gw.store.get_or_create(key, event.source)
@@ -121,7 +122,7 @@ async def execute_turn(gw: "Gateway", handle: RunHandle) -> None:
         del history, carried
         handle.consumer = gw.consumer_factory(
             adapter, handle.chat_id, clock=gw.clock, settings=gw.config.streaming,
-            is_current=handle.is_current, reply_to=event.message_id,
+            is_current=is_current, reply_to=event.message_id,
             metadata=thread_metadata(event))
         handle.phase = "running"
         running = gw.upstream.run_turn(request, RunSink(gw, handle))

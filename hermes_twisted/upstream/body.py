@@ -11,21 +11,23 @@ the consumer.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IProtocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http import PotentialDataLoss
+from zope.interface import implementer
 
 #: What C{done} fires with.
 STOPPED = "stopped"  # the consumer asked to stop; the response may still be open
 ENDED = "ended"  # the response body ended cleanly
 
 
-class BodyStream(Protocol):
+@implementer(IProtocol)
+class BodyStream:
     """
     Feeds a response body to C{on_chunk(data) -> bool}; a true return value means "stop
     here": no later byte is delivered.
@@ -38,9 +40,11 @@ class BodyStream(Protocol):
         back to the pool.
     """
 
-    # One per open stream: slotted, and C{closed} is made only when someone asks for it
+    # One per open stream: an IProtocol of its own rather than a Protocol subclass, so it is
+    # fully slotted (no instance dict), and C{closed} is made only when someone asks for it
     # (after [DONE], to hand the connection back), not for every stream.
-    __slots__ = ("_on_chunk", "done", "_closed", "complete", "is_closed")
+    __slots__ = ("_on_chunk", "done", "_closed", "complete", "is_closed", "transport",
+                 "connected")
 
     log = Logger()
 
@@ -50,6 +54,19 @@ class BodyStream(Protocol):
         self._closed: Deferred[None] | None = None
         self.complete = False
         self.is_closed = False
+        self.transport: Any = None
+        self.connected = 0
+
+    def makeConnection(self, transport: Any) -> None:
+        self.connected = 1
+        self.transport = transport
+        self.connectionMade()
+
+    def connectionMade(self) -> None:
+        pass
+
+    def logPrefix(self) -> str:
+        return self.__class__.__name__
 
     @property
     def closed(self) -> Deferred[None]:

@@ -13,7 +13,6 @@ connection at once.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -223,15 +222,11 @@ class ProxyUpstream(Service):
             self._completions_url = proxy_url + "/v1/chat/completions"
         turn = _Turn(self, request, sink, self._completions_url)
         d: Deferred[dict[str, Any]] = Deferred(turn.cancel)
+        turn.outer = d
         Deferred.fromCoroutine(turn.run()).chainDeferred(d)
         if not d.called:
-            self._turns.add(d)
-            d.addBoth(self._forget, d)
+            self._turns.add(d)  # until the turn's coroutine ends (see _Turn.run)
         return d
-
-    def _forget(self, outcome: object, d: Deferred[dict[str, Any]]) -> object:
-        self._turns.discard(d)
-        return outcome
 
     def _drain(self, body: BodyStream) -> None:
         """Give a response that sent C{[DONE]} a moment to end, then close it."""
@@ -254,9 +249,10 @@ class _Turn:
     the rest of the stream needs: one exists per open stream.
     """
 
-    __slots__ = ("upstream", "settings", "clock", "request", "sink", "url", "decoder", "parts",
+    __slots__ = ("upstream", "settings", "clock", "request", "message", "session_id",
+                 "session_key", "history_offset", "sink", "url", "decoder", "parts",
                  "remote_error", "saw_done", "stale", "timed_out", "cancelled", "_waiting",
-                 "_idle", "history_offset")
+                 "_idle", "outer")
 
     log = Logger()
 
@@ -265,7 +261,12 @@ class _Turn:
         self.upstream = upstream
         self.settings = upstream.settings
         self.clock: IReactorTime = upstream._reactor
-        self.request = request
+        #: Until the request is sent; then only what the results need is kept, not the
+        #: history and the context prompt.
+        self.request: TurnRequest | None = request
+        self.message = request.message
+        self.session_id = request.session_id
+        self.session_key = request.session_key
         self.history_offset = len(request.history)
         self.sink = sink
         self.url = url
@@ -278,94 +279,97 @@ class _Turn:
         self.cancelled = False
         self._waiting: Deferred[Any] | None = None
         self._idle: Any = None
+        #: The caller's Deferred, which the upstream tracks while the turn runs.
+        self.outer: Deferred[dict[str, Any]] | None = None
 
     async def run(self) -> dict[str, Any]:
+        # One coroutine for the whole exchange: its frame lives as long as the stream.
         started = self.clock.seconds()
         if self.settings.idle_read_timeout and self.settings.idle_read_timeout > 0:
             self._idle = self.clock.callLater(self.settings.idle_read_timeout, self._on_idle)
         try:
-            return await self._exchange(started)
+            try:
+                response = await self._wait(self._send_request())
+            except Exception as e:
+                # Cancelling the request surfaces as CancelledError, ConnectingCancelledError
+                # or ResponseNeverReceived([CancelledError]): our flags say why it happened.
+                if self.cancelled:
+                    raise CancelledError() from e
+                if self.timed_out:
+                    return self._connection_error(self._idle_reason())
+                return self._connection_error(describe_failure(e))
+
+            if not self.sink.is_current():
+                unread = BodyStream(_stop_at_once)
+                response.deliverBody(unread)
+                unread.stop()
+                return self._stale_result()
+            if response.code != 200:
+                return await self._http_error(response)
+
+            body = BodyStream(self._on_chunk)
+            response.deliverBody(body)
+            del response  # the HTTP layer keeps what it needs; our wrapper is not part of it
+            failure_reason: str | None = None
+            try:
+                outcome = await self._wait(body.done)
+            except Exception as e:
+                if self.cancelled:
+                    raise CancelledError() from e
+                failure_reason = self._idle_reason() if self.timed_out else describe_failure(e)
+                outcome = None
+
+            if outcome == STOPPED and self.saw_done:
+                if not body.is_closed:
+                    # The end of the response usually sits in the same read as [DONE]: let the
+                    # HTTP layer finish parsing it, so the connection is back in the pool before
+                    # the caller's next turn asks for one.
+                    try:
+                        await self._wait(deferLater(self.clock, 0, lambda: None))
+                    except CancelledError:
+                        body.stop()
+                        if self.cancelled:
+                            raise
+                self.upstream._drain(body)
+            elif outcome is None or outcome == STOPPED:
+                body.stop()
+            else:  # the body ended without [DONE]: a last event may lack its blank line
+                try:
+                    self._handle_events(self.decoder.finish())
+                except Exception as e:
+                    failure_reason = describe_failure(e)
+
+            if self.stale or not self.sink.is_current():
+                return self._stale_result()
+            if failure_reason is not None:
+                return self._connection_error(failure_reason)
+            return self._success(started)
         finally:
             self._waiting = None
             if self._idle is not None and self._idle.active():
                 self._idle.cancel()
+            # Forgotten here rather than by a callback on it: the outer Deferred fires right
+            # after this, in the same call.
+            outer, self.outer = self.outer, None
+            if outer is not None:
+                self.upstream._turns.discard(outer)
 
     def _send_request(self) -> Deferred[Any]:
         """
         The POST.  Body and headers are built here, not in the coroutine, so no frame of the
         turn keeps them for the length of the stream.
         """
-        request = self.request
+        request, self.request = self.request, None
+        assert request is not None, "one request per turn"
         body = json.dumps({
             "model": self.settings.model or "hermes-agent",
             "messages": build_messages(request),
             "stream": True,
         }).encode("utf-8")
-        if request.history:
-            # Sent: the results need only its length (history_offset).
-            self.request = replace(request, history=[])
         return self.upstream._client.request(
             "POST", self.url, data=body,
-            headers=build_headers(self.request.session_id, self.settings.proxy_key),
+            headers=build_headers(self.session_id, self.settings.proxy_key),
             unbuffered=True, allow_redirects=False, reactor=self.clock)
-
-    async def _exchange(self, started: float) -> dict[str, Any]:
-        try:
-            response = await self._wait(self._send_request())
-        except Exception as e:
-            # Cancelling the request surfaces as CancelledError, ConnectingCancelledError
-            # or ResponseNeverReceived([CancelledError]): our flags say why it happened.
-            if self.cancelled:
-                raise CancelledError() from e
-            if self.timed_out:
-                return self._connection_error(self._idle_reason())
-            return self._connection_error(describe_failure(e))
-
-        if not self.sink.is_current():
-            unread = BodyStream(_stop_at_once)
-            response.deliverBody(unread)
-            unread.stop()
-            return self._stale_result()
-        if response.code != 200:
-            return await self._http_error(response)
-
-        body = BodyStream(self._on_chunk)
-        response.deliverBody(body)
-        del response  # the HTTP layer keeps what it needs; our wrapper is not part of it
-        failure_reason: str | None = None
-        try:
-            outcome = await self._wait(body.done)
-        except Exception as e:
-            if self.cancelled:
-                raise CancelledError() from e
-            failure_reason = self._idle_reason() if self.timed_out else describe_failure(e)
-            outcome = None
-
-        if outcome == STOPPED and self.saw_done:
-            if not body.is_closed:
-                # The end of the response usually sits in the same read as [DONE]: let the
-                # HTTP layer finish parsing it, so the connection is back in the pool before
-                # the caller's next turn asks for one.
-                try:
-                    await self._wait(deferLater(self.clock, 0, lambda: None))
-                except CancelledError:
-                    body.stop()
-                    if self.cancelled:
-                        raise
-            self.upstream._drain(body)
-        elif outcome is None or outcome == STOPPED:
-            body.stop()
-        else:  # the body ended without [DONE]: a last event may lack its blank line
-            try:
-                self._handle_events(self.decoder.finish())
-            except Exception as e:
-                failure_reason = describe_failure(e)
-
-        if self.stale or not self.sink.is_current():
-            return self._stale_result()
-        if failure_reason is not None:
-            return self._connection_error(failure_reason)
-        return self._success(started)
 
     def _wait(self, d: Deferred[Any]) -> Deferred[Any]:
         """
@@ -463,7 +467,9 @@ class _Turn:
     # --- results -----------------------------------------------------------------------
 
     def _result(self, final: str, **kw: Any) -> dict[str, Any]:
-        outcome = result(final, request=self.request, **kw)
+        sent = TurnRequest(message=self.message, session_id=self.session_id,
+                           session_key=self.session_key)
+        outcome = result(final, request=sent, **kw)
         outcome["history_offset"] = self.history_offset
         return outcome
 
@@ -479,7 +485,7 @@ class _Turn:
         self.log.info(
             "proxy response: url={url} session={session} time={elapsed:.1f}s "
             "response={chars} chars",
-            url=redact_url(self.url), session=(self.request.session_id or "")[:20],
+            url=redact_url(self.url), session=(self.session_id or "")[:20],
             elapsed=self.clock.seconds() - started, chars=len(full))
         return self._result(final, api_calls=1, full_response=full)
 
@@ -496,7 +502,7 @@ class _Turn:
     def _stale_result(self) -> dict[str, Any]:
         self.log.info(
             "Discarding stale proxy stream for {key}: the run is no longer current",
-            key=self.request.session_key or "?")
+            key=self.session_key or "?")
         return self._result("", api_calls=0)
 
     async def _http_error(self, response: Any) -> dict[str, Any]:
