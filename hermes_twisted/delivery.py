@@ -71,7 +71,7 @@ class ReplyChannel:
     log = Logger()
 
     def __init__(self, adapter: Any, chat_id: str, *, clock: IReactorTime,
-                 is_current: Callable[[], bool], pacer: EditPacer,
+                 is_current: Callable[[], bool], pacer: EditPacer | None,
                  reply_to: str | None = None, metadata: dict[str, Any] | None = None) -> None:
         self.adapter = adapter
         self.chat_id = chat_id
@@ -155,7 +155,8 @@ class ReplyChannel:
         """
         result = SendResult.failed("not sent")
         for attempt in range(1, SEND_ATTEMPTS + 1):
-            self._pacer.started()
+            if self._pacer is not None:
+                self._pacer.started()
             result = await self.call(self.adapter.send, self.chat_id, content,
                                      reply_to=reply_to, metadata=dict(metadata))
             if result.success or attempt == SEND_ATTEMPTS:

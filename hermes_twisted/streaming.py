@@ -90,18 +90,19 @@ class StreamConsumer:
                  reply_to: str | None = None, metadata: dict[str, Any] | None = None) -> None:
         self._chat_id = chat_id
         self._clock = clock
-        self._pacer = EditPacer(clock, settings.edit_interval)
-        self._channel = ReplyChannel(adapter, chat_id, clock=clock, is_current=is_current,
-                                     pacer=self._pacer, reply_to=reply_to, metadata=metadata)
-
         if adapter.wants_raw_deltas:
             self._mode = _Mode.RAW
         elif settings.active and adapter.supports_edit:
             self._mode = _Mode.EDIT
         else:
             self._mode = _Mode.FINAL
-        # Only the edit mode streams into messages (fallback is entered from it); the
-        # others deliver the final text whole.
+        # Only the edit mode paces edits and streams into messages (fallback is entered from
+        # it); the others deliver the final text whole.
+        self._pacer: EditPacer | None = None
+        if self._mode is _Mode.EDIT:
+            self._pacer = EditPacer(clock, settings.edit_interval)
+        self._channel = ReplyChannel(adapter, chat_id, clock=clock, is_current=is_current,
+                                     pacer=self._pacer, reply_to=reply_to, metadata=metadata)
         self._messages: StreamedMessages | None = None
         if self._mode is _Mode.EDIT:
             self._messages = StreamedMessages(

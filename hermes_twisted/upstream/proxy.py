@@ -28,6 +28,7 @@ from twisted.internet.defer import (
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
@@ -145,6 +146,14 @@ def _stop_at_once(_: bytes) -> bool:
     return True
 
 
+def _pass_on(outcome: Any, d: Deferred[Any]) -> None:
+    """C{chainDeferred} with one callback instead of two bound methods (one per stream)."""
+    if isinstance(outcome, Failure):
+        d.errback(outcome)
+    else:
+        d.callback(outcome)
+
+
 class ProxyUpstream(Service):
     """
     The L{hermes_twisted.upstream.Upstream} of proxy mode.  Owns one persistent
@@ -223,7 +232,7 @@ class ProxyUpstream(Service):
         turn = _Turn(self, request, sink, self._completions_url)
         d: Deferred[dict[str, Any]] = Deferred(turn.cancel)
         turn.outer = d
-        Deferred.fromCoroutine(turn.run()).chainDeferred(d)
+        Deferred.fromCoroutine(turn.run()).addBoth(_pass_on, d)
         if not d.called:
             self._turns.add(d)  # until the turn's coroutine ends (see _Turn.run)
         return d
