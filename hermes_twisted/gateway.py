@@ -371,8 +371,11 @@ class Gateway(Service):
         handle.deferred = d
         d.addBoth(self._run_ended, handle)
         d.addErrback(_trap_cancelled)
-        d.addErrback(lambda f: self.log.failure("Run for {key} crashed", f, key=handle.session_key))
+        d.addErrback(self._run_crashed, handle.session_key)
         return handle
+
+    def _run_crashed(self, failure: Failure, key: str) -> None:
+        self.log.failure("Run for {key} crashed", failure, key=key)
 
     def _run_ended(self, result: Any, handle: RunHandle) -> Any:
         handle.stop_siblings()
