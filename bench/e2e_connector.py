@@ -32,7 +32,8 @@ from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.internet.stdio import StandardIO  # noqa: E402
 
 from e2e_common import directive, final_text, now, percentile  # noqa: E402
-from hermes_twisted.relay.stub import StubConnector, default_descriptor, inbound_event  # noqa: E402
+from hermes_twisted.relay.stub import StubConnector, default_descriptor  # noqa: E402
+from hermes_twisted.relay.wire import inbound_event  # noqa: E402
 
 PLATFORM = "discord"
 

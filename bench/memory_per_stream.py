@@ -36,11 +36,11 @@ from twisted.application.service import MultiService  # noqa: E402
 from twisted.internet.defer import Deferred, succeed  # noqa: E402
 from twisted.internet.task import deferLater, react  # noqa: E402
 
-from hermes_twisted.gateway import Gateway  # noqa: E402
+from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource  # noqa: E402
 from hermes_twisted.platforms.base import PlatformAdapter  # noqa: E402
 from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
-from hermes_twisted.settings import (  # noqa: E402
+from hermes_twisted.config.settings import (  # noqa: E402
     GatewayConfig,
     PlatformSettings,
     UpstreamSettings,

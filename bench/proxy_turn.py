@@ -22,7 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
 from twisted.internet.protocol import ProcessProtocol  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
 
-from hermes_twisted.settings import UpstreamSettings  # noqa: E402
+from hermes_twisted.config.settings import UpstreamSettings  # noqa: E402
 from hermes_twisted.upstream import TurnRequest  # noqa: E402
 from hermes_twisted.upstream.proxy import ProxyUpstream  # noqa: E402
 

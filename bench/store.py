@@ -23,7 +23,7 @@ from twisted.internet.task import react  # noqa: E402
 
 from hermes_twisted.model import Platform, SessionSource  # noqa: E402
 from hermes_twisted.sessions.sqlite import SQLiteSessionStore, check_database  # noqa: E402
-from hermes_twisted.settings import ResetPolicy  # noqa: E402
+from hermes_twisted.config.settings import ResetPolicy  # noqa: E402
 
 SOURCE = SessionSource(Platform.IRC, "#bench", chat_type="group", user_id="u")
 

@@ -70,6 +70,21 @@ class Platform(str, enum.Enum):
             return default if default is not None else cls.RELAY
 
 
+class InterruptReason:
+    """
+    Why a run was interrupted: the exact strings of hermes-agent 0.19.0 (generations.md §2.8).
+    A platform names one when it asks the gateway to interrupt a session (a client that went
+    away); the dispatcher recognises them by value and never feeds them to the agent.
+    """
+
+    STOP = "Stop requested"
+    RESET = "Session reset requested"
+    TIMEOUT = "Execution timed out (inactivity)"
+    SSE_DISCONNECT = "SSE client disconnected"
+    GATEWAY_SHUTDOWN = "Gateway shutting down"
+    GATEWAY_RESTART = "Gateway restarting"
+
+
 class MessageType(str, enum.Enum):
     TEXT = "text"
     LOCATION = "location"

@@ -52,7 +52,7 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        from hermes_twisted.config import ConfigError, load_config, redacted_yaml
+        from hermes_twisted.config.loader import ConfigError, load_config, redacted_yaml
         from hermes_twisted.sessions.interface import StoreError
         from hermes_twisted.sessions.sqlite import check_database
 
@@ -104,7 +104,7 @@ def build_service(config: Any, reactor: Any):
     upstream client, the platforms, then the gateway, so that on shutdown the gateway cancels
     its runs first and the store closes last.
     """
-    from hermes_twisted.gateway import Gateway
+    from hermes_twisted.dispatch.gateway import Gateway
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
     from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService

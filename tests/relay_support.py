@@ -13,7 +13,7 @@ from twisted.internet.task import deferLater
 
 from hermes_twisted.relay.adapter import RelayAdapter
 from hermes_twisted.relay.stub import StubConnector
-from hermes_twisted.settings import GatewayConfig, PlatformSettings, RelaySettings
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 
 
 class RecordingSink:

@@ -15,10 +15,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
-from hermes_twisted import interrupts
-from hermes_twisted.platforms.api_server import APIServerAdapter, LimitedRequest
-from hermes_twisted.platforms.api_server_http import derive_session_id
-from hermes_twisted.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.dispatch import interrupts
+from hermes_twisted.platforms.api_server.adapter import APIServerAdapter, LimitedRequest
+from hermes_twisted.platforms.api_server.http import derive_session_id
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 KEY = "test-key-0123456789abcdef"
 
@@ -311,7 +311,7 @@ async def _until(predicate, timeout=5.0):
 
 @pytest.mark.parametrize("session", ["a\rb", "a\nb", "a\x00b", "../x", "..", "/abs"])
 def test_session_id_problems(session):
-    from hermes_twisted.platforms.api_server_http import session_id_problem
+    from hermes_twisted.platforms.api_server.http import session_id_problem
 
     assert session_id_problem(session) == "Invalid session ID"
     assert session_id_problem("ok-id_1.2") is None

@@ -3,7 +3,7 @@ from twisted.internet.error import ConnectingCancelledError
 from twisted.python.failure import Failure
 from twisted.web._newclient import ResponseFailed, ResponseNeverReceived
 
-from hermes_twisted.cancellation import was_cancelled
+from hermes_twisted.net.cancellation import was_cancelled
 
 
 def test_wrapped_cancellations_are_recognised():

@@ -14,7 +14,8 @@ import treq.client
 from twisted.internet import reactor, threads
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermes_twisted.relay.stub import StubConnector, inbound_event
+from hermes_twisted.relay.stub import StubConnector
+from hermes_twisted.relay.wire import inbound_event
 from tests.daemon import Daemon, clean_env
 from tests.fakes.telegram_api import FakeTelegramAPI
 from tests.fakes.upstream import FakeHermesAPI, Script

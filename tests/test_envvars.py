@@ -8,24 +8,21 @@ from pathlib import Path
 
 import pytest
 
-from hermes_twisted import (
-    config,
-    config_layers,
-    config_platforms,
-    config_values,
-    dotenv,
-    redaction,
-    relay_urls,
-)
-from hermes_twisted.config import build_config
-from hermes_twisted.envvars import (
+from hermes_twisted.config import dotenv, redaction, relay_urls
+from hermes_twisted.config import layers as config_layers
+from hermes_twisted.config import loader as config
+from hermes_twisted.config import platforms as config_platforms
+from hermes_twisted.config import values as config_values
+from hermes_twisted.config.loader import build_config
+from hermes_twisted.config.envvars import (
     ENV_VARS,
     TYPES,
+    SUPPORTED_PLATFORMS as SUPPORTED,
     UNSUPPORTED_PLATFORMS,
     YAML_KEYS,
     render_reference,
 )
-from hermes_twisted.platforms import SUPPORTED
+from hermes_twisted.platforms import ADAPTERS
 
 ROOT = Path(__file__).resolve().parent.parent
 #: The configuration loader, split by concept; config.py re-exports their public names.
@@ -177,7 +174,7 @@ def test_loader_names_no_variable_outside_the_registry():
 def test_docs_match_the_registry():
     doc = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
     assert doc == render_reference(), (
-        "docs/configuration.md is stale: python -m hermes_twisted.envvars > docs/configuration.md")
+        "docs/configuration.md is stale: python -m hermes_twisted.config.envvars > docs/configuration.md")
 
 
 def test_reference_lists_every_variable_and_key():
@@ -189,6 +186,12 @@ def test_reference_lists_every_variable_and_key():
 
 
 def test_module_prints_the_reference():
-    out = subprocess.run([sys.executable, "-m", "hermes_twisted.envvars"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "hermes_twisted.config.envvars"], cwd=ROOT,
                          capture_output=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.stdout.decode("utf-8") == render_reference()
+
+
+def test_every_supported_platform_has_an_adapter_and_no_more():
+    """The config's platform names and the adapter registry are one list, kept in two places
+    only so that config never imports the platforms."""
+    assert set(ADAPTERS) == SUPPORTED

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from twisted.internet.defer import fail
 
-from hermes_twisted import interrupts
-from hermes_twisted.inbound import event_from_payload, payload_for
+from hermes_twisted.dispatch import interrupts
+from hermes_twisted.dispatch.inbound import event_from_payload, payload_for
 from hermes_twisted.sessions.interface import StoreError
 from tests.fakes.gateway_kit import Kit
 
@@ -122,7 +122,7 @@ def test_stop_service_wait_is_bounded():
     """Runs unwind synchronously on cancel; the wait is bounded for anything that does not."""
     kit = Kit()
     kit.gateway.startService()
-    from hermes_twisted.runs import RunHandle
+    from hermes_twisted.dispatch.runs import RunHandle
 
     stuck = RunHandle(session_key="k", generation=1, generations=kit.gateway.generations,
                       adapter=kit.adapter, event=kit.event("x"), started_at=0.0)

@@ -12,7 +12,7 @@ Not applicable here:
 
 from __future__ import annotations
 
-from hermes_twisted.gateway import ACK_INTERRUPT, ACK_QUEUE
+from hermes_twisted.dispatch.gateway import ACK_INTERRUPT, ACK_QUEUE
 from tests.fakes.gateway_kit import Kit
 
 

@@ -8,7 +8,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from hermes_twisted.http_body import BodyTooLarge, read_body
+from hermes_twisted.net.body import BodyTooLarge, read_body
 
 
 class Slow(Resource):

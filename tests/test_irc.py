@@ -19,8 +19,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from hermes_twisted.model import MessageEvent, Platform, SendResult
-from hermes_twisted.platforms.irc import IRCAdapter
-from hermes_twisted.settings import PlatformSettings
+from hermes_twisted.platforms.irc.adapter import IRCAdapter
+from hermes_twisted.config.settings import PlatformSettings
 
 
 class FakeEndpoint:

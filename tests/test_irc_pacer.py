@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from hermes_twisted.platforms.irc_pacer import LinePacer, PacerClosed, PacerFull
+from hermes_twisted.platforms.irc.pacer import LinePacer, PacerClosed, PacerFull
 
 
 class LinePacerTests(SynchronousTestCase):

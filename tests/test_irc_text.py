@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hermes_twisted.platforms.irc_text import (
+from hermes_twisted.platforms.irc.text import (
     addressed_text,
     irc_lower,
     is_channel,

@@ -9,9 +9,9 @@ from twisted.internet.task import Clock
 from twisted.web.client import ResponseDone
 from twisted.python.failure import Failure
 
-from hermes_twisted.platforms.matrix import MatrixAdapter
-from hermes_twisted.platforms.matrix_format import markdown_to_html
-from hermes_twisted.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.platforms.matrix.adapter import MatrixAdapter
+from hermes_twisted.platforms.matrix.format import markdown_to_html
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 ME = "@bot:localhost"
 

@@ -18,7 +18,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseFailed, ResponseNeverReceived
 
-from hermes_twisted.settings import UpstreamSettings
+from hermes_twisted.config.settings import UpstreamSettings
 from hermes_twisted.upstream import NO_RESPONSE, TurnRequest
 from hermes_twisted.upstream.proxy import (
     NOT_CONFIGURED,

@@ -16,7 +16,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 
-from hermes_twisted.settings import UpstreamSettings
+from hermes_twisted.config.settings import UpstreamSettings
 from hermes_twisted.upstream.proxy import ProxyUpstream
 from tests.fakes.upstream import FakeHermesAPI, Script
 from tests.test_proxy import RecordingSink, request

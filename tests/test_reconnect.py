@@ -2,7 +2,7 @@
 
 from twisted.internet.task import Clock
 
-from hermes_twisted.reconnect import SessionBackoff, exponential_delay
+from hermes_twisted.net.reconnect import SessionBackoff, exponential_delay
 
 
 def no_jitter():

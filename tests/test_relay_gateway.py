@@ -12,10 +12,11 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from hermes_twisted.gateway import Gateway
+from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.relay.adapter import RelayAdapter
-from hermes_twisted.relay.stub import StubConnector, inbound_event
-from hermes_twisted.settings import (
+from hermes_twisted.relay.stub import StubConnector
+from hermes_twisted.relay.wire import inbound_event
+from hermes_twisted.config.settings import (
     GatewayConfig,
     PlatformSettings,
     RelaySettings,

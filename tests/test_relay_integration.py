@@ -12,10 +12,11 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import globalLogPublisher
 
 from hermes_twisted.model import Platform
-from hermes_twisted.reconnect import SessionBackoff
+from hermes_twisted.net.reconnect import SessionBackoff
 from hermes_twisted.relay import client as relay_client
 from hermes_twisted.relay.auth import verify_token
-from hermes_twisted.relay.stub import NEVER, inbound_event
+from hermes_twisted.relay.stub import NEVER
+from hermes_twisted.relay.wire import inbound_event
 from hermes_twisted.sessions.keys import build_session_key
 from tests.relay_support import eventually, relay_pair
 

@@ -20,7 +20,7 @@ from hermes_twisted.sessions.reset import (
     last_daily_boundary,
     validate,
 )
-from hermes_twisted.settings import ResetPolicy
+from hermes_twisted.config.settings import ResetPolicy
 
 PLUS2 = timezone(timedelta(hours=2))
 BERLIN = ZoneInfo("Europe/Berlin")

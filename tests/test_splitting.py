@@ -1,4 +1,4 @@
-"""Tests for hermes_twisted.platforms.splitting (platforms.md §1.4)."""
+"""Tests for hermes_twisted.delivery.splitting (platforms.md §1.4)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import re
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hermes_twisted.platforms.splitting import (
+from hermes_twisted.delivery.splitting import (
     _split,
     cut_at_newline,
     fit_prefix,

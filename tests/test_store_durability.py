@@ -29,7 +29,7 @@ from twisted.internet import defer, task
 
 from hermes_twisted.model import Platform, SessionSource
 from hermes_twisted.sessions.sqlite import SQLiteSessionStore
-from hermes_twisted.settings import ResetPolicy
+from hermes_twisted.config.settings import ResetPolicy
 
 
 def report(_, k):

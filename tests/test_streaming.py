@@ -1,4 +1,4 @@
-"""Tests for hermes_twisted.streaming.StreamConsumer, on a Clock with a RecordingAdapter."""
+"""Tests for hermes_twisted.delivery.consumer.StreamConsumer, on a Clock with a RecordingAdapter."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from hermes_twisted.model import SendResult
-from hermes_twisted.platforms.splitting import utf16_len
-from hermes_twisted.settings import StreamingSettings
-from hermes_twisted.streaming import (
+from hermes_twisted.delivery.splitting import utf16_len
+from hermes_twisted.config.settings import StreamingSettings
+from hermes_twisted.delivery.consumer import (
     LEFTOVER_TEXT,
     DeliveryReport,
     StreamConsumer,

@@ -18,10 +18,10 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from hermes_twisted.platforms import adapter_class
-from hermes_twisted.platforms.splitting import utf16_len
-from hermes_twisted.platforms.telegram import TelegramAdapter
+from hermes_twisted.delivery.splitting import utf16_len
+from hermes_twisted.platforms.telegram.adapter import TelegramAdapter
 from hermes_twisted.sessions.keys import build_session_key
-from hermes_twisted.settings import PlatformSettings
+from hermes_twisted.config.settings import PlatformSettings
 from tests.fakes.telegram_api import FakeTelegramAPI
 
 TOKEN = "123456:TEST-fake-token"
@@ -513,8 +513,8 @@ async def test_stream_consumer_edits_through_flood_waits(fake) -> None:
     """The real StreamConsumer over the adapter: a 429 on an edit slows it, the end is exact."""
     from twisted.internet import reactor
 
-    from hermes_twisted.settings import StreamingSettings
-    from hermes_twisted.streaming import StreamConsumer
+    from hermes_twisted.config.settings import StreamingSettings
+    from hermes_twisted.delivery.consumer import StreamConsumer
 
     adapter = started(fake)
     try:
@@ -566,7 +566,7 @@ class HostileUpdateTests(SynchronousTestCase):
 
 
 def test_reads_the_settings_the_config_loader_builds(tmp_path) -> None:
-    from hermes_twisted.config import build_config
+    from hermes_twisted.config.loader import build_config
 
     config = build_config({}, {
         "HERMES_HOME": str(tmp_path), "TELEGRAM_BOT_TOKEN": TOKEN,

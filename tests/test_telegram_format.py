@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hermes_twisted.platforms.telegram_format import (
+from hermes_twisted.platforms.telegram.format import (
     escape_code,
     escape_text,
     escape_url,

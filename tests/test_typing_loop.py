@@ -6,7 +6,7 @@ from __future__ import annotations
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
-from hermes_twisted.typing_loop import TypingLoop
+from hermes_twisted.dispatch.typing_loop import TypingLoop
 
 
 class Platform:

@@ -1,6 +1,15 @@
 """
-The platforms this daemon implements, by config name.  Classes are imported lazily so a
-configuration naming one platform never imports the others' dependencies.
+The platforms: the adapter contract (L{hermes_twisted.platforms.base}), the shared kit
+(L{hermes_twisted.platforms.kit}) and one subpackage per platform (C{irc/}, C{matrix/},
+C{telegram/}, C{api_server/}; the relay has its own package, L{hermes_twisted.relay}).
+
+A platform package holds its adapter, its protocol, its wire format and its text rules.  It
+may import the contract, the kit, L{hermes_twisted.delivery} (splitting and text rules),
+L{hermes_twisted.net}, L{hermes_twisted.config.settings}, L{hermes_twisted.model} and
+L{hermes_twisted.sessions.keys}; never L{hermes_twisted.dispatch}, and never another platform.
+
+This module is the registry of adapter classes by config name.  Classes are imported lazily,
+so a configuration naming one platform never imports the others' dependencies.
 """
 
 from __future__ import annotations
@@ -8,14 +17,12 @@ from __future__ import annotations
 from twisted.python.reflect import namedAny
 
 ADAPTERS = {
-    "irc": "hermes_twisted.platforms.irc.IRCAdapter",
-    "matrix": "hermes_twisted.platforms.matrix.MatrixAdapter",
-    "telegram": "hermes_twisted.platforms.telegram.TelegramAdapter",
-    "api_server": "hermes_twisted.platforms.api_server.APIServerAdapter",
+    "irc": "hermes_twisted.platforms.irc.adapter.IRCAdapter",
+    "matrix": "hermes_twisted.platforms.matrix.adapter.MatrixAdapter",
+    "telegram": "hermes_twisted.platforms.telegram.adapter.TelegramAdapter",
+    "api_server": "hermes_twisted.platforms.api_server.adapter.APIServerAdapter",
     "relay": "hermes_twisted.relay.adapter.RelayAdapter",
 }
-
-SUPPORTED = frozenset(ADAPTERS)
 
 
 def adapter_class(name: str) -> type:

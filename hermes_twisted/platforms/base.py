@@ -18,8 +18,8 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from hermes_twisted.model import MessageEvent, Platform, SendResult
-from hermes_twisted.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 
 class GatewaySink(Protocol):
@@ -33,10 +33,11 @@ class GatewaySink(Protocol):
         """
 
     def interrupt_session(self, adapter: "PlatformAdapter", session_key: str,
-                          chat_id: str | None = None, reason: str = "Stop requested") -> bool:
+                          chat_id: str | None = None,
+                          reason: str = InterruptReason.STOP) -> bool:
         """
         Interrupt the running turn of exactly C{session_key} (a remote /stop, or an API client
-        that disconnected: C{reason} is one of L{hermes_twisted.interrupts}).  True if one ran.
+        that disconnected: C{reason} is one of L{InterruptReason}).  True if one ran.
         """
 
 

@@ -9,5 +9,10 @@ the platforms the connector holds credentials for.
   protocol.py     the autobahn client protocol and factory
   client.py       RelayClient: ClientService supervision, requests, handshake, 4401, idle
   adapter.py      RelayAdapter: the platform adapter the gateway sees
-  stub.py         a stub connector for tests, development and the benchmark (load.py drives it)
+  stub.py         a stub connector for tests, development and the benchmark
+  load.py         the load driver the stub runs for the benchmark (it knows the stub only
+                  through a small protocol, so the two do not import each other)
+
+The relay is a platform: it may import what a platform package may (see
+L{hermes_twisted.platforms}), and never L{hermes_twisted.dispatch}.
 """

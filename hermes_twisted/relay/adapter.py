@@ -25,7 +25,7 @@ from hermes_twisted.relay import wire
 from hermes_twisted.relay.client import RelayClient
 from hermes_twisted.relay.descriptor import CapabilityDescriptor, codepoint_len, utf16_len
 from hermes_twisted.relay.passthrough import interaction_to_event, passthrough_from_wire
-from hermes_twisted.settings import GatewayConfig, PlatformSettings, RelaySettings
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 
 EGRESS_DECLINED = "egress_declined"
 #: How long an C{interrupt_inbound} for a session we interrupted ourselves counts as the

@@ -6,11 +6,21 @@ hermes_twisted.relay.stub --push N --chats M --final TEXT}).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred
 
-from hermes_twisted.relay.stub import StubConnector, inbound_event
+from hermes_twisted.relay.wire import inbound_event
+
+
+class Connector(Protocol):
+    """What the driver needs of a connector (L{hermes_twisted.relay.stub.StubConnector})."""
+
+    reactor: Any
+    on_outbound: Callable[[dict[str, Any], float], None] | None
+    def push_inbound(self, event: dict[str, Any], buffer_id: str | None = None) -> None: ...
+
+    def call_later(self, delay: float, f: Callable[..., Any], *args: Any) -> None: ...
 
 
 class LoadDriver:
@@ -21,7 +31,7 @@ class LoadDriver:
     content is C{final_text}.  C{done} fires with the figures.
     """
 
-    def __init__(self, stub: StubConnector, *, total: int, chats: int, final_text: str,
+    def __init__(self, stub: Connector, *, total: int, chats: int, final_text: str,
                  platform: str = "discord", gap: float = 0.0) -> None:
         self.stub, self.total, self.chats = stub, total, max(1, min(chats, total))
         self.gap = gap
@@ -75,7 +85,7 @@ class LoadDriver:
         elif self.gap:
             # The reply is visible, but the gateway may still be finishing the turn; a
             # message arriving now would interrupt it and measure the busy path instead.
-            self.stub._timers.append(self.stub.reactor.callLater(self.gap, self._push, chat_id))
+            self.stub.call_later(self.gap, self._push, chat_id)
         else:
             self._push(chat_id)
 

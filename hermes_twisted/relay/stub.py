@@ -162,6 +162,10 @@ class StubConnector:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/relay"
 
+    def call_later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
+        """Call C{f(*args)} after C{delay} seconds, unless L{stop} comes first."""
+        self._timers.append(self.reactor.callLater(delay, f, *args))
+
     async def stop(self) -> None:
         """Stop listening, drop every connection and wait until they are all gone."""
         for timer in self._timers:
@@ -286,7 +290,7 @@ class StubConnector:
                                    "requestId": frame.get("requestId"), "result": result})
         delay = self.delays.get(op, 0)
         if delay:
-            self._timers.append(self.reactor.callLater(delay, self._send_if_open, conn, reply))
+            self.call_later(delay, self._send_if_open, conn, reply)
         else:
             conn.push_bytes(reply)
 
@@ -346,20 +350,6 @@ class StubConnector:
         """Drop the newest connection without a closing handshake."""
         self._target().dropConnection(abort=True)
 
-
-def inbound_event(text: str, chat_id: str, *, platform: str = "discord", user_id: str = "u1",
-                  chat_type: str = "group", scope_id: str | None = None,
-                  message_id: str | None = None, **source: Any) -> dict[str, Any]:
-    """A wire C{event} as a connector would normalize it."""
-    src: dict[str, Any] = {"platform": platform, "chat_id": chat_id, "chat_type": chat_type,
-                           "user_id": user_id, "user_name": source.pop("user_name", user_id)}
-    if scope_id:
-        src["scope_id"] = scope_id
-    src.update(source)
-    event: dict[str, Any] = {"text": text, "source": src}
-    if message_id:
-        event["message_id"] = message_id
-    return event
 
 
 def main(argv: list[str] | None = None) -> None:

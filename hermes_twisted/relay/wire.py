@@ -185,3 +185,17 @@ def event_from_wire(event: Any) -> MessageEvent:
         media_urls=[str(u) for u in media] if isinstance(media, list) else [],
         channel_context=render_context(event.get("context")),
     )
+
+def inbound_event(text: str, chat_id: str, *, platform: str = "discord", user_id: str = "u1",
+                  chat_type: str = "group", scope_id: str | None = None,
+                  message_id: str | None = None, **source: Any) -> dict[str, Any]:
+    """A wire C{event} as a connector normalizes it (for the stub connector and tests)."""
+    src: dict[str, Any] = {"platform": platform, "chat_id": chat_id, "chat_type": chat_type,
+                           "user_id": user_id, "user_name": source.pop("user_name", user_id)}
+    if scope_id:
+        src["scope_id"] = scope_id
+    src.update(source)
+    event: dict[str, Any] = {"text": text, "source": src}
+    if message_id:
+        event["message_id"] = message_id
+    return event

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, tzinfo
 
-from hermes_twisted.settings import ResetPolicy
+from hermes_twisted.config.settings import ResetPolicy
 
 MODES = ("none", "idle", "daily", "both")
 

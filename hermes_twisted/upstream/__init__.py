@@ -2,6 +2,13 @@
 The agent upstream: where a turn's work happens.  The gateway talks to it only through
 L{TurnRequest}, L{TurnSink} and L{Upstream.run_turn}, so runs can be tested with an
 in-memory upstream.
+
+  proxy.py   L{ProxyUpstream}: POST /v1/chat/completions with SSE streaming (proxy mode)
+  sse.py     the SSE decoder
+  body.py    the streaming body protocol of one response
+
+May import: L{hermes_twisted.model}, L{hermes_twisted.config.settings}, L{hermes_twisted.net}
+and itself.
 """
 
 from __future__ import annotations

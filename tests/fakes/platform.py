@@ -43,7 +43,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 
 from hermes_twisted.model import Platform, SendResult
 from hermes_twisted.platforms.base import PlatformAdapter
-from hermes_twisted.settings import PlatformSettings
+from hermes_twisted.config.settings import PlatformSettings
 
 
 class _Marker:

@@ -30,7 +30,7 @@ from twisted.internet.task import deferLater
 from twisted.internet.utils import getProcessOutputAndValue
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermes_twisted.settings import UpstreamSettings
+from hermes_twisted.config.settings import UpstreamSettings
 from hermes_twisted.upstream.proxy import ProxyUpstream
 from tests.test_proxy import RecordingSink, request
 

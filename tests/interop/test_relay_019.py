@@ -22,7 +22,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol
 
 from hermes_twisted.relay import wire
-from hermes_twisted.relay.stub import StubConnector, inbound_event
+from hermes_twisted.relay.stub import StubConnector
+from hermes_twisted.relay.wire import inbound_event
 from hermes_twisted.sessions.keys import build_session_key
 from tests.interop.test_hermes_agent import ensure_venv
 
@@ -223,11 +224,11 @@ SERVER = textwrap.dedent("""
 
 @pytest_twisted.ensureDeferred
 async def test_our_adapter_against_a_websockets_connector_using_019_auth():
-    from hermes_twisted.reconnect import SessionBackoff
+    from hermes_twisted.net.reconnect import SessionBackoff
     from tests.relay_support import eventually, relay_config
     from tests.relay_support import RecordingSink
     from hermes_twisted.relay.adapter import RelayAdapter
-    from hermes_twisted.settings import PlatformSettings
+    from hermes_twisted.config.settings import PlatformSettings
 
     urls: list[str] = []
     python, where = await hermes_019()

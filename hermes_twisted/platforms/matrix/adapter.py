@@ -35,13 +35,13 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermes_twisted.cancellation import raise_if_cancelled
-from hermes_twisted.http_body import read_body
-from hermes_twisted.http_pool import make_pool
+from hermes_twisted.net.cancellation import raise_if_cancelled
+from hermes_twisted.net.body import read_body
+from hermes_twisted.net.pool import make_pool
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
 from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
-from hermes_twisted.platforms.matrix_format import has_markup, markdown_to_html
-from hermes_twisted.reconnect import exponential_delay
+from hermes_twisted.platforms.matrix.format import has_markup, markdown_to_html
+from hermes_twisted.net.reconnect import exponential_delay
 
 SYNC_TIMEOUT_MS = 30_000
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a large initial sync is big, but not unbounded

@@ -24,9 +24,9 @@ from twisted.python.failure import Failure
 
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
 from hermes_twisted.platforms.base import PlatformAdapter
-from hermes_twisted.platforms.irc_pacer import PacerClosed, PacerFull
-from hermes_twisted.platforms.irc_protocol import HermesIRCClient, IRCClientFactory
-from hermes_twisted.platforms.irc_text import (
+from hermes_twisted.platforms.irc.pacer import PacerClosed, PacerFull
+from hermes_twisted.platforms.irc.protocol import HermesIRCClient, IRCClientFactory
+from hermes_twisted.platforms.irc.text import (
     DEFAULT_MAX_TEXT_BYTES,
     addressed_text,
     irc_lower,
@@ -34,8 +34,8 @@ from hermes_twisted.platforms.irc_text import (
     split_message,
     valid_target,
 )
-from hermes_twisted.reconnect import SessionBackoff
-from hermes_twisted.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.net.reconnect import SessionBackoff
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 #: Bound of stopService: after this the connection is aborted instead of closed.
 STOP_TIMEOUT = 5.0

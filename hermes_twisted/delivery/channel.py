@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_streaming -*-
 """
 One reply's line to a platform adapter (L{ReplyChannel}), used by
-L{hermes_twisted.streaming.StreamConsumer}: every call checks that the run is still current
+L{hermes_twisted.delivery.consumer.StreamConsumer}: every call checks that the run is still current
 and is never allowed to fail, final sends are retried when the platform asks for it, a whole
 reply is split for the platform, and the outcome is a L{DeliveryReport}.
 """
@@ -18,8 +18,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hermes_twisted.model import SendResult
-from hermes_twisted.platforms.splitting import truncate_message
-from hermes_twisted.stream_pacing import EditPacer
+from hermes_twisted.delivery.splitting import truncate_message
+from hermes_twisted.delivery.pacing import EditPacer
 
 #: Attempts per final send when the platform says "retry" (rate limit or C{retryable}).
 SEND_ATTEMPTS = 3

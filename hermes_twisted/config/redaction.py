@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from hermes_twisted.envvars import ENV_VARS, YAML_KEYS
-from hermes_twisted.settings import GatewayConfig
+from hermes_twisted.config.envvars import ENV_VARS, YAML_KEYS
+from hermes_twisted.config.settings import GatewayConfig
 
 REDACTED = "<redacted>"
 

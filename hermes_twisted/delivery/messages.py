@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_streaming -*-
 """
 The chat messages of one reply streamed by editing (L{StreamedMessages}), for
-L{hermes_twisted.streaming.StreamConsumer}.
+L{hermes_twisted.delivery.consumer.StreamConsumer}.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from hermes_twisted.delivery import ReplyChannel, is_rate_limited
-from hermes_twisted.platforms.splitting import FENCE, FENCE_CLOSE, cut_at_newline, fence_state
-from hermes_twisted.stream_pacing import EditPacer
-from hermes_twisted.stream_text import (
+from hermes_twisted.delivery.channel import ReplyChannel, is_rate_limited
+from hermes_twisted.delivery.splitting import FENCE, FENCE_CLOSE, cut_at_newline, fence_state
+from hermes_twisted.delivery.pacing import EditPacer
+from hermes_twisted.delivery.text import (
     LEFTOVER_TEXT,
     MIN_NEW_MESSAGE_CHARS,
     align_final,
@@ -124,7 +124,7 @@ class StreamedMessages:
         Bring the chat up to C{_text[_base:]}: cut off and finalize full messages, then show
         the rest in the open message (with the cursor unless C{final}).  False when a send or
         edit failed (the owner was told what happens next).  Fails with
-        L{hermes_twisted.delivery.StaleRun} or CancelledError like
+        L{hermes_twisted.delivery.channel.StaleRun} or CancelledError like
         L{ReplyChannel.call}.
         """
         while True:

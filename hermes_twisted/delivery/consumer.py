@@ -14,7 +14,7 @@ on the adapter and the settings:
     the interval; three in a row, or any other edit error, switch to B{fallback}: no more
     edits, and at the end only the part not yet shown is sent as new message(s).
   - B{final} (streaming off, no edit support, or the first send failed): the whole reply at
-    the end, split with L{hermes_twisted.platforms.splitting.truncate_message} unless the adapter splits by itself.
+    the end, split with L{hermes_twisted.delivery.splitting.truncate_message} unless the adapter splits by itself.
   - B{raw} (C{adapter.wants_raw_deltas}): every delta goes to C{push_delta}, then one
     C{send} of the whole reply with C{metadata["final"] = True}.
 
@@ -26,10 +26,10 @@ reaches the chat (generations.md §2.4).  A reply that could still turn out to b
 marker (C{NO_REPLY}, C{[SILENT]}) is not previewed.
 
 The consumer keeps the mode, the edit timer and the order of things; the parts are
-L{hermes_twisted.stream_messages} (the streamed text cut into messages and edited),
-L{hermes_twisted.delivery} (calls to the adapter, final sends and their retries, the
-L{DeliveryReport}), L{hermes_twisted.stream_pacing} (edit interval and flood backoff) and
-L{hermes_twisted.stream_text} (text rules); their public names are importable from here too.
+L{hermes_twisted.delivery.messages} (the streamed text cut into messages and edited),
+L{hermes_twisted.delivery.channel} (calls to the adapter, final sends and their retries, the
+L{DeliveryReport}), L{hermes_twisted.delivery.pacing} (edit interval and flood backoff) and
+L{hermes_twisted.delivery.text} (text rules); their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hermes_twisted.delivery import (
+from hermes_twisted.delivery.channel import (
     MAX_SEND_RETRY_WAIT,
     SEND_ATTEMPTS,
     DeliveryReport,
@@ -50,10 +50,10 @@ from hermes_twisted.delivery import (
     StaleRun,
     is_rate_limited,
 )
-from hermes_twisted.settings import StreamingSettings
-from hermes_twisted.stream_messages import MAX_FINAL_WAIT, StreamedMessages
-from hermes_twisted.stream_pacing import FLOOD_STRIKES, MAX_EDIT_INTERVAL, EditPacer
-from hermes_twisted.stream_text import LEFTOVER_TEXT, MIN_NEW_MESSAGE_CHARS, SILENCE_MARKERS
+from hermes_twisted.config.settings import StreamingSettings
+from hermes_twisted.delivery.messages import MAX_FINAL_WAIT, StreamedMessages
+from hermes_twisted.delivery.pacing import FLOOD_STRIKES, MAX_EDIT_INTERVAL, EditPacer
+from hermes_twisted.delivery.text import LEFTOVER_TEXT, MIN_NEW_MESSAGE_CHARS, SILENCE_MARKERS
 
 __all__ = [
     "FLOOD_STRIKES", "LEFTOVER_TEXT", "MAX_EDIT_INTERVAL", "MAX_FINAL_WAIT",

@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_gateway -*-
 """
-The per-session-key state of the dispatcher (see L{hermes_twisted.gateway}).
+The per-session-key state of the dispatcher (see L{hermes_twisted.dispatch.gateway}).
 
 A L{Lane} holds at most one running L{RunHandle}, the FIFO of messages waiting for it, the
 arrivals still being admitted (dispatched strictly in arrival order), the time of the last
@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from hermes_twisted.model import MessageEvent
-from hermes_twisted.runs import RunHandle
+from hermes_twisted.dispatch.runs import RunHandle
 
 
 class Inbound:

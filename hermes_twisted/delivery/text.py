@@ -1,13 +1,13 @@
 # -*- test-case-name: tests.test_streaming -*-
 """
-Text rules of a streamed reply (L{hermes_twisted.streaming}): what counts as enough to open a
+Text rules of a streamed reply (L{hermes_twisted.delivery.consumer}): what counts as enough to open a
 message, which replies may still become a silence marker, and how the authoritative final
 text lines up with what the chat already shows.
 """
 
 from __future__ import annotations
 
-from hermes_twisted.platforms.splitting import FENCE, fence_state
+from hermes_twisted.delivery.splitting import FENCE, fence_state
 
 #: A new message is not opened for fewer visible (non-whitespace) characters (0.19.0 rule).
 MIN_NEW_MESSAGE_CHARS = 4

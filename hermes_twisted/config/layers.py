@@ -2,7 +2,7 @@
 """
 The configuration's raw values by dotted key (L{ConfigLayers}): the YAML document read with
 Hermes 0.19.0's block names and precedence, the environment laid over it, and typed access
-per the registry (L{hermes_twisted.envvars}).
+per the registry (L{hermes_twisted.config.envvars}).
 """
 
 from __future__ import annotations
@@ -12,17 +12,17 @@ from typing import Any, Mapping
 
 from twisted.logger import Logger
 
-from hermes_twisted.config_error import ConfigError
-from hermes_twisted.config_values import FALSE_WORDS, RawValue, Spec, convert, kind_of
-from hermes_twisted.dotenv import expand_user
-from hermes_twisted.envvars import (
+from hermes_twisted.config.errors import ConfigError
+from hermes_twisted.config.values import FALSE_WORDS, RawValue, Spec, convert, kind_of
+from hermes_twisted.config.dotenv import expand_user
+from hermes_twisted.config.envvars import (
     ENV_VARS,
     SHORTCUT_KEYS,
     SHORTCUT_KEYS_BY_PLATFORM,
+    SUPPORTED_PLATFORMS,
     UNSUPPORTED_PLATFORMS,
     YAML_KEYS,
 )
-from hermes_twisted.platforms import SUPPORTED
 
 # Shared with the rest of the loader, so operators filter every config warning by one name.
 log = Logger(namespace="hermes_twisted.config")
@@ -34,7 +34,7 @@ _PLATFORM_FIELDS = frozenset({
 _SHARED = ("session_reset", "streaming", "group_sessions_per_user", "thread_sessions_per_user",
            "unauthorized_dm_behavior")
 #: Every name Hermes treats as a platform (used to recognise top-level shortcut blocks).
-_HERMES_PLATFORMS = frozenset(SUPPORTED) | frozenset(UNSUPPORTED_PLATFORMS)
+_HERMES_PLATFORMS = frozenset(SUPPORTED_PLATFORMS) | frozenset(UNSUPPORTED_PLATFORMS)
 
 _SPECS: dict[str, Spec] = {
     **{v.setting: v for v in ENV_VARS.values()},
@@ -175,7 +175,7 @@ class ConfigLayers:
             fronted = self.fronted_blocks.setdefault(name, {})
             for key, value in block.items():
                 fronted[str(key)] = RawValue(value, f"{where}.{key}")
-        if name not in SUPPORTED:
+        if name not in SUPPORTED_PLATFORMS:
             self._unsupported_block(name, where, block)
             return
         prefix = f"platforms.{name}"
@@ -212,7 +212,7 @@ class ConfigLayers:
             log.warn("{where}: {name} is not supported by this daemon; the block is ignored "
                      "(front {name} through the relay to use it)", where=where, name=name)
             return
-        supported = ", ".join(sorted(SUPPORTED))
+        supported = ", ".join(sorted(SUPPORTED_PLATFORMS))
         if name in UNSUPPORTED_PLATFORMS:
             raise ConfigError(where, f"{name} is not supported by this daemon (supported: "
                                      f"{supported}); front it through the relay "

@@ -12,17 +12,15 @@ to the agent as text when idle; an unresolvable one (C{/shrug}, C{/etc/hosts}) i
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from hermes_twisted import interrupts
+from hermes_twisted.dispatch.dispatcher import Dispatcher
+from hermes_twisted.dispatch import interrupts
 from hermes_twisted.model import MessageEvent
-
-if TYPE_CHECKING:
-    from hermes_twisted.gateway import Gateway
 
 log = Logger()
 
@@ -97,7 +95,7 @@ def age_text(seconds: float) -> str:
 class CommandRouter:
     """Runs the gateway's own commands; every reply goes through C{gateway.reply}."""
 
-    def __init__(self, gateway: "Gateway") -> None:
+    def __init__(self, gateway: Dispatcher) -> None:
         self.gateway = gateway
 
     def dispatch(self, adapter: Any, event: MessageEvent, key: str, name: str,

@@ -8,7 +8,7 @@ adapter's.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from twisted.internet import protocol, task
 from twisted.internet.defer import Deferred
@@ -16,11 +16,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols import irc
 
-from hermes_twisted.platforms.irc_pacer import LinePacer
-from hermes_twisted.platforms.irc_text import irc_lower
+from hermes_twisted.platforms.irc.pacer import LinePacer
+from hermes_twisted.platforms.irc.text import irc_lower
 
-if TYPE_CHECKING:
-    from hermes_twisted.platforms.irc import IRCAdapter
 
 #: Seconds to wait for 001 after TCP/TLS connected (0.19.0: 30 s).
 REGISTRATION_TIMEOUT = 30.0
@@ -37,6 +35,32 @@ _NICKSERV_OK = ("you are now identified", "you are now logged in", "password acc
                 "you are successfully identified", "now recognized")
 
 
+class IRCConnectionOwner(Protocol):
+    """
+    What a connection needs of its owner (the L{hermes_twisted.platforms.irc.adapter.IRCAdapter}):
+    its settings, and the callbacks through which it reports the connection's life.
+    """
+
+    reactor: Any
+    server: str
+    nickname: str
+    server_password: str | None
+    nickserv_password: str | None
+    send_burst: int
+    send_interval: float
+
+    def channels_to_join(self) -> list[str]: ...
+
+    def _connection_made(self, client: "HermesIRCClient") -> None: ...
+
+    def _registered(self, client: "HermesIRCClient") -> None: ...
+
+    def _connection_lost(self, client: "HermesIRCClient", reason: Failure) -> None: ...
+
+    def _message_received(self, client: "HermesIRCClient", user: str, target: str, text: str,
+                          *, action: bool) -> None: ...
+
+
 class HermesIRCClient(irc.IRCClient):
     """
     One IRC connection.  Registration, PING/PONG and the heartbeat come from C{IRCClient};
@@ -50,7 +74,7 @@ class HermesIRCClient(irc.IRCClient):
     # 0.19.0 does not answer CTCP VERSION/FINGER/SOURCE; neither do we.
     versionName = versionNum = versionEnv = sourceURL = None
 
-    def __init__(self, adapter: "IRCAdapter") -> None:
+    def __init__(self, adapter: IRCConnectionOwner) -> None:
         self.adapter = adapter
         self.clock = adapter.reactor
         self.base_nick = adapter.nickname
@@ -282,7 +306,7 @@ class HermesIRCClient(irc.IRCClient):
 class IRCClientFactory(protocol.Factory):
     noisy = False  # ClientService reconnects; per-attempt start/stop lines are noise
 
-    def __init__(self, adapter: "IRCAdapter") -> None:
+    def __init__(self, adapter: IRCConnectionOwner) -> None:
         self.adapter = adapter
 
     def buildProtocol(self, addr: Any) -> HermesIRCClient:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from hermes_twisted.http_body import BodyTooLarge, read_body
+from hermes_twisted.net.body import BodyTooLarge, read_body
 
 #: Cap on a response body (a full getUpdates batch is far below it).
 MAX_BODY = 32 * 1024 * 1024

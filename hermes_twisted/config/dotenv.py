@@ -12,7 +12,7 @@ from typing import Mapping, MutableMapping
 
 from twisted.logger import Logger
 
-from hermes_twisted.config_error import ConfigError
+from hermes_twisted.config.errors import ConfigError
 
 # Shared with the rest of the loader, so operators filter every config warning by one name.
 log = Logger(namespace="hermes_twisted.config")
@@ -103,7 +103,7 @@ def merged_environ(environ: Mapping[str, str]) -> dict[str, str]:
 def apply_dotenv(target: MutableMapping[str, str]) -> list[str]:
     """
     Copy the variables of C{$HERMES_HOME/.env} that C{target} (e.g. C{os.environ}) lacks into
-    it, for child processes; L{hermes_twisted.config.load_config} does not need this.  Returns
+    it, for child processes; L{hermes_twisted.config.loader.load_config} does not need this.  Returns
     the names set.
     """
     added = []

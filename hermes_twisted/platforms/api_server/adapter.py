@@ -26,9 +26,8 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from hermes_twisted import interrupts
-from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
-from hermes_twisted.platforms.api_server_http import (
+from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult, SessionSource
+from hermes_twisted.platforms.api_server.http import (
     MAX_REQUEST_BYTES,
     ChatRequestError,
     apply_common_headers,
@@ -36,7 +35,7 @@ from hermes_twisted.platforms.api_server_http import (
     error_body,
     parse_chat_request,
 )
-from hermes_twisted.http_server import TrackingSite
+from hermes_twisted.net.site import TrackingSite
 from hermes_twisted.platforms.base import PlatformAdapter
 from hermes_twisted.sessions.keys import build_session_key
 
@@ -241,7 +240,7 @@ class APIServerAdapter(PlatformAdapter):
                       session=completion.session_id)
         if self._sink is not None:
             self._sink.interrupt_session(self, completion.session_key, completion.session_id,
-                                         reason=interrupts.SSE_DISCONNECT)
+                                         reason=InterruptReason.SSE_DISCONNECT)
 
     def _admission_failed(self, failure: Any, completion: OpenCompletion) -> None:
         self.log.failure("API request for session {session} was not admitted", failure,

@@ -1,17 +1,20 @@
 # -*- test-case-name: tests.test_runs -*-
 """
-Interrupt reasons: the exact strings of hermes-agent 0.19.0 (generations.md §2.8), carried
-as typed values so control reasons are recognised by identity, never fed to the agent.
+Interrupt reasons as the dispatcher uses them: the six control reasons of hermes-agent 0.19.0
+(L{InterruptReason}, in the model because platforms name them too), recognised by value so a
+control reason is never fed to the agent, and the exception a cancelled run carries.
 """
 
 from __future__ import annotations
 
-STOP = "Stop requested"
-RESET = "Session reset requested"
-TIMEOUT = "Execution timed out (inactivity)"
-SSE_DISCONNECT = "SSE client disconnected"
-GATEWAY_SHUTDOWN = "Gateway shutting down"
-GATEWAY_RESTART = "Gateway restarting"
+from hermes_twisted.model import InterruptReason
+
+STOP = InterruptReason.STOP
+RESET = InterruptReason.RESET
+TIMEOUT = InterruptReason.TIMEOUT
+SSE_DISCONNECT = InterruptReason.SSE_DISCONNECT
+GATEWAY_SHUTDOWN = InterruptReason.GATEWAY_SHUTDOWN
+GATEWAY_RESTART = InterruptReason.GATEWAY_RESTART
 
 CONTROL_REASONS = frozenset(r.lower() for r in (STOP, RESET, TIMEOUT, SSE_DISCONNECT,
                                                 GATEWAY_SHUTDOWN, GATEWAY_RESTART))

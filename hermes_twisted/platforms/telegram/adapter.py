@@ -24,16 +24,16 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermes_twisted.http_pool import make_pool
+from hermes_twisted.net.pool import make_pool
 from hermes_twisted.model import MessageEvent, Platform, SendResult
-from hermes_twisted.platforms import telegram_botapi
+from hermes_twisted.platforms.telegram import botapi
 from hermes_twisted.platforms.base import PlatformAdapter
-from hermes_twisted.platforms.splitting import truncate_message, utf16_len
-from hermes_twisted.platforms.telegram_botapi import TelegramAPIError
-from hermes_twisted.platforms.telegram_format import to_markdown_v2
-from hermes_twisted.platforms.telegram_updates import UpdateReader, as_bool, chat_name, chat_type
-from hermes_twisted.reconnect import exponential_delay
-from hermes_twisted.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.delivery.splitting import truncate_message, utf16_len
+from hermes_twisted.platforms.telegram.botapi import TelegramAPIError
+from hermes_twisted.platforms.telegram.format import to_markdown_v2
+from hermes_twisted.platforms.telegram.updates import UpdateReader, as_bool, chat_name, chat_type
+from hermes_twisted.net.reconnect import exponential_delay
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 DEFAULT_BASE_URL = "https://api.telegram.org"
 MAX_MESSAGE_UTF16 = 4096
@@ -218,11 +218,11 @@ class TelegramAdapter(PlatformAdapter):
     async def _call_once(self, method: str, params: dict[str, Any]) -> Any:
         if self._http is None:
             raise TelegramAPIError(0, "adapter not running")
-        return await telegram_botapi.call(self._http, self.base_url, self.settings.token or "",
+        return await botapi.call(self._http, self.base_url, self.settings.token or "",
                                           method, params)
 
     def _describe(self, error: BaseException) -> str:
-        return telegram_botapi.describe(error, self.settings.token)
+        return botapi.describe(error, self.settings.token)
 
     # -- inbound ----------------------------------------------------------------------------
 

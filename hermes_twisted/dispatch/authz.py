@@ -27,7 +27,7 @@ from twisted.logger import Logger
 
 from hermes_twisted.model import MessageEvent
 from hermes_twisted.platforms.base import is_allowed
-from hermes_twisted.settings import GatewayConfig
+from hermes_twisted.config.settings import GatewayConfig
 
 log = Logger()
 

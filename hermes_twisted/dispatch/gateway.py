@@ -41,16 +41,17 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hermes_twisted import commands, interrupts
-from hermes_twisted.authz import is_authorized, log_denied
-from hermes_twisted.inbound import event_from_payload, payload_for
-from hermes_twisted.lanes import Inbound, Lane
+from hermes_twisted.dispatch import commands
+from hermes_twisted.dispatch import interrupts
+from hermes_twisted.dispatch.authz import is_authorized, log_denied
+from hermes_twisted.dispatch.inbound import event_from_payload, payload_for
+from hermes_twisted.dispatch.lanes import Inbound, Lane
 from hermes_twisted.model import MessageEvent
-from hermes_twisted.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
+from hermes_twisted.dispatch.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
 from hermes_twisted.sessions.keys import build_session_key
-from hermes_twisted.settings import GatewayConfig
-from hermes_twisted.turn import execute_turn, thread_metadata
-from hermes_twisted.typing_loop import stop_platform_typing
+from hermes_twisted.config.settings import GatewayConfig
+from hermes_twisted.dispatch.turn import execute_turn, thread_metadata
+from hermes_twisted.dispatch.typing_loop import stop_platform_typing
 
 ACK_INTERRUPT = "⚡ Interrupting current task ({elapsed} elapsed). I'll respond to your message shortly."
 ACK_QUEUE = ("⏳ Queued for the next turn ({elapsed} elapsed). I'll respond once the current "
@@ -68,7 +69,7 @@ class Gateway(Service):
     @param clock: C{IReactorTime} for typing, acks, callback and shutdown bounds.
     @param consumer_factory: builds the per-run stream consumer, called as
         C{factory(adapter, chat_id, clock=, settings=, is_current=, reply_to=, metadata=)};
-        default L{hermes_twisted.streaming.StreamConsumer}.
+        default L{hermes_twisted.delivery.consumer.StreamConsumer}.
     """
 
     log = Logger()
@@ -81,7 +82,7 @@ class Gateway(Service):
         self.upstream = upstream
         self.clock = clock
         if consumer_factory is None:
-            from hermes_twisted.streaming import StreamConsumer
+            from hermes_twisted.delivery.consumer import StreamConsumer
             consumer_factory = StreamConsumer
         self.consumer_factory = consumer_factory
         self.generations = Generations()

@@ -17,17 +17,15 @@ and nothing is written twice or for a turn that did not end with an answer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from twisted.internet.defer import CancelledError
 from twisted.logger import Logger
 
-from hermes_twisted.runs import RunHandle
-from hermes_twisted.typing_loop import TypingLoop
+from hermes_twisted.dispatch.dispatcher import Dispatcher
+from hermes_twisted.dispatch.runs import RunHandle
+from hermes_twisted.dispatch.typing_loop import TypingLoop
 from hermes_twisted.upstream import TurnRequest
-
-if TYPE_CHECKING:
-    from hermes_twisted.gateway import Gateway
 
 log = Logger()
 
@@ -70,7 +68,7 @@ class RunSink:
 
     __slots__ = ("_gateway", "_handle")
 
-    def __init__(self, gateway: "Gateway", handle: RunHandle) -> None:
+    def __init__(self, gateway: Dispatcher, handle: RunHandle) -> None:
         self._gateway = gateway
         self._handle = handle
 
@@ -90,7 +88,7 @@ class RunSink:
             self._gateway.reply(self._handle.adapter, self._handle.event, text)
 
 
-async def execute_turn(gw: "Gateway", handle: RunHandle) -> None:
+async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
     """
     Run C{handle}'s turn to the end.  Fails only with CancelledError; any other error is
     logged and, if the run is still current, the user gets a short notice.

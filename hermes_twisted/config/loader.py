@@ -5,11 +5,11 @@ with Hermes 0.19.0's names and precedence (environment over YAML over defaults),
 bad configuration with a L{ConfigError} naming the key.
 
 Everything here runs once, before the reactor (twistd's C{postOptions}); it reads files but
-never touches the network.  The table of names is L{hermes_twisted.envvars}.  The parts:
-L{hermes_twisted.dotenv} (C{$HERMES_HOME} and C{.env}), L{hermes_twisted.config_layers} (the
-document and environment by dotted key), L{hermes_twisted.config_values} (typed values),
-L{hermes_twisted.config_platforms} (per-platform settings), L{hermes_twisted.relay_urls} and
-L{hermes_twisted.redaction}; their public names are importable from here too.
+never touches the network.  The table of names is L{hermes_twisted.config.envvars}.  The parts:
+L{hermes_twisted.config.dotenv} (C{$HERMES_HOME} and C{.env}), L{hermes_twisted.config.layers} (the
+document and environment by dotted key), L{hermes_twisted.config.values} (typed values),
+L{hermes_twisted.config.platforms} (per-platform settings), L{hermes_twisted.config.relay_urls} and
+L{hermes_twisted.config.redaction}; their public names are importable from here too.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from urllib.parse import urlsplit
 import yaml
 from twisted.logger import Logger
 
-from hermes_twisted.config_error import ConfigError
-from hermes_twisted.config_layers import ConfigLayers
-from hermes_twisted.config_platforms import platform_settings
-from hermes_twisted.config_values import convert, freeze, kind_of
-from hermes_twisted.dotenv import apply_dotenv, hermes_home, merged_environ, read_dotenv
-from hermes_twisted.envvars import ENV_VARS
-from hermes_twisted.redaction import REDACTED, redacted_yaml
-from hermes_twisted.relay_urls import relay_dial_url, relay_http_base, relay_http_url
-from hermes_twisted.settings import (
+from hermes_twisted.config.errors import ConfigError
+from hermes_twisted.config.layers import ConfigLayers
+from hermes_twisted.config.platforms import platform_settings
+from hermes_twisted.config.values import convert, freeze, kind_of
+from hermes_twisted.config.dotenv import apply_dotenv, hermes_home, merged_environ, read_dotenv
+from hermes_twisted.config.envvars import ENV_VARS
+from hermes_twisted.config.redaction import REDACTED, redacted_yaml
+from hermes_twisted.config.relay_urls import relay_dial_url, relay_http_base, relay_http_url
+from hermes_twisted.config.settings import (
     DisplaySettings,
     GatewayConfig,
     PlatformSettings,
