@@ -25,7 +25,9 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "upstream": frozenset({"model", "config", "net"}),
     "contract": frozenset({"model", "config"}),
     "delivery": frozenset({"model", "config", "net", "contract"}),
-    "platform": frozenset({"model", "config", "net", "contract", "delivery", "session-keys"}),
+    "kit": frozenset({"model", "config", "net", "contract"}),
+    "platform": frozenset({"model", "config", "net", "contract", "kit", "delivery",
+                           "session-keys"}),
     "session-keys": frozenset({"model", "config"}),
     "dispatch": frozenset({"model", "config", "net", "contract", "delivery", "sessions",
                            "session-keys", "upstream"}),
@@ -42,7 +44,7 @@ def part_of(module: str) -> str:
     if head == "platforms":
         if len(rest) == 1 or rest[1] == "base":
             return "contract"
-        return "platform"
+        return "kit" if rest[1] == "kit" else "platform"
     if head == "relay":
         return "platform"
     if module == f"{PACKAGE}.sessions.keys":
@@ -226,6 +228,8 @@ def test_a_circle_is_reported_with_both_modules():
     ("hermes_twisted.config.layers", "hermes_twisted.platforms"),
     ("hermes_twisted.platforms.irc.adapter", "hermes_twisted.platforms.telegram.format"),
     ("hermes_twisted.platforms.matrix.adapter", "hermes_twisted.sessions.sqlite"),
+    ("hermes_twisted.platforms.kit.polling", "hermes_twisted.platforms.telegram.botapi"),
+    ("hermes_twisted.platforms.kit.polling", "hermes_twisted.delivery.splitting"),
 ])
 def test_a_forbidden_import_is_reported_naming_both_modules(importer, imported):
     [message] = rule_violations({importer: {imported}})
@@ -239,6 +243,8 @@ def test_a_forbidden_import_is_reported_naming_both_modules(importer, imported):
     ("hermes_twisted.dispatch.gateway", "hermes_twisted.platforms.base"),
     ("hermes_twisted.dispatch.turn", "hermes_twisted.upstream"),
     ("hermes_twisted.tap", "hermes_twisted.platforms.irc.adapter"),
+    ("hermes_twisted.platforms.matrix.adapter", "hermes_twisted.platforms.kit.polling"),
+    ("hermes_twisted.relay.client", "hermes_twisted.platforms.kit.inflight"),
 ])
 def test_an_allowed_import_passes(importer, imported):
     assert rule_violations({importer: {imported}}) == []

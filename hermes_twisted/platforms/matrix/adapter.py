@@ -35,13 +35,15 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermes_twisted.net.cancellation import raise_if_cancelled
-from hermes_twisted.net.body import read_body
-from hermes_twisted.net.pool import make_pool
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
-from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
-from hermes_twisted.platforms.matrix.format import has_markup, markdown_to_html
+from hermes_twisted.net.body import read_body
+from hermes_twisted.net.cancellation import raise_if_cancelled
+from hermes_twisted.net.pool import make_pool
 from hermes_twisted.net.reconnect import exponential_delay
+from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
+from hermes_twisted.platforms.kit.inflight import InFlight
+from hermes_twisted.platforms.kit.polling import poll_forever
+from hermes_twisted.platforms.matrix.format import has_markup, markdown_to_html
 
 SYNC_TIMEOUT_MS = 30_000
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a large initial sync is big, but not unbounded
@@ -97,7 +99,8 @@ class MatrixAdapter(PlatformAdapter):
         self._txn = 0
         self._state = "stopped"
         self._stopping = False
-        self._http_calls: set[Deferred] = set()
+        self._http_calls = InFlight()
+        self._since: str | None = None
         self._io_pending: set[Deferred] = set()
 
     @property
@@ -136,22 +139,12 @@ class MatrixAdapter(PlatformAdapter):
         loop, self._loop = self._loop, None
         if loop is not None:
             loop.cancel()
-        for call in list(self._http_calls):
-            call.cancel()
+        self._http_calls.cancel_all()
         self._state = "stopped"
         d = DeferredList(list(self._io_pending))
         if self._pool is not None:
             d.addCallback(lambda _: self._pool.closeCachedConnections())
         return d.addCallback(lambda _: None)
-
-    def _track(self, d: Deferred) -> Deferred:
-        self._http_calls.add(d)
-
-        def done(result: Any) -> Any:
-            self._http_calls.discard(d)
-            return result
-
-        return d.addBoth(done)
 
     # -- HTTP -------------------------------------------------------------------------------
 
@@ -169,10 +162,10 @@ class MatrixAdapter(PlatformAdapter):
                                **kwargs)
         d.addTimeout(timeout, self.clock)
         try:
-            response = await self._track(d)
+            response = await self._http_calls.track(d)
             raw = read_body(response, max_bytes=MAX_RESPONSE_BYTES)
             raw.addTimeout(timeout, self.clock)
-            data = await self._track(raw)
+            data = await self._http_calls.track(raw)
         except Exception as e:
             raise_if_cancelled(e)
             raise
@@ -191,40 +184,36 @@ class MatrixAdapter(PlatformAdapter):
 
     async def _run(self) -> None:
         await self._login()
-        since = await self._load_since()
-        failures = 0
-        while True:
-            query = {"timeout": str(self.sync_timeout_ms if since else 0),
-                     "filter": SYNC_FILTER}
-            if since:
-                query["since"] = since
-            try:
-                batch = await self._call("GET", "/sync", query=query,
-                                         timeout=self.sync_timeout_ms / 1000 + 30)
-            except CancelledError:
-                raise
-            except MatrixError as e:
-                if e.code in (401, 403) and e.errcode in ("M_UNKNOWN_TOKEN", "M_FORBIDDEN"):
-                    raise MatrixFatal(f"the homeserver rejected the access token ({e.errcode})")
-                failures += 1
-                delay = retry_after(e) or exponential_delay(failures, maximum=60)
-                self.log.warn("Matrix sync failed ({error}); retrying in {delay:.1f}s",
-                              error=str(e), delay=delay)
-                await self._sleep(delay)
-                continue
-            except Exception as e:
-                failures += 1
-                delay = exponential_delay(failures, maximum=60)
-                self._state = "connecting"
-                self.log.warn("Matrix sync failed ({error}); retrying in {delay:.1f}s",
-                              error=repr(e), delay=delay)
-                await self._sleep(delay)
-                continue
-            failures = 0
-            self._state = "connected"
-            await self._handle_batch(batch, replay=since is None)
-            since = batch.get("next_batch") or since
-            await self._save_since(since)
+        self._since = await self._load_since()
+        await poll_forever(self._sync, self._deliver, self._sync_failed, clock=self.clock)
+
+    async def _sync(self) -> dict[str, Any]:
+        query = {"timeout": str(self.sync_timeout_ms if self._since else 0),
+                 "filter": SYNC_FILTER}
+        if self._since:
+            query["since"] = self._since
+        return await self._call("GET", "/sync", query=query,
+                                timeout=self.sync_timeout_ms / 1000 + 30)
+
+    async def _deliver(self, batch: dict[str, Any]) -> None:
+        self._state = "connected"
+        await self._handle_batch(batch, replay=self._since is None)
+        self._since = batch.get("next_batch") or self._since
+        await self._save_since(self._since)
+
+    def _sync_failed(self, error: Exception, failures: int) -> float:
+        if isinstance(error, MatrixError):
+            if error.code in (401, 403) and error.errcode in ("M_UNKNOWN_TOKEN", "M_FORBIDDEN"):
+                raise MatrixFatal(f"the homeserver rejected the access token ({error.errcode})")
+            delay = retry_after(error) or exponential_delay(failures, maximum=60)
+            described = str(error)
+        else:
+            delay = exponential_delay(failures, maximum=60)
+            self._state = "connecting"
+            described = repr(error)
+        self.log.warn("Matrix sync failed ({error}); retrying in {delay:.1f}s",
+                      error=described, delay=delay)
+        return delay
 
     async def _login(self) -> None:
         while True:

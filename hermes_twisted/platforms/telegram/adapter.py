@@ -24,16 +24,18 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from hermes_twisted.net.pool import make_pool
-from hermes_twisted.model import MessageEvent, Platform, SendResult
-from hermes_twisted.platforms.telegram import botapi
-from hermes_twisted.platforms.base import PlatformAdapter
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.delivery.splitting import truncate_message, utf16_len
+from hermes_twisted.model import MessageEvent, Platform, SendResult
+from hermes_twisted.net.pool import make_pool
+from hermes_twisted.net.reconnect import exponential_delay
+from hermes_twisted.platforms.base import PlatformAdapter
+from hermes_twisted.platforms.kit.inflight import InFlight
+from hermes_twisted.platforms.kit.polling import StopPolling, poll_forever
+from hermes_twisted.platforms.telegram import botapi
 from hermes_twisted.platforms.telegram.botapi import TelegramAPIError
 from hermes_twisted.platforms.telegram.format import to_markdown_v2
 from hermes_twisted.platforms.telegram.updates import UpdateReader, as_bool, chat_name, chat_type
-from hermes_twisted.net.reconnect import exponential_delay
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 DEFAULT_BASE_URL = "https://api.telegram.org"
 MAX_MESSAGE_UTF16 = 4096
@@ -87,7 +89,7 @@ class TelegramAdapter(PlatformAdapter):
         self._pool: HTTPConnectionPool | None = None
         self._loop: Deferred | None = None
         self._polling = False
-        self._inflight: set[Deferred] = set()
+        self._inflight = InFlight()
         self._aborting = False
         #: The next update_id to ask for; every update below it was admitted by the gateway.
         self.offset: int | None = None
@@ -155,8 +157,7 @@ class TelegramAdapter(PlatformAdapter):
         # still fires with a failed SendResult rather than a CancelledError nobody asked for.
         self._aborting = True
         try:
-            for d in list(self._inflight):
-                d.cancel()
+            self._inflight.cancel_all()
         finally:
             self._aborting = False
         if self.offset is not None and self.offset != self._offset_requested:
@@ -205,15 +206,13 @@ class TelegramAdapter(PlatformAdapter):
 
     def _tracked(self, d: Deferred) -> Deferred:
         """Register C{d} so C{stopService} abandons it (as "adapter stopped") if unfinished."""
-        self._inflight.add(d)
 
-        def settled(result: Any) -> Any:
-            self._inflight.discard(d)
-            if self._aborting and isinstance(result, Failure) and result.check(CancelledError):
+        def abandoned(failure: Failure) -> Failure:
+            if self._aborting and failure.check(CancelledError):
                 raise TelegramAPIError(0, "adapter stopped")
-            return result
+            return failure
 
-        return d.addBoth(settled)
+        return self._inflight.track(d).addErrback(abandoned)
 
     async def _call_once(self, method: str, params: dict[str, Any]) -> Any:
         if self._http is None:
@@ -227,45 +226,41 @@ class TelegramAdapter(PlatformAdapter):
     # -- inbound ----------------------------------------------------------------------------
 
     async def _poll_forever(self) -> None:
-        failures = 0
-        while True:
-            try:
-                if self.me is None:
-                    self.me = await self._call("getMe", {}, timeout=self.request_timeout)
-                    self.log.info("telegram: polling as @{username}", username=self.bot_username)
-                if self.offset is None and self.drop_pending_updates:
-                    await self._skip_backlog()
-                params: dict[str, Any] = {"timeout": self.poll_timeout,
-                                          "allowed_updates": ["message", "edited_message"]}
-                if self.offset is not None:
-                    params["offset"] = self.offset
-                self._offset_requested = self.offset
-                updates = await self._call("getUpdates", params,
-                                           timeout=self.poll_timeout + 15)
-            except CancelledError:
-                raise
-            except Exception as e:
-                if not self._polling:
-                    # Stopping: a cancelled request can surface as a transport error
-                    # (ResponseNeverReceived); it ends the loop instead of a retry.
-                    raise CancelledError() from None
-                if self._is_fatal(e):
-                    return
-                failures += 1
-                delay = self._log_poll_failure(e)
-            else:
-                if failures or self._state != "connected":
-                    self.log.info("telegram: receiving updates")
-                failures = 0
-                self._state = "connected"
-                await self._handle_batch(updates)
-                continue
-            self._state = "retrying"
-            if delay is None:
-                delay = exponential_delay(failures, initial=1.0, maximum=60.0)
-            self.log.info("telegram: polling again in {delay:.1f}s (failure {failures})",
-                          delay=delay, failures=failures)
-            await deferLater(self.reactor, delay, lambda: None)
+        await poll_forever(self._poll, self._deliver, self._poll_failed, clock=self.reactor)
+
+    async def _poll(self) -> Any:
+        if self.me is None:
+            self.me = await self._call("getMe", {}, timeout=self.request_timeout)
+            self.log.info("telegram: polling as @{username}", username=self.bot_username)
+        if self.offset is None and self.drop_pending_updates:
+            await self._skip_backlog()
+        params: dict[str, Any] = {"timeout": self.poll_timeout,
+                                  "allowed_updates": ["message", "edited_message"]}
+        if self.offset is not None:
+            params["offset"] = self.offset
+        self._offset_requested = self.offset
+        return await self._call("getUpdates", params, timeout=self.poll_timeout + 15)
+
+    async def _deliver(self, updates: Any) -> None:
+        if self._state != "connected":
+            self.log.info("telegram: receiving updates")
+        self._state = "connected"
+        await self._handle_batch(updates)
+
+    def _poll_failed(self, error: Exception, failures: int) -> float:
+        if not self._polling:
+            # Stopping: a cancelled request can surface as a transport error
+            # (ResponseNeverReceived); it ends the loop instead of a retry.
+            raise CancelledError() from None
+        if self._is_fatal(error):
+            raise StopPolling()
+        delay = self._log_poll_failure(error)
+        self._state = "retrying"
+        if delay is None:
+            delay = exponential_delay(failures, initial=1.0, maximum=60.0)
+        self.log.info("telegram: polling again in {delay:.1f}s (failure {failures})",
+                      delay=delay, failures=failures)
+        return delay
 
     async def _skip_backlog(self) -> None:
         # offset=-1 returns only the newest update; asking past it next forgets the rest.
