@@ -52,11 +52,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from e2e_common import now  # noqa: E402
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, ensureDeferred  # noqa: E402
 from twisted.internet.protocol import ProcessProtocol  # noqa: E402
-
-from e2e_common import now  # noqa: E402
 
 GATEWAY_ID, SECRET = "gw-bench", "bench-secret-0123456789"
 DEFAULT_GATEWAY_CMD = ("{python} -c 'from twisted.scripts.twistd import run; run()' "

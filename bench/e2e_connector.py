@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import treq  # noqa: E402
+from e2e_common import directive, final_text, now, percentile  # noqa: E402
 from twisted.internet import task  # noqa: E402
 from twisted.internet.defer import Deferred, ensureDeferred  # noqa: E402
 from twisted.internet.protocol import Protocol  # noqa: E402
 from twisted.internet.stdio import StandardIO  # noqa: E402
 
-from e2e_common import directive, final_text, now, percentile  # noqa: E402
 from hermes_twisted.relay.stub import StubConnector, default_descriptor  # noqa: E402
 from hermes_twisted.relay.wire import inbound_event  # noqa: E402
 

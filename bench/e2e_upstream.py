@@ -29,11 +29,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from e2e_common import delta_texts, now, parse_directive  # noqa: E402
 from twisted.web.http import HTTPChannel  # noqa: E402
 from twisted.web.resource import Resource  # noqa: E402
 from twisted.web.server import NOT_DONE_YET, Site  # noqa: E402
 
-from e2e_common import delta_texts, now, parse_directive  # noqa: E402
 from tests.fakes.upstream import Script, sse_frames  # noqa: E402
 
 

@@ -32,21 +32,21 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from relay import spawn  # noqa: E402
 from twisted.application.service import MultiService  # noqa: E402
 from twisted.internet.defer import Deferred, succeed  # noqa: E402
 from twisted.internet.task import deferLater, react  # noqa: E402
 
-from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
-from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource  # noqa: E402
-from hermes_twisted.platforms.base import PlatformAdapter  # noqa: E402
-from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
 from hermes_twisted.config.settings import (  # noqa: E402
     GatewayConfig,
     PlatformSettings,
     UpstreamSettings,
 )
+from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
+from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource  # noqa: E402
+from hermes_twisted.platforms.base import PlatformAdapter  # noqa: E402
+from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
 from hermes_twisted.upstream.proxy import ProxyUpstream  # noqa: E402
-from relay import spawn  # noqa: E402
 
 UPSTREAM = """
 import sys
@@ -127,9 +127,9 @@ def report(before: Any, after: Any, n: int, top: int) -> None:
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
-    from twisted.logger import globalLogBeginner, textFileLogObserver
-    from twisted.logger import FilteringLogObserver as Only, LogLevelFilterPredicate as AtLeast
-    from twisted.logger import LogLevel
+    from twisted.logger import FilteringLogObserver as Only
+    from twisted.logger import LogLevel, globalLogBeginner, textFileLogObserver
+    from twisted.logger import LogLevelFilterPredicate as AtLeast
 
     globalLogBeginner.beginLoggingTo(
         [Only(textFileLogObserver(sys.stderr), [AtLeast(LogLevel.warn)])],

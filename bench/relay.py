@@ -27,9 +27,6 @@ from twisted.internet.defer import Deferred  # noqa: E402
 from twisted.internet.protocol import ProcessProtocol  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
 
-from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
-from hermes_twisted.relay.adapter import RelayAdapter  # noqa: E402
-from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
 from hermes_twisted.config.settings import (  # noqa: E402
     GatewayConfig,
     PlatformSettings,
@@ -37,6 +34,9 @@ from hermes_twisted.config.settings import (  # noqa: E402
     StreamingSettings,
     UpstreamSettings,
 )
+from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
+from hermes_twisted.relay.adapter import RelayAdapter  # noqa: E402
+from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
 
 GATEWAY_ID, SECRET = "gw-bench", "bench-secret"
 

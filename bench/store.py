@@ -21,9 +21,9 @@ sys.path.insert(0, str(ROOT))
 from twisted.internet.defer import ensureDeferred, gatherResults  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
 
+from hermes_twisted.config.settings import ResetPolicy  # noqa: E402
 from hermes_twisted.model import Platform, SessionSource  # noqa: E402
 from hermes_twisted.sessions.sqlite import SQLiteSessionStore, check_database  # noqa: E402
-from hermes_twisted.config.settings import ResetPolicy  # noqa: E402
 
 SOURCE = SessionSource(Platform.IRC, "#bench", chat_type="group", user_id="u")
 

@@ -11,9 +11,9 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import deferLater
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 from hermes_twisted.relay.adapter import RelayAdapter
 from hermes_twisted.relay.stub import StubConnector
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 
 
 class RecordingSink:

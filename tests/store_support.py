@@ -9,9 +9,9 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from hermes_twisted.config.settings import ResetPolicy
 from hermes_twisted.model import Platform, SessionSource
 from hermes_twisted.sessions.sqlite import SQLiteSessionStore
-from hermes_twisted.config.settings import ResetPolicy
 
 PLUS2 = timezone(timedelta(hours=2))
 ALICE = SessionSource(Platform.IRC, "alice", user_id="alice", user_name="Alice")

@@ -15,10 +15,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import deferLater
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.dispatch import interrupts
 from hermes_twisted.platforms.api_server.adapter import APIServerAdapter, LimitedRequest
 from hermes_twisted.platforms.api_server.http import derive_session_id
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 KEY = "test-key-0123456789abcdef"
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.dispatch.authz import is_authorized
 from hermes_twisted.model import MessageEvent, Platform, SessionSource
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from tests.fakes.gateway_kit import Kit
 
 

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from hermes_twisted.dispatch import commands
-from hermes_twisted.dispatch import interrupts
+from hermes_twisted.dispatch import commands, interrupts
 from hermes_twisted.dispatch.commands import public_url
 from tests.fakes.gateway_kit import Kit
 

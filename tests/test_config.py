@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 
+from hermes_twisted.config.envvars import ENV_VARS, YAML_KEYS
 from hermes_twisted.config.loader import (
     REDACTED,
     ConfigError,
@@ -25,7 +26,6 @@ from hermes_twisted.config.loader import (
     relay_http_base,
     relay_http_url,
 )
-from hermes_twisted.config.envvars import ENV_VARS, YAML_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 HOME = "/home/u/.hermes"

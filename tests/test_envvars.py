@@ -13,15 +13,17 @@ from hermes_twisted.config import layers as config_layers
 from hermes_twisted.config import loader as config
 from hermes_twisted.config import platforms as config_platforms
 from hermes_twisted.config import values as config_values
-from hermes_twisted.config.loader import build_config
 from hermes_twisted.config.envvars import (
     ENV_VARS,
     TYPES,
-    SUPPORTED_PLATFORMS as SUPPORTED,
     UNSUPPORTED_PLATFORMS,
     YAML_KEYS,
     render_reference,
 )
+from hermes_twisted.config.envvars import (
+    SUPPORTED_PLATFORMS as SUPPORTED,
+)
+from hermes_twisted.config.loader import build_config
 from hermes_twisted.platforms import ADAPTERS
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -39,10 +39,10 @@ Cases that do not apply to this design:
 
 from __future__ import annotations
 
+from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.dispatch import interrupts
 from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.model import MessageEvent, Platform, SessionSource
-from hermes_twisted.config.settings import PlatformSettings
 from tests.fakes.gateway_kit import ChatAdapter, Kit
 
 

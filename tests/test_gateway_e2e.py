@@ -16,10 +16,15 @@ from twisted.internet.task import deferLater
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
+from hermes_twisted.config.settings import (
+    GatewayConfig,
+    PlatformSettings,
+    ResetPolicy,
+    UpstreamSettings,
+)
 from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.model import MessageEvent, Platform, SessionSource
 from hermes_twisted.sessions.sqlite import SQLiteSessionStore
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, ResetPolicy, UpstreamSettings
 from hermes_twisted.upstream.proxy import ProxyUpstream
 from tests.fakes.platform import RecordingAdapter
 

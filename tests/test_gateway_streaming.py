@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, StreamingSettings
 from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.model import MessageEvent, Platform, SessionSource
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, StreamingSettings
 from tests.fakes.memory_store import MemoryStore
 from tests.fakes.memory_upstream import MemoryUpstream
 from tests.fakes.platform import RecordingAdapter

@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
@@ -18,9 +17,9 @@ from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform, SendResult
 from hermes_twisted.platforms.irc.adapter import IRCAdapter
-from hermes_twisted.config.settings import PlatformSettings
 
 
 class FakeEndpoint:

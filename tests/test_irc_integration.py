@@ -17,10 +17,10 @@ from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.protocol import Factory
 from twisted.words.protocols import irc
 
+from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform
 from hermes_twisted.platforms.irc.adapter import IRCAdapter
 from hermes_twisted.platforms.irc.text import split_message
-from hermes_twisted.config.settings import PlatformSettings
 from tests.servers.irc import miniircd, ngircd  # noqa: F401  (fixtures, used by name)
 
 pytestmark = pytest.mark.integration

@@ -6,12 +6,12 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
-from twisted.web.client import ResponseDone
 from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.platforms.matrix.adapter import MatrixAdapter
 from hermes_twisted.platforms.matrix.format import markdown_to_html
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 ME = "@bot:localhost"
 

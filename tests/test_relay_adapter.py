@@ -12,10 +12,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 from hermes_twisted.model import Platform
 from hermes_twisted.platforms import adapter_class
 from hermes_twisted.relay.adapter import RelayAdapter
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 from tests.relay_support import RecordingSink
 from tests.test_relay_client import DESCRIPTOR, FakeProtocol, PendingEndpoint
 

@@ -8,12 +8,12 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from hermes_twisted.config.settings import RelaySettings
 from hermes_twisted.relay import client as relay_client
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import verify_token
 from hermes_twisted.relay.client import RelayClient, endpoint_for_url, identities
 from hermes_twisted.relay.descriptor import CapabilityDescriptor
-from hermes_twisted.config.settings import RelaySettings
 
 DESCRIPTOR = {
     "contract_version": 1, "platform": "discord", "label": "Discord",

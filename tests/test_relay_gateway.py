@@ -12,16 +12,16 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from hermes_twisted.dispatch.gateway import Gateway
-from hermes_twisted.relay.adapter import RelayAdapter
-from hermes_twisted.relay.stub import StubConnector
-from hermes_twisted.relay.wire import inbound_event
 from hermes_twisted.config.settings import (
     GatewayConfig,
     PlatformSettings,
     RelaySettings,
     StreamingSettings,
 )
+from hermes_twisted.dispatch.gateway import Gateway
+from hermes_twisted.relay.adapter import RelayAdapter
+from hermes_twisted.relay.stub import StubConnector
+from hermes_twisted.relay.wire import inbound_event
 from tests.fakes.memory_store import MemoryStore
 from tests.fakes.memory_upstream import MemoryUpstream
 from tests.relay_support import eventually

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hermes_twisted.config.settings import ResetPolicy
 from hermes_twisted.sessions.reset import (
     expiry_reason,
     is_daily_expired,
@@ -20,7 +21,6 @@ from hermes_twisted.sessions.reset import (
     last_daily_boundary,
     validate,
 )
-from hermes_twisted.config.settings import ResetPolicy
 
 PLUS2 = timezone(timedelta(hours=2))
 BERLIN = ZoneInfo("Europe/Berlin")

@@ -10,7 +10,12 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
 from hermes_twisted.dispatch import interrupts
-from hermes_twisted.dispatch.runs import CALLBACK_TIMEOUT, Generations, PostDeliveryCallbacks, fire_bounded
+from hermes_twisted.dispatch.runs import (
+    CALLBACK_TIMEOUT,
+    Generations,
+    PostDeliveryCallbacks,
+    fire_bounded,
+)
 
 
 def test_case_01_first_turn_gets_generation_1():

@@ -19,13 +19,11 @@ import pytest_twisted
 from twisted.internet.defer import CancelledError, DeferredList, gatherResults
 from twisted.internet.task import Clock
 
+from hermes_twisted.config.settings import ResetPolicy
 from hermes_twisted.model import Platform, SessionSource
 from hermes_twisted.sessions.ids import is_session_id, new_session_id
 from hermes_twisted.sessions.interface import SessionEntry, StoreError
-from hermes_twisted.config.settings import ResetPolicy
-
 from tests.store_support import ALICE, KEY, PLUS2, T0, make_store, query  # noqa: F401
-
 
 # -- ids -----------------------------------------------------------------------------------
 

@@ -19,9 +19,7 @@ from twisted.internet.defer import gatherResults
 from hermes_twisted.sessions.interface import StoreError
 from hermes_twisted.sessions.schema import APPLICATION_ID, SCHEMA_VERSION
 from hermes_twisted.sessions.sqlite import StoreService, check_database
-
 from tests.store_support import ALICE, KEY, PLUS2, T0, make_store, query  # noqa: F401
-
 
 # -- lifecycle -----------------------------------------------------------------------------
 

@@ -9,8 +9,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
-from hermes_twisted.model import SendResult
-from hermes_twisted.delivery.splitting import utf16_len
 from hermes_twisted.config.settings import StreamingSettings
 from hermes_twisted.delivery.consumer import (
     LEFTOVER_TEXT,
@@ -18,6 +16,8 @@ from hermes_twisted.delivery.consumer import (
     StreamConsumer,
     is_rate_limited,
 )
+from hermes_twisted.delivery.splitting import utf16_len
+from hermes_twisted.model import SendResult
 from tests.fakes.platform import HOLD, NO_ID, RecordingAdapter, error, flood
 
 CURSOR = " \u2589"

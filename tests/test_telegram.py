@@ -17,11 +17,11 @@ from twisted.internet.task import Clock, deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
-from hermes_twisted.platforms import adapter_class
+from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.delivery.splitting import utf16_len
+from hermes_twisted.platforms import adapter_class
 from hermes_twisted.platforms.telegram.adapter import TelegramAdapter
 from hermes_twisted.sessions.keys import build_session_key
-from hermes_twisted.config.settings import PlatformSettings
 from tests.fakes.telegram_api import FakeTelegramAPI
 
 TOKEN = "123456:TEST-fake-token"

@@ -12,8 +12,6 @@ from typing import Any, Mapping
 
 from twisted.logger import Logger
 
-from hermes_twisted.config.errors import ConfigError
-from hermes_twisted.config.values import FALSE_WORDS, RawValue, Spec, convert, kind_of
 from hermes_twisted.config.dotenv import expand_user
 from hermes_twisted.config.envvars import (
     ENV_VARS,
@@ -23,6 +21,8 @@ from hermes_twisted.config.envvars import (
     UNSUPPORTED_PLATFORMS,
     YAML_KEYS,
 )
+from hermes_twisted.config.errors import ConfigError
+from hermes_twisted.config.values import FALSE_WORDS, RawValue, Spec, convert, kind_of
 
 # Shared with the rest of the loader, so operators filter every config warning by one name.
 log = Logger(namespace="hermes_twisted.config")

@@ -22,12 +22,11 @@ from urllib.parse import urlsplit
 import yaml
 from twisted.logger import Logger
 
+from hermes_twisted.config.dotenv import apply_dotenv, hermes_home, merged_environ, read_dotenv
+from hermes_twisted.config.envvars import ENV_VARS
 from hermes_twisted.config.errors import ConfigError
 from hermes_twisted.config.layers import ConfigLayers
 from hermes_twisted.config.platforms import platform_settings
-from hermes_twisted.config.values import convert, freeze, kind_of
-from hermes_twisted.config.dotenv import apply_dotenv, hermes_home, merged_environ, read_dotenv
-from hermes_twisted.config.envvars import ENV_VARS
 from hermes_twisted.config.redaction import REDACTED, redacted_yaml
 from hermes_twisted.config.relay_urls import relay_dial_url, relay_http_base, relay_http_url
 from hermes_twisted.config.settings import (
@@ -39,6 +38,7 @@ from hermes_twisted.config.settings import (
     StreamingSettings,
     UpstreamSettings,
 )
+from hermes_twisted.config.values import convert, freeze, kind_of
 
 __all__ = [
     "REDACTED", "ConfigError", "apply_dotenv", "build_config", "hermes_home", "load_config",

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+from hermes_twisted.config.envvars import ENV_VARS, YAML_KEYS
 from hermes_twisted.config.errors import ConfigError
 from hermes_twisted.config.layers import ConfigLayers
-from hermes_twisted.config.values import RawValue, convert, freeze
-from hermes_twisted.config.envvars import ENV_VARS, YAML_KEYS
 from hermes_twisted.config.settings import PlatformSettings, RelaySettings
+from hermes_twisted.config.values import RawValue, convert, freeze
 
 
 def _env_enables(layers: ConfigLayers, platform: str) -> bool | None:

@@ -16,8 +16,8 @@ from urllib.parse import urlsplit
 
 from twisted.logger import Logger
 
-from hermes_twisted.config.errors import ConfigError
 from hermes_twisted.config.envvars import ConfigKey, EnvVar
+from hermes_twisted.config.errors import ConfigError
 
 # Shared with the rest of the loader, so operators filter every config warning by one name.
 log = Logger(namespace="hermes_twisted.config")

@@ -17,9 +17,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
-from hermes_twisted.model import SendResult
-from hermes_twisted.delivery.splitting import truncate_message
 from hermes_twisted.delivery.pacing import EditPacer
+from hermes_twisted.delivery.splitting import truncate_message
+from hermes_twisted.model import SendResult
 
 #: Attempts per final send when the platform says "retry" (rate limit or C{retryable}).
 SEND_ATTEMPTS = 3

@@ -42,6 +42,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hermes_twisted.config.settings import StreamingSettings
 from hermes_twisted.delivery.channel import (
     MAX_SEND_RETRY_WAIT,
     SEND_ATTEMPTS,
@@ -50,7 +51,6 @@ from hermes_twisted.delivery.channel import (
     StaleRun,
     is_rate_limited,
 )
-from hermes_twisted.config.settings import StreamingSettings
 from hermes_twisted.delivery.messages import MAX_FINAL_WAIT, StreamedMessages
 from hermes_twisted.delivery.pacing import FLOOD_STRIKES, MAX_EDIT_INTERVAL, EditPacer
 from hermes_twisted.delivery.text import LEFTOVER_TEXT, MIN_NEW_MESSAGE_CHARS, SILENCE_MARKERS

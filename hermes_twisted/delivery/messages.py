@@ -13,8 +13,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hermes_twisted.delivery.channel import ReplyChannel, is_rate_limited
-from hermes_twisted.delivery.splitting import FENCE, FENCE_CLOSE, cut_at_newline, fence_state
 from hermes_twisted.delivery.pacing import EditPacer
+from hermes_twisted.delivery.splitting import FENCE, FENCE_CLOSE, cut_at_newline, fence_state
 from hermes_twisted.delivery.text import (
     LEFTOVER_TEXT,
     MIN_NEW_MESSAGE_CHARS,

@@ -25,9 +25,9 @@ from typing import Any
 
 from twisted.logger import Logger
 
+from hermes_twisted.config.settings import GatewayConfig
 from hermes_twisted.model import MessageEvent
 from hermes_twisted.platforms.base import is_allowed
-from hermes_twisted.config.settings import GatewayConfig
 
 log = Logger()
 

@@ -18,8 +18,8 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from hermes_twisted.dispatch.dispatcher import Dispatcher
 from hermes_twisted.dispatch import interrupts
+from hermes_twisted.dispatch.dispatcher import Dispatcher
 from hermes_twisted.model import MessageEvent
 
 log = Logger()

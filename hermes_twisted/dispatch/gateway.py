@@ -41,17 +41,16 @@ from twisted.internet.defer import (
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from hermes_twisted.dispatch import commands
-from hermes_twisted.dispatch import interrupts
+from hermes_twisted.config.settings import GatewayConfig
+from hermes_twisted.dispatch import commands, interrupts
 from hermes_twisted.dispatch.authz import is_authorized, log_denied
 from hermes_twisted.dispatch.inbound import event_from_payload, payload_for
 from hermes_twisted.dispatch.lanes import Inbound, Lane
-from hermes_twisted.model import MessageEvent
 from hermes_twisted.dispatch.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
-from hermes_twisted.sessions.keys import build_session_key
-from hermes_twisted.config.settings import GatewayConfig
 from hermes_twisted.dispatch.turn import execute_turn, thread_metadata
 from hermes_twisted.dispatch.typing_loop import stop_platform_typing
+from hermes_twisted.model import MessageEvent
+from hermes_twisted.sessions.keys import build_session_key
 
 ACK_INTERRUPT = "⚡ Interrupting current task ({elapsed} elapsed). I'll respond to your message shortly."
 ACK_QUEUE = ("⏳ Queued for the next turn ({elapsed} elapsed). I'll respond once the current "

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hermes_twisted.model import MessageEvent
 from hermes_twisted.dispatch.runs import RunHandle
+from hermes_twisted.model import MessageEvent
 
 
 class Inbound:

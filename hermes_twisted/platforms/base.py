@@ -18,8 +18,8 @@ from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult
 
 
 class GatewaySink(Protocol):

@@ -18,6 +18,7 @@ from typing import Any, Callable
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 from hermes_twisted.model import MessageEvent, Platform, SendResult
 from hermes_twisted.platforms.base import PlatformAdapter
 from hermes_twisted.relay import client as relay_client
@@ -25,7 +26,6 @@ from hermes_twisted.relay import wire
 from hermes_twisted.relay.client import RelayClient
 from hermes_twisted.relay.descriptor import CapabilityDescriptor, codepoint_len, utf16_len
 from hermes_twisted.relay.passthrough import interaction_to_event, passthrough_from_wire
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 
 EGRESS_DECLINED = "egress_declined"
 #: How long an C{interrupt_inbound} for a session we interrupted ourselves counts as the

@@ -24,6 +24,7 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
+from hermes_twisted.config.settings import RelaySettings
 from hermes_twisted.net.reconnect import SessionBackoff
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import authorization_headers
@@ -34,7 +35,6 @@ from hermes_twisted.relay.protocol import (
     RelayClientProtocol,
     endpoint_for_url,
 )
-from hermes_twisted.config.settings import RelaySettings
 
 UNAUTHORIZED = 4401
 NOT_CONNECTED = "relay transport not connected"

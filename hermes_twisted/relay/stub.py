@@ -24,7 +24,7 @@ from twisted.logger import Logger
 
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import bearer_from_header, verify_token
-from hermes_twisted.relay.protocol import RedactingLog, ReactorTimer, cancel_leftover_timers
+from hermes_twisted.relay.protocol import ReactorTimer, RedactingLog, cancel_leftover_timers
 
 #: A result that is never answered (forces the gateway's request timeout).
 NEVER = object()

@@ -28,13 +28,13 @@ from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail
 from twisted.logger import Logger
 
+from hermes_twisted.config.settings import ResetPolicy
 from hermes_twisted.model import SessionSource
 from hermes_twisted.sessions.ids import new_session_id
 from hermes_twisted.sessions.interface import SessionEntry, StoreError
 from hermes_twisted.sessions.reset import MANUAL_RESET, expiry_reason
 from hermes_twisted.sessions.schema import SCHEMA_VERSION, check_database
 from hermes_twisted.sessions.writer import SQLiteWriter
-from hermes_twisted.config.settings import ResetPolicy
 
 __all__ = ["SQLiteSessionStore", "StoreService", "check_database", "StoreError",
            "SCHEMA_VERSION"]

@@ -32,8 +32,8 @@ from twisted.python.failure import Failure
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
 
-from hermes_twisted.net.pool import make_agent, make_pool
 from hermes_twisted.config.settings import UpstreamSettings
+from hermes_twisted.net.pool import make_agent, make_pool
 from hermes_twisted.upstream import NO_RESPONSE, TurnRequest, TurnSink, result
 from hermes_twisted.upstream.body import ENDED, STOPPED, BodyStream
 from hermes_twisted.upstream.sse import SSEDecoder, SSEEvent, SSEEventTooLarge

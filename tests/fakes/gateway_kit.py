@@ -13,10 +13,10 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 
+from hermes_twisted.config.settings import DisplaySettings, GatewayConfig, PlatformSettings
 from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
 from hermes_twisted.platforms.base import PlatformAdapter
-from hermes_twisted.config.settings import DisplaySettings, GatewayConfig, PlatformSettings
 from tests.fakes.memory_store import MemoryStore
 from tests.fakes.memory_upstream import MemoryUpstream
 

@@ -41,9 +41,9 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 
+from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.model import Platform, SendResult
 from hermes_twisted.platforms.base import PlatformAdapter
-from hermes_twisted.config.settings import PlatformSettings
 
 
 class _Marker:

@@ -224,11 +224,10 @@ SERVER = textwrap.dedent("""
 
 @pytest_twisted.ensureDeferred
 async def test_our_adapter_against_a_websockets_connector_using_019_auth():
-    from hermes_twisted.net.reconnect import SessionBackoff
-    from tests.relay_support import eventually, relay_config
-    from tests.relay_support import RecordingSink
-    from hermes_twisted.relay.adapter import RelayAdapter
     from hermes_twisted.config.settings import PlatformSettings
+    from hermes_twisted.net.reconnect import SessionBackoff
+    from hermes_twisted.relay.adapter import RelayAdapter
+    from tests.relay_support import RecordingSink, eventually, relay_config
 
     urls: list[str] = []
     python, where = await hermes_019()

@@ -27,6 +27,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
 from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult, SessionSource
+from hermes_twisted.net.site import TrackingSite
 from hermes_twisted.platforms.api_server.http import (
     MAX_REQUEST_BYTES,
     ChatRequestError,
@@ -35,7 +36,6 @@ from hermes_twisted.platforms.api_server.http import (
     error_body,
     parse_chat_request,
 )
-from hermes_twisted.net.site import TrackingSite
 from hermes_twisted.platforms.base import PlatformAdapter
 from hermes_twisted.sessions.keys import build_session_key
 

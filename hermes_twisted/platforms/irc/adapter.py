@@ -22,7 +22,9 @@ from twisted.internet.ssl import optionsForClientTLS
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
+from hermes_twisted.net.reconnect import SessionBackoff
 from hermes_twisted.platforms.base import PlatformAdapter
 from hermes_twisted.platforms.irc.pacer import PacerClosed, PacerFull
 from hermes_twisted.platforms.irc.protocol import HermesIRCClient, IRCClientFactory
@@ -34,8 +36,6 @@ from hermes_twisted.platforms.irc.text import (
     split_message,
     valid_target,
 )
-from hermes_twisted.net.reconnect import SessionBackoff
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 
 #: Bound of stopService: after this the connection is aborted instead of closed.
 STOP_TIMEOUT = 5.0

@@ -16,7 +16,6 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-
 _EPSILON = 1e-6
 _MIN_WAIT = 0.01
 

@@ -19,7 +19,6 @@ from twisted.words.protocols import irc
 from hermes_twisted.platforms.irc.pacer import LinePacer
 from hermes_twisted.platforms.irc.text import irc_lower
 
-
 #: Seconds to wait for 001 after TCP/TLS connected (0.19.0: 30 s).
 REGISTRATION_TIMEOUT = 30.0
 #: Seconds to wait after IDENTIFY before joining, unless NickServ confirms sooner.
