@@ -4,6 +4,11 @@ C{hermes-gateway}: the admin console script.  The daemon itself is C{twistd herm
 this command does the operator's tasks around it, one subcommand each, without a reactor.
 
 Exit codes: 0 done, 1 refused or failed, 2 usage (a bad argument or a bad configuration).
+
+A subcommand lives with its concept (the relay's enrollment in L{hermes_twisted.relay}, ...)
+as a C{register(commands)} function that adds its parser to C{commands} (argparse
+subparsers) and sets C{run=fn(args, environ, out) -> exit code}; L{SUBCOMMANDS} lists them.
+A subcommand raises L{hermes_twisted.config.errors.UsageError} for a usage error (exit 2).
 """
 
 from __future__ import annotations
@@ -11,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Callable, Mapping, Sequence, TextIO
+from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from hermes_twisted import __version__
+from hermes_twisted.config.errors import UsageError
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -24,10 +30,6 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         raise UsageError(message)
-
-
-class UsageError(Exception):
-    """A bad argument or configuration: exit 2 with this message."""
 
 
 def _environ(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
@@ -52,13 +54,7 @@ def check_config(args: argparse.Namespace, environ: Mapping[str, str], out: Text
     return OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hermes-gateway",
-                     description="Admin tasks for the hermes-twisted gateway (the daemon runs "
-                                 "as 'twistd hermes-gateway').")
-    parser.add_argument("--version", action="version", version=f"hermes-twisted {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-
+def register_check_config(commands: Any) -> None:
     check = commands.add_parser(
         "check-config", help="validate the configuration as the daemon would, and exit",
         description="Load config.yaml, $HERMES_HOME/.env and the environment exactly as "
@@ -68,6 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: $HERMES_HOME/config.yaml when it exists)")
     check.add_argument("--hermes-home", help="Hermes home (default: $HERMES_HOME, else ~/.hermes)")
     check.set_defaults(run=check_config)
+
+
+#: Every subcommand's C{register} function, in the order C{--help} lists them.
+SUBCOMMANDS: list[Callable[[Any], None]] = [
+    register_check_config,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hermes-gateway",
+                     description="Admin tasks for the hermes-twisted gateway (the daemon runs "
+                                 "as 'twistd hermes-gateway').")
+    parser.add_argument("--version", action="version", version=f"hermes-twisted {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for register in SUBCOMMANDS:
+        register(commands)
     return parser
 
 

@@ -14,3 +14,10 @@ class ConfigError(Exception):
 
     def __str__(self) -> str:
         return f"{self.key}: {self.problem}"
+
+
+class UsageError(Exception):
+    """
+    A bad command-line argument or configuration given to an admin command
+    (L{hermes_twisted.cli}): the command exits 2 with this message, never a traceback.
+    """
