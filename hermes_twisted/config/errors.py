@@ -1,5 +1,5 @@
 # -*- test-case-name: tests.test_config -*-
-"""The one error every part of the configuration loader raises: L{ConfigError}."""
+"""The operator-input errors: L{ConfigError} (the loader) and L{UsageError} (admin commands)."""
 
 from __future__ import annotations
 
