@@ -748,8 +748,15 @@ class TestShared:
 
 # -- redaction ------------------------------------------------------------------------------
 
+def as_valid_secret(name, secret):
+    """C{secret} in the form the variable C{name} must have (a URL holds it as its password)."""
+    if name == "GATEWAY_DATABASE_URL":
+        return f"postgresql://gw:{secret}@db.example/hermes"
+    return secret
+
+
 def test_redacted_yaml_hides_every_secret():
-    secrets = {name: f"S3CRET-{name.lower().replace('_', '-')}-value"
+    secrets = {name: as_valid_secret(name, f"S3CRET-{name.lower().replace('_', '-')}-value")
                for name, var in ENV_VARS.items() if var.password}
     env = {**secrets,
            "GATEWAY_PROXY_URL": "http://agent.example:8642",
@@ -845,7 +852,8 @@ def test_no_secret_reaches_a_log_line(tmp_path):
         events.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observer)
-    secrets = {name: f"S3CRET-{name.lower()}" for name, var in ENV_VARS.items() if var.password}
+    secrets = {name: as_valid_secret(name, f"S3CRET-{name.lower()}")
+               for name, var in ENV_VARS.items() if var.password}
     (tmp_path / ".env").write_text("\n".join([
         "not a line S3CRET-in-bad-line", "BROKEN='S3CRET-unterminated",
         *(f"{k}={v}" for k, v in secrets.items())]) + "\n")

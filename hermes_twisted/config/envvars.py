@@ -126,6 +126,15 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _var("HERMES_GATEWAY_DB", "Session database (SQLite). Relative paths are under $HERMES_HOME.",
          "Session database path", category="setting", type="path",
          yaml_key="gateway.db_path", default="$HERMES_HOME/gateway.db", advanced=True, ours=True),
+    _var("GATEWAY_DATABASE_URL",
+         "PostgreSQL session store (postgresql://user:password@host:port/db) instead of the "
+         "SQLite file: several gateway processes can then share one store. Tables live in "
+         "the hermes_gateway schema.", "PostgreSQL URL for the session store", type="secret",
+         yaml_key="gateway.database_url", advanced=True, ours=True),
+    _var("GATEWAY_INSTANCE_ID",
+         "This process's name in a fleet sharing one PostgreSQL store (default: host name "
+         "and pid).", "Gateway instance id", yaml_key="gateway.instance_id", advanced=True,
+         ours=True),
     # -- proxy mode (proxy.md 1.1, 4) -----------------------------------------------------
     _var("GATEWAY_PROXY_URL",
          "URL of a remote Hermes API server to forward messages to. The gateway then does "
@@ -491,7 +500,8 @@ in its block (`platforms.api_server.port` or `gateway.api_server.port`), as Herm
 """
 
 _GROUPS = [
-    ("Daemon", lambda v: v.name in ("HERMES_HOME", "HERMES_GATEWAY_DB")),
+    ("Daemon", lambda v: v.name in ("HERMES_HOME", "HERMES_GATEWAY_DB", "GATEWAY_DATABASE_URL",
+                                    "GATEWAY_INSTANCE_ID")),
     ("Proxy mode (the remote Hermes API server)",
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_")),
@@ -502,6 +512,8 @@ _GROUPS = [
     ("Telegram", lambda v: v.platform == "telegram"),
     ("API server", lambda v: v.platform == "api_server"),
 ]
+#: Anything no group above claims still gets documented.
+_OTHER = "Other"
 
 
 def _fmt_default(value: Any) -> str:
@@ -533,7 +545,11 @@ def render_reference() -> str:
     """The Markdown text of C{docs/configuration.md}."""
     out = [_INTRO.format(shortcut=", ".join(f"`{k}`" for k in sorted(SHORTCUT_KEYS)))]
     out.append("\n## Environment variables\n")
-    for title, belongs in _GROUPS:
+    placed = {v.name for v in ENV_VARS.values() for _, belongs in _GROUPS if belongs(v)}
+    groups = list(_GROUPS)
+    if len(placed) < len(ENV_VARS):
+        groups.append((_OTHER, lambda v: v.name not in placed))
+    for title, belongs in groups:
         out.append(f"\n### {title}\n\n")
         out.append("| Variable | config.yaml key | Type | Default | Description |\n")
         out.append("|---|---|---|---|---|\n")

@@ -15,6 +15,7 @@ L{hermes_twisted.config.redaction}; their public names are importable from here 
 from __future__ import annotations
 
 import os
+import socket
 from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -51,6 +52,21 @@ log = Logger(namespace="hermes_twisted.config")
 
 def _db_path(layers: ConfigLayers) -> str:
     return layers.get("gateway.db_path", "") or os.path.join(layers.home, "gateway.db")
+
+
+def _database_url(layers: ConfigLayers) -> str | None:
+    url = layers.get("gateway.database_url", "") or None
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or parts.path):
+        raise ConfigError("GATEWAY_DATABASE_URL", "expected postgresql://user:password@host:"
+                          "port/database (the value is not shown: it may hold a password)")
+    return url
+
+
+def _instance_id(layers: ConfigLayers) -> str:
+    return layers.get("gateway.instance_id", "") or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _upstream(layers: ConfigLayers) -> UpstreamSettings:
@@ -201,6 +217,8 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
     config = GatewayConfig(
         hermes_home=layers.home,
         db_path=_db_path(layers),
+        database_url=_database_url(layers),
+        instance_id=_instance_id(layers),
         upstream=upstream,
         relay=relay,
         platforms=MappingProxyType(platforms),

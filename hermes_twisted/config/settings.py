@@ -109,6 +109,10 @@ class PlatformSettings:
 class GatewayConfig:
     hermes_home: str
     db_path: str
+    #: PostgreSQL store URL (GATEWAY_DATABASE_URL); None: the SQLite file at db_path.
+    database_url: str | None = None
+    #: This process's name in a fleet (GATEWAY_INSTANCE_ID; default host name and pid).
+    instance_id: str = ""
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     platforms: Mapping[str, PlatformSettings] = field(default_factory=_frozen)

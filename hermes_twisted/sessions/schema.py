@@ -171,3 +171,28 @@ def connect(path: str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+class SQLiteDatabase:
+    """The L{hermes_twisted.sessions.writer.Database} of one SQLite file."""
+
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: str) -> None:
+        self.label = path
+
+    def connect(self) -> sqlite3.Connection:
+        return connect(self.label)
+
+    def usable(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        return conn  # a file does not go away between batches
+
+    def begin(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def in_transaction(self, conn: sqlite3.Connection) -> bool:
+        return conn.in_transaction
+
+    def describe(self, error: BaseException) -> str:
+        assert isinstance(error, sqlite3.Error)
+        return describe(error, self.label)
