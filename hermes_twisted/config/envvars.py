@@ -334,9 +334,20 @@ _YAML_KEY_LIST: list[ConfigKey] = [
     ConfigKey("streaming.fresh_final_after_seconds", "Send the final reply as a new message "
               "when streaming took longer than this (0 = never).", "float", 0.0, minimum=0),
     # display
-    ConfigKey("display.busy_input_mode", "A message arriving during a turn: interrupt it, or "
-              "queue the message. steer is accepted and treated as interrupt.", "enum",
-              "interrupt", choices=("interrupt", "queue", "steer")),
+    ConfigKey("display.busy_input_mode", "A message arriving during a turn: interrupt it; "
+              "queue it for its own turn; steer (noted and folded into the next turn, since a "
+              "running remote turn cannot be changed); or collect (bursts, and everything sent "
+              "during a turn, joined into one turn).", "enum", "interrupt",
+              choices=("interrupt", "queue", "steer", "collect")),
+    ConfigKey("display.busy_queue_cap", "Most messages waiting per session while it is busy.",
+              "int", 20, minimum=1, ours=True),
+    ConfigKey("display.busy_queue_drop", "What a full queue does with one more message: drop "
+              "the oldest waiting (old), refuse the new one (new), or fold the oldest into one "
+              "\"messages you missed\" turn (summarize).", "enum", "old",
+              choices=("old", "new", "summarize"), ours=True),
+    ConfigKey("display.collect_debounce", "collect mode: seconds of quiet after a message "
+              "before the collected burst runs as one turn.", "float", 1.5, minimum=0,
+              ours=True),
     ConfigKey("display.tool_progress", "Show tool progress lines. off/false: no; any other "
               "value (true, all, new, verbose): yes.", "flag", False),
     ConfigKey("display.typing_interval", "Seconds between typing notifications.", "float", 2.0,

@@ -149,16 +149,14 @@ def _reset_policy(layers: ConfigLayers) -> ResetPolicy:
 
 
 def _display(layers: ConfigLayers) -> DisplaySettings:
-    mode = layers.get("display.busy_input_mode")
-    if mode == "steer":
-        log.warn("display.busy_input_mode: steer is not supported by this daemon; "
-                 "using interrupt")
-        mode = "interrupt"
     return DisplaySettings(
-        busy_input_mode=mode,
+        busy_input_mode=layers.get("display.busy_input_mode"),
         tool_progress=layers.get("display.tool_progress"),
         typing_interval=layers.get("display.typing_interval"),
         busy_ack_interval=layers.get("display.busy_ack_interval"),
+        busy_queue_cap=layers.get("display.busy_queue_cap"),
+        busy_queue_drop=layers.get("display.busy_queue_drop"),
+        collect_debounce=layers.get("display.collect_debounce"),
     )
 
 

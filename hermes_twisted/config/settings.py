@@ -38,12 +38,21 @@ class ResetPolicy:
     notify_exclude_platforms: tuple[str, ...] = ("api_server", "webhook")
 
 
+#: What a message arriving while its session is busy does (L{DisplaySettings.busy_input_mode}).
+BUSY_INPUT_MODES = ("interrupt", "queue", "steer", "collect")
+#: What a full busy queue does with one more message (L{DisplaySettings.busy_queue_drop}).
+QUEUE_DROP_POLICIES = ("old", "new", "summarize")
+
+
 @dataclass(frozen=True)
 class DisplaySettings:
-    busy_input_mode: str = "interrupt"  # interrupt | queue
+    busy_input_mode: str = "interrupt"  # interrupt | queue | steer | collect
     tool_progress: bool = False
     typing_interval: float = 2.0
     busy_ack_interval: float = 30.0
+    busy_queue_cap: int = 20  # messages waiting per session, at most
+    busy_queue_drop: str = "old"  # old | new | summarize
+    collect_debounce: float = 1.5  # seconds of quiet that close a burst (collect mode)
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,9 @@ MID_TURN = ("⏳ Agent is running — `/{name}` can't run mid-turn. Wait for the
 #: Answered by the gateway itself, busy or not (none of them queues behind a run).
 HANDLED = frozenset({"stop", "new", "reset", "status", "help", "commands", "start"})
 
+#: Put text in the session's queue (the gateway's lanes handle these, not L{CommandRouter}).
+QUEUEING = frozenset({"queue", "q", "steer"})
+
 #: Every command name (and alias) the 0.19.0 gateway resolves (platforms.md §5).
 RESOLVABLE = HANDLED | frozenset("""
     approve deny whoami retry undo title resume sessions branch fork compress compact rollback
@@ -51,6 +54,8 @@ HELP = "\n".join([
     "/new (or /reset) — start a fresh session",
     "/stop — interrupt the running reply (the session is kept)",
     "/status — session id, running task, upstream",
+    "/queue <text> — run it as the next turn, after the current one",
+    "/steer <text> — a note that goes along with the next turn",
     "/help — this list",
     "Anything else is sent to the agent.",
 ])

@@ -72,7 +72,8 @@ class RunHandle:
     # One per running turn.
     __slots__ = ("session_key", "generation", "_generations", "adapter", "event", "chat_id",
                  "started_at", "dedupe_key", "phase", "session_id", "interrupt_reason",
-                 "delivered", "carried", "deferred", "typing", "consumer", "after_delivery")
+                 "delivered", "carried", "deferred", "typing", "consumer", "after_delivery",
+                 "folded")
 
     def __init__(self, *, session_key: str, generation: int, generations: Generations,
                  adapter: Any, event: Any, started_at: float,
@@ -96,6 +97,9 @@ class RunHandle:
         self.consumer: Any = None
         #: The post-delivery callbacks this run popped, fired after its lane is released.
         self.after_delivery: Callable[[], Deferred] | None = None
+        #: Waiting messages joined into this turn besides C{event}'s own (collect, steer,
+        #: missed); each is completed with the run.
+        self.folded: list[Any] = []
 
     def is_current(self) -> bool:
         """False once the run was interrupted or a newer generation claimed its session."""
