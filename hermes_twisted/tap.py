@@ -105,6 +105,8 @@ def build_service(config: Any, reactor: Any):
     its runs first and the store closes last.
     """
     from hermes_twisted.dispatch.gateway import Gateway
+    from hermes_twisted.dispatch.pairing import PairingGate
+    from hermes_twisted.pairing.store import PairingStore
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
     from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
@@ -119,7 +121,8 @@ def build_service(config: Any, reactor: Any):
     store_service.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
-    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
+    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor,
+                      pairing=PairingGate(PairingStore(config.hermes_home), reactor=reactor))
     for settings in config.enabled_platforms():
         adapter = adapter_class(settings.name)(settings, reactor=reactor, gateway_config=config)
         gateway.add_adapter(adapter)

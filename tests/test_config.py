@@ -748,11 +748,18 @@ class TestShared:
         display = load({"display": {"typing_interval": 4, "busy_ack_interval": 0}}).display
         assert (display.typing_interval, display.busy_ack_interval) == (4.0, 0.0)
 
-    def test_unauthorized_dm_pair_is_ignore(self, warnings):
-        assert load({"unauthorized_dm_behavior": "pair"}).unauthorized_dm_behavior == "ignore"
-        assert any("pair" in w for w in warnings)
+    def test_unauthorized_dm_behavior(self, warnings):
+        assert load({}).unauthorized_dm_behavior is None  # decided per platform
+        assert load({"unauthorized_dm_behavior": "pair"}).unauthorized_dm_behavior == "pair"
+        assert not any("pair" in w for w in warnings)
         assert load({"gateway": {"unauthorized_dm_behavior": "ignore"}}
                     ).unauthorized_dm_behavior == "ignore"
+
+    @pytest.mark.parametrize("key, value", [("unauthorized_dm_behavior", "shout"),
+                                            ("dm_policy", "everyone")])
+    def test_per_platform_access_keys_are_validated(self, key, value):
+        with pytest.raises(ConfigError, match=f"telegram.{key}: expected one of"):
+            load({"telegram": {key: value}}, {"TELEGRAM_BOT_TOKEN": "t"})
 
     def test_shutdown_timeout(self):
         assert load({"gateway": {"shutdown_timeout": 1.5}}).shutdown_timeout == 1.5

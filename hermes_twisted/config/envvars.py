@@ -316,8 +316,11 @@ _YAML_KEY_LIST: list[ConfigKey] = [
     ConfigKey("group_sessions_per_user", "In groups, one session per user (not per chat).",
               "bool", True),
     ConfigKey("thread_sessions_per_user", "In threads, one session per user.", "bool", False),
-    ConfigKey("unauthorized_dm_behavior", "What an unauthorized DM gets. pair is accepted and "
-              "treated as ignore (this daemon does not implement pairing).", "enum", "ignore",
+    ConfigKey("unauthorized_dm_behavior", "What a direct message from an unauthorized sender "
+              "gets: pair (a one-time pairing code the operator approves with "
+              "'hermes-gateway pairing approve') or ignore. Unset: pair unless the platform "
+              "has an allowlist or dm_policy says otherwise (hermes 0.19.0's order). Also "
+              "per platform (platforms.<name>.unauthorized_dm_behavior).", "enum", None,
               choices=("pair", "ignore")),
     # streaming (top level, or under gateway:)
     ConfigKey("streaming.enabled", "Stream replies by editing a message as text arrives.",
@@ -383,6 +386,22 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               ours=True),
     ConfigKey(f"{_PLATFORM_FIELDS}.allow_all_users", "Allow every user of this platform.",
               "bool", False, ours=True),
+    # access control, per platform (also in a top-level shortcut block: telegram: {...})
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.unauthorized_dm_behavior", "This platform's answer "
+              "to a direct message from an unauthorized sender (wins over the global key).",
+              "enum", None, choices=("pair", "ignore")),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.dm_policy", "Direct messages from unknown senders: "
+              "pairing gives them a pairing code; allowlist and disabled ignore them.", "enum",
+              None, choices=("open", "allowlist", "disabled", "pairing")),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.allow_admin_from", "Admins in direct messages: they "
+              "run every command. Listing one turns command gating on for DMs.", "list"),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.user_allowed_commands", "Commands other DM users may "
+              "run once gating is on (besides /help and /whoami); empty: the group list.",
+              "list"),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.group_allow_admin_from", "Admins in groups, channels "
+              "and threads. Listing one turns command gating on there.", "list"),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.group_user_allowed_commands", "Commands other group "
+              "users may run once gating is on (besides /help and /whoami).", "list"),
     ConfigKey(f"{_PLATFORM_FIELDS}.extra", "Platform-specific keys (see each platform's "
               "variables above; other keys are passed to the adapter unchanged).", "mapping"),
 ]

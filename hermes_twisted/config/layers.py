@@ -48,6 +48,8 @@ def _spec(path: str) -> Spec | None:
         parts = path.split(".")
         if len(parts) == 3:
             spec = _SPECS.get(f"platforms.<name>.{parts[2]}")
+        elif len(parts) == 4 and parts[2] == "extra":
+            spec = _SPECS.get(f"platforms.<name>.extra.{parts[3]}")
     return spec
 
 

@@ -192,10 +192,6 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
     platforms = platform_settings(layers, relay)
     _check_api_server_port(upstream, platforms.get("api_server"))
     behaviour = layers.get("unauthorized_dm_behavior")
-    if behaviour == "pair":
-        log.warn("unauthorized_dm_behavior: pair is not supported by this daemon (no pairing); "
-                 "unauthorized DMs are ignored")
-        behaviour = "ignore"
     config = GatewayConfig(
         hermes_home=layers.home,
         db_path=_db_path(layers),

@@ -128,7 +128,7 @@ class GatewayConfig:
     thread_sessions_per_user: bool = False
     allowed_users: tuple[str, ...] = ()  # GATEWAY_ALLOWED_USERS
     allow_all_users: bool = False  # GATEWAY_ALLOW_ALL_USERS
-    unauthorized_dm_behavior: str = "ignore"
+    unauthorized_dm_behavior: str | None = None  # pair | ignore; None: decided per platform
     max_concurrent_runs: int = 10  # gateway.api_server.max_concurrent_runs
     shutdown_timeout: float = 4.0
 

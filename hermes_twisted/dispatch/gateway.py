@@ -5,9 +5,10 @@ can never speak.
 
 Run lifecycle, per session key (a "lane"):
 
- 1. B{Admission.}  C{handle_message} rewrites C{!cmd}, checks authorization, and, when the
-    event carries a C{dedupe_key}, records it with C{store.admit_inbound} (a redelivery is
-    dropped).  Events of one lane are dispatched in arrival order even if admissions
+ 1. B{Admission.}  C{handle_message} rewrites C{!cmd}, checks authorization (a sender the
+    rules deny may still be approved through pairing: checked in a thread; an unknown
+    direct-message sender may get a pairing code), and, when the event carries a
+    C{dedupe_key}, records it with C{store.admit_inbound} (a redelivery is dropped).  Events of one lane are dispatched in arrival order even if admissions
     complete out of order.  The returned Deferred fires once the event is admitted.
  2. B{Dispatch.}  Gateway commands run at once, also while busy.  Text starts a run when
     the lane is idle; while busy it waits in the lane's queue (at most C{busy_queue_cap}
@@ -48,7 +49,7 @@ from twisted.python.failure import Failure
 
 from hermes_twisted.config.settings import GatewayConfig
 from hermes_twisted.dispatch import busy, commands, interrupts
-from hermes_twisted.dispatch.authz import is_authorized, log_denied
+from hermes_twisted.dispatch.authz import is_authorized, log_denied, unauthorized_dm_behavior
 from hermes_twisted.dispatch.inbound import event_from_payload, payload_for
 from hermes_twisted.dispatch.lanes import Inbound, Lane
 from hermes_twisted.dispatch.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
@@ -85,14 +86,18 @@ class Gateway(Service):
     @param consumer_factory: builds the per-run stream consumer, called as
         C{factory(adapter, chat_id, clock=, settings=, is_current=, reply_to=, metadata=)};
         default L{hermes_twisted.delivery.consumer.StreamConsumer}.
+    @param pairing: a L{hermes_twisted.dispatch.pairing.PairingGate}, or None (no pairing:
+        a sender the allowlists deny is denied).
     """
 
     log = Logger()
     name = "gateway"
 
     def __init__(self, config: GatewayConfig, *, store: Any, upstream: Any, clock: Any,
-                 consumer_factory: Callable[..., Any] | None = None) -> None:
+                 consumer_factory: Callable[..., Any] | None = None,
+                 pairing: Any = None) -> None:
         self.config = config
+        self.pairing = pairing
         self.store = store
         self.upstream = upstream
         self.clock = clock
@@ -177,16 +182,70 @@ class Gateway(Service):
         """
         event = commands.normalize(adapter, event)
         key = self.session_key_for(event)
-        if not is_authorized(self.config, adapter, event):
-            log_denied(adapter, event)
-            self._turn_finished(adapter, event, key, False)
-            return succeed(None)
         dedupe_key = event.metadata.get("dedupe_key") if event.metadata else None
-        if not dedupe_key:
-            self._arrive(Inbound(adapter, event, key, None, True))
-            return succeed(None)
+        if is_authorized(self.config, adapter, event):
+            if not dedupe_key:
+                self._arrive(Inbound(adapter, event, key, None, True))
+                return succeed(None)
+            inbound = Inbound(adapter, event, key, dedupe_key, None)
+            self._arrive(inbound)
+            return self._record(inbound)
+        if self.pairing is None or not event.source.user_id:
+            return self._refuse(adapter, event, key)
+        # The check reads a file in a thread; the event holds its place in the lane meanwhile.
         inbound = Inbound(adapter, event, key, dedupe_key, None)
         self._arrive(inbound)
+        d = self.pairing.is_approved(event.source.platform.value, event.source.user_id)
+
+        def checked(approved: bool) -> Any:
+            if not approved:
+                self._admitted(inbound, False)
+                return self._refuse(adapter, event, key)
+            if dedupe_key:
+                return self._record(inbound)
+            self._admitted(inbound, True)
+            return None
+
+        def check_failed(failure: Any) -> Any:
+            self._admitted(inbound, False)
+            self._turn_finished(adapter, event, key, False)
+            if failure.check(CancelledError):
+                return failure
+            self.log.failure("Pairing check failed; message from {user} refused", failure,
+                             user=event.source.user_id)
+            return None
+
+        d.addCallbacks(checked, check_failed)
+        return d
+
+    def _refuse(self, adapter: Any, event: MessageEvent, key: str) -> Deferred:
+        """
+        An unauthorized sender: logged, and in a direct message with behaviour C{pair} given
+        a pairing code.  Fires with None once the reply (if any) is sent; never fails.
+        """
+        log_denied(adapter, event)
+        self._turn_finished(adapter, event, key, False)
+        if (self.pairing is None or event.source.chat_type != "dm" or not event.source.user_id
+                or event.internal or unauthorized_dm_behavior(self.config, adapter) != "pair"):
+            return succeed(None)
+        d = self.pairing.code_reply(event.source.platform.value, event.source.user_id,
+                                    event.source.user_name or "")
+
+        def send(text: str | None) -> Any:
+            return self.reply(adapter, event, text) if text else None
+
+        def failed(failure: Any) -> None:
+            if not failure.check(CancelledError):
+                self.log.failure("Could not issue a pairing code", failure)
+
+        d.addCallback(send)
+        d.addCallbacks(lambda _: None, failed)
+        return d
+
+    def _record(self, inbound: Inbound) -> Deferred:
+        """Record C{inbound} in the store's inbox; fires once admitted (or dropped)."""
+        adapter, event, key, dedupe_key = (inbound.adapter, inbound.event, inbound.key,
+                                           inbound.dedupe_key)
         d = maybeDeferred(self.store.admit_inbound, dedupe_key,
                           payload_for(adapter.settings.name, event))
 
