@@ -8,6 +8,7 @@ The dispatcher: what happens between an admitted message and a delivered answer.
   dispatcher.py   the narrow face of the gateway that commands and turns are written against
   commands.py     the commands the gateway answers itself
   authz.py        who may talk to the agent
+  gating.py       who may run which slash command (admins, user lists), /whoami
   pairing.py      pairing in a running daemon (approved senders, codes for unknown ones)
   busy.py         what waits while a session is busy, and what the next turn takes
   interrupts.py   interrupt reasons and L{RunInterrupted}

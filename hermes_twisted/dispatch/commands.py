@@ -18,7 +18,7 @@ from urllib.parse import urlsplit, urlunsplit
 from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from hermes_twisted.dispatch import interrupts
+from hermes_twisted.dispatch import gating, interrupts
 from hermes_twisted.dispatch.dispatcher import Dispatcher
 from hermes_twisted.model import MessageEvent
 
@@ -35,7 +35,7 @@ MID_TURN = ("⏳ Agent is running — `/{name}` can't run mid-turn. Wait for the
             "response or `/stop` first.")
 
 #: Answered by the gateway itself, busy or not (none of them queues behind a run).
-HANDLED = frozenset({"stop", "new", "reset", "status", "help", "commands", "start"})
+HANDLED = frozenset({"stop", "new", "reset", "status", "help", "commands", "start", "whoami"})
 
 #: Put text in the session's queue (the gateway's lanes handle these, not L{CommandRouter}).
 QUEUEING = frozenset({"queue", "q", "steer"})
@@ -54,6 +54,7 @@ HELP = "\n".join([
     "/new (or /reset) — start a fresh session",
     "/stop — interrupt the running reply (the session is kept)",
     "/status — session id, running task, upstream",
+    "/whoami — who you are here, and which commands you may run",
     "/queue <text> — run it as the next turn, after the current one",
     "/steer <text> — a note that goes along with the next turn",
     "/help — this list",
@@ -115,6 +116,9 @@ class CommandRouter:
 
     def cmd_start(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
         return succeed(None)  # Telegram's start ping: no reply
+
+    def cmd_whoami(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
+        return self.gateway.reply(adapter, event, gating.whoami_text(adapter, event.source))
 
     def cmd_help(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
         return self.gateway.reply(adapter, event, HELP)

@@ -48,7 +48,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hermes_twisted.config.settings import GatewayConfig
-from hermes_twisted.dispatch import busy, commands, interrupts
+from hermes_twisted.dispatch import busy, commands, gating, interrupts
 from hermes_twisted.dispatch.authz import is_authorized, log_denied, unauthorized_dm_behavior
 from hermes_twisted.dispatch.inbound import event_from_payload, payload_for
 from hermes_twisted.dispatch.lanes import Inbound, Lane
@@ -398,6 +398,11 @@ class Gateway(Service):
             return
         adapter, event, key = inbound.adapter, inbound.event, inbound.key
         command = commands.parse(event)
+        if command is not None and not gating.access_for(adapter, event.source).may_run(
+                command[0]):
+            self.reply(adapter, event, gating.DENIED.format(name=command[0]))
+            self._drop(inbound)
+            return
         if command is not None and command[0] in commands.QUEUEING:
             self._queue_explicitly(inbound, *command)
             return
