@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
@@ -109,13 +110,14 @@ def build_service(config: Any, reactor: Any):
     from hermes_twisted.pairing.store import PairingStore
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
+    from hermes_twisted.sessions.reset import policy_for
     from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
     from hermes_twisted.upstream.proxy import ProxyUpstream
 
     top = GatewayService(clock=reactor, child_stop_timeout=config.shutdown_timeout,
                          summary=describe(config), tune_gc=True)
     store = SQLiteSessionStore(config.db_path, reactor=reactor,
-                               reset_policy_for=lambda source: config.session_reset)
+                               reset_policy_for=partial(policy_for, config))
     store_service = StoreService(store)
     store_service.setName("sessions")
     store_service.setServiceParent(top)

@@ -313,6 +313,11 @@ _YAML_KEY_LIST: list[ConfigKey] = [
     ConfigKey("session_reset.notify", "Tell the user when a session was reset.", "bool", True),
     ConfigKey("session_reset.notify_exclude_platforms", "Platforms never told about resets.",
               "list", ["api_server", "webhook"]),
+    ConfigKey("reset_by_platform", "session_reset overrides by platform, e.g. {telegram: "
+              "{mode: idle, idle_minutes: 240}}; keys left out come from session_reset. "
+              "Wins over reset_by_type.", "mapping"),
+    ConfigKey("reset_by_type", "session_reset overrides by chat type (dm, group, channel, "
+              "thread), e.g. {group: {mode: daily, at_hour: 6}}.", "mapping"),
     ConfigKey("group_sessions_per_user", "In groups, one session per user (not per chat).",
               "bool", True),
     ConfigKey("thread_sessions_per_user", "In threads, one session per user.", "bool", False),

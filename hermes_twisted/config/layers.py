@@ -32,7 +32,7 @@ _PLATFORM_FIELDS = frozenset({
     "allowed_users", "allow_all_users",
 })
 _SHARED = ("session_reset", "streaming", "group_sessions_per_user", "thread_sessions_per_user",
-           "unauthorized_dm_behavior")
+           "unauthorized_dm_behavior", "reset_by_platform", "reset_by_type")
 #: Every name Hermes treats as a platform (used to recognise top-level shortcut blocks).
 _HERMES_PLATFORMS = frozenset(SUPPORTED_PLATFORMS) | frozenset(UNSUPPORTED_PLATFORMS)
 

@@ -123,6 +123,9 @@ class GatewayConfig:
     platforms: Mapping[str, PlatformSettings] = field(default_factory=_frozen)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     session_reset: ResetPolicy = field(default_factory=ResetPolicy)
+    #: Overrides of C{session_reset} by platform name, then by chat type (dm, group, ...).
+    reset_by_platform: Mapping[str, ResetPolicy] = field(default_factory=_frozen)
+    reset_by_type: Mapping[str, ResetPolicy] = field(default_factory=_frozen)
     display: DisplaySettings = field(default_factory=DisplaySettings)
     group_sessions_per_user: bool = True
     thread_sessions_per_user: bool = False
