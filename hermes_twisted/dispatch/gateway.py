@@ -44,6 +44,7 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -88,6 +89,8 @@ class Gateway(Service):
         default L{hermes_twisted.delivery.consumer.StreamConsumer}.
     @param pairing: a L{hermes_twisted.dispatch.pairing.PairingGate}, or None (no pairing:
         a sender the allowlists deny is denied).
+    @param run_in_thread: C{f(fn, *args) -> Deferred} for file work; by default the
+        threadpool of C{clock} (the reactor).
     """
 
     log = Logger()
@@ -95,9 +98,11 @@ class Gateway(Service):
 
     def __init__(self, config: GatewayConfig, *, store: Any, upstream: Any, clock: Any,
                  consumer_factory: Callable[..., Any] | None = None,
-                 pairing: Any = None) -> None:
+                 pairing: Any = None,
+                 run_in_thread: Callable[..., Deferred] | None = None) -> None:
         self.config = config
         self.pairing = pairing
+        self._thread_runner = run_in_thread
         self.store = store
         self.upstream = upstream
         self.clock = clock
@@ -348,6 +353,17 @@ class Gateway(Service):
             for inbound in dropped:
                 self._drop(inbound)
         return handle
+
+    def run_next(self, adapter: Any, event: MessageEvent, key: str) -> None:
+        """Run C{event} as C{key}'s next turn, ahead of anything waiting (/retry)."""
+        self._lane(key).queue.insert(0, Inbound(adapter, event, key, None, True))
+        self._drain(key)
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """C{fn(*args)} in a thread; fires with its result or fails with its exception."""
+        if self._thread_runner is not None:
+            return self._thread_runner(fn, *args)
+        return deferToThreadPool(self.clock, self.clock.getThreadPool(), fn, *args)
 
     def hold_lane(self, key: str) -> Callable[[], None]:
         """Keep C{key} from starting runs until the returned release is called (once)."""

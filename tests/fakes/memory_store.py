@@ -80,9 +80,21 @@ class MemoryStore:
         return self._answer("get_or_create", entry)
 
     def reset(self, session_key: str, source: SessionSource | None = None,
-              reason: str = "session_reset") -> Deferred:
+              reason: str = "session_reset", now: float | None = None,
+              title: str | None = None) -> Deferred:
         self.resets.append(session_key)
-        return self._answer("reset", self._new_entry(session_key))
+        entry = self.entries[session_key] = dataclasses.replace(self._new_entry(session_key),
+                                                                title=title)
+        return self._answer("reset", entry)
+
+    def undo_last_exchange(self, session_id: str) -> Deferred:
+        rows = self.transcripts.get(session_id, [])
+        users = [i for i, r in enumerate(rows) if r["role"] == "user"]
+        if not users:
+            return self._answer("undo", None)
+        taken = rows[users[-1]]["content"]
+        del rows[users[-1]:]
+        return self._answer("undo", taken)
 
     def peek(self, session_key: str) -> SessionEntry | None:
         return self.entries.get(session_key)
