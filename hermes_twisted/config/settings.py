@@ -38,12 +38,6 @@ class ResetPolicy:
     notify_exclude_platforms: tuple[str, ...] = ("api_server", "webhook")
 
 
-#: What a message arriving while its session is busy does (L{DisplaySettings.busy_input_mode}).
-BUSY_INPUT_MODES = ("interrupt", "queue", "steer", "collect")
-#: What a full busy queue does with one more message (L{DisplaySettings.busy_queue_drop}).
-QUEUE_DROP_POLICIES = ("old", "new", "summarize")
-
-
 @dataclass(frozen=True)
 class DisplaySettings:
     busy_input_mode: str = "interrupt"  # interrupt | queue | steer | collect
