@@ -546,7 +546,8 @@ class Gateway(Service):
                            generations=self.generations, adapter=inbound.adapter,
                            event=busy.compose(batch), started_at=self.clock.seconds(),
                            dedupe_key=inbound.dedupe_key)
-        handle.folded = batch[:-1]
+        if len(batch) > 1:
+            handle.folded = batch[:-1]
         handle.carried, lane.carried = lane.carried, []
         lane.handle = handle
         self._runs.add(handle)

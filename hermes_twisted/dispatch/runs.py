@@ -18,7 +18,7 @@ the ambiguity of §5 case 37.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.logger import Logger
@@ -98,8 +98,9 @@ class RunHandle:
         #: The post-delivery callbacks this run popped, fired after its lane is released.
         self.after_delivery: Callable[[], Deferred] | None = None
         #: Waiting messages joined into this turn besides C{event}'s own (collect, steer,
-        #: missed); each is completed with the run.
-        self.folded: list[Any] = []
+        #: missed); each is completed with the run.  A shared empty tuple when there are none
+        #: (one per open stream: no list allocated for the common case).
+        self.folded: Sequence[Any] = ()
 
     def is_current(self) -> bool:
         """False once the run was interrupted or a newer generation claimed its session."""
