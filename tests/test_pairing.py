@@ -170,6 +170,15 @@ def test_cli_approve_list_revoke(tmp_path, capsys):
     assert status == 1
 
 
+def test_cli_hermes_home_before_or_after_the_action(tmp_path, capsys):
+    code, _ = PairingStore(str(tmp_path)).request_code("irc", "bob")
+    out = io.StringIO()
+    assert main(["pairing", "approve", "irc", code, "--hermes-home", str(tmp_path)],
+                environ={}, out=out) == 0
+    assert main(["pairing", "--hermes-home", str(tmp_path), "list"], environ={}, out=out) == 0
+    assert "irc  bob" in out.getvalue()
+
+
 def test_cli_says_when_locked_out(tmp_path, capsys):
     for _ in range(pairing.MAX_FAILED_ATTEMPTS):
         run(["pairing", "approve", "telegram", "ZZZZZZZZ"], tmp_path, capsys)

@@ -8,8 +8,9 @@ Run lifecycle, per session key (a "lane"):
  1. B{Admission.}  C{handle_message} rewrites C{!cmd}, checks authorization (a sender the
     rules deny may still be approved through pairing: checked in a thread; an unknown
     direct-message sender may get a pairing code), and, when the event carries a
-    C{dedupe_key}, records it with C{store.admit_inbound} (a redelivery is dropped).  Events of one lane are dispatched in arrival order even if admissions
-    complete out of order.  The returned Deferred fires once the event is admitted.
+    C{dedupe_key}, records it with C{store.admit_inbound} (a redelivery is dropped).
+    Events of one lane are dispatched in arrival order even if admissions complete out of
+    order.  The returned Deferred fires once the event is admitted.
  2. B{Dispatch.}  Gateway commands run at once, also while busy.  Text starts a run when
     the lane is idle; while busy it waits in the lane's queue (at most C{busy_queue_cap}
     places, L{busy.enqueue}) and, per C{busy_input_mode}: C{interrupt} (default) interrupts

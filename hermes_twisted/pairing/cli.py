@@ -21,7 +21,7 @@ _PLATFORM = re.compile(r"[a-z][a-z0-9_]*")
 
 def _store(args: argparse.Namespace, environ: Mapping[str, str]) -> PairingStore:
     env = dict(environ)
-    if args.hermes_home:
+    if getattr(args, "hermes_home", None):
         env["HERMES_HOME"] = args.hermes_home
     return PairingStore(hermes_home(env))
 
@@ -88,14 +88,19 @@ def register(commands: Any) -> None:
     actions = pairing.add_subparsers(dest="action", metavar="ACTION",
                                      parser_class=type(pairing))
     actions.required = True
-    listing = actions.add_parser("list", help="pending requests and approved users")
+    # Also accepted after the action; SUPPRESS keeps an earlier value from being reset.
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--hermes-home", default=argparse.SUPPRESS,
+                      help="Hermes home (default: $HERMES_HOME, else ~/.hermes)")
+    listing = actions.add_parser("list", help="pending requests and approved users",
+                                 parents=[home])
     listing.add_argument("platform", nargs="?", help="only this platform")
     listing.set_defaults(run=list_requests)
-    approving = actions.add_parser("approve", help="approve a pairing code")
+    approving = actions.add_parser("approve", help="approve a pairing code", parents=[home])
     approving.add_argument("platform", help="the platform the code was issued on (telegram)")
     approving.add_argument("code", help="the 8-character code the user received")
     approving.set_defaults(run=approve)
-    revoking = actions.add_parser("revoke", help="remove an approved user")
+    revoking = actions.add_parser("revoke", help="remove an approved user", parents=[home])
     revoking.add_argument("platform")
     revoking.add_argument("user", help="the user id, as 'pairing list' shows it")
     revoking.set_defaults(run=revoke)
