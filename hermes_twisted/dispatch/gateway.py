@@ -519,10 +519,14 @@ class Gateway(Service):
                                                   self._collect_due, key)
 
     def _collect_due(self, key: str) -> None:
+        # A reactor callback: nothing may escape into the reactor.
         lane = self._lanes.get(key)
         if lane is not None:
             lane.collect_timer = None
-            self._drain(key)
+            try:
+                self._drain(key)
+            except Exception:
+                self.log.failure("Starting the collected turn of {key} failed", key=key)
 
     @staticmethod
     def _cancel_collect(lane: Lane) -> None:
