@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
@@ -109,10 +110,10 @@ def check_store(config: Any) -> None:
 
 
 def make_store(config: Any, reactor: Any) -> Any:
-    """The configured session store (not yet open)."""
-    def policy_for(source: Any) -> Any:
-        return config.session_reset
+    """The configured session store (not yet open), applying the configured reset policies."""
+    from hermes_twisted.sessions.reset import policy_for as policy_of
 
+    policy_for = partial(policy_of, config)
     if config.database_url:
         from hermes_twisted.sessions.postgres import PostgresSessionStore
 
@@ -139,6 +140,8 @@ def build_service(config: Any, reactor: Any):
     its runs first and the store closes last.
     """
     from hermes_twisted.dispatch.gateway import Gateway
+    from hermes_twisted.dispatch.pairing import PairingGate
+    from hermes_twisted.pairing.store import PairingStore
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
     from hermes_twisted.sessions.store import StoreService
@@ -152,7 +155,8 @@ def build_service(config: Any, reactor: Any):
     store_service.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
-    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
+    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor,
+                      pairing=PairingGate(PairingStore(config.hermes_home), reactor=reactor))
     for settings in config.enabled_platforms():
         adapter = adapter_class(settings.name)(settings, reactor=reactor, gateway_config=config)
         gateway.add_adapter(adapter)

@@ -21,9 +21,10 @@ from hermes_twisted.config.errors import UsageError
 #: Tables in copy order (routing names sessions; inbound is independent), with their columns.
 TABLES = {
     "sessions": ("id", "session_key", "source", "started_at", "ended_at", "end_reason",
-                 "updated_at"),
+                 "updated_at", "title"),
     "routing": ("session_key", "session_id", "updated_at"),
-    "messages": ("session_id", "role", "content", "timestamp", "platform_message_id"),
+    "messages": ("session_id", "role", "content", "timestamp", "platform_message_id",
+                 "active"),
     "inbound": ("dedupe_key", "payload", "admitted_at", "completed_at"),
 }
 #: The order rows are read in, so ids and sequence numbers keep their order.

@@ -55,9 +55,15 @@ def _create_v1(conn: Any) -> None:
         conn.execute(statement)
 
 
+def _v2_titles_and_undo(conn: Any) -> None:
+    """A session's title (/new <title>); transcript rows /undo took back (active = 0)."""
+    conn.execute(f"ALTER TABLE {SCHEMA}.sessions ADD COLUMN title TEXT")
+    conn.execute(f"ALTER TABLE {SCHEMA}.messages ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
+
+
 #: MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction with the
 #: version bump.  Append steps; never edit a released one.
-MIGRATIONS: list[Callable[[Any], None]] = [_create_v1]
+MIGRATIONS: list[Callable[[Any], None]] = [_create_v1, _v2_titles_and_undo]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -40,10 +40,16 @@ def _create_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v2_titles_and_undo(conn: sqlite3.Connection) -> None:
+    """A session's title (/new <title>); transcript rows /undo took back (active = 0)."""
+    conn.execute("ALTER TABLE sessions ADD COLUMN title TEXT")
+    conn.execute("ALTER TABLE messages ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
+
+
 #: MIGRATIONS[n] takes the schema from version n to n + 1; each step runs in its own
 #: transaction with the version bump.  To change the schema, append a step (SQL, or Python
 #: that rewrites rows); never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _v2_titles_and_undo]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -77,8 +77,9 @@ class DatabaseSessionStore:
             self._prune(conn, now)
             rows = conn.execute(
                 "SELECT r.session_key, r.session_id, COALESCE(s.started_at, r.updated_at),"
-                " r.updated_at FROM routing r LEFT JOIN sessions s ON s.id = r.session_id")
-            return {row[0]: SessionEntry(*row) for row in rows}
+                " r.updated_at, s.title FROM routing r LEFT JOIN sessions s"
+                " ON s.id = r.session_id")
+            return {row[0]: SessionEntry(*row[:4], title=row[4]) for row in rows}
 
         def loaded(entries: dict[str, SessionEntry]) -> None:
             self._entries = entries
@@ -139,19 +140,22 @@ class DatabaseSessionStore:
         return self._writer.submit(work, self._restorer(key, touched, current))
 
     def reset(self, session_key: str, source: SessionSource | None = None,
-              reason: str = MANUAL_RESET, now: float | None = None) -> Deferred:
+              reason: str = MANUAL_RESET, now: float | None = None,
+              title: str | None = None) -> Deferred:
         """
         /new: end the current session (C{end_reason=reason}) and fire with a new
-        L{SessionEntry} once committed.  Without C{source} the new session keeps the old
-        one's.  Fails with L{StoreError}; cancelling behaves as for L{get_or_create}.
+        L{SessionEntry} (named C{title}, if given) once committed.  Without C{source} the new
+        session keeps the old one's.  Fails with L{StoreError}; cancelling behaves as for
+        L{get_or_create}.
         """
         return self._writer.when_open(lambda: self._rotate(
-            session_key, source, self._now(now), self._entries.get(session_key), reason))
+            session_key, source, self._now(now), self._entries.get(session_key), reason,
+            title=title))
 
     def _rotate(self, key: str, source: SessionSource | None, at: float,
                 previous: SessionEntry | None, reason: str | None,
-                auto: bool = False) -> Deferred:
-        entry = SessionEntry(key, new_session_id(at), at, at)
+                auto: bool = False, title: str | None = None) -> Deferred:
+        entry = SessionEntry(key, new_session_id(at), at, at, title=title)
         self._entries[key] = entry
         old_id = previous.session_id if previous else None
         source_json = json.dumps(source.to_dict()) if source is not None else None
@@ -161,9 +165,9 @@ class DatabaseSessionStore:
                 conn.execute("UPDATE sessions SET ended_at = ?, end_reason = ?, updated_at = ?"
                              " WHERE id = ? AND ended_at IS NULL", (at, reason, at, old_id))
             conn.execute(
-                "INSERT INTO sessions (id, session_key, source, started_at, updated_at)"
-                " VALUES (?, ?, COALESCE(?, (SELECT source FROM sessions WHERE id = ?)), ?, ?)",
-                (entry.session_id, key, source_json, old_id, at, at))
+                "INSERT INTO sessions (id, session_key, source, started_at, updated_at, title)"
+                " VALUES (?, ?, COALESCE(?, (SELECT source FROM sessions WHERE id = ?)), ?, ?,"
+                " ?)", (entry.session_id, key, source_json, old_id, at, at, title))
             conn.execute(
                 "INSERT INTO routing (session_key, session_id, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT (session_key) DO UPDATE"
@@ -213,9 +217,30 @@ class DatabaseSessionStore:
         """
         def work(conn: Any) -> list[dict[str, Any]]:
             rows = conn.execute("SELECT role, content, timestamp, platform_message_id"
-                                " FROM messages WHERE session_id = ? ORDER BY id", (session_id,))
+                                " FROM messages WHERE session_id = ? AND active = 1"
+                                " ORDER BY id", (session_id,))
             return [{"role": r, "content": c, "timestamp": t, "platform_message_id": p}
                     for r, c, t, p in rows]
+
+        return self._writer.when_open(lambda: self._writer.submit(work))
+
+    def undo_last_exchange(self, session_id: str) -> Deferred:
+        """
+        /undo: mark the last active user row of C{session_id} and every row after it
+        inactive (kept in the file, never loaded again; hermes soft-deletes the same way).
+        Fires with the user text taken back, or None when there was none, once committed.
+        Fails with L{StoreError}.  Cancelling before the write reaches the store thread
+        withdraws it.
+        """
+        def work(conn: Any) -> str | None:
+            row = conn.execute("SELECT id, content FROM messages WHERE session_id = ? AND"
+                               " active = 1 AND role = 'user' ORDER BY id DESC LIMIT 1",
+                               (session_id,)).fetchone()
+            if row is None:
+                return None
+            conn.execute("UPDATE messages SET active = 0 WHERE session_id = ? AND id >= ?",
+                         (session_id, row[0]))
+            return str(row[1])
 
         return self._writer.when_open(lambda: self._writer.submit(work))
 
