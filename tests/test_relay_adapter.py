@@ -34,8 +34,11 @@ class AdapterTests(SynchronousTestCase):
     def make(self, **relay: Any) -> RelayAdapter:
         config = GatewayConfig(hermes_home="/x", db_path=":memory:", relay=RelaySettings(
             url="wss://connector.example/relay", gateway_id="gw", secret="s", **relay))
+        self.http: list[Any] = []
         adapter = RelayAdapter(PlatformSettings(name="relay", enabled=True), reactor=self.clock,
-                               gateway_config=config, endpoint=PendingEndpoint())
+                               gateway_config=config, endpoint=PendingEndpoint(),
+                               http_sender=lambda request: self.http.append(request)
+                               or Deferred())
         self.sink = RecordingSink()
         adapter.attach(self.sink)
         return adapter

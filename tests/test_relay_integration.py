@@ -370,11 +370,15 @@ async def test_going_idle_on_shutdown_and_shutdown_without_ack_completes():
 
 
 @pytest_twisted.ensureDeferred
-async def test_unauthenticated_dial_sends_no_authorization_header():
+async def test_no_credentials_and_no_way_to_provision_is_a_clear_error():
+    # 0.19.0 dialed unauthenticated (and was refused with 4401 for ever); we say why instead.
     async with relay_pair(secrets=None, gateway_id=None, secret=None) as (stub, adapter, sink):
-        stub.secrets = None
-        await handshaked(adapter)
-        assert stub.authorizations == [None]
+        assert adapter.status.startswith("disabled: relay_credentials_missing")
+        assert "hermes-gateway enroll" in adapter.status
+        assert "no identity token source" in adapter.status
+        result = await adapter.send("c1", "anyone?")
+        assert not result.success and "relay_credentials_missing" in result.error
+        assert stub.connections == 0
 
 
 @pytest.mark.parametrize("txaio_level", ["info", "trace"])

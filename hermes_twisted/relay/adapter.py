@@ -25,7 +25,11 @@ from hermes_twisted.relay import client as relay_client
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.client import RelayClient
 from hermes_twisted.relay.descriptor import CapabilityDescriptor, codepoint_len, utf16_len
+from hermes_twisted.relay.http import HttpRequest, TreqSender
+from hermes_twisted.relay.identity import IdentityTokenError, identity_source
 from hermes_twisted.relay.passthrough import interaction_to_event, passthrough_from_wire
+from hermes_twisted.relay.policy import PolicyDeclaration
+from hermes_twisted.relay.provision import Provisioner
 
 EGRESS_DECLINED = "egress_declined"
 #: How long an C{interrupt_inbound} for a session we interrupted ourselves counts as the
@@ -78,9 +82,9 @@ def send_result(result: dict[str, Any]) -> SendResult:
 class RelayAdapter(PlatformAdapter):
     """
     C{RelayAdapter(settings, *, reactor, gateway_config)}: settings is the C{relay}
-    PlatformSettings, the connection comes from C{gateway_config.relay}.  C{endpoint} and
-    C{rand} are test seams (a client endpoint instead of one derived from the URL; the jitter
-    source).
+    PlatformSettings, the connection comes from C{gateway_config.relay}.  C{endpoint},
+    C{rand} and C{http_sender} are test seams (a client endpoint instead of one derived from
+    the URL; the jitter source; what sends the connector's HTTP requests).
     """
 
     log = Logger()
@@ -95,7 +99,8 @@ class RelayAdapter(PlatformAdapter):
 
     def __init__(self, settings: PlatformSettings, *, reactor: Any,
                  gateway_config: GatewayConfig | None = None, endpoint: Any = None,
-                 rand: Callable[[], float] = random.random) -> None:
+                 rand: Callable[[], float] = random.random,
+                 http_sender: Callable[[HttpRequest], Deferred] | None = None) -> None:
         super().__init__(settings, reactor=reactor, gateway_config=gateway_config)
         self.relay_settings: RelaySettings = (gateway_config.relay if gateway_config
                                               else RelaySettings())
@@ -109,6 +114,73 @@ class RelayAdapter(PlatformAdapter):
         self._chat_author: dict[str, str] = RecentMap()
         self._remote_interrupts: set[str] = set()
         self._sent_interrupts: dict[str, float] = {}
+        self._pool: Any = None
+        self._http: Callable[[HttpRequest], Deferred] | None = http_sender
+        self._policy_call: Deferred | None = None
+        self.policy_outcome: dict[str, bool] | None = None
+        self._setup_provisioning()
+
+    # -- credentials, provisioning and the relevance policy ------------------------------------
+
+    def _setup_provisioning(self) -> None:
+        settings = self.relay_settings
+        if not settings.url or self.client.has_credentials:
+            return
+        try:
+            source = identity_source(settings)
+        except IdentityTokenError as e:
+            self.client.credentials_problem = str(e)
+            return
+        if source is not None:
+            self.client.provisioner = Provisioner(settings, self.client.identities, source,
+                                                  self.http_send)
+
+    def http_send(self, request: HttpRequest) -> Deferred:
+        """Send one request to the connector or an IdP; see L{TreqSender.__call__}."""
+        if self._http is None:
+            import treq.client
+
+            from hermes_twisted.net.pool import make_agent, make_pool
+
+            # Created on first use and kept: closed when the adapter stops.
+            self._pool = make_pool(self.reactor, max_per_host=1, idle_timeout=30.0)
+            agent = make_agent(self.reactor, self._pool, connect_timeout=10.0)
+            self._http = TreqSender(treq.client.HTTPClient(agent), self.reactor)
+        return self._http(request)
+
+    def relay_credentials(self, gateway_id: str, secret: str) -> None:
+        declare = PolicyDeclaration(
+            self.relay_settings.base_url or self.relay_settings.url or "",
+            self.client.identities, self.settings.extra, self.relay_settings.platform_env,
+            self.http_send, self.reactor)
+        if not declare.policies():
+            return
+        d = self._policy_call = declare(gateway_id, secret)
+
+        def done(result: Any) -> None:
+            self._policy_call = None
+            if isinstance(result, dict):
+                self.policy_outcome = result
+            elif not result.check(CancelledError):
+                self.log.failure("relay: policy declaration failed", result)
+
+        d.addBoth(done)
+
+    def stopService(self) -> Deferred:
+        """Stop the connection (see L{RelayClient.stopService}), then close the HTTP pool."""
+        call, self._policy_call = self._policy_call, None
+        if call is not None:
+            call.cancel()
+        d = super().stopService()
+
+        def close_pool(result: Any) -> Any:
+            pool, self._pool = self._pool, None
+            if pool is None:
+                return result
+            self._http = None
+            return pool.closeCachedConnections().addBoth(lambda _: result)
+
+        return d.addBoth(close_pool)
 
     # -- capabilities -------------------------------------------------------------------------
 
