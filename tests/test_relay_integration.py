@@ -48,8 +48,12 @@ async def test_handshake_sends_hello_per_identity_and_applies_descriptors():
         hellos = [(f["platform"], f["botId"]) for f in stub.frames_of("hello")]
         assert hellos == [("telegram", "bot-9"), ("discord", "")]
         assert first.platform == "telegram"
-        assert adapter.max_message_length == 2000  # the stricter of 4096 and 2000
-        assert adapter.len_fn("\U0001f600") == 2  # one identity counts UTF-16 units
+        assert adapter.max_message_length == 4096  # the default identity's
+        assert adapter.len_fn("\U0001f600") == 2  # telegram counts UTF-16 units
+        stub.push_inbound(inbound_event("hi", "d1", platform="discord"))
+        await eventually(lambda: sink.events, what="the inbound")
+        limit, len_fn = adapter.message_limits("d1")
+        assert (limit, len_fn("\U0001f600")) == (2000, 1)  # per chat: discord's
         assert adapter.supports_edit
         assert adapter.status == "connected"
         token = stub.authorizations[0].split(" ", 1)[1]

@@ -131,6 +131,8 @@ class RelayClient(Service):
             None if settings.url else "relay_url_missing: no gateway.relay_url configured")
         self.dormant = False
         self.dials = 0
+        #: Counts connections opened; what the adapter remembers per connection is keyed by it.
+        self.connection_number = 0
         self.setName("relay.client")
 
     # -- state --------------------------------------------------------------------------------
@@ -285,6 +287,7 @@ class RelayClient(Service):
             protocol.sendClose(code=1000)
             return
         self._protocol = protocol
+        self.connection_number += 1
         self.dormant = False
         self.backoff.connection_opened()
         self.log.info("relay: connected to {url}; saying hello as {identities}",
