@@ -91,12 +91,14 @@ def is_unsupported(result: dict[str, Any]) -> bool:
 class PendingInteraction:
     """A Discord interaction whose replies go through C{follow_up}."""
 
-    __slots__ = ("session_key", "platform", "replied")
+    __slots__ = ("session_key", "platform", "replied", "open")
 
     def __init__(self, session_key: str, platform: str) -> None:
         self.session_key = session_key
         self.platform = platform
         self.replied = False
+        #: Events of it not yet finished (a replay the gateway drops also finishes).
+        self.open = 0
 
 
 def send_result(result: dict[str, Any]) -> SendResult:
@@ -338,8 +340,12 @@ class RelayAdapter(PlatformAdapter):
             return
         if forward.platform == "discord":
             event.metadata["relay_interaction"] = True
-            self._interactions[event.source.chat_id] = PendingInteraction(
-                self._session_key(event), forward.platform)
+            key = self._session_key(event)
+            pending = self._interactions.get(event.source.chat_id)
+            if pending is None or pending.session_key != key:
+                pending = self._interactions[event.source.chat_id] = PendingInteraction(
+                    key, forward.platform)
+            pending.open += 1
         dedupe = event.metadata.get("dedupe_key") or (
             f"passthrough_buffer:{buffer_id}" if buffer_id not in (None, "") else None)
         self._admit(event, buffer_id, dedupe_key=dedupe)
@@ -509,7 +515,9 @@ class RelayAdapter(PlatformAdapter):
     def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
         pending = self._interactions.get(chat_id)
         if pending is not None and pending.session_key == session_key:
-            del self._interactions[chat_id]
+            pending.open -= 1
+            if pending.open <= 0:
+                del self._interactions[chat_id]
         self._media_sent.pop(chat_id, None)
         self._turn_ended(chat_id)
 
