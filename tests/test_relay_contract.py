@@ -343,3 +343,18 @@ async def test_two_instances_on_one_connector_each_get_their_own_traffic():
             assert stub.interrupts[0]["session_key"] == "agent:main:discord:group:cb:u1"
         finally:
             await b.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_interaction_that_was_not_admitted_leaves_nothing_behind():
+    from twisted.internet.defer import CancelledError, fail
+
+    async with relay_pair(platforms=("discord",)) as (stub, adapter, sink):
+        await connected(adapter)
+        sink.admit = lambda event: fail(CancelledError())
+        stub.push_passthrough(interaction_forward(), buffer_id="pb9")
+        await eventually(lambda: sink.events, what="the attempt")
+        assert dict(adapter._interactions) == {} and adapter.turns_running == 0
+        assert stub.acks == []  # not admitted: the connector will replay it
+        await adapter.send("chan1", "plain")
+        assert ops_of(stub, "follow_up") == [] and len(ops_of(stub, "send")) == 1

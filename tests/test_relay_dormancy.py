@@ -21,6 +21,7 @@ from hermes_twisted.relay.dormancy import (
 from hermes_twisted.relay.stub import StubConnector
 from hermes_twisted.relay.wire import inbound_event
 from tests.relay_support import eventually, relay_pair
+from tests.test_relay_client import PendingEndpoint
 
 
 @pytest.mark.parametrize("relay, enabled, why", [
@@ -96,7 +97,8 @@ def adapter_for(relay: RelaySettings, platforms: dict[str, Any]) -> RelayAdapter
     config = GatewayConfig(hermes_home="/x", db_path=":memory:", relay=relay,
                            platforms=platforms)
     return RelayAdapter(PlatformSettings(name="relay", enabled=True), reactor=Clock(),
-                        gateway_config=config, http_sender=lambda r: succeed(None))
+                        gateway_config=config, endpoint=PendingEndpoint(),
+                        http_sender=lambda r: succeed(None))
 
 
 def test_the_adapter_arms_the_watcher_only_when_relay_only():

@@ -385,7 +385,11 @@ class RelayAdapter(PlatformAdapter):
         return self.deliver_inbound(event)
 
     def _admission_failed(self, failure: Any, event: MessageEvent) -> None:
-        self._turn_ended(event.source.chat_id)
+        # Not admitted: no on_turn_finished will come for it.
+        if event.metadata.get("relay_interaction"):
+            self.on_turn_finished(event.source.chat_id, self._session_key(event), False)
+        else:
+            self._turn_ended(event.source.chat_id)
         if failure.check(CancelledError):
             return None  # not admitted, not acked: the connector will redeliver
         self.log.failure("relay: admitting message {message_id} failed", failure,
