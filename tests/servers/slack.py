@@ -136,10 +136,13 @@ class FakeSlack:
         self.sockets_opened = 0
         self.hold = False
         self.held: list[Any] = []
+        #: Do not greet new sockets (a test sends C{hello} itself with L{send_hello}).
+        self.hold_hello = False
         self._rate_limits: dict[str, list[float]] = {}
         self._errors: dict[str, list[str]] = {}
         self._tickets: set[str] = set()
         self._counter = itertools.count(1)
+        self._envelope_ids = itertools.count(1)
         self._ts = itertools.count(1)
         self._robin = 0
         self._timers: list[Any] = []
@@ -237,7 +240,7 @@ class FakeSlack:
     def push_event(self, event: dict[str, Any], *, event_id: str | None = None,
                    connection: SocketConnection | None = None) -> str:
         """Send one C{events_api} envelope; returns its envelope id."""
-        n = next(self._counter)
+        n = next(self._envelope_ids)
         envelope_id = f"env-{n}"
         payload = {
             "token": "verification-token", "team_id": TEAM_ID, "api_app_id": APP_ID,
@@ -257,7 +260,8 @@ class FakeSlack:
 
     def push_message(self, text: str, *, channel: str = "D0DM", user: str = "U0USER",
                      channel_type: str | None = None, thread_ts: str | None = None,
-                     mention: bool = False, **extra: Any) -> str:
+                     mention: bool = False, connection: SocketConnection | None = None,
+                     **extra: Any) -> str:
         """
         A user posts C{text}: a C{message} event, plus an C{app_mention} with the same C{ts}
         when C{mention} (as Slack sends both).  Returns the message C{ts}.
@@ -272,12 +276,12 @@ class FakeSlack:
                  **extra}
         if thread_ts is not None:
             event["thread_ts"] = thread_ts
-        self.push_event(event)
+        self.push_event(event, connection=connection)
         if mention:
             mention_event = {k: v for k, v in event.items()
                              if k not in ("channel_type", "client_msg_id")}
             mention_event["type"] = "app_mention"
-            self.push_event(mention_event)
+            self.push_event(mention_event, connection=connection)
         return ts
 
     def redeliver_unacked(self, reason: str = "timeout") -> list[str]:
@@ -331,6 +335,10 @@ class FakeSlack:
         self.sockets_opened += 1
         connection.index = self.sockets_opened
         self.open.append(connection)
+        if not self.hold_hello:
+            self.send_hello(connection)
+
+    def send_hello(self, connection: SocketConnection) -> None:
         connection.send_json({
             "type": "hello", "num_connections": len(self.open),
             "connection_info": {"app_id": APP_ID},

@@ -112,11 +112,11 @@ class SocketModeProtocol(WebSocketClientProtocol):
         cancel_leftover_timers(self)
 
     @property
-    def is_open(self) -> bool:
+    def open_for_frames(self) -> bool:
         return self.state == WebSocketClientProtocol.STATE_OPEN
 
     def send_json(self, message: dict[str, Any]) -> bool:
-        if not self.is_open:
+        if not self.open_for_frames:
             return False
         self.sendMessage(json.dumps(message).encode(), isBinary=False)
         return True
@@ -221,7 +221,7 @@ class SocketModeSession(Service):
     async def _stop_slot(self, slot: _Slot) -> None:
         slot.retiring = True
         protocol = slot.protocol
-        if protocol is not None and protocol.is_open:
+        if protocol is not None and protocol.open_for_frames:
             protocol.sendClose(code=1000)
             await self._closed_or_timeout(protocol)
         if slot.service.running:
