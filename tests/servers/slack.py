@@ -136,6 +136,8 @@ class FakeSlack:
         self.sockets_opened = 0
         self.hold = False
         self.held: list[Any] = []
+        #: Acks are lost on the way (the gateway died between admission and ack).
+        self.lose_acks = False
         #: Do not greet new sockets (a test sends C{hello} itself with L{send_hello}).
         self.hold_hello = False
         self._rate_limits: dict[str, list[float]] = {}
@@ -347,7 +349,7 @@ class FakeSlack:
         })
 
     def _received(self, connection: SocketConnection, message: dict[str, Any]) -> None:
-        if "envelope_id" in message:
+        if "envelope_id" in message and not self.lose_acks:
             self.acks.append(dict(message, _connection=connection.index))
 
     def _closed(self, connection: SocketConnection) -> None:
