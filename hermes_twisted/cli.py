@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from hermes_twisted import __version__
 from hermes_twisted.config.errors import UsageError
+from hermes_twisted.platforms.slack import manifest as slack_manifest
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -69,6 +70,7 @@ def register_check_config(commands: Any) -> None:
 #: Every subcommand's C{register} function, in the order C{--help} lists them.
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     register_check_config,
+    slack_manifest.register,
 ]
 
 
