@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.python.failure import Failure
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, StreamingSettings
 from hermes_twisted.platforms import adapter_class
@@ -443,3 +444,18 @@ def test_reply_to_mode_off_spellings(mode):
     adapter = SlackAdapter(make_settings("http://127.0.0.1:1/api/", reply_to_mode=mode),
                            reactor=reactor)
     assert adapter.reply_to_mode == "off" and not adapter.reader.rules.reply_in_thread
+
+
+@pytest_twisted.ensureDeferred
+async def test_cancelling_a_send_is_a_cancellation_not_a_failed_result(rig):
+    """treq reports a cancelled request as ResponseNeverReceived; the caller (the reply
+    channel) must see CancelledError, or it retries a send it gave up."""
+    adapter = await rig.start()
+    rig.fake.hold = True
+    d = adapter.send("C1", "never mind")
+    await eventually(lambda: rig.fake.held, what="the post in flight")
+    d.cancel()
+    box: list[Any] = []
+    d.addBoth(box.append)
+    await eventually(lambda: box, what="the send to settle")
+    assert isinstance(box[0], Failure) and box[0].check(CancelledError), box[0]

@@ -136,6 +136,8 @@ class FakeSlack:
         self.sockets_opened = 0
         self.hold = False
         self.held: list[Any] = []
+        #: Called with each message after a post, an update or a stream write (benchmarks).
+        self.on_message: Callable[[dict[str, Any]], None] | None = None
         #: Acks are lost on the way (the gateway died between admission and ack).
         self.lose_acks = False
         #: Do not greet new sockets (a test sends C{hello} itself with L{send_hello}).
@@ -414,6 +416,10 @@ class FakeSlack:
     def _answer(payload: dict[str, Any]) -> bytes:
         return json.dumps(payload).encode()
 
+    def _changed(self, message: dict[str, Any]) -> None:
+        if self.on_message is not None:
+            self.on_message(message)
+
     # methods
 
     def _m_apps_connections_open(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -434,6 +440,7 @@ class FakeSlack:
         message = {"channel": channel, "ts": ts, "text": text, "user": BOT_USER,
                    "bot_id": BOT_ID, "thread_ts": params.get("thread_ts"), **extra}
         self.messages.append(message)
+        self._changed(message)
         return {"ok": True, "channel": channel, "ts": ts,
                 "message": {"type": "message", "text": text, "user": BOT_USER,
                             "bot_id": BOT_ID, "ts": ts}}
@@ -462,6 +469,7 @@ class FakeSlack:
         message["text"] = text
         message.setdefault("edits", 0)
         message["edits"] += 1
+        self._changed(message)
         return {"ok": True, "channel": message["channel"], "ts": message["ts"], "text": text}
 
     def _m_reactions_add(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -519,6 +527,7 @@ class FakeSlack:
             return {"ok": False, "error": "message_not_in_streaming_state"}
         message["text"] += str(params.get("markdown_text") or "")
         message["appends"] = message.get("appends", 0) + 1
+        self._changed(message)
         return {"ok": True, "channel": message["channel"], "ts": message["ts"]}
 
     def _m_chat_stopStream(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -527,6 +536,7 @@ class FakeSlack:
             return {"ok": False, "error": "message_not_in_streaming_state"}
         message["text"] += str(params.get("markdown_text") or "")
         message["streaming"] = False
+        self._changed(message)
         return {"ok": True, "channel": message["channel"], "ts": message["ts"],
                 "message": {"text": message["text"], "ts": message["ts"]}}
 

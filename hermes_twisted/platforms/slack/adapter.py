@@ -238,8 +238,13 @@ class SlackAdapter(PlatformAdapter):
         """Register C{d} so C{stopService} abandons it, failing as "adapter stopped"."""
 
         def abandoned(failure: Failure) -> Failure:
-            if self._aborting and was_cancelled(failure.value):
-                raise SlackAPIError("-", "adapter stopped", status=0)
+            if was_cancelled(failure.value):
+                if self._aborting:
+                    raise SlackAPIError("-", "adapter stopped", status=0)
+                if not failure.check(CancelledError):
+                    # treq wraps a cancelled request (ResponseNeverReceived); callers must
+                    # see the cancellation, not a transport error to retry.
+                    raise CancelledError()
             return failure
 
         return self._inflight.track(d).addErrback(abandoned)
