@@ -37,7 +37,6 @@ from hermes_twisted.config.settings import (  # noqa: E402
 from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
 from hermes_twisted.platforms.slack.adapter import SlackAdapter  # noqa: E402
 from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
-
 from tests.servers.slack import APP_TOKEN, BOT_TOKEN  # noqa: E402
 
 

@@ -459,3 +459,19 @@ async def test_cancelling_a_send_is_a_cancellation_not_a_failed_result(rig):
     d.addBoth(box.append)
     await eventually(lambda: box, what="the send to settle")
     assert isinstance(box[0], Failure) and box[0].check(CancelledError), box[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_native_streams_beyond_the_stop_tier_stream_by_chat_update(rig):
+    """chat.stopStream is Tier 2 (20+/min): a 21st concurrent stream would queue behind the
+    limit, so that reply streams by chat.update instead."""
+    adapter = await rig.start()
+    for n in range(20):
+        sent = await adapter.send("D1", f"s{n}" + CURSOR, metadata={"thread_id": f"{n}.1"})
+        assert sent.message_id in adapter._streams
+    extra = await adapter.send("D1", "more" + CURSOR, metadata={"thread_id": "99.1"})
+    assert extra.success and extra.message_id not in adapter._streams
+    assert len(rig.fake.calls_of("chat.startStream")) == 20
+    assert rig.fake.calls_of("chat.postMessage")[-1]["thread_ts"] == "99.1"
+    for ts in list(adapter._streams):
+        await adapter.edit_message("D1", ts, "done", finalize=True)

@@ -120,8 +120,8 @@ def test_cancelling_a_held_call_frees_its_timer():
 
 
 @pytest.mark.parametrize("method, burst, per_second", [
-    ("chat.update", 10, 50 / 60), ("reactions.add", 10, 50 / 60),
-    ("chat.stopStream", 4, 20 / 60), ("users.info", 20, 100 / 60)])
+    ("chat.update", 50, 50 / 60), ("reactions.add", 50, 50 / 60),
+    ("chat.stopStream", 20, 20 / 60), ("users.info", 100, 100 / 60)])
 def test_tier_pacing(method, burst, per_second):
     clock = Clock()
     limits = MethodLimits(clock)
@@ -137,3 +137,16 @@ def test_post_message_is_paced_per_channel():
     waits = [limits.delay("chat.postMessage", {"channel": "C1"}) for _ in range(5)]
     assert waits == [0, 0, 0, 0, pytest.approx(1.0)]
     assert limits.delay("chat.postMessage", {"channel": "C2"}) == 0
+
+
+def test_spare_counts_what_can_go_now():
+    clock = Clock()
+    limits = MethodLimits(clock)
+    assert limits.spare("chat.stopStream") == 20
+    for _ in range(20):
+        limits.delay("chat.stopStream")
+    assert limits.spare("chat.stopStream") == pytest.approx(0)
+    clock.advance(3)
+    assert limits.spare("chat.stopStream") == pytest.approx(1)
+    limits.hold("chat.stopStream", None, 10)
+    assert limits.spare("chat.stopStream") == 0

@@ -390,7 +390,7 @@ class SlackAdapter(PlatformAdapter):
         thread = self._thread_of(metadata)
         cursor = self._cursor
         if (self.native_streaming and thread and cursor and content.endswith(cursor)
-                and len(content) <= 12000):
+                and len(content) <= 12000 and self._stream_budget()):
             result = await self._start_stream(chat_id, thread, content[:-len(cursor)])
             if result is not None:
                 return result
@@ -445,6 +445,18 @@ class SlackAdapter(PlatformAdapter):
                                  retryable=True)
 
     # native streaming
+
+    def _stream_budget(self) -> bool:
+        """
+        Whether a native stream can open and later close without waiting out a tier (Slack
+        allows chat.stopStream only 20+ times a minute per workspace); past that, replies
+        stream by chat.update instead of queueing behind the limit.
+        """
+        limits = self.bot_api.limits if self.bot_api is not None else None
+        if limits is None:
+            return False
+        return (limits.spare("chat.startStream") >= 1
+                and limits.spare("chat.stopStream") >= 1 + len(self._streams))
 
     async def _start_stream(self, chat_id: str, thread: str, text: str) -> SendResult | None:
         params: dict[str, Any] = {"channel": chat_id, "thread_ts": thread,

@@ -5,8 +5,8 @@ bucket sized by the method's documented tier, and a hold set by a 429's C{Retry-
 
 Slack limits each method per app per workspace (Tier 1 1+/min, Tier 2 20+/min, Tier 3 50+/min,
 Tier 4 100+/min, special limits per method); over it answers HTTP 429 with C{Retry-After}.
-L{MethodLimits.delay} says how long a call must wait before it goes out, so a burst is paced
-below the tier instead of provoking 429s, and a method Slack asked to wait is not called again
+L{MethodLimits.delay} says how long a call must wait before it goes out, so a sustained load is
+paced at the tier's floor (a minute's allowance may be spent at once) instead of provoking 429s, and a method Slack asked to wait is not called again
 before the wait is over (other methods are unaffected: limits are per method).
 
 Nothing Slack-specific is imported here: a second REST platform with route buckets can take
@@ -76,7 +76,8 @@ class MethodLimits:
                 bucket = _Bucket(POST_BURST, POST_PER_SECOND, now)
             elif method in METHOD_TIERS:
                 per_minute = TIER_PER_MINUTE[METHOD_TIERS[method]]
-                bucket = _Bucket(max(1, per_minute // 5), per_minute / 60.0, now)
+                # Tiers are "N+ per minute" windows: a minute's allowance may go at once.
+                bucket = _Bucket(per_minute, per_minute / 60.0, now)
             else:
                 return None
             self._buckets[key] = bucket
@@ -93,6 +94,17 @@ class MethodLimits:
         bucket = self._bucket(key, method, now + held)
         paced = bucket.take(now + held) if bucket is not None else 0.0
         return held + paced
+
+    def spare(self, method: str, params: dict[str, Any] | None = None) -> float:
+        """Calls of C{method} that could go out right now without waiting (not reserved)."""
+        now = self._clock.seconds()
+        key = self.key(method, params)
+        if self._held_until.get(key, 0.0) > now:
+            return 0.0
+        bucket = self._bucket(key, method, now)
+        if bucket is None:
+            return float("inf")
+        return min(bucket.capacity, bucket.tokens + (now - bucket.updated) * bucket.rate)
 
     def hold(self, method: str, params: dict[str, Any] | None, seconds: float) -> None:
         """Slack answered 429: no call of this method before C{seconds} have passed."""
