@@ -475,3 +475,20 @@ async def test_native_streams_beyond_the_stop_tier_stream_by_chat_update(rig):
     assert rig.fake.calls_of("chat.postMessage")[-1]["thread_ts"] == "99.1"
     for ts in list(adapter._streams):
         await adapter.edit_message("D1", ts, "done", finalize=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_message_gets_no_reaction(rig):
+    """The gateway finishes a refused message's turn during admission (not allowed, or a
+    redelivery): no eyes that would never be swapped, no x."""
+    rig.fake.scopes.add("reactions:write")
+    adapter = await rig.start()
+
+    def refuse(a: Any, event: Any) -> None:
+        a.on_turn_finished(event.source.chat_id, key(event), False)
+
+    rig.sink.on_event = refuse
+    rig.fake.push_message("not allowed", channel="D1")
+    await eventually(lambda: rig.fake.acks, what="the ack")
+    await eventually(lambda: adapter._inflight.__len__() == 0, what="quiet")
+    assert rig.fake.reactions == []

@@ -121,6 +121,7 @@ class SlackAdapter(PlatformAdapter):
         self._streams: dict[str, _Stream] = {}
         self._status: dict[tuple[str, str], float] = {}
         self._reacted: dict[str, list[tuple[str, str]]] = {}
+        self._unreacted: dict[str, list[tuple[str, str]]] = {}
         self._reactions_warned = False
         self._aborting = False
 
@@ -283,10 +284,14 @@ class SlackAdapter(PlatformAdapter):
             return fail(CancelledError())
         self._admitting[key] = []
         self._remember_asker(event)
-        self._react_received(event)
+        reaction = self._reaction_target(event)
+        if reaction is not None:
+            self._unreacted.setdefault(reaction[0], []).append(reaction[1])
         d = self.deliver_inbound(event)
 
         def admitted(_: Any) -> None:
+            if reaction is not None:
+                self._react_admitted(*reaction)
             self._admitted[key] = None
             while len(self._admitted) > REMEMBERED_ADMISSIONS:
                 del self._admitted[next(iter(self._admitted))]
@@ -317,14 +322,26 @@ class SlackAdapter(PlatformAdapter):
                                  config.group_sessions_per_user if config else True,
                                  config.thread_sessions_per_user if config else False)
 
-    def _react_received(self, event: MessageEvent) -> None:
-        if not self.reactions or event.is_command():
-            return
+    def _reaction_target(self, event: MessageEvent) -> tuple[str, tuple[str, str]] | None:
+        """C{(session key, (channel, ts))} when the message gets reactions (DMs, mentions)."""
+        if not self.reactions or event.is_command() or event.text.startswith(
+                self.typed_command_prefix):
+            return None
         raw = event.raw_message if isinstance(event.raw_message, dict) else {}
         if raw.get("channel_type") != "im" and not event.metadata.get("slack_mentioned"):
+            return None
+        return self._session_key(event), (event.source.chat_id, event.message_id or "")
+
+    def _react_admitted(self, session_key: str, target: tuple[str, str]) -> None:
+        # A message the gateway refused (not allowed, a redelivery) already had its turn
+        # "finished" during admission: it gets no reaction at all.
+        waiting = self._unreacted.get(session_key, [])
+        if target not in waiting:
             return
-        target = (event.source.chat_id, event.message_id or "")
-        self._reacted.setdefault(self._session_key(event), []).append(target)
+        waiting.remove(target)
+        if not waiting:
+            self._unreacted.pop(session_key, None)
+        self._reacted.setdefault(session_key, []).append(target)
         self._react("reactions.add", target, "eyes")
 
     def _react(self, method: str, target: tuple[str, str], name: str) -> None:
@@ -353,6 +370,7 @@ class SlackAdapter(PlatformAdapter):
     def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
         try:
             self._stop_streams(chat_id, session_key)
+            self._unreacted.pop(session_key, None)
             for target in self._reacted.pop(session_key, []):
                 self._react("reactions.remove", target, "eyes")
                 self._react("reactions.add", target, "white_check_mark" if delivered else "x")
