@@ -54,6 +54,7 @@ from tests.conformance_support import (
     IRCHarness,
     MatrixHarness,
     RelayHarness,
+    SlackHarness,
     TelegramHarness,
 )
 
@@ -63,6 +64,7 @@ HARNESSES: dict[str, type[Harness]] = {
     "irc": IRCHarness,
     "matrix": MatrixHarness,
     "relay": RelayHarness,
+    "slack": SlackHarness,
     "telegram": TelegramHarness,
 }
 
