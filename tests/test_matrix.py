@@ -123,6 +123,65 @@ def test_restart_resumes_from_the_saved_token(tmp_path):
     adapter.stopService()
 
 
+def password_adapter(tmp_path, hs, clock, **extra):
+    settings = PlatformSettings(name="matrix", enabled=True, allowed_users=("@alice:localhost",),
+                                extra={"homeserver": "http://hs", "user_id": "bot",
+                                       "password": "pw", "state_dir": str(tmp_path), **extra})
+    config = GatewayConfig(hermes_home=str(tmp_path), db_path=str(tmp_path / "db"))
+    adapter = MatrixAdapter(settings, reactor=clock, clock=clock, http=hs,
+                            gateway_config=config, run_in_thread=maybeDeferred)
+    adapter.attach(Sink())
+    return adapter
+
+
+def test_password_login_keeps_its_device_across_restarts(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("POST", "/login", 200, {"access_token": "t1", "device_id": "DEV1",
+                                      "user_id": ME})
+    hs.answer("GET", "/sync", 200, batch("s1"))
+    first = password_adapter(tmp_path, hs, clock)
+    first.startService()
+    first.stopService()
+    state = json.loads((tmp_path / "bot.json").read_text())
+    assert state["device_id"] == "DEV1" and state["access_token"] == "t1"
+    assert (tmp_path / "bot.json").stat().st_mode & 0o077 == 0  # it holds a token
+    # The restart reuses the token: no second /login, so no second device.
+    hs.requests.clear()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV1"})
+    again = password_adapter(tmp_path, hs, clock)
+    again.startService()
+    assert [r[1] for r in hs.requests[:2]] == ["/account/whoami", "/sync"]
+    assert again.device_id == "DEV1" and hs.requests[1][2]["since"] == "s1"
+    again.stopService()
+    # A revoked token: log in again, asking for the same device.
+    hs.requests.clear()
+    hs.answer("GET", "/account/whoami", 401, {"errcode": "M_UNKNOWN_TOKEN"})
+    hs.answer("POST", "/login", 200, {"access_token": "t2", "device_id": "DEV1",
+                                      "user_id": ME})
+    third = password_adapter(tmp_path, hs, clock)
+    third.startService()
+    login = [r for r in hs.requests if r[1] == "/login"][0][3]
+    assert login["device_id"] == "DEV1" and third.access_token == "t2"
+    third.stopService()
+    assert json.loads((tmp_path / "bot.json").read_text())["access_token"] == "t2"
+
+
+def test_matrix_device_id_is_honoured_and_the_token_device_wins(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("POST", "/login", 200, {"access_token": "t1", "device_id": "MINE",
+                                      "user_id": ME})
+    adapter = password_adapter(tmp_path, hs, clock, device_id="MINE")
+    adapter.startService()
+    assert hs.requests[0][3]["device_id"] == "MINE"
+    adapter.stopService()
+    hs2 = ScriptedHomeserver()
+    hs2.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "TOKENDEV"})
+    token_adapter, _ = make_adapter(tmp_path, hs2, clock, device_id="OTHER")
+    token_adapter.startService()
+    assert token_adapter.device_id == "TOKENDEV"
+    token_adapter.stopService()
+
+
 def test_group_mentions_threads_emotes_and_malformed_events(tmp_path):
     hs, clock = ScriptedHomeserver(), Clock()
     hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
@@ -298,6 +357,20 @@ def real_adapter(synapse, home):
     return adapter, sink
 
 
+async def alice_devices(synapse):
+    """The bot's devices as the homeserver lists them (logged in as the bot, read-only)."""
+    bot = AliceClient(synapse.url)
+    reply = await bot.call("POST", "/login", {
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bot"},
+        "password": USERS["bot"], "initial_device_display_name": "probe"})
+    bot.token = reply["access_token"]
+    devices = [d["device_id"] for d in (await bot.call("GET", "/devices"))["devices"]
+               if d.get("display_name") == "hermes-twisted"]
+    await bot.call("POST", "/logout", {})
+    await bot.pool.closeCachedConnections()
+    return devices
+
+
 @pytest.mark.integration
 @pytest_twisted.ensureDeferred
 async def test_round_trip_with_edits_and_restart_against_synapse(synapse, tmp_path):
@@ -331,6 +404,10 @@ async def test_round_trip_with_edits_and_restart_against_synapse(synapse, tmp_pa
         await alice.wait_for(room, lambda e: e["content"].get("m.new_content", {}).get("body")
                              == "**Echo:** while you were away")
         assert [e.text for e in sink2.events] == ["while you were away"]
+        # A password login keeps its device across the restart (0.19.0 made a new one).
+        assert again.device_id == adapter.device_id is not None
+        devices = (await alice_devices(synapse))
+        assert devices == [adapter.device_id]
     finally:
         await again.stopService()
         await alice.pool.closeCachedConnections()

@@ -82,7 +82,9 @@ class MatrixAdapter(PlatformAdapter):
         self.access_token = str(extra.get("access_token") or settings.token or "") or None
         self.user_id = str(extra.get("user_id") or "") or None
         self._password = extra.get("password")
-        self.device_id = extra.get("device_id")
+        self._configured_token = self.access_token is not None
+        self._login_user = self.user_id
+        self.device_id = extra.get("device_id") or None
         self.max_message_length = int(extra.get("max_message_length") or 16000)
         self.allowed_rooms = tuple(extra.get("allowed_rooms") or ())
         self.require_mention = bool(extra.get("require_mention", False))
@@ -184,7 +186,6 @@ class MatrixAdapter(PlatformAdapter):
 
     async def _run(self) -> None:
         await self._login()
-        self._since = await self._load_since()
         await poll_forever(self._sync, self._deliver, self._sync_failed, clock=self.clock)
 
     async def _sync(self) -> dict[str, Any]:
@@ -216,22 +217,31 @@ class MatrixAdapter(PlatformAdapter):
         return delay
 
     async def _login(self) -> None:
+        """
+        Authenticate, keeping one device for the life of C{$HERMES_HOME}: a password login
+        stores its access token and device id in the state file, and the next start reuses
+        them (or, when the token was revoked, logs in again I{as the same device}), so a
+        restart never registers a new device.  With a configured token the token's device
+        wins over C{MATRIX_DEVICE_ID} (a mismatch is logged).
+        """
         while True:
             try:
-                if not self.access_token:
-                    body = {"type": "m.login.password",
-                            "identifier": {"type": "m.id.user", "user": self.user_id},
-                            "password": self._password,
-                            "initial_device_display_name": "hermes-twisted"}
-                    if self.device_id:
-                        body["device_id"] = self.device_id
-                    reply = await self._call("POST", "/login", body, auth=False)
-                    self.access_token = reply["access_token"]
-                    self.device_id = reply.get("device_id")
-                    self.user_id = reply.get("user_id", self.user_id)
+                if self._configured_token:
+                    who = await self._call("GET", "/account/whoami")
+                    self.user_id = who["user_id"]
+                    token_device = who.get("device_id")
+                    if token_device and self.device_id and token_device != self.device_id:
+                        self.log.warn("MATRIX_DEVICE_ID {configured} differs from the access "
+                                      "token's device {device}; using the token's device",
+                                      configured=self.device_id, device=token_device)
+                    self.device_id = token_device or self.device_id
+                    self._since = (await self._load_state()).get("since")
                 else:
-                    self.user_id = (await self._call("GET", "/account/whoami"))["user_id"]
-                self.log.info("Matrix logged in as {user_id}", user_id=self.user_id)
+                    saved = await self._load_state()
+                    self._since = saved.get("since")
+                    await self._password_login(saved)
+                self.log.info("Matrix logged in as {user_id} (device {device_id})",
+                              user_id=self.user_id, device_id=self.device_id)
                 return
             except CancelledError:
                 raise
@@ -244,34 +254,82 @@ class MatrixAdapter(PlatformAdapter):
                               error=repr(e))
             await self._sleep(5.0)
 
+    async def _password_login(self, saved: dict[str, Any]) -> None:
+        same_account = (saved.get("homeserver") == self.homeserver
+                        and saved.get("login_user") == self._login_user)
+        if same_account and saved.get("device_id"):
+            if not self.device_id:
+                self.device_id = saved["device_id"]
+            elif self.device_id != saved["device_id"]:
+                self.log.warn("MATRIX_DEVICE_ID {configured} replaces the stored device "
+                              "{device}", configured=self.device_id, device=saved["device_id"])
+                same_account = False
+        if same_account and saved.get("access_token"):
+            self.access_token = saved["access_token"]
+            try:
+                who = await self._call("GET", "/account/whoami")
+                if who.get("device_id") in (None, self.device_id):
+                    self.user_id = who["user_id"]
+                    return
+            except MatrixError as e:
+                if e.code not in (401, 403):
+                    raise
+                self.log.info("Matrix: the stored access token was revoked; logging in "
+                              "again as device {device}", device=self.device_id)
+            self.access_token = None
+        body = {"type": "m.login.password",
+                "identifier": {"type": "m.id.user", "user": self._login_user},
+                "password": self._password,
+                "initial_device_display_name": "hermes-twisted"}
+        if self.device_id:
+            body["device_id"] = self.device_id
+        reply = await self._call("POST", "/login", body, auth=False)
+        self.access_token = reply["access_token"]
+        self.device_id = reply.get("device_id") or self.device_id
+        self.user_id = reply.get("user_id", self.user_id)
+        await self._save_state()
+
     def _state_path(self) -> str:
-        name = re.sub(r"[^A-Za-z0-9_.-]", "_", self.user_id or "bot")
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", self._login_user or self.user_id or "bot")
         return os.path.join(self._state_dir, f"{name}.json")
 
-    async def _load_since(self) -> str | None:
+    async def _load_state(self) -> dict[str, Any]:
+        """The state file's content (sync token, and the device of a password login)."""
         path = self._state_path()
 
-        def load() -> str | None:
+        def load() -> dict[str, Any]:
             try:
                 with open(path) as f:
-                    return json.load(f).get("since")
+                    data = json.load(f)
+                return data if isinstance(data, dict) else {}
             except FileNotFoundError:
-                return None
+                return {}
             except (OSError, ValueError) as e:
                 self.log.warn("Matrix state {path} unreadable ({error}); starting fresh",
                               path=path, error=repr(e))
-                return None
+                return {}
 
         return await self._io(load)
 
     async def _save_since(self, since: str | None) -> None:
+        self._since = since
+        await self._save_state()
+
+    async def _save_state(self) -> None:
         path = self._state_path()
+        state: dict[str, Any] = {"since": self._since}
+        if not self._configured_token and self.access_token:
+            # A password login's device, kept so the next start is the same device.
+            state.update(homeserver=self.homeserver, login_user=self._login_user,
+                         user_id=self.user_id, device_id=self.device_id,
+                         access_token=self.access_token)
 
         def save() -> None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            # mkstemp creates the file 0600: it may hold the access token
             fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
             with os.fdopen(fd, "w") as f:
-                json.dump({"since": since}, f)
+                json.dump(state, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
