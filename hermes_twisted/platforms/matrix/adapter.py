@@ -18,7 +18,7 @@ import json
 import os
 import re
 import tempfile
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import treq.client
@@ -45,7 +45,14 @@ from hermes_twisted.platforms.kit.inflight import InFlight
 from hermes_twisted.platforms.kit.polling import poll_forever
 from hermes_twisted.platforms.matrix.format import has_markup, markdown_to_html
 
+if TYPE_CHECKING:
+    from hermes_twisted.platforms.matrix.crypto import MatrixCrypto
+
 SYNC_TIMEOUT_MS = 30_000
+HOLD_UNDECRYPTABLE_S = 300.0  # how long an event waits for its room key before the notice
+MAX_HELD_EVENTS = 1000
+UNDECRYPTABLE_NOTICE = ("I couldn't decrypt your message. Please check that your client "
+                        "shares its encryption keys with my device, then send it again.")
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a large initial sync is big, but not unbounded
 SYNC_FILTER = json.dumps({
     "room": {"timeline": {"limit": 100}, "state": {"lazy_load_members": True},
@@ -104,6 +111,14 @@ class MatrixAdapter(PlatformAdapter):
         self._http_calls = InFlight()
         self._since: str | None = None
         self._io_pending: set[Deferred] = set()
+        self.e2ee_mode = e2ee_mode(extra)
+        self.e2ee_trust = str(extra.get("e2ee_trust") or "tofu")
+        self._store_key = extra.get("store_key") or None
+        self.hold_seconds = float(extra.get("undecryptable_wait_s") or HOLD_UNDECRYPTABLE_S)
+        self.crypto: MatrixCrypto | None = None
+        self._held: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
+        self._noticed: dict[str, float] = {}
+        self._unencrypted_warned: set[str] = set()
 
     @property
     def status(self) -> str:
@@ -144,6 +159,9 @@ class MatrixAdapter(PlatformAdapter):
         self._http_calls.cancel_all()
         self._state = "stopped"
         d = DeferredList(list(self._io_pending))
+        crypto, self.crypto = self.crypto, None
+        if crypto is not None:
+            d.addCallback(lambda _: crypto.store.close())
         if self._pool is not None:
             d.addCallback(lambda _: self._pool.closeCachedConnections())
         return d.addCallback(lambda _: None)
@@ -186,6 +204,7 @@ class MatrixAdapter(PlatformAdapter):
 
     async def _run(self) -> None:
         await self._login()
+        await self._start_crypto()
         await poll_forever(self._sync, self._deliver, self._sync_failed, clock=self.clock)
 
     async def _sync(self) -> dict[str, Any]:
@@ -196,9 +215,57 @@ class MatrixAdapter(PlatformAdapter):
         return await self._call("GET", "/sync", query=query,
                                 timeout=self.sync_timeout_ms / 1000 + 30)
 
+    async def _start_crypto(self) -> None:
+        if self.e2ee_mode == "off":
+            self.log.info("Matrix encryption is off (device {device_id})",
+                          device_id=self.device_id)
+            return
+        if not self.device_id:
+            raise MatrixFatal("MATRIX_DEVICE_ID: encryption needs this device's id, and the "
+                              "homeserver did not report one for the access token; set "
+                              "MATRIX_DEVICE_ID to the token's device")
+        try:
+            from hermes_twisted.platforms.matrix.crypto import CryptoError, MatrixCrypto
+            from hermes_twisted.platforms.matrix.cryptostore import (
+                CryptoStore,
+                StoreLocked,
+                store_directory,
+            )
+        except ImportError as e:
+            if self.e2ee_mode == "required":
+                raise MatrixFatal(f"MATRIX_E2EE_MODE=required but the crypto library is "
+                                  f"missing ({e}); install vodozemac") from None
+            self.log.warn("Matrix encryption unavailable ({error}); continuing without it",
+                          error=str(e))
+            return
+        store = CryptoStore(store_directory(self._state_dir, self.user_id, self.device_id),
+                            secret=self._store_key, run_in_thread=self._run_in_thread)
+        crypto = MatrixCrypto(user_id=self.user_id, device_id=self.device_id, store=store,
+                              call=self._call, clock=self.clock, trust=self.e2ee_trust,
+                              allowed=lambda user: is_allowed(user, self._allowlist()))
+        try:
+            await crypto.start()
+        except (CryptoError, StoreLocked) as e:
+            await store.close()
+            raise MatrixFatal(str(e)) from None
+        except BaseException:
+            await store.close()
+            raise
+        self.crypto = crypto
+        self.log.info("Matrix encryption is {mode}: device {device_id}, {keys} room keys held",
+                      mode=self.e2ee_mode, device_id=self.device_id, keys=crypto.room_key_count)
+
     async def _deliver(self, batch: dict[str, Any]) -> None:
         self._state = "connected"
+        arrived: set[tuple[str, str]] = set()
+        if self.crypto is not None:
+            arrived = await self.crypto.receive_sync(batch)
+            await self.crypto.flush()  # keys first: the server will not resend them
         await self._handle_batch(batch, replay=self._since is None)
+        if self.crypto is not None:
+            await self._retry_held(arrived)
+            await self._expire_held()
+            await self.crypto.flush()
         self._since = batch.get("next_batch") or self._since
         await self._save_since(self._since)
 
@@ -373,6 +440,9 @@ class MatrixAdapter(PlatformAdapter):
             if replay:
                 continue  # the first start does not answer the room history
             for raw in (room.get("timeline") or {}).get("events") or []:
+                raw = await self._decrypted(room_id, raw)
+                if raw is None:
+                    continue
                 try:
                     event = self._to_event(room_id, raw)
                 except Exception:
@@ -381,6 +451,70 @@ class MatrixAdapter(PlatformAdapter):
                     continue
                 if event is not None:
                     await self.deliver_inbound(event)
+
+    async def _decrypted(self, room_id: str, raw: Any) -> dict[str, Any] | None:
+        """
+        The event to hand on: decrypted when it was encrypted, None when it cannot be (yet:
+        then it is held until its room key arrives) or when C{required} mode refuses an
+        unencrypted room.
+        """
+        if not isinstance(raw, dict) or raw.get("sender") == self.user_id:
+            return raw
+        if raw.get("type") != "m.room.encrypted":
+            if (self.e2ee_mode == "required" and raw.get("type") == "m.room.message"
+                    and not (self.crypto and self.crypto.is_encrypted(room_id))):
+                if room_id not in self._unencrypted_warned:
+                    self._unencrypted_warned.add(room_id)
+                    self.log.warn("Matrix: not answering in unencrypted room {room} "
+                                  "(MATRIX_E2EE_MODE=required)", room=room_id)
+                return None
+            return raw
+        if self.crypto is None:
+            return None
+        from hermes_twisted.platforms.matrix.crypto import DecryptionFailed, MissingRoomKey
+        try:
+            return await self.crypto.decrypt_room_event(room_id, raw)
+        except MissingRoomKey as e:
+            self._hold(room_id, e.session_id, raw)
+        except DecryptionFailed as e:
+            self.log.warn("Matrix: cannot decrypt {event} in {room}: {error}",
+                          event=raw.get("event_id"), room=room_id, error=str(e))
+        return None
+
+    def _hold(self, room_id: str, session_id: str, raw: dict[str, Any]) -> None:
+        if sum(len(v) for v in self._held.values()) >= MAX_HELD_EVENTS:
+            oldest = min(self._held, key=lambda ref: self._held[ref][0][0])
+            self._held.pop(oldest)
+        self._held.setdefault((room_id, session_id), []).append((self.clock.seconds(), raw))
+        self.log.info("Matrix: holding {event} in {room} until its room key arrives",
+                      event=raw.get("event_id"), room=room_id)
+
+    async def _retry_held(self, arrived: set[tuple[str, str]]) -> None:
+        for ref in arrived:
+            for _, raw in self._held.pop(ref, []):
+                event = None
+                decrypted = await self._decrypted(ref[0], raw)
+                if decrypted is not None:
+                    event = self._to_event(ref[0], decrypted)
+                if event is not None:
+                    await self.deliver_inbound(event)
+
+    async def _expire_held(self) -> None:
+        """Events whose key never came (or was withheld) get one notice per room and window."""
+        now = self.clock.seconds()
+        for ref in list(self._held):
+            first = self._held[ref][0][0]
+            withheld = self.crypto.withheld_code(*ref)
+            if withheld is None and now - first < self.hold_seconds:
+                continue
+            events = self._held.pop(ref)
+            room_id = ref[0]
+            self.log.warn("Matrix: gave up on {count} undecryptable event(s) in {room} "
+                          "({why})", count=len(events), room=room_id,
+                          why=f"withheld: {withheld}" if withheld else "no room key")
+            if now - self._noticed.get(room_id, -1e18) >= self.hold_seconds:
+                self._noticed[room_id] = now
+                await self.send(room_id, UNDECRYPTABLE_NOTICE, metadata={"notice": True})
 
     async def _maybe_join(self, room_id: str, room: dict[str, Any]) -> None:
         inviter = None
@@ -491,10 +625,13 @@ class MatrixAdapter(PlatformAdapter):
     def _put_message(self, room_id: str, body: dict[str, Any], wait_on_limit: bool) -> Deferred:
         async def put() -> SendResult:
             for attempt in (1, 2):
-                path = (f"/rooms/{quote(room_id, safe='')}/send/m.room.message/"
-                        f"{self._next_txn()}")
+                kind, payload = "m.room.message", body
                 try:
-                    reply = await self._call("PUT", path, body)
+                    if self.crypto is not None and self.crypto.is_encrypted(room_id):
+                        kind = "m.room.encrypted"
+                        payload = await self.crypto.encrypt(room_id, "m.room.message", body)
+                    path = f"/rooms/{quote(room_id, safe='')}/send/{kind}/{self._next_txn()}"
+                    reply = await self._call("PUT", path, payload)
                     return SendResult(True, message_id=reply.get("event_id"), raw_response=reply)
                 except CancelledError:
                     if self._stopping:
@@ -559,6 +696,23 @@ class MatrixAdapter(PlatformAdapter):
                 return {"name": chat_id, "type": kind}
 
         return ensureDeferred(info())
+
+
+def e2ee_mode(extra: dict[str, Any]) -> str:
+    """
+    0.19.0's rules: C{MATRIX_E2EE_MODE} wins over the legacy C{MATRIX_ENCRYPTION} switch;
+    required/require/true/1/yes/on mean C{required}, optional/prefer/preferred mean
+    C{optional}, anything else C{off}.
+    """
+    mode = extra.get("e2ee_mode")
+    if mode in (None, ""):
+        return "required" if extra.get("encryption") in (True, "true", "1", "yes") else "off"
+    mode = str(mode).strip().lower()
+    if mode in ("required", "require", "true", "1", "yes", "on"):
+        return "required"
+    if mode in ("optional", "prefer", "preferred"):
+        return "optional"
+    return "off"
 
 
 def retry_after(error: MatrixError) -> float | None:

@@ -1,0 +1,97 @@
+"""
+Matrix end-to-end encryption against a real Synapse, with matrix-nio (e2e, vodozemac) as the
+user, the way Element behaves: an encrypted DM, text both ways, edits, a restart that keeps
+the device, a second device of the user, and a room key that arrives after its message.
+"""
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.platforms.matrix.adapter import MatrixAdapter
+from tests.servers.nio_user import NioUser, require_nio
+from tests.servers.synapse import USERS
+from tests.test_matrix import ReplyingSink
+
+BOT = "@bot:localhost"
+ALICE = "@alice:localhost"
+
+
+def e2ee_adapter(synapse, home, **extra):
+    settings = PlatformSettings(name="matrix", enabled=True, allowed_users=(ALICE,),
+                                extra={"homeserver": synapse.url, "user_id": "bot",
+                                       "password": USERS["bot"], "sync_timeout_ms": 500,
+                                       "e2ee_mode": "required", **extra})
+    config = GatewayConfig(hermes_home=str(home), db_path=str(home / "db"))
+    adapter = MatrixAdapter(settings, reactor=reactor, gateway_config=config)
+    sink = ReplyingSink()
+    adapter.attach(sink)
+    return adapter, sink
+
+
+async def started(adapter):
+    from twisted.internet.task import deferLater
+
+    adapter.startService()
+    for _ in range(400):
+        if adapter.crypto is not None:
+            return adapter
+        assert not adapter.status.startswith("disabled"), adapter.status
+        await deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError("the adapter's encryption did not start")
+
+
+def no_undecryptable(events):
+    bad = [e for e in events if e.get("undecryptable")]
+    assert not bad, bad
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_encrypted_dm_round_trip_restart_and_second_device(synapse, tmp_path):
+    require_nio()
+    home = tmp_path / "home"
+    home.mkdir()
+    alice = NioUser(reactor, synapse.url, "alice", USERS["alice"], str(tmp_path / "alice1"))
+    second = None
+    adapter, sink = e2ee_adapter(synapse, home)
+    try:
+        await alice.login()
+        await started(adapter)  # device keys are up before the DM exists, as Element needs
+        device = adapter.device_id
+        room = (await alice.do("create_dm", invite=BOT))["room_id"]
+        await alice.do("wait_joined", room=room, user=BOT)
+        await alice.do("send_text", room=room, body="hello secret")
+        found = await alice.do("wait_message", room=room, sender=BOT,
+                               contains="Echo:** hello secret")
+        no_undecryptable(found["events"])
+        assert all(e["decrypted"] for e in found["events"])
+        edit = [e for e in found["events"] if "m.new_content" in e["content"]][0]
+        assert edit["content"]["m.relates_to"]["rel_type"] == "m.replace"
+        assert [e.text for e in sink.events] == ["hello secret"]
+        assert adapter.crypto.is_encrypted(room)
+
+        # Restart: the same device, and it still decrypts what was sent while it was down.
+        await adapter.stopService()
+        await alice.do("send_text", room=room, body="while you were away")
+        adapter, sink = e2ee_adapter(synapse, home)
+        await started(adapter)
+        assert adapter.device_id == device
+        found = await alice.do("wait_message", room=room, sender=BOT,
+                               contains="Echo:** while you were away")
+        no_undecryptable(found["events"])
+        assert [e.text for e in sink.events] == ["while you were away"]
+
+        # A second device of alice, logged in later, reads the bot's next reply.
+        second = NioUser(reactor, synapse.url, "alice", USERS["alice"], str(tmp_path / "alice2"))
+        history = (await second.login())["seen"]  # older messages are not for it to read
+        await alice.do("send_text", room=room, body="for both devices")
+        found = await second.do("wait_message", room=room, sender=BOT, after=history,
+                                contains="Echo:** for both devices")
+        no_undecryptable(found["events"])
+    finally:
+        await adapter.stopService()
+        await alice.close()
+        if second is not None:
+            await second.close()
