@@ -411,3 +411,132 @@ async def test_round_trip_with_edits_and_restart_against_synapse(synapse, tmp_pa
     finally:
         await again.stopService()
         await alice.pool.closeCachedConnections()
+
+
+# -- encrypted rooms, with the crypto engine replaced by a script --------------------------
+
+class ScriptedCrypto:
+    """Stands in for MatrixCrypto: decrypts only sessions whose key 'arrived'."""
+
+    def __init__(self):
+        from hermes_twisted.platforms.matrix.cryptostore import CryptoStore
+
+        self.keys, self.arrive, self.withheld = set(), set(), {}
+        self.encrypted = []
+        self.store = CryptoStore("/nonexistent", run_in_thread=maybeDeferred)
+        self.store.close = lambda: succeed(None)
+
+    def is_encrypted(self, room_id):
+        return True
+
+    async def receive_sync(self, batch):
+        new, self.arrive = self.arrive, set()
+        self.keys |= new
+        return new
+
+    async def flush(self):
+        return None
+
+    async def decrypt_room_event(self, room_id, event):
+        from hermes_twisted.platforms.matrix.crypto import MissingRoomKey
+
+        sid = event["content"]["session_id"]
+        if (room_id, sid) not in self.keys:
+            raise MissingRoomKey(room_id, sid)
+        return dict(event, type="m.room.message", content=event["content"]["plain"])
+
+    def withheld_code(self, room_id, session_id):
+        return self.withheld.get((room_id, session_id))
+
+    async def encrypt(self, room_id, event_type, content):
+        self.encrypted.append((room_id, event_type, content))
+        return {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "opaque"}
+
+
+def done(coroutine):
+    """Run a coroutine that, against scripted peers, finishes synchronously."""
+    from twisted.internet.defer import ensureDeferred
+
+    results = []
+    ensureDeferred(coroutine).addBoth(results.append)
+    assert results and not isinstance(results[0], Failure), results
+    return results[0]
+
+
+def encrypted(event_id, sid, body):
+    return {"type": "m.room.encrypted", "event_id": event_id, "sender": "@alice:localhost",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2", "session_id": sid,
+                        "plain": {"msgtype": "m.text", "body": body}}}
+
+
+def test_held_events_are_decrypted_when_the_key_comes_else_one_notice(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, sink = make_adapter(tmp_path, hs, clock)
+    crypto = ScriptedCrypto()
+    adapter._start_crypto = lambda: succeed(None)
+    adapter.crypto = crypto
+    adapter.startService()
+    adapter._since = "s0"
+    room = "!r:localhost"
+
+    def deliver(events=()):
+        done(adapter._deliver(batch("s1", room=room, events=events)))
+
+    deliver([encrypted("$a", "S1", "first"), encrypted("$b", "S2", "second")])
+    assert sink.events == [] and set(adapter._held) == {(room, "S1"), (room, "S2")}
+    crypto.arrive = {(room, "S1")}
+    deliver()
+    assert [e.text for e in sink.events] == ["first"]
+    # S2 never comes: after the hold time, one notice per room (not one per event).
+    hs.answer("PUT", "/rooms/%21r%3Alocalhost/send/", 200, {"event_id": "$n"})
+    deliver([encrypted("$c", "S3", "third")])
+    clock.advance(adapter.hold_seconds + 1)
+    deliver()
+    notices = [r for r in hs.requests if r[0] == "PUT"]
+    assert len(notices) == 1 and "/send/m.room.encrypted/" in notices[0][1]
+    assert crypto.encrypted[0][2]["msgtype"] == "m.notice"
+    assert "couldn't decrypt" in crypto.encrypted[0][2]["body"]
+    assert adapter._held == {}
+    # A withheld key ends the wait at once; the notice window holds back a second notice.
+    crypto.withheld[(room, "S4")] = "m.unverified"
+    deliver([encrypted("$d", "S4", "fourth")])
+    assert adapter._held == {} and len([r for r in hs.requests if r[0] == "PUT"]) == 1
+    adapter.stopService()
+
+
+def test_required_mode_ignores_unencrypted_rooms(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, sink = make_adapter(tmp_path, hs, clock, e2ee_mode="required")
+    crypto = ScriptedCrypto()
+    crypto.is_encrypted = lambda room_id: room_id == "!secret:localhost"
+    adapter._start_crypto = lambda: succeed(None)
+    adapter.crypto = crypto
+    adapter.startService()
+    adapter._since = "s0"
+    done(adapter._deliver(batch("s1", room="!plain:localhost", events=[message("$p", "plain")])))
+    crypto.keys.add(("!secret:localhost", "S"))
+    done(adapter._deliver(batch("s2", room="!secret:localhost",
+                                events=[encrypted("$s", "S", "secret")])))
+    assert [e.text for e in sink.events] == ["secret"]
+    adapter.stopService()
+
+
+@pytest.mark.parametrize("extra,mode", [
+    ({}, "off"), ({"encryption": True}, "required"), ({"e2ee_mode": "prefer"}, "optional"),
+    ({"encryption": True, "e2ee_mode": "off"}, "off"), ({"e2ee_mode": "YES"}, "required"),
+])
+def test_e2ee_mode_follows_0_19_0(extra, mode):
+    from hermes_twisted.platforms.matrix.adapter import e2ee_mode
+
+    assert e2ee_mode(extra) == mode
+
+
+def test_encryption_without_a_known_device_is_refused_naming_the_key(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})  # an old token: no device
+    adapter, _ = make_adapter(tmp_path, hs, clock, e2ee_mode="required")
+    adapter.startService()
+    assert adapter.status.startswith("disabled: MATRIX_DEVICE_ID")
+    adapter.stopService()

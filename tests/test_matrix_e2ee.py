@@ -90,6 +90,17 @@ async def test_encrypted_dm_round_trip_restart_and_second_device(synapse, tmp_pa
         found = await second.do("wait_message", room=room, sender=BOT, after=history,
                                 contains="Echo:** for both devices")
         no_undecryptable(found["events"])
+
+        # A room key that arrives after its message: held, then decrypted and answered.
+        late = await alice.do("send_without_key", room=room, body="key comes later")
+        for _ in range(3):  # a few syncs pass without the key
+            await alice.do("send_text", room=room, body="ping")
+        await alice.do("wait_message", room=room, sender=BOT, contains="Echo:** ping")
+        assert "key comes later" not in [e.text for e in sink.events]
+        await alice.do("share_late_key", session_id=late["session_id"], user=BOT,
+                       device=adapter.device_id)
+        await alice.do("wait_message", room=room, sender=BOT, contains="Echo:** key comes later")
+        assert [e.text for e in sink.events if e.text == "key comes later"] == ["key comes later"]
     finally:
         await adapter.stopService()
         await alice.close()

@@ -96,7 +96,9 @@ class NioUser:
 async def _main() -> None:  # pragma: no cover - runs in the subprocess
     import asyncio
     import base64
+    import uuid
 
+    import vodozemac
     from nio import (
         AsyncClient,
         AsyncClientConfig,
@@ -107,6 +109,7 @@ async def _main() -> None:  # pragma: no cover - runs in the subprocess
     )
 
     client: AsyncClient | None = None
+    late_keys: dict[str, tuple[str, str]] = {}
     seen: list[dict] = []
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -199,6 +202,36 @@ async def _main() -> None:  # pragma: no cover - runs in the subprocess
                 raise RuntimeError(f"no message containing {cmd['contains']!r}; seen: "
                                    f"{seen[-5:]}")
             answer = {"events": found}
+        elif op == "send_without_key":
+            # A message under a fresh Megolm session whose key is not shared yet (as when
+            # the to-device message is late): the bot must hold it until the key comes.
+            from nio.api import Api
+            from nio.responses import RoomSendResponse
+            group = vodozemac.GroupSession()
+            session_key = group.session_key.to_base64()  # at index 0, before encrypting
+            payload = {"type": "m.room.message", "room_id": cmd["room"],
+                       "content": {"msgtype": "m.text", "body": cmd["body"]}}
+            content = {"algorithm": "m.megolm.v1.aes-sha2", "session_id": group.session_id,
+                       "sender_key": client.olm.account.identity_keys["curve25519"],
+                       "device_id": client.device_id,
+                       "ciphertext": group.encrypt(json.dumps(payload).encode()).to_base64()}
+            method, path, data = Api.room_send(client.access_token, cmd["room"],
+                                               "m.room.encrypted", content, str(uuid.uuid4()))
+            reply = await client._send(RoomSendResponse, method, path, data,
+                                       response_data=(cmd["room"],))
+            late_keys[group.session_id] = (cmd["room"], session_key)
+            answer = {"event_id": reply.event_id, "session_id": group.session_id}
+        elif op == "share_late_key":
+            from nio.event_builders import ToDeviceMessage
+            room_id, session_key = late_keys.pop(cmd["session_id"])
+            device = client.device_store[cmd["user"]][cmd["device"]]
+            session = client.olm.session_store.get(device.curve25519)
+            encrypted = client.olm._olm_encrypt(session, device, "m.room_key", {
+                "algorithm": "m.megolm.v1.aes-sha2", "room_id": room_id,
+                "session_id": cmd["session_id"], "session_key": session_key})
+            await client.to_device(ToDeviceMessage("m.room.encrypted", cmd["user"],
+                                                   cmd["device"], encrypted))
+            answer = {}
         elif op == "seen":
             answer = {"events": seen, "count": len(seen)}
         elif op == "device_keys":
