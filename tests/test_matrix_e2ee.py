@@ -7,6 +7,7 @@ the device, a second device of the user, and a room key that arrives after its m
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.platforms.matrix.adapter import MatrixAdapter
@@ -31,8 +32,6 @@ def e2ee_adapter(synapse, home, **extra):
 
 
 async def started(adapter):
-    from twisted.internet.task import deferLater
-
     adapter.startService()
     for _ in range(400):
         if adapter.crypto is not None:
@@ -106,3 +105,102 @@ async def test_encrypted_dm_round_trip_restart_and_second_device(synapse, tmp_pa
         await alice.close()
         if second is not None:
             await second.close()
+
+
+class Completions:
+    """A fake Hermes API server: records each request body and answers 'Echo: <text>'."""
+
+    def __init__(self):
+        from twisted.web.resource import Resource
+        from twisted.web.server import Site
+
+        outer = self
+        self.bodies = []
+
+        class Leaf(Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                import json
+
+                body = json.loads(request.content.read())
+                outer.bodies.append(body)
+                content = body["messages"][-1]["content"]
+                text = content if isinstance(content, str) else content[0]["text"]
+                chunk = {"object": "chat.completion.chunk", "choices": [
+                    {"index": 0, "delta": {"content": f"Echo: {text}"}, "finish_reason": None}]}
+                request.setHeader(b"content-type", b"text/event-stream")
+                return (b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n")
+
+        self.port = reactor.listenTCP(0, Site(Leaf()), interface="127.0.0.1")
+        self.url = f"http://127.0.0.1:{self.port.getHost().port}"
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tmp_path):
+    """The whole daemon path: gateway, store, proxy upstream and the encrypted Matrix room."""
+    import base64
+    import os
+
+    from hermes_twisted.config.settings import ResetPolicy, UpstreamSettings
+    from hermes_twisted.dispatch.gateway import Gateway
+    from hermes_twisted.sessions.sqlite import SQLiteSessionStore
+    from hermes_twisted.upstream.proxy import ProxyUpstream
+
+    require_nio()
+    upstream_server = Completions()
+    home = tmp_path / "home"
+    home.mkdir()
+    config = GatewayConfig(hermes_home=str(home), db_path=str(home / "gw.db"),
+                           upstream=UpstreamSettings(proxy_url=upstream_server.url))
+    store = SQLiteSessionStore(config.db_path, reactor=reactor,
+                               reset_policy_for=lambda source: ResetPolicy())
+    await store.open()
+    upstream = ProxyUpstream(config.upstream, reactor=reactor)
+    upstream.startService()
+    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
+    settings = PlatformSettings(name="matrix", enabled=True, allowed_users=(ALICE,),
+                                extra={"homeserver": synapse.url, "user_id": "bot",
+                                       "password": USERS["bot"], "sync_timeout_ms": 500,
+                                       "e2ee_mode": "required"})
+    adapter = MatrixAdapter(settings, reactor=reactor, gateway_config=config)
+    gateway.add_adapter(adapter)
+    alice = NioUser(reactor, synapse.url, "alice", USERS["alice"], str(tmp_path / "alice"))
+    try:
+        await alice.login()
+        gateway.startService()
+        await started(adapter)
+        room = (await alice.do("create_dm", invite=BOT))["room_id"]
+        await alice.do("wait_joined", room=room, user=BOT)
+        image = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
+        await alice.do("send_image", room=room, data=base64.b64encode(image).decode(),
+                       mimetype="image/png", filename="photo.png")
+        found = await alice.do("wait_message", room=room, sender=BOT, contains="Echo:")
+        no_undecryptable(found["events"])
+        user_message = upstream_server.bodies[-1]["messages"][-1]
+        parts = user_message["content"]
+        assert parts[1] == {"type": "image_url", "image_url": {
+            "url": "data:image/png;base64," + base64.b64encode(image).decode()}}
+        # The transcript keeps a placeholder, never the bytes.
+        from hermes_twisted.model import MessageEvent, Platform, SessionSource
+
+        key = gateway.session_key_for(MessageEvent(text="", source=SessionSource(
+            Platform.MATRIX, room, chat_type="dm", user_id=ALICE)))
+        for _ in range(100):
+            rows = await store.load_transcript(store.peek(key).session_id)
+            if rows:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert rows[0]["content"] == "[image: photo.png]"
+
+        await alice.do("send_text", room=room, body="/stop")
+        found = await alice.do("wait_message", room=room, sender=BOT, contains="task")
+        no_undecryptable(found["events"])
+    finally:
+        await gateway.stopService()
+        await adapter.stopService()
+        await upstream.stopService()
+        await store.close()
+        await upstream_server.port.stopListening()
+        await alice.close()

@@ -259,6 +259,9 @@ _ENV_VAR_LIST: list[EnvVar] = [
           "signing key pinned on first use, as 0.19.0) or allowed (only devices of allowed "
           "users and the bot's own).", "Matrix device trust (tofu/allowed)", type="enum",
           choices=("tofu", "allowed"), default="tofu", advanced=True, ours=True),
+    _pvar("matrix", "MATRIX_MAX_MEDIA_BYTES", "max_media_bytes",
+          "Largest attachment downloaded (declared size and bytes read).",
+          "Matrix max media bytes", type="int", default=104857600, minimum=1, advanced=True),
     *_common("matrix", "MATRIX", "Matrix"),
     # -- Telegram -------------------------------------------------------------------------
     _pfield("telegram", "TELEGRAM_BOT_TOKEN", "token",

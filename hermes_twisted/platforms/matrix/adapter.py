@@ -44,6 +44,7 @@ from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
 from hermes_twisted.platforms.kit.inflight import InFlight
 from hermes_twisted.platforms.kit.polling import poll_forever
 from hermes_twisted.platforms.matrix.format import has_markup, markdown_to_html
+from hermes_twisted.platforms.matrix.media import MediaError, download_path, media_message
 
 if TYPE_CHECKING:
     from hermes_twisted.platforms.matrix.crypto import MatrixCrypto
@@ -93,6 +94,7 @@ class MatrixAdapter(PlatformAdapter):
         self._login_user = self.user_id
         self.device_id = extra.get("device_id") or None
         self.max_message_length = int(extra.get("max_message_length") or 16000)
+        self.max_media_bytes = int(extra.get("max_media_bytes") or 100 * 1024 * 1024)
         self.allowed_rooms = tuple(extra.get("allowed_rooms") or ())
         self.require_mention = bool(extra.get("require_mention", False))
         self.free_response_rooms = tuple(extra.get("free_response_rooms") or ())
@@ -551,8 +553,11 @@ class MatrixAdapter(PlatformAdapter):
         if relates.get("rel_type") == "m.replace":
             return None  # an edit of an older message, not a new turn
         msgtype, body = content.get("msgtype"), content.get("body")
-        if msgtype not in ("m.text", "m.emote") or not isinstance(body, str):
-            return None  # notices come from bots; media is not handled yet
+        media = media_message(content, self.max_media_bytes, self._fetcher)
+        if media is not None:
+            body, message_type, part = media
+        elif msgtype not in ("m.text", "m.emote") or not isinstance(body, str):
+            return None  # notices come from bots
         is_dm = self._members.get(room_id, 0) == 2
         if not is_dm and self.require_mention and room_id not in self.free_response_rooms:
             body = self._strip_mention(body)
@@ -563,9 +568,39 @@ class MatrixAdapter(PlatformAdapter):
         source = SessionSource(Platform.MATRIX, room_id, chat_type="dm" if is_dm else "group",
                                user_id=sender, user_name=sender.split(":")[0].lstrip("@"),
                                thread_id=thread_id, message_id=raw.get("event_id"))
-        return MessageEvent(text=text, source=source, message_id=raw.get("event_id"),
-                            raw_message=raw,
-                            metadata={"dedupe_key": f"matrix:{raw.get('event_id')}"})
+        event = MessageEvent(text=text, source=source, message_id=raw.get("event_id"),
+                             raw_message=raw,
+                             metadata={"dedupe_key": f"matrix:{raw.get('event_id')}"})
+        if media is not None:
+            event.message_type, event.media = message_type, [part]
+            event.media_types = [part.mime_type]
+        return event
+
+    def _fetcher(self, mxc: Any, encrypted: dict[str, Any] | None, max_bytes: int) -> Any:
+        """C{fetch(cap)} for one attachment: download it, then decrypt it in a thread."""
+        def fetch(cap: int) -> Deferred:
+            return ensureDeferred(self._download(mxc, encrypted, min(cap, max_bytes)))
+        return fetch
+
+    async def _download(self, mxc: Any, encrypted: dict[str, Any] | None, cap: int) -> bytes:
+        url = self.homeserver + download_path(mxc)
+        d = self._http.request("GET", url,
+                               headers={"Authorization": [f"Bearer {self.access_token}"]})
+        d.addTimeout(60, self.clock)
+        try:
+            response = await self._http_calls.track(d)
+            raw = read_body(response, max_bytes=cap)
+            raw.addTimeout(120, self.clock)
+            data = await self._http_calls.track(raw)
+        except Exception as e:
+            raise_if_cancelled(e)
+            raise
+        if response.code != 200:
+            raise MediaError(f"the media download answered HTTP {response.code}")
+        if encrypted is not None:
+            from hermes_twisted.platforms.matrix.attachments import decrypt_attachment
+            data = await self._run_in_thread(decrypt_attachment, data, encrypted)
+        return data
 
     def _strip_mention(self, body: str) -> str | None:
         local = (self.user_id or "").split(":")[0].lstrip("@")
