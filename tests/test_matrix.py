@@ -208,6 +208,30 @@ def test_group_mentions_threads_emotes_and_malformed_events(tmp_path):
     adapter.stopService()
 
 
+@pytest.mark.parametrize("members,extra,thread", [
+    (5, {"auto_thread": True}, "$top"), (5, {"auto_thread": False}, None),
+    (2, {"auto_thread": True}, None), (2, {"dm_auto_thread": True}, "$top"),
+])
+def test_auto_thread_roots_a_thread_at_the_message(tmp_path, members, extra, thread):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
+    hs.answer("GET", "/sync", 200, batch("s1", members=members))
+    hs.answer("GET", "/sync", 200, batch("s2", members=members, events=[
+        message("$top", "bot: top level"),
+        message("$in", "bot: inside", **{"m.relates_to": {"rel_type": "m.thread",
+                                                          "event_id": "$root"}})]))
+    adapter, sink = make_adapter(tmp_path, hs, clock, **extra)
+    adapter.startService()
+    assert [e.source.thread_id for e in sink.events] == [thread, "$root"]
+    # The answer goes into the thread, replying to the message (m.thread with a fallback).
+    hs.answer("PUT", "/rooms/", 200, {"event_id": "$answer"})
+    adapter.send("!r:localhost", "answer", reply_to="$in", metadata={"thread_id": "$root"})
+    assert hs.requests[-1][3]["m.relates_to"] == {
+        "rel_type": "m.thread", "event_id": "$root", "is_falling_back": True,
+        "m.in_reply_to": {"event_id": "$in"}}
+    adapter.stopService()
+
+
 def test_invites_are_joined_only_from_allowed_users(tmp_path):
     hs, clock = ScriptedHomeserver(), Clock()
     hs.answer("GET", "/account/whoami", 200, {"user_id": ME})

@@ -93,6 +93,8 @@ class FakeKeyServer:
             self.otks.update(body.get("one_time_keys", {}))
             self.fallback.update(body.get("fallback_keys", {}))
             return {"one_time_key_counts": {"signed_curve25519": len(self.otks)}}
+        if path.endswith("/joined_members"):
+            return {"joined": {"@bot:localhost": {}}}
         raise AssertionError(f"unexpected {method} {path}")
 
 
@@ -150,3 +152,45 @@ async def test_store_key_encrypts_the_pickles(tmp_path):
             "algorithm": "m.megolm.v1.aes-sha2", "session_id": "nope", "ciphertext": "x"}})
     await right.store.close()
     assert json.loads(json.dumps(server.device_keys))  # plain JSON on the wire
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_encryption_rotates_by_the_rooms_limits_and_keeps_relations(tmp_path):
+    server = FakeKeyServer()
+    bot = engine(tmp_path, server)
+    await bot.start()
+    room = "!r:localhost"
+    assert not bot.is_encrypted(room)
+    await bot.receive_sync({"device_one_time_keys_count": {"signed_curve25519": 25},
+                            "rooms": {"join": {room: {"state": {"events": [{
+                                "type": "m.room.encryption", "state_key": "",
+                                "content": {"algorithm": "m.megolm.v1.aes-sha2",
+                                            "rotation_period_msgs": 2,
+                                            "rotation_period_ms": 60_000}}]}}}}})
+    assert bot.is_encrypted(room)
+    thread = {"rel_type": "m.thread", "event_id": "$root"}
+    sent = [await bot.encrypt(room, "m.room.message",
+                              {"msgtype": "m.text", "body": f"n{i}", "m.relates_to": thread})
+            for i in range(3)]
+    assert all(e["m.relates_to"] == thread for e in sent)  # cleartext, for the server
+    assert sent[0]["session_id"] == sent[1]["session_id"] != sent[2]["session_id"]
+    bot.clock.advance(61)
+    later = await bot.encrypt(room, "m.room.message", {"msgtype": "m.text", "body": "late"})
+    assert later["session_id"] != sent[2]["session_id"]
+    # A member leaving rotates at once.
+    await bot.receive_sync({"rooms": {"join": {room: {"timeline": {"events": [{
+        "type": "m.room.member", "state_key": "@eve:localhost",
+        "content": {"membership": "leave"}}]}}}}})
+    after_leave = await bot.encrypt(room, "m.room.message", {"msgtype": "m.text", "body": "x"})
+    assert after_leave["session_id"] != later["session_id"]
+    # Our own events decrypt with the inbound half we kept; the room setting is sticky.
+    event = {"type": "m.room.encrypted", "sender": "@bot:localhost", "event_id": "$1",
+             "content": sent[0]}
+    plain = await bot.decrypt_room_event(room, event)
+    assert plain["type"] == "m.room.message" and plain["content"]["body"] == "n0"
+    await bot.flush()
+    await bot.store.close()
+    again = engine(tmp_path, server)
+    await again.start()
+    assert again.is_encrypted(room) and again.room_key_count == bot.room_key_count
+    await again.store.close()

@@ -259,6 +259,13 @@ _ENV_VAR_LIST: list[EnvVar] = [
           "signing key pinned on first use, as 0.19.0) or allowed (only devices of allowed "
           "users and the bot's own).", "Matrix device trust (tofu/allowed)", type="enum",
           choices=("tofu", "allowed"), default="tofu", advanced=True, ours=True),
+    _pvar("matrix", "MATRIX_AUTO_THREAD", "auto_thread",
+          "In group rooms, answer each new top-level message in a thread rooted at it (one "
+          "session per thread).", "Matrix auto-thread (true/false)", type="bool",
+          default=True),
+    _pvar("matrix", "MATRIX_DM_AUTO_THREAD", "dm_auto_thread",
+          "Auto-thread in direct messages too.", "Matrix DM auto-thread (true/false)",
+          type="bool", default=False, advanced=True),
     _pvar("matrix", "MATRIX_MAX_MEDIA_BYTES", "max_media_bytes",
           "Largest attachment downloaded (declared size and bytes read).",
           "Matrix max media bytes", type="int", default=104857600, minimum=1, advanced=True),

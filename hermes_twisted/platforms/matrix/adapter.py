@@ -99,6 +99,8 @@ class MatrixAdapter(PlatformAdapter):
         self.require_mention = bool(extra.get("require_mention", False))
         self.free_response_rooms = tuple(extra.get("free_response_rooms") or ())
         self.auto_join = bool(extra.get("auto_join", True))
+        self.auto_thread = bool(extra.get("auto_thread", False))
+        self.dm_auto_thread = bool(extra.get("dm_auto_thread", False))
         self.sync_timeout_ms = int(extra.get("sync_timeout_ms") or SYNC_TIMEOUT_MS)
         home = gateway_config.hermes_home if gateway_config else "."
         self._state_dir = str(extra.get("state_dir") or os.path.join(home, "matrix"))
@@ -565,6 +567,10 @@ class MatrixAdapter(PlatformAdapter):
                 return None
         text = f"* {sender} {body}" if msgtype == "m.emote" else body
         thread_id = relates.get("event_id") if relates.get("rel_type") == "m.thread" else None
+        if thread_id is None and (self.dm_auto_thread if is_dm else self.auto_thread):
+            # 0.19.0's auto-thread: a top-level message roots a thread for the answer (and so
+            # a session of its own, by the session-key rules for threads).
+            thread_id = raw.get("event_id")
         source = SessionSource(Platform.MATRIX, room_id, chat_type="dm" if is_dm else "group",
                                user_id=sender, user_name=sender.split(":")[0].lstrip("@"),
                                thread_id=thread_id, message_id=raw.get("event_id"))
