@@ -116,9 +116,14 @@ class Completions:
 
         outer = self
         self.bodies = []
+        self.image = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 
         class Leaf(Resource):
             isLeaf = True
+
+            def render_GET(self, request):
+                request.setHeader(b"content-type", b"image/png")
+                return outer.image
 
             def render_POST(self, request):
                 import json
@@ -127,6 +132,8 @@ class Completions:
                 outer.bodies.append(body)
                 content = body["messages"][-1]["content"]
                 text = content if isinstance(content, str) else content[0]["text"]
+                if text == "draw":
+                    text = f"a cat ![the cat]({outer.url}/cat.png) for you"
                 chunk = {"object": "chat.completion.chunk", "choices": [
                     {"index": 0, "delta": {"content": f"Echo: {text}"}, "finish_reason": None}]}
                 request.setHeader(b"content-type", b"text/event-stream")
@@ -163,7 +170,8 @@ async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tm
     settings = PlatformSettings(name="matrix", enabled=True, allowed_users=(ALICE,),
                                 extra={"homeserver": synapse.url, "user_id": "bot",
                                        "password": USERS["bot"], "sync_timeout_ms": 500,
-                                       "e2ee_mode": "required"})
+                                       "e2ee_mode": "required",
+                                       "allow_private_media_urls": True})
     adapter = MatrixAdapter(settings, reactor=reactor, gateway_config=config)
     gateway.add_adapter(adapter)
     alice = NioUser(reactor, synapse.url, "alice", USERS["alice"], str(tmp_path / "alice"))
@@ -193,6 +201,16 @@ async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tm
                 break
             await deferLater(reactor, 0.05, lambda: None)
         assert rows[0]["content"] == "[image: photo.png]"
+
+        # An image the agent links in its reply arrives as an encrypted image.
+        await alice.do("send_text", room=room, body="draw")
+        found = await alice.do("wait_message", room=room, sender=BOT,
+                               contains='"msgtype": "m.image"')
+        image_events = [e for e in found["events"] if e["content"].get("msgtype") == "m.image"]
+        assert image_events and "url" not in image_events[0]["content"]
+        file = image_events[0]["content"]["file"]
+        got = await alice.do("download", file=file)
+        assert base64.b64decode(got["data"]) == upstream_server.image
 
         await alice.do("send_text", room=room, body="/stop")
         found = await alice.do("wait_message", room=room, sender=BOT, contains="task")

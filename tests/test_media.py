@@ -70,3 +70,17 @@ def test_matrix_media_messages_and_mxc_validation():
          "file": {"url": "mxc://hs/b"}, "info": {"size": 500}}, 100, lambda *a: "fetch")
     assert caption == "see this" and part.kind == "file" and part.fetch != "fetch"
     assert media_message({"msgtype": "m.text", "body": "x"}, 100, None) is None
+
+
+def test_reply_image_urls_must_be_public_http():
+    from hermes_twisted.platforms.matrix.media import IMAGE_LINK, check_public_url
+
+    check_public_url("https://example.org/cat.png")
+    for bad in ("ftp://example.org/x.png", "http://localhost/x.png", "http://127.0.0.1/x",
+                "http://10.1.2.3/x", "http://[::1]/x", "http://169.254.169.254/latest",
+                "file:///etc/passwd"):
+        with pytest.raises(MediaError):
+            check_public_url(bad)
+    check_public_url("http://127.0.0.1/x", allow_private=True)
+    assert IMAGE_LINK.findall("see ![a cat](https://x.org/c.png) and [a link](https://y)") == \
+        [("a cat", "https://x.org/c.png")]

@@ -103,6 +103,7 @@ async def _main() -> None:  # pragma: no cover - runs in the subprocess
         AsyncClient,
         AsyncClientConfig,
         MegolmEvent,
+        RoomEncryptedImage,
         RoomMessageImage,
         RoomMessageNotice,
         RoomMessageText,
@@ -146,7 +147,7 @@ async def _main() -> None:  # pragma: no cover - runs in the subprocess
                                                           store_sync_tokens=True))
             reply = await client.login(cmd["password"], device_name="nio-test")
             client.add_event_callback(on_message, (RoomMessageText, RoomMessageNotice,
-                                                   RoomMessageImage))
+                                                   RoomMessageImage, RoomEncryptedImage))
             client.add_event_callback(on_undecryptable, MegolmEvent)
             if client.should_upload_keys:
                 await client.keys_upload()
@@ -232,6 +233,13 @@ async def _main() -> None:  # pragma: no cover - runs in the subprocess
             await client.to_device(ToDeviceMessage("m.room.encrypted", cmd["user"],
                                                    cmd["device"], encrypted))
             answer = {}
+        elif op == "download":
+            from nio.crypto.attachments import decrypt_attachment
+            file = cmd["file"]
+            reply = await client.download(file["url"])
+            data = decrypt_attachment(reply.body, file["key"]["k"], file["hashes"]["sha256"],
+                                      file["iv"])
+            answer = {"data": base64.b64encode(data).decode()}
         elif op == "seen":
             answer = {"events": seen, "count": len(seen)}
         elif op == "device_keys":

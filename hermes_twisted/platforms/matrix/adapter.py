@@ -44,7 +44,13 @@ from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
 from hermes_twisted.platforms.kit.inflight import InFlight
 from hermes_twisted.platforms.kit.polling import poll_forever
 from hermes_twisted.platforms.matrix.format import has_markup, markdown_to_html
-from hermes_twisted.platforms.matrix.media import MediaError, download_path, media_message
+from hermes_twisted.platforms.matrix.media import (
+    IMAGE_LINK,
+    MediaError,
+    check_public_url,
+    download_path,
+    media_message,
+)
 
 if TYPE_CHECKING:
     from hermes_twisted.platforms.matrix.crypto import MatrixCrypto
@@ -52,6 +58,7 @@ if TYPE_CHECKING:
 SYNC_TIMEOUT_MS = 30_000
 HOLD_UNDECRYPTABLE_S = 300.0  # how long an event waits for its room key before the notice
 MAX_HELD_EVENTS = 1000
+MAX_REPLY_IMAGES = 4  # images linked in one reply that are sent as images
 UNDECRYPTABLE_NOTICE = ("I couldn't decrypt your message. Please check that your client "
                         "shares its encryption keys with my device, then send it again.")
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024  # a large initial sync is big, but not unbounded
@@ -123,6 +130,9 @@ class MatrixAdapter(PlatformAdapter):
         self._held: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
         self._noticed: dict[str, float] = {}
         self._unencrypted_warned: set[str] = set()
+        self._turn_replies: dict[str, dict[str, Any]] = {}
+        self._image_sends: set[Deferred] = set()
+        self._allow_private_media = bool(extra.get("allow_private_media_urls", False))
 
     @property
     def status(self) -> str:
@@ -161,6 +171,8 @@ class MatrixAdapter(PlatformAdapter):
         if loop is not None:
             loop.cancel()
         self._http_calls.cancel_all()
+        for send in list(self._image_sends):
+            send.cancel()
         self._state = "stopped"
         d = DeferredList(list(self._io_pending))
         crypto, self.crypto = self.crypto, None
@@ -647,7 +659,96 @@ class MatrixAdapter(PlatformAdapter):
                                     "m.in_reply_to": {"event_id": reply_to or thread_id}}
         elif reply_to:
             body["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_to}}
-        return self._put_message(chat_id, body, wait_on_limit=True)
+        d = self._put_message(chat_id, body, wait_on_limit=True)
+        if not metadata.get("notice"):
+            d.addCallback(self._remember_reply, chat_id, content, thread_id)
+        return d
+
+    def _remember_reply(self, result: SendResult, chat_id: str, text: str,
+                        thread_id: str | None) -> SendResult:
+        if result.success and result.message_id:
+            turn = self._turn_replies.setdefault(chat_id, {"thread_id": thread_id, "texts": {}})
+            turn["texts"][result.message_id] = text
+        return result
+
+    def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
+        """Images the agent linked in its reply (C{![alt](https://...)}) follow as images."""
+        turn = self._turn_replies.pop(chat_id, None)
+        if not delivered or turn is None or not self.running:
+            return
+        links: dict[str, str] = {}
+        for text in turn["texts"].values():
+            for alt, url in IMAGE_LINK.findall(text):
+                links.setdefault(url, alt)
+        for url, alt in list(links.items())[:MAX_REPLY_IMAGES]:
+            d = ensureDeferred(self._send_image(chat_id, url, alt, turn["thread_id"]))
+            self._image_sends.add(d)
+            d.addBoth(self._image_sent, d, url)
+
+    def _image_sent(self, result: Any, d: Deferred, url: str) -> None:
+        self._image_sends.discard(d)
+        if isinstance(result, Failure) and not result.check(CancelledError):
+            self.log.warn("Matrix: could not send the image {url}: {error}", url=url,
+                          error=result.getErrorMessage())
+
+    async def _send_image(self, room_id: str, url: str, alt: str,
+                          thread_id: str | None) -> None:
+        """
+        Download C{url} (http(s), public hosts only, capped), upload it (encrypted in an
+        encrypted room, as C{application/octet-stream} so the server learns nothing) and send
+        it as C{m.image}.  Fails with L{MediaError} for a refused URL or a non-image.
+        """
+        check_public_url(url, allow_private=self._allow_private_media)
+        d = self._http.request("GET", url)
+        d.addTimeout(60, self.clock)
+        try:
+            response = await self._http_calls.track(d)
+            raw = read_body(response, max_bytes=self.max_media_bytes)
+            raw.addTimeout(120, self.clock)
+            data = await self._http_calls.track(raw)
+        except Exception as e:
+            raise_if_cancelled(e)
+            raise
+        mime = (response.headers.getRawHeaders(b"content-type") or [b""])[0].decode(
+            "latin-1").split(";")[0].strip().lower()
+        if response.code != 200 or not mime.startswith("image/"):
+            raise MediaError(f"HTTP {response.code}, {mime or 'no content type'}")
+        name = url.rsplit("/", 1)[-1].split("?")[0] or "image"
+        content: dict[str, Any] = {"msgtype": "m.image", "body": alt or name,
+                                   "info": {"mimetype": mime, "size": len(data)}}
+        if self.crypto is not None and self.crypto.is_encrypted(room_id):
+            from hermes_twisted.platforms.matrix.attachments import encrypt_attachment
+            ciphertext, file = await self._run_in_thread(encrypt_attachment, data)
+            file["url"] = await self._upload(ciphertext, "application/octet-stream", None)
+            content["file"] = file
+        else:
+            content["url"] = await self._upload(data, mime, name)
+        if thread_id:
+            content["m.relates_to"] = {"rel_type": "m.thread", "event_id": thread_id,
+                                       "is_falling_back": True,
+                                       "m.in_reply_to": {"event_id": thread_id}}
+        result = await self._put_message(room_id, content, wait_on_limit=True)
+        if not result.success:
+            raise MediaError(result.error or "send failed")
+
+    async def _upload(self, data: bytes, mime: str, name: str | None) -> str:
+        """Upload to the media repository.  Returns the C{mxc://} URI."""
+        query = {"filename": name} if name else None
+        d = self._http.request("POST", self.homeserver + "/_matrix/media/v3/upload",
+                               data=data, params=query,
+                               headers={"Authorization": [f"Bearer {self.access_token}"],
+                                        "Content-Type": [mime]})
+        d.addTimeout(120, self.clock)
+        try:
+            response = await self._http_calls.track(d)
+            body = await self._http_calls.track(read_body(response, max_bytes=64 * 1024))
+        except Exception as e:
+            raise_if_cancelled(e)
+            raise
+        reply = json.loads(body or b"{}")
+        if response.code != 200 or not isinstance(reply.get("content_uri"), str):
+            raise MediaError(f"upload failed: HTTP {response.code}")
+        return reply["content_uri"]
 
     def edit_message(self, chat_id: str, message_id: str, content: str,
                      finalize: bool = False) -> Deferred:
@@ -661,6 +762,9 @@ class MatrixAdapter(PlatformAdapter):
                        if "formatted_body" in new else {}))
         body["m.new_content"] = new
         body["m.relates_to"] = {"rel_type": "m.replace", "event_id": message_id}
+        turn = self._turn_replies.get(chat_id)
+        if turn is not None and message_id in turn["texts"]:
+            turn["texts"][message_id] = content
         return self._put_message(chat_id, body, wait_on_limit=False)
 
     def _put_message(self, room_id: str, body: dict[str, Any], wait_on_limit: bool) -> Deferred:

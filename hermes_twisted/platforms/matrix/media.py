@@ -7,9 +7,10 @@ image links of a reply that become uploaded images on the way out.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from hermes_twisted.model import MediaPart, MessageType
 
@@ -23,6 +24,28 @@ KINDS = {"m.image": ("image", MessageType.PHOTO), "m.video": ("video", MessageTy
 
 class MediaError(Exception):
     """A media reference we refuse to fetch (not an C{mxc://} URI, or too large)."""
+
+
+def check_public_url(url: str, allow_private: bool = False) -> None:
+    """
+    Refuse URLs the gateway must not fetch for the agent: other schemes, and hosts that name
+    this machine or a private network by address or as C{localhost}.  (A public name that
+    resolves to a private address is not caught here.)
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise MediaError(f"not an http(s) URL: {url!r}")
+    if allow_private:
+        return
+    host = parts.hostname.lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        raise MediaError("refusing to fetch from localhost")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if not address.is_global:
+        raise MediaError(f"refusing to fetch from the private address {host}")
 
 
 def download_path(mxc: Any) -> str:
