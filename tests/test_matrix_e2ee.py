@@ -222,3 +222,57 @@ async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tm
         await store.close()
         await upstream_server.port.stopListening()
         await alice.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_recovery_key_restores_room_keys_after_the_store_is_lost(synapse, tmp_path):
+    import os
+    import shutil
+    from urllib.parse import quote
+
+    from hermes_twisted.platforms.matrix.backup import encode_recovery_key
+
+    require_nio()
+    recovery = encode_recovery_key(os.urandom(32))
+    home = tmp_path / "home"
+    home.mkdir()
+    alice = NioUser(reactor, synapse.url, "alice", USERS["alice"], str(tmp_path / "alice"))
+    adapter, sink = e2ee_adapter(synapse, home, recovery_key=recovery)
+    try:
+        await alice.login()
+        await started(adapter)
+        first_device = adapter.device_id
+        room = (await alice.do("create_dm", invite=BOT))["room_id"]
+        await alice.do("wait_joined", room=room, user=BOT)
+        sent = await alice.do("send_text", room=room, body="before the loss")
+        await alice.do("wait_message", room=room, sender=BOT, contains="Echo:** before the loss")
+        await adapter.stopService()
+        shutil.rmtree(home)  # the volume is gone: a new device, only the recovery key is left
+        home.mkdir()
+        adapter, sink = e2ee_adapter(synapse, home, recovery_key=recovery)
+        await started(adapter)
+        assert adapter.device_id != first_device
+        event = await adapter._call(
+            "GET", f"/rooms/{quote(room, safe='')}/event/{quote(sent['event_id'], safe='')}")
+        assert event["type"] == "m.room.encrypted"
+        plain = await adapter.crypto.decrypt_room_event(room, event)
+        assert plain["content"]["body"] == "before the loss"
+    finally:
+        await adapter.stopService()
+        await alice.close()
+
+
+def test_a_malformed_recovery_key_is_refused_naming_the_key(tmp_path):
+    from hermes_twisted.platforms.matrix.backup import (
+        RecoveryKeyError,
+        decode_recovery_key,
+        encode_recovery_key,
+    )
+
+    key = bytes(range(32))
+    text = encode_recovery_key(key)
+    assert decode_recovery_key(text) == key and decode_recovery_key(text.replace(" ", "")) == key
+    for bad in ("not a key", text[:-1] + ("A" if text[-1] != "A" else "B"), text[5:]):
+        with pytest.raises(RecoveryKeyError):
+            decode_recovery_key(bad)

@@ -254,6 +254,11 @@ _ENV_VAR_LIST: list[EnvVar] = [
           "the volume). Unset: a random key is kept in the store directory, protected by the "
           "file permissions only.", "Matrix crypto store key", type="secret", advanced=True,
           ours=True),
+    _pvar("matrix", "MATRIX_RECOVERY_KEY", "recovery_key",
+          "Recovery key (base58, as Element shows it): secret storage key or key backup key. "
+          "Room keys are backed up to the account's server-side key backup and restored "
+          "from it, so a lost crypto store does not lose the history.",
+          "Matrix recovery key", type="secret"),
     _pvar("matrix", "MATRIX_E2EE_TRUST", "e2ee_trust",
           "Which devices get room keys: tofu (every device of every member, each device's "
           "signing key pinned on first use, as 0.19.0) or allowed (only devices of allowed "

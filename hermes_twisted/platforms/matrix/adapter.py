@@ -125,6 +125,7 @@ class MatrixAdapter(PlatformAdapter):
         self.e2ee_mode = e2ee_mode(extra)
         self.e2ee_trust = str(extra.get("e2ee_trust") or "tofu")
         self._store_key = extra.get("store_key") or None
+        self._recovery_key = extra.get("recovery_key") or None
         self.hold_seconds = float(extra.get("undecryptable_wait_s") or HOLD_UNDECRYPTABLE_S)
         self.crypto: MatrixCrypto | None = None
         self._held: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
@@ -256,11 +257,20 @@ class MatrixAdapter(PlatformAdapter):
             return
         store = CryptoStore(store_directory(self._state_dir, self.user_id, self.device_id),
                             secret=self._store_key, run_in_thread=self._run_in_thread)
+        from hermes_twisted.platforms.matrix.backup import KeyBackup, RecoveryKeyError
+        try:
+            backup = KeyBackup(self._recovery_key, self._call) if self._recovery_key else None
+        except RecoveryKeyError as e:
+            raise MatrixFatal(f"MATRIX_RECOVERY_KEY: {e}") from None
         crypto = MatrixCrypto(user_id=self.user_id, device_id=self.device_id, store=store,
                               call=self._call, clock=self.clock, trust=self.e2ee_trust,
-                              allowed=lambda user: is_allowed(user, self._allowlist()))
+                              allowed=lambda user: is_allowed(user, self._allowlist()),
+                              backup=backup)
         try:
             await crypto.start()
+        except RecoveryKeyError as e:
+            await store.close()
+            raise MatrixFatal(f"MATRIX_RECOVERY_KEY: {e}") from None
         except (CryptoError, StoreLocked) as e:
             await store.close()
             raise MatrixFatal(str(e)) from None
@@ -279,7 +289,9 @@ class MatrixAdapter(PlatformAdapter):
             await self.crypto.flush()  # keys first: the server will not resend them
         await self._handle_batch(batch, replay=self._since is None)
         if self.crypto is not None:
+            arrived |= await self.crypto.recover(set(self._held))
             await self._retry_held(arrived)
+            await self.crypto.upload_backup()
             await self._expire_held()
             await self.crypto.flush()
         self._since = batch.get("next_batch") or self._since

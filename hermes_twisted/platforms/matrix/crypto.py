@@ -94,7 +94,8 @@ class MatrixCrypto:
 
     def __init__(self, *, user_id: str, device_id: str, store: CryptoStore, call: Call,
                  clock: Any, trust: str = "tofu",
-                 allowed: Callable[[str], bool] = lambda user: True) -> None:
+                 allowed: Callable[[str], bool] = lambda user: True,
+                 backup: Any = None) -> None:
         self.user_id, self.device_id = user_id, device_id
         self.store, self._call, self.clock = store, call, clock
         self.trust = trust
@@ -113,6 +114,9 @@ class MatrixCrypto:
         self._dirty: dict[tuple[str, str], Any] = {}
         self._room_locks: dict[str, DeferredLock] = {}
         self._txn = 0
+        self.backup = backup  # a backup.KeyBackup, when MATRIX_RECOVERY_KEY is set
+        self._to_backup: list[dict[str, Any]] = []
+        self._asked_backup: set[tuple[str, str]] = set()
 
     # -- keys and identity ------------------------------------------------------------------
 
@@ -138,6 +142,15 @@ class MatrixCrypto:
         other keys for this device (the store was lost: only a new device can fix that).
         """
         self._pickle_key, data = await self.store.open()
+        await self._start_account(data)
+        if self.backup is not None:
+            await self.backup.open(self.user_id, self._sign)
+            restored = self._import_backup(await self.backup.download())
+            await self.flush()
+            self.log.info("Matrix key backup {version}: {count} room keys restored",
+                          version=self.backup.version, count=len(restored))
+
+    async def _start_account(self, data: dict[str, dict[str, str]]) -> None:
         mine = await self._query_own_keys()
         pickled = data.get("account", {}).get("account")
         if pickled is None:
@@ -335,7 +348,7 @@ class MatrixCrypto:
             session = vodozemac.InboundGroupSession(
                 vodozemac.SessionKey(inner_content["session_key"]))
             return self._add_inbound(inner_content["room_id"], session, sender_key,
-                                     payload["keys"]["ed25519"])
+                                     payload["keys"]["ed25519"], back_up=True)
         if inner == "m.forwarded_room_key" and inner_content.get("algorithm") == MEGOLM:
             original = inner_content.get("sender_key")
             if sender != self.user_id and original != sender_key:
@@ -344,11 +357,13 @@ class MatrixCrypto:
             session = vodozemac.InboundGroupSession.import_session(
                 vodozemac.ExportedSessionKey(inner_content["session_key"]))
             return self._add_inbound(inner_content["room_id"], session, original,
-                                     inner_content.get("sender_claimed_ed25519_key", ""))
+                                     inner_content.get("sender_claimed_ed25519_key", ""),
+                                     back_up=True)
         return set()
 
     def _add_inbound(self, room_id: str, session: vodozemac.InboundGroupSession,
-                     sender_key: str, ed25519: str) -> set[tuple[str, str]]:
+                     sender_key: str, ed25519: str, back_up: bool = False
+                     ) -> set[tuple[str, str]]:
         ref = (room_id, session.session_id)
         known = self._inbound.get(ref)
         if known is not None and known.session.first_known_index <= session.first_known_index:
@@ -357,7 +372,64 @@ class MatrixCrypto:
         self._inbound[ref] = entry
         self._mark_inbound(entry)
         self._withheld.pop(ref, None)
+        if back_up and self.backup is not None:
+            index = session.first_known_index
+            self._to_backup.append({
+                "room_id": room_id, "session_id": session.session_id, "first_index": index,
+                "data": {"algorithm": MEGOLM, "sender_key": sender_key,
+                         "sender_claimed_keys": {"ed25519": ed25519},
+                         "forwarding_curve25519_key_chain": [],
+                         "session_key": session.export_at(index).to_base64()}})
         return {ref}
+
+    def _import_backup(self, found: list[tuple[str, str, dict[str, Any]]]
+                       ) -> set[tuple[str, str]]:
+        arrived: set[tuple[str, str]] = set()
+        for room_id, session_id, data in found:
+            try:
+                session = vodozemac.InboundGroupSession.import_session(
+                    vodozemac.ExportedSessionKey(data["session_key"]))
+                if session.session_id != session_id:
+                    continue
+                arrived |= self._add_inbound(room_id, session, data["sender_key"],
+                                             (data.get("sender_claimed_keys") or {})
+                                             .get("ed25519", ""))
+            except Exception as e:
+                self.log.warn("Matrix: skipping a backed-up room key: {error}", error=repr(e))
+        return arrived
+
+    async def recover(self, refs: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """
+        Ask the key backup (once per session) for the room keys of held events.  Fires with
+        the keys found; a backup error is logged, never raised.
+        """
+        if self.backup is None:
+            return set()
+        arrived: set[tuple[str, str]] = set()
+        for ref in sorted(refs - self._asked_backup):
+            self._asked_backup.add(ref)
+            try:
+                arrived |= self._import_backup(await self.backup.download(*ref))
+            except CancelledError:
+                raise
+            except Exception as e:
+                self.log.warn("Matrix: key backup lookup failed: {error}", error=repr(e))
+        return arrived
+
+    async def upload_backup(self) -> None:
+        """Upload the room keys received since the last call.  Errors are logged."""
+        pending, self._to_backup = self._to_backup, []
+        if not pending or self.backup is None:
+            return
+        try:
+            await self.backup.upload(pending)
+        except CancelledError:
+            self._to_backup = pending + self._to_backup
+            raise
+        except Exception as e:
+            self._to_backup = pending + self._to_backup
+            self.log.warn("Matrix: key backup upload failed ({error}); will retry",
+                          error=repr(e))
 
     async def _olm_decrypt(self, sender: str, content: dict[str, Any]) -> dict[str, Any]:
         mine = (content.get("ciphertext") or {}).get(self.curve25519)
