@@ -32,6 +32,7 @@ from urllib.parse import quote
 
 import vodozemac
 from twisted.internet.defer import CancelledError, DeferredLock
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hermes_twisted.platforms.matrix.cryptostore import CryptoStore
@@ -95,7 +96,7 @@ class MatrixCrypto:
     def __init__(self, *, user_id: str, device_id: str, store: CryptoStore, call: Call,
                  clock: Any, trust: str = "tofu",
                  allowed: Callable[[str], bool] = lambda user: True,
-                 backup: Any = None) -> None:
+                 backup: Any = None, pause: Callable[[], Any] | None = None) -> None:
         self.user_id, self.device_id = user_id, device_id
         self.store, self._call, self.clock = store, call, clock
         self.trust = trust
@@ -115,6 +116,9 @@ class MatrixCrypto:
         self._room_locks: dict[str, DeferredLock] = {}
         self._txn = 0
         self.backup = backup  # a backup.KeyBackup, when MATRIX_RECOVERY_KEY is set
+        # Work for many devices (Olm sessions, key shares, signature checks) gives the
+        # reactor a turn between devices, so no single step holds it for long.
+        self._pause = pause or (lambda: deferLater(self.clock, 0, lambda: None))
         self._to_backup: list[dict[str, Any]] = []
         self._asked_backup: set[tuple[str, str]] = set()
 
@@ -243,21 +247,25 @@ class MatrixCrypto:
 
     # -- persistence ------------------------------------------------------------------------
 
+    # Changes are recorded as thunks and pickled at flush time, one object per step, so a
+    # burst of changes neither pickles an object twice nor holds the reactor in one go.
+
     def _mark_account(self) -> None:
-        self._dirty[("account", "account")] = self.account.pickle(self._pickle_key)
+        self._dirty[("account", "account")] = lambda: self.account.pickle(self._pickle_key)
 
     def _mark_olm(self, curve: str) -> None:
-        sessions = self._olm.get(curve, [])[:MAX_OLM_SESSIONS_PER_DEVICE]
-        self._olm[curve] = sessions
-        self._dirty[("olm", curve)] = json.dumps([s.pickle(self._pickle_key) for s in sessions])
+        self._olm[curve] = self._olm.get(curve, [])[:MAX_OLM_SESSIONS_PER_DEVICE]
+        self._dirty[("olm", curve)] = lambda: json.dumps(
+            [s.pickle(self._pickle_key) for s in self._olm.get(curve, [])])
 
     def _mark_inbound(self, entry: InboundSession) -> None:
-        self._dirty[("inbound", f"{entry.room_id}|{entry.session.session_id}")] = json.dumps({
-            "room_id": entry.room_id, "sender_key": entry.sender_key, "ed25519": entry.ed25519,
-            "pickle": entry.session.pickle(self._pickle_key)})
+        self._dirty[("inbound", f"{entry.room_id}|{entry.session.session_id}")] = lambda: (
+            json.dumps({"room_id": entry.room_id, "sender_key": entry.sender_key,
+                        "ed25519": entry.ed25519,
+                        "pickle": entry.session.pickle(self._pickle_key)}))
 
     def _mark_devices(self, user: str) -> None:
-        self._dirty[("devices", user)] = json.dumps(
+        self._dirty[("devices", user)] = lambda: json.dumps(
             {d: dev.to_json() for d, dev in self._devices.get(user, {}).items()})
 
     async def flush(self) -> None:
@@ -265,7 +273,12 @@ class MatrixCrypto:
         if not self._dirty:
             return
         dirty, self._dirty = self._dirty, {}
-        await self.store.write([(kind, key, value) for (kind, key), value in dirty.items()])
+        changes = []
+        for number, ((kind, key), value) in enumerate(dirty.items()):
+            if number and number % 8 == 0:
+                await self._pause()
+            changes.append((kind, key, value() if callable(value) else value))
+        await self.store.write(changes)
 
     # -- the sync ----------------------------------------------------------------------------
 
@@ -276,7 +289,9 @@ class MatrixCrypto:
         Never fails for one bad event (it is logged); fails only when an upload fails.
         """
         arrived: set[tuple[str, str]] = set()
-        for event in (batch.get("to_device") or {}).get("events") or []:
+        for number, event in enumerate((batch.get("to_device") or {}).get("events") or []):
+            if number:
+                await self._pause()
             try:
                 arrived |= await self._to_device(event)
             except CancelledError:
@@ -506,7 +521,9 @@ class MatrixCrypto:
                 continue  # the server could not answer for this user; stay outdated
             known = self._devices.get(user, {})
             fresh: dict[str, Device] = {}
-            for device_id, keys in found.items():
+            for number, (device_id, keys) in enumerate(found.items()):
+                if number and number % 4 == 0:
+                    await self._pause()
                 device = self._valid_device(user, device_id, keys)
                 if device is None:
                     continue
@@ -656,7 +673,9 @@ class MatrixCrypto:
         key = {"algorithm": MEGOLM, "room_id": room_id, "session_id": out.session.session_id,
                "session_key": out.session.session_key.to_base64()}
         messages: dict[str, dict[str, Any]] = {}
-        for device in targets:
+        for number, device in enumerate(targets):
+            if number:
+                await self._pause()
             sessions = self._olm.get(device.curve25519)
             if not sessions:
                 continue  # no one-time key could be claimed: it cannot get this session
@@ -682,7 +701,9 @@ class MatrixCrypto:
         reply = await self._call("POST", "/keys/claim", {"one_time_keys": query,
                                                          "timeout": 10000})
         claimed = reply.get("one_time_keys") or {}
-        for device in missing:
+        for number, device in enumerate(missing):
+            if number:
+                await self._pause()
             keys = (claimed.get(device.user_id) or {}).get(device.device_id) or {}
             for key_id, otk in keys.items():
                 try:
