@@ -556,6 +556,9 @@ def test_required_mode_ignores_unencrypted_rooms(tmp_path):
     crypto.keys.add(("!secret:localhost", "S"))
     done(adapter._deliver(batch("s2", room="!secret:localhost",
                                 events=[encrypted("$s", "S", "secret")])))
+    # In an encrypted room a plaintext message is never taken for the user's.
+    done(adapter._deliver(batch("s3", room="!secret:localhost",
+                                events=[message("$forged", "plaintext")])))
     assert [e.text for e in sink.events] == ["secret"]
     adapter.stopService()
 

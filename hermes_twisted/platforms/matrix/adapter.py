@@ -489,6 +489,13 @@ class MatrixAdapter(PlatformAdapter):
         if not isinstance(raw, dict) or raw.get("sender") == self.user_id:
             return raw
         if raw.get("type") != "m.room.encrypted":
+            if (raw.get("type") == "m.room.message" and self.crypto is not None
+                    and self.crypto.is_encrypted(room_id)):
+                # Encrypted stays encrypted: a plaintext message in an encrypted room is
+                # not from a client of that room (the server could have made it up).
+                self.log.warn("Matrix: ignoring an unencrypted message in encrypted room "
+                              "{room}", room=room_id)
+                return None
             if (self.e2ee_mode == "required" and raw.get("type") == "m.room.message"
                     and not (self.crypto and self.crypto.is_encrypted(room_id))):
                 if room_id not in self._unencrypted_warned:
