@@ -352,7 +352,9 @@ class ReplyingSink:
         chat = event.source.chat_id
 
         async def reply():
-            first = await adapter.send(chat, "Thinking ▉", reply_to=event.message_id)
+            thread = {"thread_id": event.source.thread_id} if event.source.thread_id else None
+            first = await adapter.send(chat, "Thinking ▉", reply_to=event.message_id,
+                                       metadata=thread)
             assert first.success, first.error
             await adapter.send_typing(chat)
             final = await adapter.edit_message(chat, first.message_id,

@@ -90,6 +90,24 @@ async def test_encrypted_dm_round_trip_restart_and_second_device(synapse, tmp_pa
                                 contains="Echo:** for both devices")
         no_undecryptable(found["events"])
 
+        # In a thread: the answer stays in the thread, with the relation in the clear for the
+        # server (and the edit is an encrypted m.replace like any other).
+        root = (await alice.do("send_text", room=room, body="thread root"))["event_id"]
+        await alice.do("wait_message", room=room, sender=BOT, contains="Echo:** thread root")
+        await alice.do("send_text", room=room, body="in the thread",
+                       relates_to={"rel_type": "m.thread", "event_id": root})
+        await alice.do("wait_message", room=room, sender=BOT, contains="Echo:** in the thread")
+        found = await alice.do("seen")
+        threaded = [e for e in found["events"] if e["sender"] == BOT
+                    if e["content"].get("m.relates_to", {}).get("rel_type") == "m.thread"]
+        assert threaded and threaded[0]["content"]["m.relates_to"]["event_id"] == root
+        from urllib.parse import quote
+        raw = await adapter._call("GET", f"/rooms/{quote(room, safe='')}/event/"
+                                          f"{quote(threaded[0]['event_id'], safe='')}")
+        assert raw["type"] == "m.room.encrypted"
+        assert raw["content"]["m.relates_to"]["rel_type"] == "m.thread"
+        assert "body" not in raw["content"]
+
         # A room key that arrives after its message: held, then decrypted and answered.
         late = await alice.do("send_without_key", room=room, body="key comes later")
         for _ in range(3):  # a few syncs pass without the key
