@@ -483,6 +483,12 @@ class ScriptedCrypto:
     async def upload_backup(self):
         return None
 
+    async def request_key(self, room_id, event):
+        self.requested = getattr(self, "requested", []) + [event["content"]["session_id"]]
+
+    async def cancel_requests(self, arrived):
+        return None
+
     async def encrypt(self, room_id, event_type, content):
         self.encrypted.append((room_id, event_type, content))
         return {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "opaque"}
@@ -520,6 +526,7 @@ def test_held_events_are_decrypted_when_the_key_comes_else_one_notice(tmp_path):
 
     deliver([encrypted("$a", "S1", "first"), encrypted("$b", "S2", "second")])
     assert sink.events == [] and set(adapter._held) == {(room, "S1"), (room, "S2")}
+    assert crypto.requested == ["S1", "S2"]  # key requests go out for held events
     crypto.arrive = {(room, "S1")}
     deliver()
     assert [e.text for e in sink.events] == ["first"]

@@ -93,6 +93,9 @@ class FakeKeyServer:
             self.otks.update(body.get("one_time_keys", {}))
             self.fallback.update(body.get("fallback_keys", {}))
             return {"one_time_key_counts": {"signed_curve25519": len(self.otks)}}
+        if path.startswith("/sendToDevice/"):
+            self.to_device = getattr(self, "to_device", []) + [(path.split("/")[2], body)]
+            return {}
         if path.endswith("/joined_members"):
             return {"joined": {"@bot:localhost": {}}}
         raise AssertionError(f"unexpected {method} {path}")
@@ -194,3 +197,47 @@ async def test_room_encryption_rotates_by_the_rooms_limits_and_keeps_relations(t
     await again.start()
     assert again.is_encrypted(room) and again.room_key_count == bot.room_key_count
     await again.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_requests_and_forwarded_keys_only_for_what_we_asked(tmp_path):
+    from hermes_twisted.platforms.matrix.crypto import DecryptionFailed
+
+    server = FakeKeyServer()
+    bot = engine(tmp_path, server)
+    await bot.start()
+    room = "!r:localhost"
+    outbound = vodozemac.GroupSession()
+    exported = vodozemac.InboundGroupSession(outbound.session_key).export_at(0).to_base64()
+    forwarded = {"type": "m.forwarded_room_key", "keys": {"ed25519": "x"}, "content": {
+        "algorithm": "m.megolm.v1.aes-sha2", "room_id": room,
+        "session_id": outbound.session_id, "session_key": exported,
+        "sender_key": "ALICEKEY", "sender_claimed_ed25519_key": "ALICEED"}}
+
+    async def olm_payload(sender, content):
+        return forwarded
+
+    bot._olm_decrypt = olm_payload
+    to_device = {"type": "m.room.encrypted", "sender": "@bot:localhost",
+                 "content": {"algorithm": "m.olm.v1.curve25519-aes-sha2",
+                             "sender_key": "OWNDEVICE", "ciphertext": {}}}
+    with pytest.raises(DecryptionFailed, match="did not ask"):
+        await bot._to_device(to_device)
+    held = {"sender": "@alice:localhost", "content": {
+        "session_id": outbound.session_id, "sender_key": "ALICEKEY"}}
+    await bot.request_key(room, held)
+    await bot.request_key(room, held)  # once per session
+    (kind, body), = server.to_device
+    request = body["messages"]["@alice:localhost"]["*"]
+    assert kind == "m.room_key_request" and set(body["messages"]) == {"@alice:localhost",
+                                                                       "@bot:localhost"}
+    assert request["action"] == "request" and request["requesting_device_id"] == "DEV"
+    assert request["body"] == {"algorithm": "m.megolm.v1.aes-sha2", "room_id": room,
+                               "session_id": outbound.session_id, "sender_key": "ALICEKEY"}
+    arrived = await bot._to_device(to_device)  # from our own device, for our request
+    assert arrived == {(room, outbound.session_id)}
+    await bot.cancel_requests(arrived)
+    cancel = server.to_device[-1][1]["messages"]["@bot:localhost"]["*"]
+    assert cancel == {"action": "request_cancellation", "requesting_device_id": "DEV",
+                      "request_id": request["request_id"]}
+    await bot.store.close()

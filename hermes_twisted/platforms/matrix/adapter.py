@@ -291,6 +291,8 @@ class MatrixAdapter(PlatformAdapter):
         if self.crypto is not None:
             arrived |= await self.crypto.recover(set(self._held))
             await self._retry_held(arrived)
+            await self._request_held_keys()
+            await self.crypto.cancel_requests(arrived)
             await self.crypto.upload_backup()
             await self._expire_held()
             await self.crypto.flush()
@@ -523,6 +525,16 @@ class MatrixAdapter(PlatformAdapter):
         self._held.setdefault((room_id, session_id), []).append((self.clock.seconds(), raw))
         self.log.info("Matrix: holding {event} in {room} until its room key arrives",
                       event=raw.get("event_id"), room=room_id)
+
+    async def _request_held_keys(self) -> None:
+        """Ask the sender's devices for the keys of held events (once per session)."""
+        for (room_id, _), events in list(self._held.items()):
+            try:
+                await self.crypto.request_key(room_id, events[0][1])
+            except CancelledError:
+                raise
+            except Exception as e:
+                self.log.warn("Matrix: could not request a room key: {error}", error=repr(e))
 
     async def _retry_held(self, arrived: set[tuple[str, str]]) -> None:
         for ref in arrived:

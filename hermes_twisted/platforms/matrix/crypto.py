@@ -121,6 +121,7 @@ class MatrixCrypto:
         self._pause = pause or (lambda: deferLater(self.clock, 0, lambda: None))
         self._to_backup: list[dict[str, Any]] = []
         self._asked_backup: set[tuple[str, str]] = set()
+        self._requests: dict[tuple[str, str], str] = {}  # room key requests we sent
 
     # -- keys and identity ------------------------------------------------------------------
 
@@ -366,6 +367,9 @@ class MatrixCrypto:
                                      payload["keys"]["ed25519"], back_up=True)
         if inner == "m.forwarded_room_key" and inner_content.get("algorithm") == MEGOLM:
             original = inner_content.get("sender_key")
+            if (inner_content.get("room_id"), inner_content.get("session_id")) \
+                    not in self._requests:
+                raise DecryptionFailed("a forwarded room key we did not ask for")
             if sender != self.user_id and original != sender_key:
                 raise DecryptionFailed("a forwarded room key from a device that is neither "
                                        "ours nor the session's sender")
@@ -594,6 +598,41 @@ class MatrixCrypto:
             plain["m.relates_to"] = content["m.relates_to"]
         return dict(event, type=payload.get("type"), content=plain,
                     decrypted={"session_id": session_id, "sender_key": entry.sender_key})
+
+    async def request_key(self, room_id: str, event: dict[str, Any]) -> None:
+        """
+        Ask for the room key of C{event} (held: its key is missing) with C{m.room_key_request}
+        to every device of its sender and of ours, once per session.  Fires when sent.
+        """
+        content = event.get("content") or {}
+        ref = (room_id, str(content.get("session_id")))
+        if ref in self._requests or ref in self._inbound:
+            return
+        self._txn += 1
+        request_id = f"hermes-{self.device_id}-{int(self.clock.seconds() * 1000)}-{self._txn}"
+        self._requests[ref] = request_id
+        body = {"action": "request", "requesting_device_id": self.device_id,
+                "request_id": request_id,
+                "body": {"algorithm": MEGOLM, "room_id": room_id, "session_id": ref[1],
+                         "sender_key": content.get("sender_key", "")}}
+        await self._send_to_device("m.room_key_request", body, {event.get("sender"),
+                                                                 self.user_id})
+
+    async def cancel_requests(self, arrived: set[tuple[str, str]]) -> None:
+        """Tell the devices we asked that the keys in C{arrived} came (C{request_cancellation})."""
+        for ref in arrived:
+            request_id = self._requests.pop(ref, None)
+            if request_id is not None:
+                await self._send_to_device("m.room_key_request", {
+                    "action": "request_cancellation", "requesting_device_id": self.device_id,
+                    "request_id": request_id}, {self.user_id})
+
+    async def _send_to_device(self, kind: str, content: dict[str, Any], users: set[Any]
+                              ) -> None:
+        self._txn += 1
+        messages = {user: {"*": content} for user in users if isinstance(user, str)}
+        await self._call("PUT", f"/sendToDevice/{kind}/hermes-{self._txn}-"
+                                f"{int(self.clock.seconds() * 1000)}", {"messages": messages})
 
     def withheld_code(self, room_id: str, session_id: str) -> str | None:
         return self._withheld.get((room_id, session_id))
