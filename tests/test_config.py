@@ -321,6 +321,8 @@ ERRORS = [
      "MATRIX_ACCESS_TOKEN: Matrix needs an access token, or MATRIX_USER_ID and MATRIX_PASSWORD"),
     ({"platforms": {"telegram": {"enabled": True}}}, {},
      "TELEGRAM_BOT_TOKEN: required when Telegram is enabled"),
+    ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
+          "MATRIX_E2EE_MODE": "mandatory"}, "MATRIX_E2EE_MODE: expected one of off, optional"),
     ({}, {"API_SERVER_ENABLED": "true"}, "API_SERVER_KEY: the API server needs a key of at "
                                          "least 16 characters"),
     ({}, {"API_SERVER_KEY": "short"}, "API_SERVER_KEY: the API server needs a key"),

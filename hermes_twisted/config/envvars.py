@@ -255,6 +255,41 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _pvar("matrix", "MATRIX_AUTO_JOIN", "auto_join", "Accept room invites.",
           "Auto-join invited rooms (true/false)", type="bool", default=True, advanced=True,
           ours=True),
+    _pvar("matrix", "MATRIX_ENCRYPTION", "encryption",
+          "Legacy switch for end-to-end encryption: true means MATRIX_E2EE_MODE=required.",
+          "Matrix encryption (true/false)", type="bool", default=False),
+    _pvar("matrix", "MATRIX_E2EE_MODE", "e2ee_mode",
+          "End-to-end encryption: off, optional (answer in encrypted and plain rooms) or "
+          "required (answer only in encrypted rooms). Overrides MATRIX_ENCRYPTION; 0.19.0's "
+          "aliases (require/true/yes/on, prefer/preferred, false/no/0) are accepted.",
+          "Matrix E2EE mode (off/optional/required)", type="enum",
+          choices=("off", "optional", "required", "require", "prefer", "preferred", "true",
+                   "false", "yes", "no", "on", "1", "0")),
+    _pvar("matrix", "MATRIX_STORE_KEY", "store_key",
+          "Secret that encrypts the Matrix crypto store at rest (any length; keep it out of "
+          "the volume). Unset: a random key is kept in the store directory, protected by the "
+          "file permissions only.", "Matrix crypto store key", type="secret", advanced=True,
+          ours=True),
+    _pvar("matrix", "MATRIX_RECOVERY_KEY", "recovery_key",
+          "Recovery key (base58, as Element shows it): secret storage key or key backup key. "
+          "Room keys are backed up to the account's server-side key backup and restored "
+          "from it, so a lost crypto store does not lose the history.",
+          "Matrix recovery key", type="secret"),
+    _pvar("matrix", "MATRIX_E2EE_TRUST", "e2ee_trust",
+          "Which devices get room keys: tofu (every device of every member, each device's "
+          "signing key pinned on first use, as 0.19.0) or allowed (only devices of allowed "
+          "users and the bot's own).", "Matrix device trust (tofu/allowed)", type="enum",
+          choices=("tofu", "allowed"), default="tofu", advanced=True, ours=True),
+    _pvar("matrix", "MATRIX_AUTO_THREAD", "auto_thread",
+          "In group rooms, answer each new top-level message in a thread rooted at it (one "
+          "session per thread).", "Matrix auto-thread (true/false)", type="bool",
+          default=True),
+    _pvar("matrix", "MATRIX_DM_AUTO_THREAD", "dm_auto_thread",
+          "Auto-thread in direct messages too.", "Matrix DM auto-thread (true/false)",
+          type="bool", default=False, advanced=True),
+    _pvar("matrix", "MATRIX_MAX_MEDIA_BYTES", "max_media_bytes",
+          "Largest attachment downloaded (declared size and bytes read).",
+          "Matrix max media bytes", type="int", default=104857600, minimum=1, advanced=True),
     *_common("matrix", "MATRIX", "Matrix"),
     # -- Telegram -------------------------------------------------------------------------
     _pfield("telegram", "TELEGRAM_BOT_TOKEN", "token",
