@@ -136,10 +136,15 @@ COMPANIONS = {
     "telegram": {"TELEGRAM_BOT_TOKEN": "123:abc"},
     "api_server": {"API_SERVER_KEY": "0123456789abcdef-key"},
     "relay": {"GATEWAY_RELAY_URL": "https://c.example"},
+    "xmpp": {"XMPP_JID": "bot@xmpp.example", "XMPP_PASSWORD": "pw"},
 }
+#: Values whose shape the loader checks beyond their type.
+SAMPLES = {"XMPP_JID": "sample@xmpp.example"}
 
 
 def sample(var):
+    if var.name in SAMPLES:
+        return SAMPLES[var.name]
     if var.type == "bool":
         return "false" if var.default in (True, None) else "true"
     if var.type == "int":

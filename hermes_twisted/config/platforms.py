@@ -61,6 +61,13 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
         if not settings.token:
             raise ConfigError("TELEGRAM_BOT_TOKEN", "required when Telegram is enabled "
                                                     "(or set platforms.telegram.token)")
+    elif name == "xmpp":
+        for key in ("jid", "password"):
+            _require(layers, "xmpp", key, "XMPP")
+        jid = str(extra.get("jid") or "")
+        local, _, domain = jid.partition("@")
+        if not local or not domain or "@" in domain:
+            raise ConfigError("XMPP_JID", f"expected user@domain, got {jid!r}")
     elif name == "api_server":
         key = extra.get("key") or settings.api_key
         if not key or len(key) < 16:
