@@ -2,15 +2,21 @@
 The XMPP adapter against a real Prosody on 127.0.0.1, with slixmpp as the human user
 (email-xmpp.md §5.3, §6): login over STARTTLS and direct TLS, a 1:1 round trip, chat states,
 streamed corrections seen as replacements of one message, a MUC mention round trip, rejoin
-after a server restart, certificate and password failures.
+after a server restart, certificate and password failures, XEP-0198 resume with nothing lost
+or doubled, and /stop mid-stream through the real gateway.
 """
 
 from __future__ import annotations
 
 import pytest
 import pytest_twisted
+from twisted.internet.task import deferLater
 
+from hermes_twisted.config.settings import GatewayConfig, StreamingSettings
+from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.model import Platform
+from tests.fakes.memory_store import MemoryStore
+from tests.fakes.memory_upstream import MemoryUpstream
 from tests.relay_support import RecordingSink, eventually
 from tests.xmpp_support import (
     TIMEOUT,
@@ -18,6 +24,7 @@ from tests.xmpp_support import (
     in_rooms,
     make_adapter,
     prosody_for,
+    real_reactor,
     start_user,
     stop,
 )
@@ -187,4 +194,74 @@ async def test_a_wrong_password_is_reported(prosody):
         await eventually(lambda: "authentication failed" in adapter.status, TIMEOUT,
                          f"an auth failure (status {adapter.status})")
     finally:
+        await stop(adapter)
+
+
+@pytest_twisted.ensureDeferred
+async def test_resume_after_a_dropped_connection_loses_and_doubles_nothing(prosody):
+    adapter = make_adapter(prosody)
+    sink = RecordingSink()
+    adapter.attach(sink)
+    alice = await start_user(prosody, "alice")
+    try:
+        adapter.startService()
+        await connected(adapter)
+        await eventually(lambda: adapter.sm.resume_id, TIMEOUT, "a resumable session")
+        alice.send("hermes@localhost", "before the drop")
+        await eventually(lambda: sink.texts() == ["before the drop"], TIMEOUT, "the first")
+        adapter.backoff._initial = 2.0  # stay away long enough for alice to write
+        adapter.connected_stream.transport.abortConnection()
+        await eventually(lambda: adapter.connected_stream is None, TIMEOUT, "the drop")
+        alice.send("hermes@localhost", "while you were away")
+        await connected(adapter)
+        assert adapter.connected_stream.resumed, "the session was not resumed"
+        await eventually(lambda: len(sink.events) >= 2, TIMEOUT, "the held message")
+        await deferLater(real_reactor(), 0.5, lambda: None)  # room for a doubled delivery
+        # Prosody resends what we had not acknowledged; the stanza id drops the repeat.
+        assert sink.texts() == ["before the drop", "while you were away"]
+        result = await adapter.send("alice@localhost", "still here")
+        assert result.success, result
+        await alice.wait(lambda e: e["ev"] == "message" and e["body"] == "still here",
+                         "a reply after the resume")
+    finally:
+        await alice.quit()
+        await stop(adapter)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_mid_stream_ends_the_corrections(prosody):
+    reactor = real_reactor()
+    config = GatewayConfig(hermes_home="/h", db_path=":memory:", allow_all_users=True,
+                           streaming=StreamingSettings(enabled=True, edit_interval=0.2))
+    upstream = MemoryUpstream(clock=reactor)
+    gateway = Gateway(config, store=MemoryStore(reactor), upstream=upstream, clock=reactor)
+    adapter = make_adapter(prosody)
+    gateway.add_adapter(adapter)
+    alice = await start_user(prosody, "alice")
+    try:
+        gateway.startService()
+        adapter.startService()
+        await connected(adapter)
+        alice.send("hermes@localhost", "tell me a long story")
+        await eventually(lambda: upstream.turns, TIMEOUT, "the turn to start")
+        turn = upstream.last
+        turn.delta("Once upon a time")
+        first = await alice.wait(lambda e: e["ev"] == "message" and e["body"]
+                                 and e["body"].startswith("Once upon a time"), "the preview")
+        turn.delta(", there was a bot")
+        await alice.wait(lambda e: e["ev"] == "message" and e["replace"] == first["id"]
+                         and "there was a bot" in e["body"], "a correction")
+        alice.send("hermes@localhost", "/stop")
+        await eventually(lambda: turn.cancelled, TIMEOUT, "the upstream to be cancelled")
+        await alice.wait(lambda e: e["ev"] == "message" and "Stopped" in (e["body"] or ""),
+                         "the stop notice")
+        turn.delta(" who never finished")
+        await deferLater(reactor, 0.6, lambda: None)  # more than an edit interval
+        shown = alice.bodies("hermes@localhost")
+        assert not [m for m in shown if "never finished" in m["body"]], shown
+        corrections = [m for m in shown if m["replace"] is not None]
+        assert corrections and all(m["replace"] == first["id"] for m in corrections), shown
+    finally:
+        await alice.quit()
+        await gateway.stopService()
         await stop(adapter)
