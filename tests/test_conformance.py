@@ -55,6 +55,7 @@ from tests.conformance_support import (
     MatrixHarness,
     RelayHarness,
     TelegramHarness,
+    XMPPHarness,
 )
 
 #: Platform name -> harness class.  One entry per platform; see the module docstring.
@@ -64,6 +65,7 @@ HARNESSES: dict[str, type[Harness]] = {
     "matrix": MatrixHarness,
     "relay": RelayHarness,
     "telegram": TelegramHarness,
+    "xmpp": XMPPHarness,
 }
 
 CHAT_TYPES = {"dm", "group", "channel"}  # what get_chat_info may report (base.py)
