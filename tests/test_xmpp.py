@@ -235,11 +235,13 @@ def test_h_counts_only_stanzas_after_enabled():
 def test_unacknowledged_stanzas_are_resent_on_resume():
     bot = Bot()
     bot.login()
+    bot.joined()
     bot.feed(f"<enabled xmlns='{NS_SM}' id='sess-1' resume='true'/>")
     bot.feed(chat("hi"))
     bot.adapter.send("alice@example.org", "answer")
     bot.written()
     bot.drop()
+    assert not bot.adapter.send(ROOM, "while away").result.success
     # The next connection resumes instead of binding, then resends "answer".
     bot.connect()
     init = bot.xs.initializers[-1]
@@ -248,6 +250,10 @@ def test_unacknowledged_stanzas_are_resent_on_resume():
     bot.feed(f"<resumed xmlns='{NS_SM}' previd='sess-1' h='0'/>")
     assert d.called and bot.xs.resumed
     assert "<body>answer</body>" in bot.written()
+    bot.xs.dispatch(bot.xs, xmlstream.STREAM_AUTHD_EVENT)
+    # The resumed session is still in its rooms: no rejoin, and sends to them work.
+    assert f"to='{ROOM}/hermes'" not in bot.written()
+    assert bot.adapter.send(ROOM, "back").result.success
     bot.drop()
 
 

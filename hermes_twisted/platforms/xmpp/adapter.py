@@ -310,6 +310,9 @@ class XMPPAdapter(PlatformAdapter):
         if resumed:
             self.log.info("XMPP stream resumed as {jid} ({pending} stanza(s) resent)",
                           jid=xs.authenticator.jid.full(), pending=len(self.sm.unacked))
+            for room in self.rooms.values():
+                if not room.joined:  # removed before the drop; its rejoin was cancelled
+                    self._schedule_rejoin(room)
             return
         self.log.info("XMPP logged in as {jid}", jid=xs.authenticator.jid.full())
         self._typing.clear()
@@ -324,6 +327,8 @@ class XMPPAdapter(PlatformAdapter):
             self.sm.forget()
         xs.send(stanzas.presence())
         for room in self.rooms.values():
+            room.joined = False
+            room.occupants.clear()
             self._join(room)
 
     def _sm_enabled(self, element: domish.Element) -> None:
@@ -363,8 +368,7 @@ class XMPPAdapter(PlatformAdapter):
             self._keepalive.stop()
         self._keepalive = None
         for room in self.rooms.values():
-            room.joined = False
-            room.occupants.clear()
+            # Still joined if the session resumes; a new session rejoins (_stream_ready).
             self._cancel_rejoin(room)
         self.backoff.connection_lost()
         if self._stopping:

@@ -189,6 +189,10 @@ class ResumeOrBind(xmlstream.BaseFeatureInitiatingInitializer):
 
         def failed(element: domish.Element) -> None:
             xs.removeObserver(f"/resumed[@xmlns='{NS_SM}']", resumed)
+            lost = sum(1 for s in xs.sm.unacked if s.name == "message")
+            if lost:
+                xs.log.warn("XMPP session could not be resumed; {count} message(s) we sent "
+                            "may not have been delivered", count=lost)
             xs.sm.forget()
             self._bind().chainDeferred(result)
 
