@@ -257,6 +257,19 @@ def test_unacknowledged_stanzas_are_resent_on_resume():
     bot.drop()
 
 
+def test_a_resume_cut_short_by_the_link_fails_the_login_quietly():
+    bot = Bot()
+    bot.login()
+    bot.feed(f"<enabled xmlns='{NS_SM}' id='sess-1' resume='true'/>")
+    bot.drop()
+    bot.connect()
+    d = bot.xs.initializers[-1].initialize()
+    bot.drop()
+    assert d.called
+    d.addErrback(lambda f: f.trap(ConnectionLost))
+    assert bot.adapter.sm.resume_id == "sess-1"  # still worth trying next time
+
+
 def test_a_failed_resume_binds_a_new_session():
     bot = Bot()
     bot.login()
@@ -359,3 +372,20 @@ def test_config_requires_a_jid_and_a_password():
     assert extra["rooms"] == ("a@muc.example.org", "b@muc.example.org") or \
         list(extra["rooms"]) == ["a@muc.example.org", "b@muc.example.org"]
     assert extra["require_mention"] is True and extra["direct_tls"] is False
+
+
+@pytest.mark.parametrize("direct_tls", [False, True])
+def test_tls_comes_before_sasl_either_way(direct_tls):
+    bot = Bot()
+    factory = XMPPStreamFactory(bot.adapter, JID("hermes@example.org/hermes"), "pw", tls=None,
+                                direct_tls=direct_tls, sm=StreamManagement())
+    xs = factory.buildProtocol(None)
+    kinds = [type(i).__name__ for i in xs.initializers]
+    assert kinds.index("TLSInitiatingInitializer") < kinds.index("SASLInitiatingInitializer")
+    tls = xs.initializers[kinds.index("TLSInitiatingInitializer")]
+    # STARTTLS is required on a plain connection; a direct-TLS connection is TLS already.
+    assert tls.wanted and tls.required is (not direct_tls)
+    assert bot.adapter.build_endpoint().__class__.__name__ == "HostnameEndpoint"
+    assert XMPPAdapter(PlatformSettings(name="xmpp", enabled=True, extra={
+        "jid": "h@example.org", "password": "pw", "direct_tls": True}),
+        reactor=bot.clock).port == 5223

@@ -22,6 +22,7 @@ from typing import Any
 from twisted.application.internet import ClientService
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFromCertificates
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -342,6 +343,8 @@ class XMPPAdapter(PlatformAdapter):
 
     def _stream_failed(self, xs: HermesXmlStream, reason: Failure) -> None:
         self._cancel_login_timer()
+        if reason.check(ConnectionLost, ConnectionDone):
+            return  # the link dropped mid-login; _stream_lost reports it
         if reason.check(sasl.SASLError):
             problem = f"authentication failed ({reason.value})"
         else:

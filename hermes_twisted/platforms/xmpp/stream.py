@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from twisted.internet import protocol
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.words.protocols.jabber import client, xmlstream
@@ -168,14 +169,29 @@ class ResumeOrBind(xmlstream.BaseFeatureInitiatingInitializer):
         return self._bind()
 
     def start(self) -> Deferred:
+        """
+        Send C{<resume/>}.  Fires with None once resumed or bound afresh; fails with
+        C{ConnectionLost} when the stream ends first.  Cancelling stops waiting for the
+        server's answer.
+        """
         xs = self.xmlstream
-        result: Deferred = Deferred()
+
+        def stop_waiting(_: Any = None) -> None:
+            xs.removeObserver(f"/resumed[@xmlns='{NS_SM}']", resumed)
+            xs.removeObserver(f"/failed[@xmlns='{NS_SM}']", failed)
+            xs.removeObserver(xmlstream.STREAM_END_EVENT, ended)
+
+        result: Deferred = Deferred(stop_waiting)
         resume = domish.Element((NS_SM, "resume"))
         resume["previd"] = xs.sm.resume_id
         resume["h"] = str(xs.sm.inbound)
 
+        def ended(reason: Any) -> None:
+            stop_waiting()
+            result.errback(ConnectionLost("the stream ended before <resumed/>"))
+
         def resumed(element: domish.Element) -> None:
-            xs.removeObserver(f"/failed[@xmlns='{NS_SM}']", failed)
+            stop_waiting()
             try:
                 xs.sm.ack(int(element.getAttribute("h", "0")))
             except ValueError:
@@ -188,7 +204,7 @@ class ResumeOrBind(xmlstream.BaseFeatureInitiatingInitializer):
             result.callback(None)
 
         def failed(element: domish.Element) -> None:
-            xs.removeObserver(f"/resumed[@xmlns='{NS_SM}']", resumed)
+            stop_waiting()
             lost = sum(1 for s in xs.sm.unacked if s.name == "message")
             if lost:
                 xs.log.warn("XMPP session could not be resumed; {count} message(s) we sent "
@@ -198,6 +214,7 @@ class ResumeOrBind(xmlstream.BaseFeatureInitiatingInitializer):
 
         xs.addOnetimeObserver(f"/resumed[@xmlns='{NS_SM}']", resumed)
         xs.addOnetimeObserver(f"/failed[@xmlns='{NS_SM}']", failed)
+        xs.addOnetimeObserver(xmlstream.STREAM_END_EVENT, ended)
         xs.send(resume)
         return result
 
