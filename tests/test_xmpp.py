@@ -204,6 +204,29 @@ def test_joins_rooms_without_history_and_rejoins_after_a_kick():
     assert bot.clock.getDelayedCalls() == []
 
 
+@pytest.mark.parametrize("condition, rejoins", [
+    ("not-acceptable", True), ("item-not-found", True),
+    ("service-unavailable", False), ("feature-not-implemented", False), (None, False),
+])
+def test_self_ping_rejoins_a_room_that_dropped_us_silently(condition, rejoins):
+    bot = Bot()
+    bot.login(features=())
+    bot.joined()
+    bot.written()
+    bot.clock.advance(xmpp_adapter.KEEPALIVE_INTERVAL)
+    out = bot.written()
+    ping_id = out.split(f"to='{ROOM}/hermes'", 1)[0].rsplit("id='", 1)[1].split("'", 1)[0]
+    assert f"<ping xmlns='{stanzas.NS_PING}'/>" in out
+    if condition is None:
+        bot.feed(f"<iq type='result' id='{ping_id}' from='{ROOM}/hermes'/>")
+    else:
+        bot.feed(f"<iq type='error' id='{ping_id}' from='{ROOM}/hermes'><error type='cancel'>"
+                 f"<{condition} xmlns='{stanzas.NS_STANZAS}'/></error></iq>")
+    assert ("maxstanzas='0'" in bot.written()) is rejoins
+    bot.drop()
+    assert bot.clock.getDelayedCalls() == []
+
+
 def test_a_taken_nick_is_retried_with_a_suffix():
     bot = Bot()
     bot.login()

@@ -27,7 +27,7 @@ from twisted.internet.ssl import Certificate, optionsForClientTLS, trustRootFrom
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.words.protocols.jabber import sasl, xmlstream
+from twisted.words.protocols.jabber import error, sasl, xmlstream
 from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
@@ -53,6 +53,8 @@ KEEPALIVE_INTERVAL = 60.0
 IDLE_LIMIT = 150.0
 #: Seconds before rejoining a room we were removed from (kick, shutdown).
 REJOIN_DELAY = 5.0
+#: XEP-0410: errors to a self-ping that still prove we are in the room.
+STILL_JOINED = ("service-unavailable", "feature-not-implemented")
 #: The fixed resource: a random one would defeat addressing the bot (§4.1).
 RESOURCE = "hermes"
 #: Longest body in UTF-8 bytes; XML escaping can grow it fivefold, and servers cap stanzas
@@ -395,8 +397,32 @@ class XMPPAdapter(PlatformAdapter):
                 ping = xmlstream.IQ(xs, "get")
                 ping.addElement((stanzas.NS_PING, "ping"))
                 ping.send(to=xs.authenticator.jid.host).addErrback(lambda _: None)
+            for room in self.rooms.values():
+                if room.joined:
+                    self._self_ping(xs, room)
         except Exception:
             self.log.failure("while keeping the XMPP stream alive")
+
+    def _self_ping(self, xs: HermesXmlStream, room: Room) -> None:
+        # XEP-0410: a room can drop us silently (a restart of the MUC service, a netsplit);
+        # pinging our own occupant tells whether we are still in it (§4.1, §7).
+        ping = xmlstream.IQ(xs, "get")
+        ping.addElement((stanzas.NS_PING, "ping"))
+        nick = room.nick
+
+        def answered(failure: Failure) -> None:
+            condition = getattr(failure.value, "condition", None)
+            if failure.check(error.StanzaError) and condition in STILL_JOINED:
+                return  # the ping reached our occupant: still joined
+            if not failure.check(error.StanzaError) or xs is not self._xs or not room.joined:
+                return  # the stream went away; a new session rejoins anyway
+            if room.nick == nick:
+                self.log.warn("XMPP self-ping to {room} failed ({condition}); rejoining",
+                              room=room.jid, condition=condition)
+                room.joined = False
+                self._join(room)
+
+        ping.send(to=f"{room.jid}/{nick}").addErrback(answered)
 
     # -- rooms ----------------------------------------------------------------------------
 
