@@ -16,7 +16,8 @@ connections still open, stop it.  No fake server is written here; each harness r
     L{tests.test_api_server};
   - relay: L{hermes_twisted.relay.stub.StubConnector} over loopback, like
     L{tests.relay_support.relay_pair};
-  - slack: L{tests.servers.slack.FakeSlack} on loopback, like L{tests.test_slack}.
+  - slack: L{tests.servers.slack.FakeSlack} on loopback, like L{tests.test_slack};
+  - xmpp: a real Prosody and a slixmpp user process, like L{tests.test_xmpp_integration}.
 
 Harnesses on a C{Clock} advance it themselves while waiting (L{ClockHarness.until}); those on
 the real reactor poll it with a bound (L{RealReactorHarness.until}).  Either way a test waits
@@ -847,3 +848,86 @@ class SlackHarness(RealReactorHarness):
         if self.adapter is not None and self.adapter.running:
             await self.adapter.stopService()
         await self._stop_fake()
+
+
+# -- XMPP ---------------------------------------------------------------------------------------
+
+
+class XMPPHarness(RealReactorHarness):
+    """
+    The XMPP adapter against a real Prosody on loopback (L{tests.servers.prosody}), with a
+    slixmpp user, alice, in its own process (L{tests.xmpp_support.XMPPUser}) as the peer: she
+    writes to the bot 1:1 and in a room, and what she receives is what was sent.
+    """
+
+    name = "xmpp"
+    inbound_platform = Platform.XMPP
+    user = "alice@localhost"
+    inbound_chats = ("alice@localhost", "conformance@conference.localhost")
+    no_threads = "XMPP chats have no threads"
+    nothing_in_flight = ("a stanza is written to the stream at once; no call waits for the "
+                         "server to answer")
+    no_rate_limit = "XMPP servers send no rate-limit answer to wait out"
+    timeout = 20.0
+
+    def __init__(self, tmp_path: Any) -> None:
+        super().__init__(tmp_path)
+        self.server: Any = None
+        self.alice: Any = None
+
+    async def start(self) -> None:
+        from tests.servers.prosody import start_prosody
+        from tests.xmpp_support import PASSWORDS, make_adapter, require_slixmpp, start_user
+
+        require_slixmpp()
+        self.clock = real_reactor
+        (self.tmp_path / "prosody").mkdir()
+        self.server = start_prosody(self.tmp_path / "prosody", PASSWORDS)
+        self.adapter = make_adapter(self.server, rooms=(self.inbound_chats[1],))
+        self.adapter.attach(self.sink)
+        self.adapter.startService()
+        assert await self.until(lambda: self.adapter.status == "connected"
+                                and all(r.joined for r in self.adapter.rooms.values())), \
+            self.adapter.status
+        self.alice = await start_user(self.server, "alice")
+        await self.alice.join(self.inbound_chats[1], "alice")
+
+    async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
+                             thread_id: str | None = None) -> MessageEvent:
+        assert thread_id is None, self.no_threads
+        before = len(self.sink.events)
+        if chat_id == self.inbound_chats[1]:
+            self.alice.say(chat_id, f"hermes: {text}")
+        else:
+            self.alice.send("hermes@localhost", text)
+        return await self._next_event(before)
+
+    async def open_chat(self) -> str:
+        return self.inbound_chats[0]
+
+    async def break_outbound(self) -> None:
+        self.server.stop()  # the server is gone: the stream drops, reconnects are refused
+        assert await self.until(lambda: self.adapter.connected_stream is None)
+
+    async def sent_texts(self, chat_id: str) -> list[str]:
+        def received() -> list[str]:
+            return [m["body"] for m in self.alice.bodies("hermes@localhost")]
+        # Stanzas are in flight through the server: wait until nothing more arrives.
+        seen = -1
+        while len(received()) != seen:
+            seen = len(received())
+            await self.until(lambda count=seen: len(received()) > count, timeout=1.0)
+        return received()
+
+    def open_connections(self) -> int:
+        return 0 if self.adapter._connection is None else 1
+
+    async def stop(self) -> None:
+        try:
+            if self.adapter is not None and self.adapter.running:
+                await self.adapter.stopService()
+            if self.alice is not None:
+                await self.alice.quit()
+        finally:
+            if self.server is not None:
+                self.server.stop()

@@ -56,6 +56,7 @@ from tests.conformance_support import (
     RelayHarness,
     SlackHarness,
     TelegramHarness,
+    XMPPHarness,
 )
 
 #: Platform name -> harness class.  One entry per platform; see the module docstring.
@@ -66,6 +67,7 @@ HARNESSES: dict[str, type[Harness]] = {
     "relay": RelayHarness,
     "slack": SlackHarness,
     "telegram": TelegramHarness,
+    "xmpp": XMPPHarness,
 }
 
 CHAT_TYPES = {"dm", "group", "channel"}  # what get_chat_info may report (base.py)

@@ -211,6 +211,31 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _var("SESSION_RESET_HOUR", "Local hour of the daily session reset (mode daily or both).",
          "Session reset hour (0-23)", category="setting", type="int",
          yaml_key="session_reset.at_hour", default=4, minimum=0, maximum=23, advanced=True),
+    # -- XMPP (ours: Hermes 0.19.0 has no XMPP platform) ----------------------------------
+    _pvar("xmpp", "XMPP_JID", "jid", "The bot's account, user@domain (a resource is ignored: "
+          "it binds /hermes). Setting it enables XMPP.", "XMPP JID", enables=True, ours=True),
+    _pvar("xmpp", "XMPP_PASSWORD", "password", "The account's password (SASL PLAIN or "
+          "DIGEST-MD5, over TLS only).", "XMPP password", type="secret", ours=True),
+    _pvar("xmpp", "XMPP_HOST", "host", "Server to connect to. Default: the JID's domain.",
+          "XMPP server host", ours=True),
+    _pvar("xmpp", "XMPP_PORT", "port", "Server port. Default: 5222 (STARTTLS, required); "
+          "5223 with XMPP_DIRECT_TLS.", "XMPP port", type="int", minimum=1, maximum=65535,
+          ours=True),
+    _pvar("xmpp", "XMPP_DIRECT_TLS", "direct_tls", "TLS from the first byte (XEP-0368, port "
+          "5223 style) instead of STARTTLS.", "Direct TLS (true/false)", type="bool",
+          default=False, ours=True),
+    _pvar("xmpp", "XMPP_CA_FILE", "ca_file", "PEM file of the CA (or self-signed certificate) "
+          "to trust instead of the system's; the certificate must still name the JID's "
+          "domain.", "XMPP CA file", type="path", advanced=True, ours=True),
+    _pvar("xmpp", "XMPP_ROOMS", "rooms", "MUC rooms to join, comma separated room JIDs "
+          "(room@conference.example.org).", "XMPP rooms (comma separated)", type="list",
+          ours=True),
+    _pvar("xmpp", "XMPP_NICK", "nick", "Nick in rooms. Default: the JID's local part.",
+          "XMPP room nick", ours=True),
+    _pvar("xmpp", "XMPP_REQUIRE_MENTION", "require_mention", "In rooms, answer only messages "
+          "that address the nick (nick: / nick, / @nick).", "Require mention in rooms "
+          "(true/false)", type="bool", default=True, ours=True),
+    *_common("xmpp", "XMPP", "XMPP"),
     # -- IRC ------------------------------------------------------------------------------
     _pvar("irc", "IRC_SERVER", "server", "IRC server host name. Setting it enables IRC.",
           "IRC server", enables=True),
@@ -543,7 +568,8 @@ SHORTCUT_KEYS_BY_PLATFORM = {
 }
 
 #: Platforms this daemon implements, by config name (their adapters: L{hermes_twisted.platforms}).
-SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "slack", "api_server", "relay"})
+SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "slack", "api_server", "relay",
+                                 "xmpp"})
 
 #: Platforms Hermes 0.19.0 knows and this daemon does not implement, with the variable that
 #: would turn each on in Hermes.  The relay can front them.
@@ -619,7 +645,7 @@ are logged and ignored; unknown top-level keys (Hermes's agent settings) are ign
 Booleans accept `1/true/yes/on` and `0/false/no/off` (any case). Lists accept a YAML list or
 a comma separated string.
 
-Supported platforms: `irc`, `matrix`, `telegram`, `slack`, `api_server`, `relay`. Platforms Hermes
+Supported platforms: `irc`, `matrix`, `telegram`, `slack`, `api_server`, `relay`, `xmpp`. Platforms Hermes
 knows but this daemon does not implement are rejected with a pointer to the relay
 (`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them or the
 block says `enabled: false`.
@@ -652,6 +678,7 @@ _GROUPS = [
     ("Telegram", lambda v: v.platform == "telegram"),
     ("Slack", lambda v: v.platform == "slack"),
     ("API server", lambda v: v.platform == "api_server"),
+    ("XMPP", lambda v: v.platform == "xmpp"),
 ]
 #: Anything no group above claims still gets documented.
 _OTHER = "Other"
