@@ -62,6 +62,7 @@ class Handler:
         self.frames: list[dict[str, Any]] = []
         self.descriptors: list[CapabilityDescriptor] = []
         self.disabled: list[str] = []
+        self.redials: list[tuple[int, int | None]] = []
 
     def relay_frame(self, frame: dict[str, Any]) -> None:
         self.frames.append(frame)
@@ -71,6 +72,10 @@ class Handler:
 
     def relay_disabled(self, reason: str) -> None:
         self.disabled.append(reason)
+
+    def relay_redialing(self, attempt: int, delay: float | None,
+                        close_code: int | None) -> None:
+        self.redials.append((attempt, close_code))
 
 
 class ClientTests(SynchronousTestCase):

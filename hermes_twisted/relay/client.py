@@ -72,6 +72,13 @@ class RelayHandler(Protocol):
     def relay_disabled(self, reason: str) -> None:
         """The connector revoked us; the client stopped dialing for good."""
 
+    def relay_redialing(self, attempt: int, delay: float | None,
+                        close_code: int | None) -> None:
+        """
+        The session is lost and the supervisor will dial again, in C{delay} s once it is known
+        (C{attempt}: failed sessions so far; C{close_code}: the last WebSocket close code).
+        """
+
 class RelayClient(Service):
     """
     The supervised connection to the connector.  Start it to dial; stop it to say
@@ -110,6 +117,7 @@ class RelayClient(Service):
             None if settings.url else "relay_url_missing: no gateway.relay_url configured")
         self.dormant = False
         self.dials = 0
+        self.last_close_code: int | None = None
         self.setName("relay.client")
 
     # -- state --------------------------------------------------------------------------------
@@ -137,8 +145,19 @@ class RelayClient(Service):
         if self._redial_now:
             # A provisional 4401 after a handshake: redial at once with a fresh token.
             self._redial_now = False
-            return 0.0
-        return self.backoff(attempt)
+            delay = 0.0
+        else:
+            delay = self.backoff(attempt)
+        self._report_redial(delay)
+        return delay
+
+    def _report_redial(self, delay: float | None) -> None:
+        if self._stopping or self.disabled_reason:
+            return
+        try:
+            self.handler.relay_redialing(self.backoff.failures, delay, self.last_close_code)
+        except Exception:
+            self.log.failure("while reporting a relay redial")
 
     # -- service ------------------------------------------------------------------------------
 
@@ -205,6 +224,7 @@ class RelayClient(Service):
 
     def connection_closed(self, protocol: RelayClientProtocol, code: int | None,
                           reason: str) -> None:
+        self.last_close_code = code
         self.backoff.connection_lost()
         if self.dormant:
             self.backoff.reset()  # we closed on purpose: redial on the base cadence
@@ -214,6 +234,8 @@ class RelayClient(Service):
                           code=code, reason=reason)
             return
         self._protocol = None
+        # Reported before the pending requests settle: their owners may look at the state.
+        self._report_redial(None)
         self._settle_pending(failure_result(CLOSED if self._stopping else CONNECTION_LOST))
         self._fire_waiters(self._idle_waiters, False)
         if self._stopping:
@@ -285,8 +307,9 @@ class RelayClient(Service):
             self.default_descriptor = descriptor
         self.handshaked = True
         self._provisional_4401 = False
-        self._fire_waiters(self._handshake_waiters, descriptor)
+        # The owner applies it first, so a waiter resumes with the descriptor in force.
         self.handler.relay_descriptor(descriptor)
+        self._fire_waiters(self._handshake_waiters, descriptor)
 
     def _result_received(self, frame: dict[str, Any]) -> None:
         entry = self._pending.pop(str(frame.get("requestId")), None)
