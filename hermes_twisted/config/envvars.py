@@ -184,6 +184,17 @@ _ENV_VAR_LIST: list[EnvVar] = [
          yaml_key="gateway.idp.scope", advanced=True),
     _var("GATEWAY_RELAY_ENROLL_TOKEN", "Single-use relay enrollment token.",
          "Relay enrollment token", type="secret", advanced=True),
+    # -- operations (docs/operations.md) --------------------------------------------------
+    _var("GATEWAY_OPS_LISTEN",
+         "Where the ops listener (/livez, /readyz, /metrics, /status, /status.json) listens: "
+         "a Twisted server endpoint string such as tcp:9469:interface=127.0.0.1 or "
+         "unix:/run/hermes/ops.sock; none turns it off.", "Ops listener endpoint",
+         category="setting", yaml_key="gateway.ops.listen",
+         default="tcp:9469:interface=127.0.0.1", advanced=True, ours=True),
+    _var("GATEWAY_OPS_TOKEN",
+         "Bearer token (at least 16 characters) that lets non-loopback callers read "
+         "/metrics, /status and the /readyz details.", "Ops bearer token", type="secret",
+         category="setting", yaml_key="gateway.ops.token", advanced=True, ours=True),
     # -- gateway-wide access and sessions -------------------------------------------------
     _var("GATEWAY_ALLOWED_USERS", "Comma separated user ids allowed on every platform.",
          "Gateway allowed users (comma separated)", type="list"),
@@ -305,6 +316,10 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               "float", 30.0, minimum=0, ours=True),
     ConfigKey("gateway.shutdown_timeout", "Seconds each service gets to stop on shutdown.",
               "float", 4.0, minimum=0, ours=True),
+    ConfigKey("gateway.ops.trusted_proxies", "IP addresses of reverse proxies whose "
+              "X-Forwarded-For is believed by the ops listener.", "list", [], ours=True),
+    ConfigKey("gateway.ops.required_platforms", "Platforms whose state decides /readyz "
+              "(the others are reported only).", "list", [], ours=True),
     ConfigKey("gateway.api_server.max_concurrent_runs", "Concurrent API server runs "
               "(0 = unlimited).", "int", 10, minimum=0),
     # sessions (top level, or under gateway:)
@@ -495,6 +510,7 @@ _GROUPS = [
     ("Proxy mode (the remote Hermes API server)",
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_")),
+    ("Operations", lambda v: v.name.startswith("GATEWAY_OPS_")),
     ("Access and sessions",
      lambda v: v.name.startswith(("GATEWAY_ALLOW", "SESSION_"))),
     ("IRC", lambda v: v.platform == "irc"),
