@@ -31,6 +31,7 @@ TYPES = frozenset({
     "path",        # a filesystem path; ~ expanded, relative to $HERMES_HOME
     "mapping",     # a YAML mapping, passed through
     "flag",        # off/false/no/none/0/empty: False; any other value: True
+    "endpoint",    # a Twisted server endpoint string (tcp:PORT:interface=..., unix:PATH), or none
 })
 
 
@@ -189,7 +190,7 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "Where the ops listener (/livez, /readyz, /metrics, /status, /status.json) listens: "
          "a Twisted server endpoint string such as tcp:9469:interface=127.0.0.1 or "
          "unix:/run/hermes/ops.sock; none turns it off.", "Ops listener endpoint",
-         category="setting", yaml_key="gateway.ops.listen",
+         category="setting", type="endpoint", yaml_key="gateway.ops.listen",
          default="tcp:9469:interface=127.0.0.1", advanced=True, ours=True),
     _var("GATEWAY_OPS_TOKEN",
          "Bearer token (at least 16 characters) that lets non-loopback callers read "

@@ -66,21 +66,12 @@ def _upstream(layers: ConfigLayers) -> UpstreamSettings:
 
 
 def _ops(layers: ConfigLayers, platforms: Mapping[str, Any]) -> OpsSettings:
-    from twisted.internet.endpoints import serverFromString
-
     ops = OpsSettings(
         listen=layers.get("gateway.ops.listen"),
         token=layers.get("gateway.ops.token"),
         trusted_proxies=tuple(layers.get("gateway.ops.trusted_proxies", ())),
         required_platforms=tuple(layers.get("gateway.ops.required_platforms", ())),
     )
-    if ops.enabled:
-        try:
-            serverFromString(None, ops.listen)  # parses only; nothing listens yet
-        except Exception as e:
-            raise ConfigError("gateway.ops.listen",
-                              f"not a Twisted endpoint string ({e.__class__.__name__}): "
-                              f"{ops.listen!r}")
     if ops.token is not None and len(ops.token) < 16:
         raise ConfigError("gateway.ops.token", "must be at least 16 characters")
     unknown = [p for p in ops.required_platforms
