@@ -100,11 +100,18 @@ def makeService(options: Options, reactor: Any = None):
 
 def build_service(config: Any, reactor: Any):
     """
-    The service tree, in start order (stop order is the reverse): the session store, the
-    upstream client, the platforms, then the gateway, so that on shutdown the gateway cancels
-    its runs first and the store closes last.
+    The service tree, in start order (stop order is the reverse): the ops listener, the
+    session store, the upstream client, the platforms, the gateway, then the lifecycle
+    marker, so that on shutdown the probes say "stopping" first, the gateway cancels its runs
+    next, the store closes after them and the ops listener goes last.
     """
     from hermes_twisted.dispatch.gateway import Gateway
+    from hermes_twisted.ops.metrics import GatewayMetrics
+    from hermes_twisted.ops.probes import OpsState
+    from hermes_twisted.ops.sdnotify import Notifier
+    from hermes_twisted.ops.sends import measure_sends
+    from hermes_twisted.ops.service import LifecycleMarker, OpsService
+    from hermes_twisted.ops.upstream import MeteredUpstream
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
     from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
@@ -114,17 +121,36 @@ def build_service(config: Any, reactor: Any):
                          summary=describe(config), tune_gc=True)
     store = SQLiteSessionStore(config.db_path, reactor=reactor,
                                reset_policy_for=lambda source: config.session_reset)
+    metrics = GatewayMetrics(reactor)
+    notifier = Notifier()
+    ops = OpsState(clock=reactor, metrics=metrics, adapters=[], store=store,
+                   upstream_url=config.upstream.proxy_url,
+                   required=config.ops.required_platforms)
+    # First child: probes answer during start-up, and it is the last to stop.
+    OpsService(ops, reactor=reactor, listen=config.ops.listen if config.ops.enabled else None,
+               token=config.ops.token, trusted_proxies=config.ops.trusted_proxies,
+               notifier=notifier).setServiceParent(top)
     store_service = StoreService(store)
     store_service.setName("sessions")
     store_service.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
-    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
+    gateway = Gateway(config, store=store,
+                      upstream=MeteredUpstream(upstream, metrics, reactor, ops.upstream_outcome),
+                      clock=reactor, observer=metrics)
+    ops.gateway = gateway
     for settings in config.enabled_platforms():
         adapter = adapter_class(settings.name)(settings, reactor=reactor, gateway_config=config)
         gateway.add_adapter(adapter)
+        ops.adapters.append(adapter)
+        metrics.watch_platform(adapter)
+        measure_sends(adapter, metrics, reactor)
+        if hasattr(adapter, "health_detail"):
+            adapter.health_detail = ops.health_detailed
         adapter.setServiceParent(top)
     gateway.setServiceParent(top)
+    # Last child: started means everything started; stopping it is the first step of shutdown.
+    LifecycleMarker(ops, notifier).setServiceParent(top)
     return top
 
 

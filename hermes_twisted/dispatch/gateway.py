@@ -222,6 +222,10 @@ class Gateway(Service):
         lane = self._lanes.get(key)
         return lane.handle if lane is not None else None
 
+    def load(self) -> tuple[int, int]:
+        """C{(running runs, queued messages)} over every lane, for the ops surface."""
+        return len(self._runs), sum(len(lane.queue) for lane in self._lanes.values())
+
     def queued(self, key: str) -> int:
         lane = self._lanes.get(key)
         return len(lane.queue) if lane is not None else 0
