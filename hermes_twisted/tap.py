@@ -145,8 +145,9 @@ def build_service(config: Any, reactor: Any):
         ops.adapters.append(adapter)
         metrics.watch_platform(adapter)
         measure_sends(adapter, metrics, reactor)
-        if hasattr(adapter, "health_detail"):
+        if hasattr(adapter, "health_detail"):  # the API server
             adapter.health_detail = ops.health_detailed
+            adapter.response_observer = metrics.api_response
         adapter.setServiceParent(top)
     gateway.setServiceParent(top)
     # Last child: started means everything started; stopping it is the first step of shutdown.

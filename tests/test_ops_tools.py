@@ -101,6 +101,7 @@ def test_a_real_scrape_passes_promtool(gateway):
                  "hermes_agent_requests_total", "hermes_db_transaction_seconds_bucket"):
         assert name in text, name
     assert 'hermes_agent_requests_total{outcome="connect_error"} 1.0' in text
+    assert 'hermes_api_requests_total{code="2xx",route="chat_completions"} 1.0' in text
     assert MESSAGE_TEXT not in text and API_KEY not in text and "agent:main" not in text
     lint = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True,
                           timeout=30)

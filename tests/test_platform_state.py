@@ -77,3 +77,16 @@ def test_an_observer_that_raises_does_not_stop_the_transition():
 def test_error_codes_are_class_names_never_messages():
     assert error_code_of(ConnectionRefusedError("secret-host:6667")) == "connection_refused"
     assert error_code_of(TimeoutError()) == "timeout"
+
+
+def test_the_chat_status_command_shows_the_same_state():
+    from tests.fakes.gateway_kit import Kit
+
+    kit = Kit()
+    kit.adapter.reactor = kit.clock
+    kit.adapter.report_state(PlatformState.RECONNECTING, attempt=2, retry_in=8,
+                             error_code="telegram_502")
+    kit.say("/status")
+    [reply] = kit.adapter.texts
+    assert "Platform: telegram (reconnecting (attempt 2, next in 8s, last error " \
+           "telegram_502))" in reply

@@ -106,8 +106,25 @@ class LimitedRequest(Request):
         self.channel.transport.loseConnection()
 
 
+#: The closed set of route names a response is counted under (never the raw path).
+ROUTES = {b"/v1/chat/completions": "chat_completions", b"/v1/models": "models",
+          b"/health": "health", b"/v1/health": "health", b"/health/detailed": "health"}
+
+
 class _APISite(TrackingSite):
     requestFactory = LimitedRequest
+    #: Told C{(route, status code)} of every finished response (the ops metrics).
+    response_observer: Callable[[str, int], None] | None = None
+
+    def log(self, request: Any) -> None:
+        super().log(request)
+        observer = self.response_observer
+        if observer is not None:
+            route = ROUTES.get((request.path or b"").rstrip(b"/") or b"/", "other")
+            try:
+                observer(route, int(request.code))
+            except Exception:
+                pass  # counting never fails a response
 
 
 class APIServerAdapter(PlatformAdapter):
@@ -139,6 +156,8 @@ class APIServerAdapter(PlatformAdapter):
         self._state = "stopped"
         #: Set by the daemon: builds the C{/health/detailed} body (see L{detailed_health}).
         self.health_detail: Callable[[], dict[str, Any]] | None = None
+        #: Set by the daemon: told C{(route, status code)} of every response (metrics).
+        self.response_observer: Callable[[str, int], None] | None = None
 
     # -- service ------------------------------------------------------------------------------
 
@@ -152,6 +171,7 @@ class APIServerAdapter(PlatformAdapter):
             return
         self.report_state(PlatformState.CONNECTING)
         site = _APISite(_Root(self))
+        site.response_observer = self.response_observer
         self._site = site
         site.displayTracebacks = False
         d = TCP4ServerEndpoint(self.reactor, self.port_number, interface=self.host).listen(site)
