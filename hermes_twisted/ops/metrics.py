@@ -87,6 +87,9 @@ class GatewayMetrics:
                                        "lag monitor last ran (a stall detector).", registry=r)
         self.reactor_last_seen.set_function(lambda: max(0.0, self.clock.seconds()
                                                         - self.last_tick))
+        self.delayed_calls = Gauge("hermes_reactor_delayed_calls", "Timers pending in the "
+                                   "reactor (sampled every 5 s; a leak shows as growth).",
+                                   registry=r)
         self.gc_pause = Histogram("hermes_gc_pause_seconds", "Garbage collector pauses.",
                                   ["gen"], buckets=GC_BUCKETS, registry=r)
 

@@ -25,7 +25,8 @@ from hermes_twisted.ops.probes import OpsState
 from hermes_twisted.ops.reactor import ReactorMonitor
 from hermes_twisted.ops.sdnotify import Notifier
 
-#: Seconds between samples of the store writer queue; the inbox is read every fourth.
+#: Seconds between samples of the store writer queue and the reactor's pending timers; the
+#: inbox is read every fourth.
 STORE_SAMPLE_INTERVAL = 5.0
 
 
@@ -106,6 +107,9 @@ class OpsService(Service):
         return gatherResults(waits).addBoth(lambda _: None)
 
     def _sample_store(self) -> None:
+        delayed = getattr(self.reactor, "getDelayedCalls", None)
+        if delayed is not None:
+            self.ops.metrics.delayed_calls.set(len(delayed()))
         store = self.ops.store
         writer = getattr(store, "writer", None)
         if writer is None:

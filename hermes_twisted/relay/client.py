@@ -154,8 +154,10 @@ class RelayClient(Service):
     def _report_redial(self, delay: float | None) -> None:
         if self._stopping or self.disabled_reason:
             return
+        # Before the policy ran (delay None), the coming dial is one more failed session.
+        attempt = self.backoff.failures + (1 if delay is None else 0)
         try:
-            self.handler.relay_redialing(self.backoff.failures, delay, self.last_close_code)
+            self.handler.relay_redialing(attempt, delay, self.last_close_code)
         except Exception:
             self.log.failure("while reporting a relay redial")
 
