@@ -308,3 +308,19 @@ async def test_a_4401_after_a_descriptor_shows_as_disabled():
         assert value(metrics, "hermes_platform_up", platform="relay") == 0
         assert adapter.platform_status.reason == "relay_disabled"
         assert adapter.platform_status.last_error_code == "ws_closed_4401"
+
+
+def test_gc_pauses_reach_the_histogram_through_the_reactor_only():
+    import gc
+
+    clock = Clock()
+    metrics = GatewayMetrics(clock)
+    metrics.install_gc_callback()
+    try:
+        gc.collect()
+    finally:
+        metrics.remove_gc_callback()
+    # The callback touched no metric (it may run in a thread holding a metric's lock).
+    assert value(metrics, "hermes_gc_pause_seconds_count", gen="2") is None
+    metrics.reactor_tick(0.0)
+    assert value(metrics, "hermes_gc_pause_seconds_count", gen="2") == 1

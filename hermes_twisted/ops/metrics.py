@@ -16,6 +16,7 @@ from __future__ import annotations
 import gc
 import platform as _platform
 import time
+from collections import deque
 from typing import Any, Iterable
 
 import prometheus_client
@@ -158,6 +159,7 @@ class GatewayMetrics:
         prometheus_client.ProcessCollector(registry=r)
         prometheus_client.PlatformCollector(registry=r)
         self._gc_started: dict[int, float] = {}
+        self._gc_pauses: deque[tuple[int, float]] = deque(maxlen=10000)
         self._init_series()
 
     def _init_series(self) -> None:
@@ -266,6 +268,14 @@ class GatewayMetrics:
     def reactor_tick(self, lag: float) -> None:
         self.last_tick = self.clock.seconds()
         self.reactor_lag.observe(max(0.0, lag))
+        self.drain_gc_pauses()
+
+    def drain_gc_pauses(self) -> None:
+        """Move the pauses the GC callback noted into the histogram (reactor thread)."""
+        pauses = self._gc_pauses
+        while pauses:
+            generation, seconds = pauses.popleft()
+            self.gc_pause.labels(str(generation)).observe(seconds)
 
     def install_gc_callback(self) -> None:
         if self._gc_callback not in gc.callbacks:
@@ -276,15 +286,16 @@ class GatewayMetrics:
             gc.callbacks.remove(self._gc_callback)
 
     def _gc_callback(self, phase: str, info: dict[str, Any]) -> None:
-        # Runs inside the collector, in whatever thread triggered it: only a clock read and a
-        # locked observe.
+        # Runs inside the collector, in whatever thread allocated, possibly one that holds a
+        # metric's (non-reentrant) lock at that moment: so no metric is touched here, only a
+        # clock read and a deque append; the reactor moves the pauses into the histogram.
         generation = int(info.get("generation", 0))
         if phase == "start":
             self._gc_started[generation] = time.perf_counter()
         else:
             started = self._gc_started.pop(generation, None)
             if started is not None:
-                self.gc_pause.labels(str(generation)).observe(time.perf_counter() - started)
+                self._gc_pauses.append((generation, time.perf_counter() - started))
 
     # -- store ----------------------------------------------------------------------------------
 
