@@ -112,6 +112,7 @@ def build_service(config: Any, reactor: Any):
     from hermes_twisted.ops.sends import measure_sends
     from hermes_twisted.ops.service import LifecycleMarker, OpsService
     from hermes_twisted.ops.upstream import MeteredUpstream
+    from hermes_twisted.ops.upstream_probe import UpstreamProbe
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
     from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
@@ -130,6 +131,9 @@ def build_service(config: Any, reactor: Any):
     OpsService(ops, reactor=reactor, listen=config.ops.listen if config.ops.enabled else None,
                token=config.ops.token, trusted_proxies=config.ops.trusted_proxies,
                notifier=notifier).setServiceParent(top)
+    if config.upstream.proxy_url:
+        UpstreamProbe(config.upstream.proxy_url, reactor=reactor,
+                      record=ops.upstream_outcome).setServiceParent(top)
     store_service = StoreService(store)
     store_service.setName("sessions")
     store_service.setServiceParent(top)

@@ -9,6 +9,7 @@ human operator see of the running daemon (docs/operations.md).
    with the loopback / bearer / trusted-proxy rule.
  - C{page}: the server-rendered status page.
  - C{upstream}: the upstream client wrapped to measure requests and first tokens.
+ - C{upstream_probe}: the upstream's reachability while no turn runs.
  - C{sends}: adapters' outbound calls measured.
  - C{jsonlog}: the flat JSON log observer for C{twistd --logger}.
  - C{sdnotify}: READY/WATCHDOG/STOPPING for systemd.

@@ -138,8 +138,8 @@ class GatewayMetrics:
         self.agent_stream = Histogram("hermes_agent_stream_seconds", "Upstream stream "
                                       "duration.", ["outcome"], buckets=TURN_BUCKETS,
                                       registry=r)
-        self.agent_up = Gauge("hermes_agent_up", "1 when the last upstream request did not "
-                              "fail on the network or with a 5xx.", registry=r)
+        self.agent_up = Gauge("hermes_agent_up", "1 when the last upstream request or health "
+                              "probe succeeded.", registry=r)
 
         self.db_transaction = Histogram("hermes_db_transaction_seconds", "Store batch "
                                         "(group commit) duration.", buckets=DB_BUCKETS,
@@ -250,6 +250,10 @@ class GatewayMetrics:
         outcome = closed(outcome, AGENT_OUTCOMES)
         self.agent_requests.labels(outcome).inc()
         self.agent_stream.labels(outcome).observe(max(0.0, seconds))
+        self.agent_reachable(outcome)
+
+    def agent_reachable(self, outcome: str) -> None:
+        """C{hermes_agent_up} from a request's or the background probe's outcome."""
         if outcome in ("ok", "cancelled"):
             self.agent_up.set(1)
         elif outcome in ("connect_error", "timeout", "error"):

@@ -70,9 +70,11 @@ class OpsState:
         self.fatal = self.fatal or reason
 
     def upstream_outcome(self, outcome: str) -> None:
+        """A turn's upstream request or the background probe ended with C{outcome}."""
         self.upstream_last_outcome = outcome
         if outcome in ("ok", "cancelled"):
             self.upstream_last_ok_at = self.clock.seconds()
+        self.metrics.agent_reachable(outcome)
 
     # -- liveness -----------------------------------------------------------------------------
 
