@@ -243,9 +243,11 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def main(reactor: Any, args: argparse.Namespace) -> None:
+    # Read before the run: the tree the daemon imports is the one at its start.
+    started = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   commit=source_version(), machine=machine())
     report = await soak(reactor, args)
-    report.update(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  commit=source_version(), machine=machine())
+    report.update(started)
     print(json.dumps(report["summary"], indent=2))
     print(json.dumps(report.get("load"), indent=2))
     if args.out:
