@@ -106,7 +106,7 @@ def build_service(config: Any, reactor: Any):
     next, the store closes after them and the ops listener goes last.
     """
     from hermes_twisted.dispatch.gateway import Gateway
-    from hermes_twisted.ops.metrics import GatewayMetrics
+    from hermes_twisted.ops.metrics import GatewayMetrics, ThreadPoolCollector
     from hermes_twisted.ops.probes import OpsState
     from hermes_twisted.ops.sdnotify import Notifier
     from hermes_twisted.ops.sends import measure_sends
@@ -123,6 +123,7 @@ def build_service(config: Any, reactor: Any):
     store = SQLiteSessionStore(config.db_path, reactor=reactor,
                                reset_policy_for=lambda source: config.session_reset)
     metrics = GatewayMetrics(reactor)
+    metrics.registry.register(ThreadPoolCollector(reactor))
     notifier = Notifier()
     ops = OpsState(clock=reactor, metrics=metrics, adapters=[], store=store,
                    upstream_url=config.upstream.proxy_url,

@@ -98,7 +98,8 @@ def test_a_real_scrape_passes_promtool(gateway):
     text = body.decode()
     for name in ("hermes_platform_up", "hermes_turns_finished_total",
                  "hermes_stale_outputs_dropped_total", "hermes_reactor_lag_seconds_bucket",
-                 "hermes_agent_requests_total", "hermes_db_transaction_seconds_bucket"):
+                 "hermes_agent_requests_total", "hermes_db_transaction_seconds_bucket",
+                 'hermes_threadpool_threads{pool="reactor",state="max"}'):
         assert name in text, name
     assert 'hermes_agent_requests_total{outcome="connect_error"} 1.0' in text
     assert 'hermes_api_requests_total{code="2xx",route="chat_completions"} 1.0' in text
