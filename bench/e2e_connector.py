@@ -250,6 +250,15 @@ class Connector:
             await self.sleep(0.005)
         return None
 
+    # -- soak (bench/soak.py) -------------------------------------------------------------------
+
+    emit_event = staticmethod(emit)
+
+    async def load_soak(self, **params: Any) -> dict[str, Any]:
+        from soak_load import Soak
+
+        return await Soak(self, **params).run()
+
     # -- control ------------------------------------------------------------------------------
 
     def command(self, line: bytes) -> None:
@@ -259,7 +268,8 @@ class Connector:
             emit(ev="error", error=f"bad command {line!r}")
             return
         name = cmd.pop("cmd", None)
-        runner = {"a": self.load_a, "b": self.load_b, "c": self.load_c}.get(name)
+        runner = {"a": self.load_a, "b": self.load_b, "c": self.load_c,
+                  "soak": self.load_soak}.get(name)
         if runner is None:
             emit(ev="error", error=f"unknown command {name!r}")
             return

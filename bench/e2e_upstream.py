@@ -11,7 +11,11 @@ C{tests.fakes.upstream} (the 0.19.0 wire format).  Modes:
   - C{hold}: the role chunk at once, one delta every C{interval} s until C{hold} s have passed,
     then the finish chunk and C{[DONE]} (the time of that write is recorded);
   - C{slow}: one delta every C{interval} s, never ending;
-  - C{silent}: the response headers, then nothing, ever.
+  - C{silent}: the response headers, then nothing, ever;
+  - C{echo}: C{deltas} short deltas then C{ok <id>}, so each reply names its message (soak);
+  - C{error}: HTTP 500 with a JSON error body (soak).
+
+Requests whose directive says C{soak=1} are not recorded (a soak may run for a day).
 
 Every request is timestamped on CLOCK_MONOTONIC (L{e2e_common.now}): arrival, C{[DONE]}
 written, the client leaving before the response ended.  C{GET /bench/stats} returns them
@@ -71,6 +75,12 @@ class Answer:
             request.setHeader(b"X-Hermes-Session-Id", session)
         if self.mode == "silent":
             request.write(b"")  # headers only
+            return
+        if self.mode == "echo":
+            deltas = [f"w{i} " for i in range(int(self.fields.get("deltas", 5)))]
+            deltas.append(f"ok {self.fields.get('id', '')}")
+            request.write(b"".join(sse_frames(Script(deltas=deltas))))
+            request.finish()
             return
         if self.mode == "instant":
             deltas = delta_texts(int(self.fields.get("deltas", 20)),
@@ -138,8 +148,14 @@ class Completions(Resource):
             body = json.loads(request.content.read())
         except ValueError:
             body = None
-        answer = Answer(self.server, request, parse_directive(_last_user_text(body)))
-        self.server.records.append(answer.record)
+        fields = parse_directive(_last_user_text(body))
+        if fields.get("mode") == "error":
+            request.setResponseCode(500)
+            request.setHeader(b"Content-Type", b"application/json")
+            return b'{"error": {"message": "injected upstream error", "type": "server_error"}}'
+        answer = Answer(self.server, request, fields)
+        if fields.get("soak") != "1":
+            self.server.records.append(answer.record)
         self.server.open.add(answer)
         answer.start()
         return NOT_DONE_YET

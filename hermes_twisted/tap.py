@@ -135,12 +135,20 @@ def makeService(options: Options, reactor: Any = None):
 
 def build_service(config: Any, reactor: Any):
     """
-    The service tree, in start order (stop order is the reverse): the session store, the
-    upstream client, the platforms, then the gateway, so that on shutdown the gateway cancels
-    its runs first and the store closes last.
+    The service tree, in start order (stop order is the reverse): the ops listener, the
+    session store, the upstream client, the platforms, the gateway, then the lifecycle
+    marker, so that on shutdown the probes say "stopping" first, the gateway cancels its runs
+    next, the store closes after them and the ops listener goes last.
     """
     from hermes_twisted.dispatch.gateway import Gateway
     from hermes_twisted.dispatch.pairing import PairingGate
+    from hermes_twisted.ops.metrics import GatewayMetrics, ThreadPoolCollector
+    from hermes_twisted.ops.probes import OpsState
+    from hermes_twisted.ops.sdnotify import Notifier
+    from hermes_twisted.ops.sends import measure_sends
+    from hermes_twisted.ops.service import LifecycleMarker, OpsService
+    from hermes_twisted.ops.upstream import MeteredUpstream
+    from hermes_twisted.ops.upstream_probe import UpstreamProbe
     from hermes_twisted.pairing.store import PairingStore
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
@@ -150,18 +158,42 @@ def build_service(config: Any, reactor: Any):
     top = GatewayService(clock=reactor, child_stop_timeout=config.shutdown_timeout,
                          summary=describe(config), tune_gc=True)
     store = make_store(config, reactor)
+    metrics = GatewayMetrics(reactor)
+    metrics.registry.register(ThreadPoolCollector(reactor))
+    notifier = Notifier()
+    ops = OpsState(clock=reactor, metrics=metrics, adapters=[], store=store,
+                   upstream_url=config.upstream.proxy_url,
+                   required=config.ops.required_platforms)
+    # First child: probes answer during start-up, and it is the last to stop.
+    OpsService(ops, reactor=reactor, listen=config.ops.listen if config.ops.enabled else None,
+               token=config.ops.token, trusted_proxies=config.ops.trusted_proxies,
+               notifier=notifier).setServiceParent(top)
+    if config.upstream.proxy_url:
+        UpstreamProbe(config.upstream.proxy_url, reactor=reactor,
+                      record=ops.upstream_outcome).setServiceParent(top)
     store_service = StoreService(store)
     store_service.setName("sessions")
     store_service.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
-    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor,
+    gateway = Gateway(config, store=store,
+                      upstream=MeteredUpstream(upstream, metrics, reactor, ops.upstream_outcome),
+                      clock=reactor, observer=metrics,
                       pairing=PairingGate(PairingStore(config.hermes_home), reactor=reactor))
+    ops.gateway = gateway
     for settings in config.enabled_platforms():
         adapter = adapter_class(settings.name)(settings, reactor=reactor, gateway_config=config)
         gateway.add_adapter(adapter)
+        ops.adapters.append(adapter)
+        metrics.watch_platform(adapter)
+        measure_sends(adapter, metrics, reactor)
+        if hasattr(adapter, "health_detail"):  # the API server
+            adapter.health_detail = ops.health_detailed
+            adapter.response_observer = metrics.api_response
         adapter.setServiceParent(top)
     gateway.setServiceParent(top)
+    # Last child: started means everything started; stopping it is the first step of shutdown.
+    LifecycleMarker(ops, notifier).setServiceParent(top)
     return top
 
 

@@ -18,7 +18,10 @@ _CLEAN_PREFIXES = ("GATEWAY_", "IRC_", "MATRIX_", "TELEGRAM_", "API_SERVER_", "H
 
 def clean_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(_CLEAN_PREFIXES)}
-    env.update(HERMES_HOME=str(home), HOME=str(home), PYTHONPATH=str(ROOT), **extra)
+    # Any free port, so parallel daemons never fight over the default 9469.
+    env.update(HERMES_HOME=str(home), HOME=str(home), PYTHONPATH=str(ROOT),
+               GATEWAY_OPS_LISTEN="tcp:0:interface=127.0.0.1")
+    env.update(extra)
     return env
 
 

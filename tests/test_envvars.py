@@ -159,6 +159,7 @@ def sample(var):
         "str": "sample-value", "secret": "sample-secret-0123456789",
         "url": "https://sample.example", "relay_url": "https://sample.example",
         "list": "a, b", "json": '{"discord": {"botId": "1"}}', "path": "/srv/sample/x",
+        "endpoint": "tcp:0:interface=127.0.0.1",
     }[var.type]
 
 

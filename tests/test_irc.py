@@ -264,7 +264,8 @@ class RegistrationTests(IRCTestCase):
     def test_missing_server_disables_the_platform(self) -> None:
         adapter = IRCAdapter(make_settings(server=""), reactor=self.reactor)
         adapter.startService()
-        self.assertEqual(adapter.status, "disabled: IRC_SERVER is not set")
+        self.assertTrue(adapter.status.startswith("disabled"), adapter.status)
+        self.assertIn("IRC_SERVER is not set", adapter.status)
         self.successResultOf(adapter.send("#hermes", "hi"))
         self.successResultOf(adapter.stopService())
         self.assertEqual(self.reactor.getDelayedCalls(), [])

@@ -63,6 +63,7 @@ class Handler:
         self.descriptors: list[CapabilityDescriptor] = []
         self.disabled: list[str] = []
         self.credentials: list[tuple[str, str]] = []
+        self.redials: list[tuple[int, int | None]] = []
 
     def relay_frame(self, frame: dict[str, Any]) -> None:
         self.frames.append(frame)
@@ -75,6 +76,10 @@ class Handler:
 
     def relay_credentials(self, gateway_id: str, secret: str) -> None:
         self.credentials.append((gateway_id, secret))
+
+    def relay_redialing(self, attempt: int, delay: float | None,
+                        close_code: int | None) -> None:
+        self.redials.append((attempt, close_code))
 
 
 class ClientTests(SynchronousTestCase):

@@ -252,7 +252,7 @@ async def test_connection_loss_settles_in_flight_requests_and_sends_fail_fast():
         during = await adapter.send("c1", "during the outage")
         assert not during.success and during.error == relay_client.NOT_CONNECTED
         assert during.retryable
-        assert adapter.status == "connecting"
+        assert adapter.status.startswith("reconnecting"), adapter.status
         del stub.results["send"]
         await stub.listen(stub.port)
         await eventually(lambda: adapter.status == "connected", what="the redial")
@@ -425,7 +425,7 @@ async def test_http_refusal_of_the_upgrade_is_retried_not_fatal():
         adapter.startService()
         await eventually(lambda: len(stub.authorizations) >= 3, what="retries after HTTP 401")
         assert stub.connections == 0  # never upgraded
-        assert adapter.status == "connecting" and adapter.client.backoff.failures >= 2
+        assert adapter.status.startswith("reconnecting") and adapter.client.backoff.failures >= 2
         stub.secrets = {"gw-test": ["s3cret"]}
         await handshaked(adapter)
 

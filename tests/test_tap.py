@@ -89,7 +89,8 @@ def test_make_service_wires_named_children_without_io(tmp_path, monkeypatch):
     reactor = MemoryReactorClock()
     top = tap.makeService(options, reactor=reactor)
     names = [child.name for child in top]
-    assert names == ["sessions", "upstream.proxy", "platform.relay", "gateway"]
+    assert names == ["ops", "ops.upstream_probe", "sessions", "upstream.proxy",
+                     "platform.relay", "gateway", "ops.lifecycle"]
     assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
 
 

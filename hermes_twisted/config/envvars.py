@@ -31,6 +31,7 @@ TYPES = frozenset({
     "path",        # a filesystem path; ~ expanded, relative to $HERMES_HOME
     "mapping",     # a YAML mapping, passed through
     "flag",        # off/false/no/none/0/empty: False; any other value: True
+    "endpoint",    # a Twisted server endpoint string (tcp:PORT:interface=..., unix:PATH), or none
 })
 
 
@@ -200,6 +201,17 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "buffers and wakes it through GATEWAY_RELAY_WAKE_URL. Needs the relay as the only "
          "messaging platform and a wake URL.", "Scale to zero (true/false)",
          category="setting", type="bool", default=False, advanced=True),
+    # -- operations (docs/operations.md) --------------------------------------------------
+    _var("GATEWAY_OPS_LISTEN",
+         "Where the ops listener (/livez, /readyz, /metrics, /status, /status.json) listens: "
+         "a Twisted server endpoint string such as tcp:9469:interface=127.0.0.1 or "
+         "unix:/run/hermes/ops.sock; none turns it off.", "Ops listener endpoint",
+         category="setting", type="endpoint", yaml_key="gateway.ops.listen",
+         default="tcp:9469:interface=127.0.0.1", advanced=True, ours=True),
+    _var("GATEWAY_OPS_TOKEN",
+         "Bearer token (at least 16 characters) that lets non-loopback callers read "
+         "/metrics, /status and the /readyz details.", "Ops bearer token", type="secret",
+         category="setting", yaml_key="gateway.ops.token", advanced=True, ours=True),
     # -- gateway-wide access and sessions -------------------------------------------------
     _var("GATEWAY_ALLOWED_USERS", "Comma separated user ids allowed on every platform.",
          "Gateway allowed users (comma separated)", type="list"),
@@ -423,6 +435,10 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               "float", 5.0, minimum=1),
     ConfigKey("gateway.shutdown_timeout", "Seconds each service gets to stop on shutdown.",
               "float", 4.0, minimum=0, ours=True),
+    ConfigKey("gateway.ops.trusted_proxies", "IP addresses of reverse proxies whose "
+              "X-Forwarded-For is believed by the ops listener.", "list", [], ours=True),
+    ConfigKey("gateway.ops.required_platforms", "Platforms whose state decides /readyz "
+              "(the others are reported only).", "list", [], ours=True),
     ConfigKey("gateway.api_server.max_concurrent_runs", "Concurrent API server runs "
               "(0 = unlimited).", "int", 10, minimum=0),
     # sessions (top level, or under gateway:)
@@ -671,6 +687,7 @@ _GROUPS = [
     ("Proxy mode (the remote Hermes API server)",
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_") or v.name == "HERMES_SCALE_TO_ZERO"),
+    ("Operations", lambda v: v.name.startswith("GATEWAY_OPS_")),
     ("Access and sessions",
      lambda v: v.name.startswith(("GATEWAY_ALLOW", "SESSION_"))),
     ("IRC", lambda v: v.platform == "irc"),

@@ -34,6 +34,7 @@ from hermes_twisted.config.relay_urls import relay_dial_url, relay_http_base, re
 from hermes_twisted.config.settings import (
     DisplaySettings,
     GatewayConfig,
+    OpsSettings,
     PlatformSettings,
     RelaySettings,
     ResetPolicy,
@@ -79,6 +80,23 @@ def _upstream(layers: ConfigLayers) -> UpstreamSettings:
         idle_read_timeout=layers.get("gateway.proxy_idle_timeout"),
         max_event_bytes=layers.get("gateway.proxy_max_event_bytes"),
     )
+
+
+def _ops(layers: ConfigLayers, platforms: Mapping[str, Any]) -> OpsSettings:
+    ops = OpsSettings(
+        listen=layers.get("gateway.ops.listen"),
+        token=layers.get("gateway.ops.token"),
+        trusted_proxies=tuple(layers.get("gateway.ops.trusted_proxies", ())),
+        required_platforms=tuple(layers.get("gateway.ops.required_platforms", ())),
+    )
+    if ops.token is not None and len(ops.token) < 16:
+        raise ConfigError("gateway.ops.token", "must be at least 16 characters")
+    unknown = [p for p in ops.required_platforms
+               if p not in platforms or not platforms[p].enabled]
+    if unknown:
+        raise ConfigError("gateway.ops.required_platforms",
+                          f"not an enabled platform: {', '.join(unknown)}")
+    return ops
 
 
 def _bot_ids(layers: ConfigLayers) -> Mapping[str, Mapping[str, str]]:
@@ -276,6 +294,7 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
         reset_by_platform=_reset_overrides(layers, "reset_by_platform", session_reset),
         reset_by_type=_reset_overrides(layers, "reset_by_type", session_reset),
         display=_display(layers),
+        ops=_ops(layers, platforms),
         group_sessions_per_user=layers.get("group_sessions_per_user"),
         thread_sessions_per_user=layers.get("thread_sessions_per_user"),
         allowed_users=layers.get("$GATEWAY_ALLOWED_USERS", ()),

@@ -97,6 +97,24 @@ class RelaySettings:
 
 
 @dataclass(frozen=True)
+class OpsSettings:
+    """The ops listener: probes, metrics and the status page (docs/operations.md)."""
+
+    #: A Twisted server endpoint string; "none" turns the listener off.
+    listen: str = "tcp:9469:interface=127.0.0.1"
+    #: Bearer token that unlocks details and /metrics for non-loopback callers.
+    token: str | None = None
+    #: Peers whose X-Forwarded-For is believed (IP addresses).
+    trusted_proxies: tuple[str, ...] = ()
+    #: Platforms whose state decides readiness (default: none).
+    required_platforms: tuple[str, ...] = ()
+
+    @property
+    def enabled(self) -> bool:
+        return self.listen.strip().lower() not in ("", "none", "off")
+
+
+@dataclass(frozen=True)
 class PlatformSettings:
     """
     One platform's block.  Platform-specific keys live in C{extra} with typed values
@@ -132,6 +150,7 @@ class GatewayConfig:
     reset_by_platform: Mapping[str, ResetPolicy] = field(default_factory=_frozen)
     reset_by_type: Mapping[str, ResetPolicy] = field(default_factory=_frozen)
     display: DisplaySettings = field(default_factory=DisplaySettings)
+    ops: OpsSettings = field(default_factory=OpsSettings)
     group_sessions_per_user: bool = True
     thread_sessions_per_user: bool = False
     allowed_users: tuple[str, ...] = ()  # GATEWAY_ALLOWED_USERS

@@ -231,6 +231,21 @@ def _mapping(raw: RawValue, spec: Spec) -> Mapping[str, Any]:
     return raw.value
 
 
+def _endpoint(raw: RawValue, spec: Spec) -> str | None:
+    text = _text(raw, spec)
+    if text is None or text.strip().lower() in ("none", "off"):
+        return text
+    from twisted.internet.endpoints import serverFromString
+
+    try:
+        serverFromString(None, text)  # parses only; nothing listens
+    except Exception as e:
+        raise ConfigError(raw.where, f"expected a Twisted endpoint string such as "
+                                     f"tcp:9469:interface=127.0.0.1 or unix:/path "
+                                     f"({e.__class__.__name__}), got {_shown(text, False)}")
+    return text.strip()
+
+
 _CONVERTERS: dict[str, Callable[[RawValue, Spec], Any]] = {
     "str": _text,
     "secret": _text,
@@ -245,6 +260,7 @@ _CONVERTERS: dict[str, Callable[[RawValue, Spec], Any]] = {
     "enum": _choice,
     "json": _json_object,
     "mapping": _mapping,
+    "endpoint": _endpoint,
 }
 
 

@@ -31,6 +31,8 @@ class Dispatcher(Protocol):
     consumer_factory: Callable[..., Any]
     generations: Generations
     callbacks: PostDeliveryCallbacks
+    #: Told about runs, stale outputs and interrupts (L{observer.TurnObserver}).
+    observer: Any
 
     def reply(self, adapter: Any, event: MessageEvent, text: str) -> Deferred:
         """Send C{text} to C{event}'s chat.  Fires with the SendResult (or None); never fails."""

@@ -54,6 +54,7 @@ from hermes_twisted.dispatch import busy, commands, gating, interrupts
 from hermes_twisted.dispatch.authz import is_authorized, log_denied, unauthorized_dm_behavior
 from hermes_twisted.dispatch.inbound import event_from_payload, payload_for
 from hermes_twisted.dispatch.lanes import Inbound, Lane
+from hermes_twisted.dispatch.observer import NullObserver, TurnObserver
 from hermes_twisted.dispatch.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
 from hermes_twisted.dispatch.turn import execute_turn, thread_metadata
 from hermes_twisted.dispatch.typing_loop import stop_platform_typing
@@ -100,10 +101,12 @@ class Gateway(Service):
     def __init__(self, config: GatewayConfig, *, store: Any, upstream: Any, clock: Any,
                  consumer_factory: Callable[..., Any] | None = None,
                  pairing: Any = None,
-                 run_in_thread: Callable[..., Deferred] | None = None) -> None:
+                 run_in_thread: Callable[..., Deferred] | None = None,
+                 observer: TurnObserver | None = None) -> None:
         self.config = config
         self.pairing = pairing
         self._thread_runner = run_in_thread
+        self.observer: TurnObserver = observer if observer is not None else NullObserver()
         self.store = store
         self.upstream = upstream
         self.clock = clock
@@ -302,6 +305,10 @@ class Gateway(Service):
         lane = self._lanes.get(key)
         return lane.handle if lane is not None else None
 
+    def load(self) -> tuple[int, int]:
+        """C{(running runs, queued messages)} over every lane, for the ops surface."""
+        return len(self._runs), sum(len(lane.queue) for lane in self._lanes.values())
+
     def queued(self, key: str) -> int:
         lane = self._lanes.get(key)
         return len(lane.queue) if lane is not None else 0
@@ -341,6 +348,7 @@ class Gateway(Service):
         the interrupted handle (the caller replies, then cancels it) or None when idle.
         """
         lane = self._lanes.get(key)
+        self._observe("interrupted", invalidation, lane is not None and lane.handle is not None)
         if lane is None:
             return None
         handle, lane.handle = lane.handle, None
@@ -556,6 +564,7 @@ class Gateway(Service):
         handle.carried, lane.carried = lane.carried, []
         lane.handle = handle
         self._runs.add(handle)
+        self._observe("run_started", inbound.adapter.settings.name)
         d = ensureDeferred(execute_turn(self, handle))
         handle.deferred = d
         d.addBoth(self._run_ended, handle)
@@ -570,6 +579,8 @@ class Gateway(Service):
         handle.stop_siblings()
         self.callbacks.pop(handle.session_key, handle.generation)  # own leftovers, never fired
         self._runs.discard(handle)
+        self._observe("run_finished", handle.adapter.settings.name, _outcome(result, handle),
+                      self.clock.seconds() - handle.started_at)
         if handle.interrupt_reason != interrupts.GATEWAY_SHUTDOWN:
             self._complete(handle.dedupe_key)
             for inbound in handle.folded:
@@ -627,11 +638,29 @@ class Gateway(Service):
         except Exception:
             self.log.failure("on_turn_finished failed for {key}", key=key)
 
+    def _observe(self, what: str, *args: Any) -> None:
+        try:
+            getattr(self.observer, what)(*args)
+        except Exception:
+            self.log.failure("Turn observer failed on {what}", what=what)
+
     def _complete(self, dedupe_key: str | None) -> None:
         if not dedupe_key:
             return
         d = maybeDeferred(self.store.complete_inbound, dedupe_key)
         d.addErrback(lambda f: self.log.failure("complete_inbound({k}) failed", f, k=dedupe_key))
+
+
+def _outcome(result: Any, handle: RunHandle) -> str:
+    """How C{handle}'s run ended, for the observer (L{observer.OUTCOMES})."""
+    if handle.outcome is not None:
+        return handle.outcome  # stale or error, set by the turn where it saw it
+    if handle.interrupt_reason is not None or (isinstance(result, Failure)
+                                               and result.check(CancelledError)):
+        return "cancelled"
+    if isinstance(result, Failure):
+        return "error"
+    return "ok" if handle.delivered else "error"
 
 
 def _trap_cancelled(failure: Any) -> None:

@@ -73,7 +73,7 @@ class RunHandle:
     __slots__ = ("session_key", "generation", "_generations", "adapter", "event", "chat_id",
                  "started_at", "dedupe_key", "phase", "session_id", "interrupt_reason",
                  "delivered", "carried", "deferred", "typing", "consumer", "after_delivery",
-                 "folded")
+                 "folded", "outcome")
 
     def __init__(self, *, session_key: str, generation: int, generations: Generations,
                  adapter: Any, event: Any, started_at: float,
@@ -90,6 +90,8 @@ class RunHandle:
         self.session_id: str | None = None
         self.interrupt_reason: str | None = None
         self.delivered = False
+        #: Set by the turn when it ended stale or in error (see L{observer.OUTCOMES}).
+        self.outcome: str | None = None
         #: Events of earlier runs interrupted by a newer message, oldest first.
         self.carried: list[Any] = []
         self.deferred: Deferred | None = None

@@ -79,14 +79,18 @@ class RunSink:
 
     def on_delta(self, text: str) -> None:
         consumer = self._handle.consumer
-        if consumer is not None and self._handle.is_current():
+        if not self._handle.is_current():
+            self._gateway.observer.stale_output_dropped("delta")
+        elif consumer is not None:
             consumer.on_delta(text)
 
     def on_tool_progress(self, event: dict[str, Any]) -> None:
         if not self._gateway.config.display.tool_progress:
             return
         text = tool_progress_text(event)
-        if text and self._handle.is_current():
+        if text and not self._handle.is_current():
+            self._gateway.observer.stale_output_dropped("progress")
+        elif text:
             self._gateway.reply(self._handle.adapter, self._handle.event, text)
 
 
@@ -141,6 +145,8 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
         if not handle.is_current():
             log.info("Discarding stale result for {key}: generation {gen} is no longer current",
                      key=key, gen=handle.generation)
+            handle.outcome = "stale"
+            gw.observer.stale_output_dropped("final")
             return
         # Typing stops before the final send, so "is typing…" never trails the answer.
         if handle.typing is not None:
@@ -185,6 +191,7 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
     except Exception:
         log.failure("Turn failed for {key} (generation {gen})", key=handle.session_key,
                     gen=handle.generation)
+        handle.outcome = "error"
         if handle.is_current():
             gw.reply(handle.adapter, handle.event, ERROR_NOTICE)
 

@@ -12,6 +12,9 @@ Platforms never import the gateway; the gateway never imports a concrete platfor
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Any, Callable, Protocol
 
 from twisted.application.service import MultiService
@@ -20,6 +23,68 @@ from twisted.logger import Logger
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult
+
+
+class PlatformState(str, Enum):
+    """
+    The one state model of every platform (operations.md 2.3), shown the same way in the chat
+    C{/status}, C{/readyz}, C{/status} and the metrics.
+    """
+
+    CONNECTING = "connecting"      # first dial or handshake in progress
+    CONNECTED = "connected"        # usable (relay: a descriptor arrived)
+    RECONNECTING = "reconnecting"  # lost; the supervisor redials (attempt, next retry)
+    DISABLED = "disabled"          # not configured, refused for good (relay 4401): never retried
+    DORMANT = "dormant"            # asleep on purpose (relay going_idle); healthy
+    FAILED = "failed"              # gave up on an error that retrying cannot fix
+    STOPPED = "stopped"            # not started, or stopped by the daemon
+
+
+#: Why a platform is disabled or failed, or what the last error was: short codes from closed
+#: sets, never an exception text (which may carry a URL, a token or a user id).
+DISABLED_REASONS = frozenset({"not_configured", "invalid_config", "relay_disabled",
+                              "auth_failed", "lock_conflict", "listen_failed", "vetoed"})
+
+
+@dataclass(frozen=True)
+class PlatformStatus:
+    """One platform's current state, as its adapter last reported it."""
+
+    state: PlatformState = PlatformState.STOPPED
+    #: For DISABLED/FAILED: a code from L{DISABLED_REASONS}; otherwise None.
+    reason: str | None = None
+    #: Human detail for the log and the chat /status (no secret, no message text).
+    detail: str | None = None
+    #: RECONNECTING: the 1-based redial attempt; 0 otherwise.
+    attempt: int = 0
+    #: RECONNECTING: clock time of the next dial, when known.
+    next_retry_at: float | None = None
+    #: A short code of the last error seen (e.g. C{ws_closed_1006}, C{http_401}); kept
+    #: across reconnects until the platform is connected again.
+    last_error_code: str | None = None
+    #: Clock time the state was entered.
+    since: float = 0.0
+
+    def describe(self, now: float | None = None) -> str:
+        """
+        The operator line: C{connected}, C{reconnecting (attempt 3, next in 4s, last error
+        ws_closed_1006)}, C{disabled: relay_disabled (...)}.
+        """
+        text = self.state.value + (f": {self.reason}" if self.reason else "")
+        extra = []
+        if self.state is PlatformState.RECONNECTING:
+            extra.append(f"attempt {self.attempt}")
+            if self.next_retry_at is not None and now is not None:
+                extra.append(f"next in {max(0.0, self.next_retry_at - now):.0f}s")
+        if self.last_error_code and self.state is not PlatformState.CONNECTED:
+            extra.append(f"last error {self.last_error_code}")
+        if self.detail:
+            extra.append(self.detail)
+        return f"{text} ({', '.join(extra)})" if extra else text
+
+
+#: Called as C{observer(adapter, old_status, new_status)} on every transition.
+StateObserver = Callable[["PlatformAdapter", PlatformStatus, PlatformStatus], None]
 
 
 class GatewaySink(Protocol):
@@ -75,9 +140,15 @@ class PlatformAdapter(MultiService):
         self.reactor = reactor
         self.gateway_config = gateway_config
         self._sink: GatewaySink | None = None
+        self.platform_status = PlatformStatus(since=_now(reactor))
+        self._state_observers: list[StateObserver] = []
         self.setName(f"platform.{settings.name}")
 
     # -- wiring ---------------------------------------------------------------------------
+
+    def stopService(self) -> Deferred:
+        self.report_state(PlatformState.STOPPED)
+        return super().stopService()
 
     def attach(self, sink: GatewaySink) -> None:
         self._sink = sink
@@ -96,8 +167,37 @@ class PlatformAdapter(MultiService):
 
     @property
     def status(self) -> str:
-        """A short operator-facing state ("connected", "connecting", "disabled: ...")."""
-        return "running" if self.running else "stopped"
+        """The operator line of L{platform_status} (the chat C{/status} shows it)."""
+        return self.platform_status.describe(_now(self.reactor))
+
+    # -- the state model -------------------------------------------------------------------
+
+    def add_state_observer(self, observer: StateObserver) -> None:
+        """Call C{observer(adapter, old, new)} on every later transition (ops, metrics)."""
+        self._state_observers.append(observer)
+
+    def report_state(self, state: PlatformState, *, reason: str | None = None,
+                     detail: str | None = None, attempt: int = 0,
+                     retry_in: float | None = None, error_code: str | None = None) -> None:
+        """
+        Adapters call this on every transition; nothing polls them.  C{retry_in} is seconds
+        until the next dial; C{error_code} a short code (kept until connected again).  A
+        report identical to the current state is ignored.  Never raises.
+        """
+        old = self.platform_status
+        now = _now(self.reactor)
+        if state is PlatformState.CONNECTED:
+            last_error = None
+        else:
+            last_error = error_code or old.last_error_code
+        new = PlatformStatus(state=state, reason=reason, detail=detail, attempt=attempt,
+                             next_retry_at=None if retry_in is None else now + retry_in,
+                             last_error_code=last_error, since=now)
+        if replace(new, since=old.since, next_retry_at=old.next_retry_at) == old:
+            return
+        self.platform_status = new
+        for observer in list(self._state_observers):
+            call_safely(self.log, "reporting a platform state", observer, self, old, new)
 
     def deliver_inbound(self, event: MessageEvent) -> Deferred:
         """
@@ -152,6 +252,24 @@ class PlatformAdapter(MultiService):
         Called by the gateway after a local /stop or /new interrupted a turn of this adapter's
         session.  The relay tells its connector; others do nothing.  Must not raise.
         """
+
+
+def error_code_of(failure: Any) -> str:
+    """
+    A short code for C{failure}'s exception: its class name in snake case without "Error"
+    (C{ConnectionRefusedError} -> C{connection_refused}).  Never the message, which may carry
+    a host, a token or a user id.
+    """
+    value = getattr(failure, "value", failure)
+    name = type(value).__name__
+    if name.endswith("Error") and len(name) > 5:
+        name = name[:-5]
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+def _now(clock: Any) -> float:
+    seconds = getattr(clock, "seconds", None)
+    return float(seconds()) if callable(seconds) else 0.0
 
 
 def is_allowed(user_id: str | None, allowlist: tuple[str, ...] | list[str]) -> bool:

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, RelaySettings
 from hermes_twisted.model import MessageEvent, Platform, SendResult
-from hermes_twisted.platforms.base import PlatformAdapter
+from hermes_twisted.platforms.base import PlatformAdapter, PlatformState
 from hermes_twisted.relay import client as relay_client
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.client import RelayClient
@@ -256,9 +256,13 @@ class RelayAdapter(PlatformAdapter):
 
     # -- capabilities -------------------------------------------------------------------------
 
-    @property
-    def status(self) -> str:
-        return self.client.status
+    def startService(self) -> None:
+        super().startService()
+        if self.client.disabled_reason:
+            self.report_state(PlatformState.DISABLED, reason="not_configured",
+                              detail=self.client.disabled_reason)
+        else:
+            self.report_state(PlatformState.CONNECTING)
 
     def len_fn(self, text: str) -> int:  # type: ignore[override]
         return self._len(text)
@@ -284,13 +288,24 @@ class RelayAdapter(PlatformAdapter):
         self.max_message_length = default.max_length
         self.supports_code_blocks = default.supports_code_blocks
         self._len = default.len_fn
+        self.report_state(PlatformState.CONNECTED)
         self.log.info("relay: {platform} descriptor applied (max {max}, edit {edit})",
                       platform=descriptor.platform, max=descriptor.max_length,
                       edit=descriptor.supports_edit)
 
     def relay_disabled(self, reason: str) -> None:
-        # The client already logged it at error level; /status shows it through self.status.
-        pass
+        # The client already logged it at error level.
+        self.report_state(PlatformState.DISABLED, reason="relay_disabled",
+                          error_code=f"ws_closed_{relay_client.UNAUTHORIZED}")
+
+    def relay_redialing(self, attempt: int, delay: float | None,
+                        close_code: int | None) -> None:
+        if self.client.dormant:
+            self.report_state(PlatformState.DORMANT)
+            return
+        self.report_state(PlatformState.RECONNECTING, attempt=max(1, attempt), retry_in=delay,
+                          error_code=(f"ws_closed_{close_code}" if close_code is not None
+                                      else "connect_failed"))
 
     def go_dormant(self) -> Deferred:
         """Hand delivery to the connector's buffer and close; see L{RelayClient.go_dormant}."""

@@ -81,6 +81,14 @@ class RelayHandler(Protocol):
     def relay_credentials(self, gateway_id: str, secret: str) -> None:
         """The client holds an id+secret pair (configured or just provisioned)."""
 
+    def relay_redialing(self, attempt: int, delay: float | None,
+                        close_code: int | None) -> None:
+        """
+        The session is lost and the supervisor will dial again, in C{delay} s once it is known
+        (C{attempt}: failed sessions so far; C{close_code}: the last WebSocket close code).
+        """
+
+
 class RelayClient(Service):
     """
     The supervised connection to the connector.  Start it to dial; stop it to say
@@ -133,6 +141,7 @@ class RelayClient(Service):
         self.dials = 0
         #: Counts connections opened; what the adapter remembers per connection is keyed by it.
         self.connection_number = 0
+        self.last_close_code: int | None = None
         self.setName("relay.client")
 
     # -- state --------------------------------------------------------------------------------
@@ -165,8 +174,21 @@ class RelayClient(Service):
         if self._redial_now:
             # A provisional 4401 after a handshake: redial at once with a fresh token.
             self._redial_now = False
-            return 0.0
-        return self.backoff(attempt)
+            delay = 0.0
+        else:
+            delay = self.backoff(attempt)
+        self._report_redial(delay)
+        return delay
+
+    def _report_redial(self, delay: float | None) -> None:
+        if self._stopping or self.disabled_reason:
+            return
+        # Before the policy ran (delay None), the coming dial is one more failed session.
+        attempt = self.backoff.failures + (1 if delay is None else 0)
+        try:
+            self.handler.relay_redialing(attempt, delay, self.last_close_code)
+        except Exception:
+            self.log.failure("while reporting a relay redial")
 
     # -- service ------------------------------------------------------------------------------
 
@@ -297,6 +319,7 @@ class RelayClient(Service):
 
     def connection_closed(self, protocol: RelayClientProtocol, code: int | None,
                           reason: str) -> None:
+        self.last_close_code = code
         self.backoff.connection_lost()
         if self.dormant:
             self.backoff.reset()  # we closed on purpose: redial on the base cadence
@@ -306,6 +329,8 @@ class RelayClient(Service):
                           code=code, reason=reason)
             return
         self._protocol = None
+        # Reported before the pending requests settle: their owners may look at the state.
+        self._report_redial(None)
         self._settle_pending(failure_result(CLOSED if self._stopping else CONNECTION_LOST))
         self._fire_waiters(self._idle_waiters, False)
         if self._stopping:
@@ -378,8 +403,9 @@ class RelayClient(Service):
             self.default_descriptor = descriptor
         self.handshaked = True
         self._provisional_4401 = False
-        self._fire_waiters(self._handshake_waiters, descriptor)
+        # The owner applies it first, so a waiter resumes with the descriptor in force.
         self.handler.relay_descriptor(descriptor)
+        self._fire_waiters(self._handshake_waiters, descriptor)
 
     def _result_received(self, frame: dict[str, Any]) -> None:
         entry = self._pending.pop(str(frame.get("requestId")), None)

@@ -284,6 +284,23 @@ class DatabaseSessionStore:
 
         return self._writer.when_open(lambda: self._writer.submit(work))
 
+    @property
+    def writer(self) -> StoreWriter:
+        """The writer thread's queue and last commit, for the ops surface."""
+        return self._writer
+
+    def inbox_stats(self) -> Deferred:
+        """
+        Fires with C{(pending, oldest_admitted_at or None)} of the inbound inbox.  Fails with
+        L{StoreError}.  Cancelling before the read starts withdraws it.
+        """
+        def work(conn: Any) -> tuple[int, float | None]:
+            row = conn.execute("SELECT count(*), min(admitted_at) FROM inbound"
+                               " WHERE completed_at IS NULL").fetchone()
+            return int(row[0]), row[1]
+
+        return self._writer.when_open(lambda: self._writer.submit(work))
+
     def pending_inbound(self) -> Deferred:
         """
         Fires with C{[(dedupe_key, payload)]} admitted but never completed, oldest first.

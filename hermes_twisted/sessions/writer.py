@@ -108,6 +108,17 @@ class StoreWriter:
         self._close_requested = False
         self.transactions = 0  # batches committed (or failed) since open: group-commit figure
         self.operations = 0
+        #: Told C{(seconds, committed)} after each batch, in the reactor thread (ops metrics).
+        self.batch_observer: Callable[[float, bool], None] | None = None
+        #: Whether the last batch committed (None before the first), and when it ended.
+        self.last_commit_ok: bool | None = None
+        self.last_batch_at: float | None = None
+        self._batch_started = 0.0
+
+    @property
+    def queue_depth(self) -> int:
+        """Operations waiting for the thread (not counting the batch on it)."""
+        return len(self._queue)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -189,6 +200,7 @@ class StoreWriter:
         if self.state != "closing" or self._busy or self._queue or self._pool is None:
             return
         self._busy = True
+        self._batch_started = self._reactor.seconds()
         done = deferToThreadPool(self._reactor, self._pool, self._close_in_thread)
         done.addBoth(self._closed)
 
@@ -280,6 +292,7 @@ class StoreWriter:
             return
         batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
         self._busy = True
+        self._batch_started = self._reactor.seconds()
         done = deferToThreadPool(self._reactor, self._pool, self._run_batch,
                                  [op.work for op in batch])
         done.addBoth(self._deliver, batch)
@@ -313,6 +326,13 @@ class StoreWriter:
     def _deliver(self, outcome: list[Any] | Failure, batch: list[_Op]) -> None:
         self.transactions += 1
         self.operations += len(batch)
+        self.last_commit_ok = not isinstance(outcome, Failure)
+        self.last_batch_at = now = self._reactor.seconds()
+        if self.batch_observer is not None:
+            try:
+                self.batch_observer(now - self._batch_started, self.last_commit_ok)
+            except Exception:
+                pass  # an observer never costs a write
         if isinstance(outcome, Failure):
             results = [as_store_error(Failure(outcome.value), self.database) for _ in batch]
         else:

@@ -18,7 +18,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
@@ -36,7 +36,7 @@ from hermes_twisted.platforms.api_server.http import (
     error_body,
     parse_chat_request,
 )
-from hermes_twisted.platforms.base import PlatformAdapter
+from hermes_twisted.platforms.base import PlatformAdapter, PlatformState, error_code_of
 from hermes_twisted.sessions.keys import build_session_key
 
 MIN_KEY_LENGTH = 16
@@ -106,8 +106,25 @@ class LimitedRequest(Request):
         self.channel.transport.loseConnection()
 
 
+#: The closed set of route names a response is counted under (never the raw path).
+ROUTES = {b"/v1/chat/completions": "chat_completions", b"/v1/models": "models",
+          b"/health": "health", b"/v1/health": "health", b"/health/detailed": "health"}
+
+
 class _APISite(TrackingSite):
     requestFactory = LimitedRequest
+    #: Told C{(route, status code)} of every finished response (the ops metrics).
+    response_observer: Callable[[str, int], None] | None = None
+
+    def log(self, request: Any) -> None:
+        super().log(request)
+        observer = self.response_observer
+        if observer is not None:
+            route = ROUTES.get((request.path or b"").rstrip(b"/") or b"/", "other")
+            try:
+                observer(route, int(request.code))
+            except Exception:
+                pass  # counting never fails a response
 
 
 class APIServerAdapter(PlatformAdapter):
@@ -137,20 +154,24 @@ class APIServerAdapter(PlatformAdapter):
         self._listening = None
         self._site: _APISite | None = None
         self._state = "stopped"
+        #: Set by the daemon: builds the C{/health/detailed} body (see L{detailed_health}).
+        self.health_detail: Callable[[], dict[str, Any]] | None = None
+        #: Set by the daemon: told C{(route, status code)} of every response (metrics).
+        self.response_observer: Callable[[str, int], None] | None = None
 
     # -- service ------------------------------------------------------------------------------
-
-    @property
-    def status(self) -> str:
-        return self._state
 
     def startService(self) -> None:
         super().startService()
         if len(self.key) < MIN_KEY_LENGTH:
             self._state = "disabled: API_SERVER_KEY missing or shorter than 16 characters"
             self.log.error("API server not started: {why}", why=self._state)
+            self.report_state(PlatformState.DISABLED, reason="not_configured",
+                              detail="API_SERVER_KEY missing or shorter than 16 characters")
             return
+        self.report_state(PlatformState.CONNECTING)
         site = _APISite(_Root(self))
+        site.response_observer = self.response_observer
         self._site = site
         site.displayTracebacks = False
         d = TCP4ServerEndpoint(self.reactor, self.port_number, interface=self.host).listen(site)
@@ -161,11 +182,32 @@ class APIServerAdapter(PlatformAdapter):
         address = port.getHost()
         self._state = f"listening on http://{address.host}:{address.port}"
         self.log.info("API server {state}", state=self._state)
+        self.report_state(PlatformState.CONNECTED,
+                          detail=f"listening on {address.host}:{address.port}")
 
     def _listen_failed(self, failure: Any) -> None:
         self._state = f"disabled: cannot listen on {self.host}:{self.port_number}"
+        self.report_state(PlatformState.FAILED, reason="listen_failed",
+                          error_code=error_code_of(failure),
+                          detail=f"cannot listen on {self.host}:{self.port_number}")
         self.log.error("API server {state}: {reason}", state=self._state,
                        reason=failure.getErrorMessage())
+
+    def detailed_health(self) -> dict[str, Any]:
+        """
+        hermes 0.19.0's C{/health/detailed} body (always HTTP 200; the verdict is in the body).
+        The daemon wires L{health_detail} to the ops surface; without it only this platform is
+        known.
+        """
+        if self.health_detail is not None:
+            try:
+                return self.health_detail()
+            except Exception:
+                self.log.failure("while building /health/detailed")
+        return {"status": "degraded", "platform": "hermes-agent", "version": COMPAT_VERSION,
+                "readiness": {"status": "degraded", "checks": {}},
+                "gateway_state": "running" if self.running else "stopped",
+                "platforms": {}, "active_agents": len(self._open)}
 
     @property
     def bound_port(self) -> int | None:
@@ -372,6 +414,12 @@ class _Root(Resource):
             request.setHeader("Content-Type", "application/json")
             return _dumps({"status": "ok", "platform": "hermes-agent",
                            "version": COMPAT_VERSION})
+        if path == b"/health/detailed" and method == b"GET":
+            if not adapter.authorized(request):
+                return adapter._error(request, 401, "Invalid API key", "invalid_request_error",
+                                      "invalid_api_key")
+            request.setHeader("Content-Type", "application/json")
+            return _dumps(adapter.detailed_health())
         if path not in (b"/v1/models", b"/v1/chat/completions"):
             return adapter._error(request, 404, "Not found", "invalid_request_error",
                                   "not_found")

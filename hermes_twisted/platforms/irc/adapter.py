@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
 from hermes_twisted.net.reconnect import SessionBackoff
-from hermes_twisted.platforms.base import PlatformAdapter
+from hermes_twisted.platforms.base import PlatformAdapter, PlatformState, error_code_of
 from hermes_twisted.platforms.irc.pacer import PacerClosed, PacerFull
 from hermes_twisted.platforms.irc.protocol import HermesIRCClient, IRCClientFactory
 from hermes_twisted.platforms.irc.text import (
@@ -91,12 +91,14 @@ class IRCAdapter(PlatformAdapter):
         self.backoff = SessionBackoff(reactor)
         self._protocol: HermesIRCClient | None = None
         self._last_problem: str | None = None
+        self._last_error_code: str | None = None
         self._stopping = False
         self._connector: ClientService | None = None
         self._problem = self._config_problem()
         if self._problem is None:
-            self._connector = ClientService(self.build_endpoint(), IRCClientFactory(self),
-                                            retryPolicy=self.backoff, clock=reactor)
+            self._connector = ClientService(_FailureNoting(self.build_endpoint(), self),
+                                            IRCClientFactory(self),
+                                            retryPolicy=self._retry_delay, clock=reactor)
             self._connector.setName(f"{self.name}.connection")
             self._connector.setServiceParent(self)
 
@@ -128,12 +130,24 @@ class IRCAdapter(PlatformAdapter):
         super().startService()
         if self._problem is not None:
             self.log.error("IRC platform disabled: {problem}", problem=self._problem)
+            self.report_state(PlatformState.DISABLED, reason="invalid_config",
+                              detail=self._problem)
             return
+        self.report_state(PlatformState.CONNECTING)
         self.log.info("IRC connecting to {server}:{port} (tls={tls}) as {nick}",
                       server=self.server, port=self.port, tls=self.use_tls, nick=self.nickname)
         assert self._connector is not None
         first = self._connector.whenConnected(failAfterFailures=1)
         first.addErrback(self._first_attempt_failed)
+
+    def _retry_delay(self, attempt: int) -> float:
+        # ClientService asks the policy once per failure, just before it schedules the redial:
+        # the one place that knows both the attempt and when the next dial happens.
+        delay = self.backoff(attempt)
+        if not self._stopping:
+            self.report_state(PlatformState.RECONNECTING, attempt=self.backoff.failures,
+                              retry_in=delay, error_code=self._last_error_code)
+        return delay
 
     def _first_attempt_failed(self, failure: Failure) -> None:
         if failure.check(CancelledError) or self._stopping:
@@ -173,19 +187,6 @@ class IRCAdapter(PlatformAdapter):
             client.transport.abortConnection()
 
     @property
-    def status(self) -> str:
-        if self._problem is not None:
-            return f"disabled: {self._problem}"
-        if not self.running:
-            return "stopped"
-        client = self._protocol
-        if client is not None and client.registered:
-            return "connected"
-        if self._last_problem:
-            return f"reconnecting ({self._last_problem})"
-        return "connecting"
-
-    @property
     def connected_client(self) -> HermesIRCClient | None:
         client = self._protocol
         return client if client is not None and client.registered else None
@@ -205,6 +206,7 @@ class IRCAdapter(PlatformAdapter):
     def _registered(self, client: HermesIRCClient) -> None:
         self.backoff.connection_opened()
         self._last_problem = None
+        self.report_state(PlatformState.CONNECTED)
         self.log.info("IRC registered on {server} as {nick}", server=self.server,
                       nick=client.nickname)
 
@@ -216,6 +218,7 @@ class IRCAdapter(PlatformAdapter):
             self.log.info("IRC connection closed")
             return
         self._last_problem = reason.getErrorMessage()
+        self._last_error_code = error_code_of(reason)
         self.log.warn("IRC connection to {server} lost ({reason}); reconnecting after "
                       "{failures} failed session(s)", server=self.server,
                       reason=self._last_problem, failures=self.backoff.failures)
@@ -322,3 +325,21 @@ class IRCAdapter(PlatformAdapter):
         client = self._protocol
         chantypes = self._chantypes(client) if client is not None else "#&"
         return succeed({"name": chat_id, "type": "group" if is_channel(chat_id, chantypes) else "dm"})
+
+
+class _FailureNoting:
+    """
+    The client endpoint, noting why a dial failed before C{ClientService} asks the retry
+    policy, so the reconnecting state carries the error code of the attempt that failed.
+    """
+
+    def __init__(self, endpoint: Any, adapter: IRCAdapter) -> None:
+        self._endpoint = endpoint
+        self._adapter = adapter
+
+    def connect(self, factory: Any) -> Deferred:
+        def failed(failure: Failure) -> Failure:
+            self._adapter._last_error_code = error_code_of(failure)
+            return failure
+
+        return self._endpoint.connect(factory).addErrback(failed)

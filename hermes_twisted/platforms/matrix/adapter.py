@@ -40,7 +40,7 @@ from hermes_twisted.net.body import read_body
 from hermes_twisted.net.cancellation import raise_if_cancelled
 from hermes_twisted.net.pool import make_pool
 from hermes_twisted.net.reconnect import exponential_delay
-from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
+from hermes_twisted.platforms.base import PlatformAdapter, PlatformState, error_code_of, is_allowed
 from hermes_twisted.platforms.kit.inflight import InFlight
 from hermes_twisted.platforms.kit.polling import poll_forever
 from hermes_twisted.platforms.matrix.format import has_markup, markdown_to_html
@@ -135,10 +135,6 @@ class MatrixAdapter(PlatformAdapter):
         self._image_sends: set[Deferred] = set()
         self._allow_private_media = bool(extra.get("allow_private_media_urls", False))
 
-    @property
-    def status(self) -> str:
-        return self._state
-
     # -- service ------------------------------------------------------------------------------
 
     def startService(self) -> None:
@@ -148,6 +144,7 @@ class MatrixAdapter(PlatformAdapter):
             self._http = treq.client.HTTPClient(Agent(self.reactor, pool=self._pool,
                                                       connectTimeout=10))
         self._state = "connecting"
+        self.report_state(PlatformState.CONNECTING)
         self._stopping = False
         self._loop = ensureDeferred(self._run())
         self._loop.addErrback(self._loop_ended)
@@ -156,6 +153,11 @@ class MatrixAdapter(PlatformAdapter):
         if failure.check(CancelledError):
             return
         self._state = f"disabled: {failure.getErrorMessage()}"
+        if failure.check(MatrixFatal):
+            self.report_state(PlatformState.DISABLED, reason="auth_failed",
+                              detail=failure.getErrorMessage())
+        else:
+            self.report_state(PlatformState.FAILED, error_code=error_code_of(failure))
         if failure.check(MatrixFatal):
             self.log.error("Matrix disabled: {reason}", reason=failure.getErrorMessage())
         else:
@@ -283,6 +285,7 @@ class MatrixAdapter(PlatformAdapter):
 
     async def _deliver(self, batch: dict[str, Any]) -> None:
         self._state = "connected"
+        self.report_state(PlatformState.CONNECTED)
         arrived: set[tuple[str, str]] = set()
         if self.crypto is not None:
             arrived = await self.crypto.receive_sync(batch)
@@ -305,10 +308,14 @@ class MatrixAdapter(PlatformAdapter):
                 raise MatrixFatal(f"the homeserver rejected the access token ({error.errcode})")
             delay = retry_after(error) or exponential_delay(failures, maximum=60)
             described = str(error)
+            code = f"http_{error.code}"
         else:
             delay = exponential_delay(failures, maximum=60)
             self._state = "connecting"
             described = repr(error)
+            code = error_code_of(error)
+        self.report_state(PlatformState.RECONNECTING, attempt=failures, retry_in=delay,
+                          error_code=code)
         self.log.warn("Matrix sync failed ({error}); retrying in {delay:.1f}s",
                       error=described, delay=delay)
         return delay

@@ -30,7 +30,7 @@ from hermes_twisted.model import MessageEvent, Platform, SendResult
 from hermes_twisted.net.body import read_body
 from hermes_twisted.net.pool import make_pool
 from hermes_twisted.net.reconnect import exponential_delay
-from hermes_twisted.platforms.base import PlatformAdapter
+from hermes_twisted.platforms.base import PlatformAdapter, PlatformState, error_code_of
 from hermes_twisted.platforms.kit.inflight import InFlight
 from hermes_twisted.platforms.kit.polling import StopPolling, poll_forever
 from hermes_twisted.platforms.telegram import botapi
@@ -102,12 +102,6 @@ class TelegramAdapter(PlatformAdapter):
     # -- lifecycle --------------------------------------------------------------------------
 
     @property
-    def status(self) -> str:
-        if self.fatal_error:
-            return f"failed: {self.fatal_error}"
-        return self._state
-
-    @property
     def me(self) -> dict[str, Any] | None:
         """The bot's own user (C{getMe}), once known."""
         return self.updates.me
@@ -133,9 +127,12 @@ class TelegramAdapter(PlatformAdapter):
         if not self.settings.token:
             self.fatal_error = "no bot token configured (TELEGRAM_BOT_TOKEN)"
             self.log.error("telegram: {error}", error=self.fatal_error)
+            self.report_state(PlatformState.DISABLED, reason="not_configured",
+                              detail=self.fatal_error)
             return
         self.fatal_error = None
         self._state = "connecting"
+        self.report_state(PlatformState.CONNECTING)
         self._polling = True
         self._loop = Deferred.fromCoroutine(self._poll_forever())
         self._loop.addErrback(self._poll_loop_ended)
@@ -188,6 +185,7 @@ class TelegramAdapter(PlatformAdapter):
         if failure.check(CancelledError):
             return None
         self._state = "stopped"
+        self.report_state(PlatformState.FAILED, error_code=error_code_of(failure))
         self.log.failure("telegram: the getUpdates loop ended unexpectedly", failure)
         return None
 
@@ -268,6 +266,7 @@ class TelegramAdapter(PlatformAdapter):
         if self._state != "connected":
             self.log.info("telegram: receiving updates")
         self._state = "connected"
+        self.report_state(PlatformState.CONNECTED)
         await self._handle_batch(updates)
 
     def _poll_failed(self, error: Exception, failures: int) -> float:
@@ -281,6 +280,8 @@ class TelegramAdapter(PlatformAdapter):
         self._state = "retrying"
         if delay is None:
             delay = exponential_delay(failures, initial=1.0, maximum=60.0)
+        self.report_state(PlatformState.RECONNECTING, attempt=failures, retry_in=delay,
+                          error_code=_poll_error_code(error))
         self.log.info("telegram: polling again in {delay:.1f}s (failure {failures})",
                       delay=delay, failures=failures)
         return delay
@@ -306,6 +307,9 @@ class TelegramAdapter(PlatformAdapter):
             self.fatal_error = (f"Telegram rejected the bot token ({error.error_code} "
                                 f"{error.description}); polling stopped")
             self.log.error("telegram: {error}", error=self.fatal_error)
+            self.report_state(PlatformState.FAILED, reason="auth_failed",
+                              error_code=f"telegram_{error.error_code}",
+                              detail=self.fatal_error)
             return True
         return False
 
@@ -502,3 +506,9 @@ class TelegramAdapter(PlatformAdapter):
         # The contract knows dm/group/channel; a forum is a group with topics.
         return {"name": chat_name(chat) or chat_id,
                 "type": "group" if kind == "forum" else kind, "forum": kind == "forum"}
+
+
+def _poll_error_code(error: Exception) -> str:
+    if isinstance(error, TelegramAPIError) and error.error_code:
+        return f"telegram_{error.error_code}"
+    return error_code_of(error)

@@ -1,0 +1,285 @@
+"""
+Soak benchmark: a real C{twistd hermes-gateway} under a steady mixed load for a long time,
+read through its own C{/metrics} and C{/proc}, to show that it does not leak.
+
+Same three processes as C{bench/e2e.py} (its helpers are reused): the load-driving connector
+(C{bench/e2e_connector.py}, scenario C{bench/soak_load.py}), the fake Hermes API
+(C{bench/e2e_upstream.py}) and the gateway, with its ops listener on a free port.
+
+    python bench/soak.py                              # 20 minutes at half the measured maximum
+    python bench/soak.py --minutes 3 --sample 10      # a quick check
+    python bench/soak.py --minutes 1440 --sample 300 --out bench/results/soak-24h.json
+
+The load: relay messages at C{--rate} messages/s (default: half of the rate load a of
+C{bench/e2e.py} reaches in a short calibration), mixed with upstream errors, silent streams
+and endless streams stopped by C{/stop}; the connector drops the socket every
+C{--drop-every} s.  Every C{--sample} s it records the gateway's RSS (VmRSS), open file
+descriptors (/proc/<pid>/fd), the store's size (gateway.db + WAL), and from C{/metrics}:
+pending reactor timers, active turns, turns by outcome, stale outputs dropped, relay
+reconnects, reactor lag.  The connector reports per interval the echo latency p50/p99.
+
+At the end: RSS slope after warm-up (least squares, KB/hour), the fd and timer ranges,
+messages lost or answered twice, and the figures per sample.  Targets: RSS slope under
+1 MB/hour after warm-up, a constant fd count, no lost or doubled message.
+
+This is a measurement, not a test: nothing here asserts anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+from e2e import (  # noqa: E402
+    DEFAULT_GATEWAY_CMD,
+    GATEWAY_ID,
+    SECRET,
+    Gateway,
+    cpu_seconds,
+    gateway_env,
+    machine,
+    measured_pid,
+    memory_kb,
+    sleep,
+    source_version,
+    spawn_helper,
+    with_timeout,
+)
+from e2e_common import now  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from twisted.internet import task  # noqa: E402
+from twisted.internet.defer import ensureDeferred  # noqa: E402
+from twisted.internet.threads import deferToThread  # noqa: E402
+
+from tests.servers.irc import free_port  # noqa: E402
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def store_bytes(home: Path) -> int:
+    return sum(p.stat().st_size for p in home.glob("gateway.db*") if p.is_file())
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The samples of C{url}'s /metrics as C{{"name{labels}": value}}, in a thread."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out
+
+
+def total(metrics: dict[str, float], name: str, **match: str) -> float:
+    """Sum of C{name}'s samples whose labels include C{match}."""
+    want = [f'{k}="{v}"' for k, v in match.items()]
+    return sum(v for k, v in metrics.items()
+               if (k == name or k.startswith(name + "{")) and all(w in k for w in want))
+
+
+def lag_quantile(before: dict[str, float], after: dict[str, float], q: float) -> float | None:
+    """The C{q} quantile of hermes_reactor_lag_seconds between two scrapes (bucket upper
+    bound, as Prometheus' histogram_quantile without interpolation)."""
+    buckets = []
+    for key, value in after.items():
+        if key.startswith("hermes_reactor_lag_seconds_bucket{"):
+            bound = key.split('le="', 1)[1].split('"', 1)[0]
+            buckets.append((float("inf") if bound == "+Inf" else float(bound),
+                            value - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    target = q * buckets[-1][1]
+    return next((bound for bound, count in buckets if count >= target), None)
+
+
+def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of C{(seconds, value)} points, per hour."""
+    if len(points) < 3:
+        return None
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_v = sum(v for _, v in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return None
+    return sum((t - mean_t) * (v - mean_v) for t, v in points) / var * 3600
+
+
+async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
+    upstream = spawn_helper(reactor, "upstream", "e2e_upstream.py", "--port", "0",
+                            verbose=args.verbose, nice=None)
+    up_url = (await with_timeout(reactor, upstream.wait("listening"), 30, "upstream"))["url"]
+    connector = spawn_helper(reactor, "connector", "e2e_connector.py", "--port", "0",
+                             "--secret", f"{GATEWAY_ID}:{SECRET}", "--upstream", up_url,
+                             verbose=True, nice=None)
+    relay_url = (await with_timeout(reactor, connector.wait("listening"), 30,
+                                    "connector"))["url"]
+    home = Path(tempfile.mkdtemp(prefix="hermes-soak-"))
+    ops_port = free_port()
+    metrics_url = f"http://127.0.0.1:{ops_port}/metrics"
+    env = gateway_env(home, up_url, relay_url)
+    env["GATEWAY_OPS_LISTEN"] = f"tcp:{ops_port}:interface=127.0.0.1"
+    cmd = DEFAULT_GATEWAY_CMD.format(python=shlex.quote(sys.executable),
+                                     logfile=home / "gateway.log")
+    out = open(home / "gateway.out", "wb")
+    gateway = Gateway()
+    transport = reactor.spawnProcess(gateway, "/bin/sh", ["/bin/sh", "-c", "exec " + cmd],
+                                     env=env, path=str(ROOT),
+                                     childFDs={0: "w", 1: out.fileno(), 2: out.fileno()})
+    report: dict[str, Any] = {"home": str(home), "args": vars(args)}
+    samples: list[dict[str, Any]] = []
+    try:
+        await with_timeout(reactor, connector.wait("hello"), 60, "hello from the gateway")
+        pid = measured_pid(transport.pid)
+        await sleep(reactor, 2.0)
+        rate = args.rate
+        if rate is None:
+            connector.send(cmd="a", messages=400, chats=40, deltas=5, size=10, gap=0.0)
+            calibration = await with_timeout(reactor, connector.wait("result"), 300,
+                                             "calibration")
+            report["calibration_messages_per_s"] = calibration["messages_per_s"]
+            # Child keeps an event it handed to a waiter: forget it, or the next wait sees it.
+            connector.events = [e for e in connector.events if e.get("ev") != "result"]
+            rate = round(calibration["messages_per_s"] / 2, 1)
+        report["rate"] = rate
+        print(f"soak: {args.minutes} min at {rate} msg/s, dropping the socket every "
+              f"{args.drop_every} s; sampling every {args.sample} s", file=sys.stderr,
+              flush=True)
+        connector.send(cmd="soak", duration=args.minutes * 60, rate=rate, chats=args.chats,
+                       drop_every=args.drop_every, report_every=args.sample,
+                       stop_after=args.stop_after, grace=30.0, timeout=60.0,
+                       mix={"echo": args.echo, "error": args.error, "silent": args.silent,
+                            "slow": args.slow}, seed=args.seed)
+        t0, cpu0 = now(), cpu_seconds(pid)
+        previous = await deferToThread(scrape, metrics_url)
+        result = connector.wait("result")
+        while not result.called:
+            await sleep(reactor, args.sample)
+            metrics = await deferToThread(scrape, metrics_url)
+            interval = next((e for e in reversed(connector.events) if e.get("ev") == "interval"),
+                            {})
+            connector.events = [e for e in connector.events if e.get("ev") != "interval"]
+            mem = memory_kb(pid)
+            sample = {
+                "t_s": round(now() - t0, 1),
+                "rss_kb": mem["VmRSS"], "rss_anon_kb": mem["RssAnon"],
+                "fds": open_fds(pid), "store_bytes": store_bytes(home),
+                "cpu_s": round(cpu_seconds(pid) - cpu0, 2),
+                "delayed_calls": total(metrics, "hermes_reactor_delayed_calls"),
+                "active_turns": total(metrics, "hermes_active_turns"),
+                "turns_ok": total(metrics, "hermes_turns_finished_total", outcome="ok"),
+                "turns_cancelled": total(metrics, "hermes_turns_finished_total",
+                                         outcome="cancelled"),
+                "turns_error": total(metrics, "hermes_turns_finished_total", outcome="error"),
+                "stale_dropped": total(metrics, "hermes_stale_outputs_dropped_total"),
+                "relay_reconnects": total(metrics, "hermes_platform_reconnects_total",
+                                          platform="relay"),
+                "lag_p99_s": lag_quantile(previous, metrics, 0.99),
+                "latency_p99_ms": interval.get("latency_p99_ms"),
+                "sent": interval.get("sent"), "answered": interval.get("answered"),
+            }
+            previous = metrics
+            samples.append(sample)
+            print(json.dumps(sample), file=sys.stderr, flush=True)
+        final = await result
+        if final.get("ev") == "error":
+            raise RuntimeError(final["error"])
+        final.pop("ev", None)
+        report["load"] = final
+    finally:
+        if not gateway.ended.called:
+            transport.signalProcess("TERM")
+            try:
+                await with_timeout(reactor, gateway.ended, 20, "gateway exit")
+            except RuntimeError:
+                transport.signalProcess("KILL")
+                await gateway.ended
+        out.close()
+        for child in (connector, upstream):
+            if not child.ended.called:
+                child.transport.signalProcess("TERM")
+            await child.ended
+    warm = [s for s in samples if s["t_s"] >= args.warmup * 60]
+    report["samples"] = samples
+    report["summary"] = {
+        "samples": len(samples),
+        "warmup_min": args.warmup,
+        "rss_slope_kb_per_hour": (round(v, 1) if (v := slope_per_hour(
+            [(s["t_s"], s["rss_kb"]) for s in warm])) is not None else None),
+        "rss_kb_first_last_after_warmup": ([warm[0]["rss_kb"], warm[-1]["rss_kb"]]
+                                           if warm else None),
+        "fds_min_max": ([min(s["fds"] for s in samples), max(s["fds"] for s in samples)]
+                        if samples else None),
+        "delayed_calls_min_max": ([min(s["delayed_calls"] for s in samples),
+                                   max(s["delayed_calls"] for s in samples)]
+                                  if samples else None),
+        "store_bytes_first_last": ([samples[0]["store_bytes"], samples[-1]["store_bytes"]]
+                                   if samples else None),
+        "latency_p99_ms_per_interval": [s["latency_p99_ms"] for s in samples],
+        "lag_p99_s_max": max((s["lag_p99_s"] or 0) for s in samples) if samples else None,
+        "sent": report.get("load", {}).get("sent"),
+        "lost": report.get("load", {}).get("lost"),
+        "doubled": report.get("load", {}).get("doubled"),
+        "unanswered_in_flight_at_a_drop": report.get("load", {}).get(
+            "unanswered_in_flight_at_a_drop"),
+    }
+    return report
+
+
+async def main(reactor: Any, args: argparse.Namespace) -> None:
+    # Read before the run: the tree the daemon imports is the one at its start.
+    started = dict(date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                   commit=source_version(), machine=machine())
+    report = await soak(reactor, args)
+    report.update(started)
+    print(json.dumps(report["summary"], indent=2))
+    print(json.dumps(report.get("load"), indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=20.0, help="how long the load runs")
+    p.add_argument("--rate", type=float, default=None,
+                   help="messages/s (default: half of a short calibration's maximum)")
+    p.add_argument("--chats", type=int, default=200, help="chats (one message in flight each)")
+    p.add_argument("--drop-every", type=float, default=180.0,
+                   help="seconds between socket drops by the connector (0: never)")
+    p.add_argument("--stop-after", type=float, default=2.0,
+                   help="seconds a silent or endless stream runs before /stop")
+    p.add_argument("--echo", type=float, default=0.88, help="share of ordinary turns")
+    p.add_argument("--error", type=float, default=0.04, help="share of upstream HTTP 500s")
+    p.add_argument("--silent", type=float, default=0.04, help="share of silent streams")
+    p.add_argument("--slow", type=float, default=0.04, help="share of endless streams")
+    p.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
+    p.add_argument("--warmup", type=float, default=5.0,
+                   help="minutes left out of the RSS slope")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--out", default=None, help="write the report as JSON here")
+    p.add_argument("--verbose", action="store_true", help="show the helpers' stderr")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    arguments = parse_args()
+    task.react(lambda reactor: ensureDeferred(main(reactor, arguments)))
