@@ -407,7 +407,7 @@ class ClientTests(SynchronousTestCase):
 
 
 def test_redact_hides_bearer_tokens_in_every_shape_autobahn_logs():
-    from hermes_twisted.relay.protocol import redact
+    from hermes_twisted.platforms.kit.websocket import redact
 
     assert redact("GET /relay\r\nAuthorization: Bearer abc.def\r\nHost: x") == (
         "GET /relay\r\nAuthorization: Bearer <redacted>\r\nHost: x")

@@ -256,11 +256,18 @@ class RelayAdapter(PlatformAdapter):
 
     # -- capabilities -------------------------------------------------------------------------
 
+    @property
+    def status(self) -> str:
+        """The state model's line; "provisioning" while the client provisions credentials,
+        a step of connecting the shared model does not name."""
+        if self.client.status == "provisioning":
+            return "provisioning"
+        return super().status
+
     def startService(self) -> None:
         super().startService()
         if self.client.disabled_reason:
-            self.report_state(PlatformState.DISABLED, reason="not_configured",
-                              detail=self.client.disabled_reason)
+            self._report_disabled(self.client.disabled_reason)
         else:
             self.report_state(PlatformState.CONNECTING)
 
@@ -295,8 +302,18 @@ class RelayAdapter(PlatformAdapter):
 
     def relay_disabled(self, reason: str) -> None:
         # The client already logged it at error level.
-        self.report_state(PlatformState.DISABLED, reason="relay_disabled",
-                          error_code=f"ws_closed_{relay_client.UNAUTHORIZED}")
+        self._report_disabled(reason)
+
+    def _report_disabled(self, reason: str) -> None:
+        # The client's reason starts with a code (relay_disabled for a 4401,
+        # relay_credentials_missing, relay_url_missing ...) and then says why.
+        code, _, detail = reason.partition(":")
+        code = code.split()[0] if code.strip() else "relay_disabled"
+        unauthorized = code == relay_client.DISABLED_CODE
+        self.report_state(PlatformState.DISABLED, reason=code,
+                          detail=detail.strip() or None,
+                          error_code=(f"ws_closed_{relay_client.UNAUTHORIZED}" if unauthorized
+                                      else None))
 
     def relay_redialing(self, attempt: int, delay: float | None,
                         close_code: int | None) -> None:

@@ -27,17 +27,13 @@ from twisted.python.failure import Failure
 
 from hermes_twisted.config.settings import RelaySettings
 from hermes_twisted.net.reconnect import SessionBackoff, exponential_delay
+from hermes_twisted.platforms.kit.websocket import endpoint_for_url
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import authorization_headers
 from hermes_twisted.relay.descriptor import BadDescriptor, CapabilityDescriptor
 from hermes_twisted.relay.http import HttpFailure
 from hermes_twisted.relay.identity import IdentityTokenError
-from hermes_twisted.relay.protocol import (
-    CLOSE_BUDGET,
-    RelayClientFactory,
-    RelayClientProtocol,
-    endpoint_for_url,
-)
+from hermes_twisted.relay.protocol import CLOSE_BUDGET, RelayClientFactory, RelayClientProtocol
 
 UNAUTHORIZED = 4401
 NOT_CONNECTED = "relay transport not connected"

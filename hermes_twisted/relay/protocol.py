@@ -10,104 +10,20 @@ everything so no frame can end the connection.
 
 from __future__ import annotations
 
-import re
-from typing import Any, Callable
+from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from autobahn.websocket.types import ConnectingRequest
-from autobahn.websocket.util import parse_url
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
+from hermes_twisted.platforms.kit.websocket import (
+    ReactorTimer,
+    RedactingLog,
+    cancel_leftover_timers,
+)
 from hermes_twisted.relay import wire
 
 CLOSE_BUDGET = 1.0
-
-
-def endpoint_for_url(reactor: Any, url: str) -> Any:
-    """A TCP (ws://) or TLS (wss://) client endpoint for the host and port of C{url}."""
-    is_secure, host, port, _resource, _path, _params = parse_url(url)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
-    if is_secure:
-        from twisted.internet.ssl import optionsForClientTLS
-
-        endpoint = wrapClientTLS(optionsForClientTLS(host), endpoint)
-    return endpoint
-
-
-class _Call:
-    """A timer autobahn may cancel after it fired (its own batched calls allow that)."""
-
-    def __init__(self, call: Any) -> None:
-        self._call = call
-
-    def cancel(self) -> None:
-        if self._call.active():
-            self._call.cancel()
-
-
-class ReactorTimer:
-    """
-    autobahn's per-factory timer (handshake, ping and close timeouts) on an injected reactor.
-    txaio's default batches timers on the global reactor and leaves a bucket's DelayedCall
-    behind after its timers were cancelled; this one cancels each timer for real.
-    """
-
-    def __init__(self, reactor: Any) -> None:
-        self._reactor = reactor
-
-    def call_later(self, delay: float, func: Callable[..., Any], *args: Any,
-                   **kwargs: Any) -> _Call:
-        return _Call(self._reactor.callLater(delay, func, *args, **kwargs))
-
-
-def cancel_leftover_timers(protocol: Any) -> None:
-    """autobahn leaves its close-handshake timers armed when the TCP connection ends first."""
-    for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
-        call = getattr(protocol, name, None)
-        if call is not None:
-            setattr(protocol, name, None)
-            try:
-                call.cancel()
-            except Exception:
-                pass  # it already fired (a twisted DelayedCall from txaio raises then)
-
-
-_BEARER = re.compile(r"(authorization:\s*bearer\s+)\S+", re.IGNORECASE)
-_BEARER_BYTES = re.compile(rb"(authorization:\s*bearer\s+)\S+", re.IGNORECASE)
-
-
-def redact(value: Any) -> Any:
-    """C{value} with any bearer token replaced (autobahn logs whole upgrade requests)."""
-    if isinstance(value, str):
-        return _BEARER.sub(r"\1<redacted>", value)
-    if isinstance(value, bytes):
-        return _BEARER_BYTES.sub(rb"\1<redacted>", value)
-    if isinstance(value, dict):
-        return {k: ("<redacted>" if str(k).lower() == "authorization" else v)
-                for k, v in value.items()}
-    return value
-
-
-class RedactingLog:
-    """
-    autobahn's own logger for one connection, minus the bearer token: at debug level autobahn
-    prints the complete HTTP upgrade request, Authorization header included.
-    """
-
-    def __init__(self, log: Any) -> None:
-        self._log = log
-
-    def __getattr__(self, name: str) -> Any:
-        method = getattr(self._log, name)
-        if not callable(method):
-            return method
-
-        def redacted(*args: Any, **kwargs: Any) -> Any:
-            return method(*(redact(a) for a in args),
-                          **{k: redact(v) for k, v in kwargs.items()})
-
-        return redacted
 
 
 class RelayClientProtocol(WebSocketClientProtocol):

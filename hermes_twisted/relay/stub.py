@@ -27,9 +27,13 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.resource import Resource
 
 from hermes_twisted.net.site import TrackingSite
+from hermes_twisted.platforms.kit.websocket import (
+    ReactorTimer,
+    RedactingLog,
+    cancel_leftover_timers,
+)
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import bearer_from_header, verify_token
-from hermes_twisted.relay.protocol import ReactorTimer, RedactingLog, cancel_leftover_timers
 from hermes_twisted.relay.stub_http import ConnectorHttp, http_children
 
 #: A result that is never answered (forces the gateway's request timeout).

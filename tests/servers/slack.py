@@ -37,7 +37,7 @@ from twisted.protocols.policies import WrappingFactory
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Site
 
-from hermes_twisted.platforms.slack.websocket import ReactorTimer, cancel_leftover_timers
+from hermes_twisted.platforms.kit.websocket import ReactorTimer, cancel_leftover_timers
 
 APP_TOKEN = "xapp-1-A0TEST-1-abc"
 BOT_TOKEN = "xoxb-1-test"

@@ -40,7 +40,7 @@ from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
 from twisted.logger import Logger
 
 from hermes_twisted.net.reconnect import SessionBackoff
-from hermes_twisted.platforms.slack.websocket import (
+from hermes_twisted.platforms.kit.websocket import (
     FreshURLEndpoint,
     ReactorTimer,
     RedactingLog,

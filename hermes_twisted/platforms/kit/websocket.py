@@ -1,9 +1,7 @@
-# -*- test-case-name: tests.test_slack_socketmode -*-
+# -*- test-case-name: tests.test_slack -*-
 """
-autobahn under a C{ClientService}: what any held-WebSocket platform needs besides its own
-protocol.  The relay has the same helpers in L{hermes_twisted.relay.protocol}; a platform room
-may not import another room, so this is the copy a second WebSocket platform (Discord) could
-lift into C{platforms/kit/} together with the relay's.
+autobahn under a C{ClientService}: what every held-WebSocket platform (the relay, Slack's
+Socket Mode) needs besides its own protocol.
 
   - L{endpoint_for_url}: a TCP (ws://) or TLS (wss://) endpoint for a WebSocket URL;
   - L{ReactorTimer}: autobahn's per-factory timers on the injected reactor, cancelled for real;
@@ -71,14 +69,17 @@ def cancel_leftover_timers(protocol: Any) -> None:
 
 _SECRETS = re.compile(r"((?:authorization:\s*bearer\s+)|(?:ticket=))[^\s&'\"]+",
                       re.IGNORECASE)
+_SECRETS_BYTES = re.compile(rb"((?:authorization:\s*bearer\s+)|(?:ticket=))[^\s&'\"]+",
+                            re.IGNORECASE)
 
 
 def redact(value: Any) -> Any:
-    """C{value} with bearer tokens and URL tickets replaced."""
+    """C{value} with bearer tokens and URL tickets replaced (autobahn logs whole upgrade
+    requests at debug level, the Authorization header included)."""
     if isinstance(value, str):
         return _SECRETS.sub(r"\1<redacted>", value)
     if isinstance(value, bytes):
-        return redact(value.decode("utf-8", "replace")).encode()
+        return _SECRETS_BYTES.sub(rb"\1<redacted>", value)
     if isinstance(value, dict):
         return {k: ("<redacted>" if str(k).lower() == "authorization" else redact(v))
                 for k, v in value.items()}
