@@ -34,6 +34,8 @@ from pathlib import Path
 import pytest
 
 INSTALL_HINT = "Debian: apt-get install -y dovecot-imapd dovecot-lmtpd"
+USER_NAMES = ("bot", "alice", "user")
+USERS_PER_NAME = 200
 
 
 def free_port() -> int:
@@ -236,12 +238,16 @@ class MailSystem:
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def new_user(self, name: str = "user") -> MailUser:
-        """A fresh mailbox C{<name><n>@localhost} with its own password."""
+        """
+        A fresh mailbox C{<name><n>@localhost} with its own password, from the users written
+        before the start (Dovecot caches the users file, so later additions may be missed).
+        """
+        if name not in USER_NAMES:
+            raise ValueError(f"new_user: one of {USER_NAMES}, not {name!r}")
         n = next(self._ids)
-        user = MailUser(f"{name}{n}@localhost", f"pw-{name}-{n}-secret")
-        with open(self.base / "users", "a") as f:
-            f.write(f"{user.address}:{{PLAIN}}{user.password}\n")
-        return user
+        if n > USERS_PER_NAME:
+            raise RuntimeError("the mail system ran out of prepared users; raise USERS_PER_NAME")
+        return MailUser(f"{name}{n}@localhost", f"pw-{name}-{n}-secret")
 
     def ssl_context(self) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(self.ca_file))
@@ -304,7 +310,9 @@ def start_mail_system() -> MailSystem:
     base = Path(tempfile.mkdtemp(prefix="hermes-mail-"))
     base.chmod(0o755)
     cert, _key = write_self_signed(base)
-    (base / "users").write_text("")
+    (base / "users").write_text("".join(
+        f"{name}{n}@localhost:{{PLAIN}}pw-{name}-{n}-secret\n"
+        for name in USER_NAMES for n in range(1, USERS_PER_NAME + 1)))
     (base / "run").mkdir()
     (base / "mail").mkdir()
     shutil.chown(base / "mail", "nobody", "nogroup")
