@@ -57,6 +57,9 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
             raise ConfigError("MATRIX_ACCESS_TOKEN", "Matrix needs an access token, or "
                               "MATRIX_USER_ID and MATRIX_PASSWORD (or platforms.matrix.extra."
                               "access_token / user_id and password)")
+    elif name == "email":
+        for key in ("password", "imap_host", "smtp_host"):
+            _require(layers, "email", key, "email")
     elif name == "telegram":
         if not settings.token:
             raise ConfigError("TELEGRAM_BOT_TOKEN", "required when Telegram is enabled "

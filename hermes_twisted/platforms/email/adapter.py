@@ -88,8 +88,8 @@ class EmailAdapter(PlatformAdapter):
         self.imap_port = int(extra.get("imap_port") or 993)
         self.smtp_host = str(extra.get("smtp_host") or "").strip()
         self.smtp_port = int(extra.get("smtp_port") or 587)
-        implicit = extra.get("smtp_implicit_tls")
-        self.smtp_implicit_tls = None if implicit is None else bool(implicit)
+        self.smtp_implicit_tls = (self.smtp_port == 465
+                                  or bool(extra.get("smtp_implicit_tls", False)))
         self.poll_interval = float(extra.get("poll_interval") or 15)
         self.idle_renew = float(extra.get("idle_renew_seconds") or IDLE_RENEW_SECONDS)
         self.use_idle = bool(extra.get("idle", True))
