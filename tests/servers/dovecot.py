@@ -16,6 +16,7 @@ file is re-read by Dovecot on every login, so users can be added while it runs.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import imaplib
 import itertools
@@ -343,9 +344,19 @@ def start_mail_system() -> MailSystem:
     return system
 
 
+_shared: list[MailSystem] = []
+
+
+def shared_mail_system() -> MailSystem:
+    """The process's one mail system, started on first use and stopped at exit."""
+    if not _shared:
+        system = start_mail_system()
+        atexit.register(system.stop)
+        _shared.append(system)
+    return _shared[0]
+
+
 @pytest.fixture(scope="session")
 def mail_system():
     """One Dovecot + submission relay for the session (see L{MailSystem})."""
-    system = start_mail_system()
-    yield system
-    system.stop()
+    return shared_mail_system()

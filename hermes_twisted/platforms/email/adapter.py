@@ -108,6 +108,7 @@ class EmailAdapter(PlatformAdapter):
         self._sends = InFlight()
         self._loop: Deferred | None = None
         self._session_d: Deferred | None = None
+        self._client: MailboxClient | None = None
         self._imap: ClientService | None = None
         self._trust: Any = None
         self._cursor: Cursor | None = None
@@ -132,6 +133,11 @@ class EmailAdapter(PlatformAdapter):
     @property
     def cursor(self) -> Cursor | None:
         return self._cursor
+
+    @property
+    def connections(self) -> int:
+        """Open connections: the IMAP one and each SMTP submission in flight."""
+        return (self._client is not None) + len(self._sends)
 
     # -- service ------------------------------------------------------------------------------
 
@@ -213,6 +219,7 @@ class EmailAdapter(PlatformAdapter):
 
     def _connection_made(self, client: MailboxClient) -> None:
         """A new IMAP connection (built by the ClientService): run one session on it."""
+        self._client = client
         session = ensureDeferred(self._session(client))
         self._session_d = session
         session.addErrback(self._session_failed, client)
@@ -229,6 +236,8 @@ class EmailAdapter(PlatformAdapter):
 
     def _connection_lost(self, _: Any, client: MailboxClient, session: Deferred) -> None:
         self._connected = False
+        if self._client is client:
+            self._client = None
         if self._session_d is session:
             self._session_d = None
         session.cancel()  # its commands failed already; this ends a wait between them
