@@ -9,7 +9,7 @@ from __future__ import annotations
 from email import message_from_bytes, policy
 
 import pytest
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
@@ -296,3 +296,22 @@ def test_turn_text_and_session_per_thread():
     assert bot._context_for("alice@example.org", "<m2@ex.org>", {}).subject == "Re: plans"
     per_sender = adapter(trust_from_header=True)._to_event(parse_mail(raw("Subject: Hi")), 1)
     assert per_sender.source.thread_id is None and per_sender.text == "[Subject: Hi]\n\nhi there"
+
+
+def test_an_unusable_ca_file_disables_email_and_fails_sends(tmp_path):
+    settings = PlatformSettings(name="email", enabled=True, allow_all_users=True, extra={
+        "address": "bot@example.net", "password": "pw", "imap_host": "imap.example.net",
+        "smtp_host": "smtp.example.net", "ca_file": str(tmp_path / "missing.pem")})
+    clock = Clock()
+    bot = EmailAdapter(settings, reactor=clock, clock=clock,
+                       gateway_config=GatewayConfig(hermes_home=str(tmp_path), db_path=""),
+                       run_in_thread=lambda fn, *args: maybeDeferred(fn, *args))
+    bot.startService()
+    try:
+        assert bot.status.startswith("disabled: EMAIL_CA_FILE"), bot.status
+        result = bot.send("alice@example.org", "hello").result
+        assert not result.success and "EMAIL_CA_FILE" in result.error
+        assert bot.connections == 0
+    finally:
+        bot.stopService()
+    assert clock.getDelayedCalls() == []

@@ -115,6 +115,7 @@ class EmailAdapter(PlatformAdapter):
         self._stopping = False
         self._connected = False
         self._problem: str | None = None
+        self._fatal: str | None = None
         self._idle_supported: bool | None = None
         #: Message-ID of a mail we answer -> its thread; (sender, thread root) -> the latest.
         self._threads: OrderedDict[str, ThreadContext] = OrderedDict()
@@ -124,6 +125,8 @@ class EmailAdapter(PlatformAdapter):
     def status(self) -> str:
         if not self.running:
             return "stopped"
+        if self._fatal:
+            return f"disabled: {self._fatal}"
         if self._connected:
             return "connected (IDLE)" if self._idle_supported else "connected (polling)"
         if self._problem:
@@ -159,6 +162,7 @@ class EmailAdapter(PlatformAdapter):
             return
         self._problem = failure.getErrorMessage()
         if failure.check(EmailFatal):
+            self._fatal = self._problem
             self.log.error("Email disabled: {reason}", reason=self._problem)
         else:
             self.log.failure("Email: the IMAP start failed", failure)
@@ -306,12 +310,19 @@ class EmailAdapter(PlatformAdapter):
     async def _process(self, client: MailboxClient, uids: list[int]) -> None:
         for uid in uids:
             raw = await self._command(fetch_raw(client, uid))
-            if raw is not None:
-                mail = await self._io(parse_mail, raw)
-                event = self._to_event(mail, uid)
-                if event is not None:
-                    # Fires once the gateway admitted the turn (durably, with the dedupe key).
-                    await self.deliver_inbound(event)
+            event = None
+            try:
+                mail = None if raw is None else await self._io(parse_mail, raw)
+            except CancelledError:
+                raise
+            except Exception:
+                # Retrying cannot help a mail we cannot read; it is skipped, not looped on.
+                self.log.failure("Email: cannot parse UID {uid}; not answering it", uid=uid)
+            else:
+                event = None if mail is None else self._to_event(mail, uid)
+            if event is not None:
+                # Fires once the gateway admitted the turn (durably, with the dedupe key).
+                await self.deliver_inbound(event)
             await self._command(mark_seen(client, uid))
             assert self._cursor is not None
             await self._advance(Cursor(self._cursor.uidvalidity, uid))
@@ -400,6 +411,10 @@ class EmailAdapter(PlatformAdapter):
         if not self.running:
             return succeed(SendResult.failed("email is not running", kind="transient",
                                              retryable=True))
+        if self._fatal or (self.ca_file and self._trust is None):
+            return succeed(SendResult.failed(self._fatal or "email is starting (EMAIL_CA_FILE "
+                                             "not loaded yet)", kind="transient",
+                                             retryable=not self._fatal))
         context = self._context_for(chat_id, reply_to, metadata or {})
         try:
             message_id, data = build_reply(sender=self.address, recipient=chat_id,
