@@ -18,7 +18,7 @@ from hermes_twisted.config.loader import load_config
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.platforms.email.adapter import EmailAdapter
 from hermes_twisted.platforms.email.cursor import Cursor, load_cursor, save_cursor
-from hermes_twisted.platforms.email.imap import MailboxClient
+from hermes_twisted.platforms.email.imap import IDLE_RENEW_SECONDS, MailboxClient
 from hermes_twisted.platforms.email.message import (
     ThreadContext,
     build_reply,
@@ -187,11 +187,12 @@ def test_idle_ends_with_done_when_mail_arrives():
 
 
 def test_idle_is_renewed_before_the_server_gives_up():
+    assert IDLE_RENEW_SECONDS < 29 * 60  # RFC 2177
     client, transport, clock = idle_client()
-    d = client.idle(29 * 60)
+    d = client.idle()
     tag = written(transport)[0].split()[0]
     client.dataReceived(b"+ idling\r\n")
-    clock.advance(29 * 60 - 1)
+    clock.advance(IDLE_RENEW_SECONDS - 1)
     assert written(transport) == []
     clock.advance(1)
     assert written(transport) == [b"DONE"]

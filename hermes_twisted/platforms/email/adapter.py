@@ -5,7 +5,7 @@ email-xmpp.md §1.7 for what we do better).
 
 Inbound: one IMAP connection (implicit TLS, certificate verified) kept by a C{ClientService}.
 After login and C{SELECT INBOX} the session waits for mail with IDLE when the server offers
-it (re-issued every 29 minutes), else it polls every C{poll_interval} seconds.  New mail is
+it (re-issued every 28 minutes), else it polls every C{poll_interval} seconds.  New mail is
 found by UID above the persisted cursor C{(UIDVALIDITY, last UID)}, fetched with
 C{BODY.PEEK[]} (reading does not mark it), and handed to the gateway; C{\\Seen} is set and
 the cursor advanced only once the gateway admitted the turn (or the mail was deliberately

@@ -27,8 +27,9 @@ from twisted.python.failure import Failure
 
 _EXISTS = re.compile(rb"^\* \d+ EXISTS\b", re.I)
 
-#: RFC 2177: re-issue IDLE at least every 29 minutes, or the server may log us out.
-IDLE_RENEW_SECONDS = 29 * 60
+#: RFC 2177: re-issue IDLE at least every 29 minutes, or the server may log us out; one
+#: minute of margin for a slow round trip.
+IDLE_RENEW_SECONDS = 28 * 60
 
 
 class MailboxClient(imap4.IMAP4Client):
