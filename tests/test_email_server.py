@@ -248,3 +248,62 @@ async def test_implicit_tls_refuses_a_self_signed_certificate_without_ca_file(bo
     result = await bot.adapter.send("alice@localhost", "hello")
     assert not result.success
     assert "certificate" in result.error.lower(), result.error
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_mail_becomes_one_threaded_reply_through_the_gateway(mail_system, bots):
+    """
+    The whole path: a mail is a turn in the real Gateway (SQLite store, proxy upstream
+    streaming over SSE), and the answer is exactly one mail, even with streaming on, because
+    email does not edit.
+    """
+    from twisted.web.server import Site
+
+    from hermes_twisted.config.settings import ResetPolicy, StreamingSettings, UpstreamSettings
+    from hermes_twisted.dispatch.gateway import Gateway
+    from hermes_twisted.sessions.sqlite import SQLiteSessionStore
+    from hermes_twisted.upstream.proxy import ProxyUpstream
+    from tests.test_gateway_e2e import Completions
+
+    resource = Completions()
+    port = reactor.listenTCP(0, Site(resource), interface="127.0.0.1")
+    bot = bots()
+    alice = mail_system.new_user("alice")
+    config = GatewayConfig(hermes_home=str(bot.home), db_path=str(bot.home / "gw.db"),
+                           allow_all_users=True, streaming=StreamingSettings(enabled=True),
+                           upstream=UpstreamSettings(
+                               proxy_url=f"http://127.0.0.1:{port.getHost().port}"))
+    bot.home.mkdir(parents=True, exist_ok=True)
+    store = SQLiteSessionStore(config.db_path, reactor=reactor,
+                               reset_policy_for=lambda source: ResetPolicy())
+    await store.open()
+    upstream = ProxyUpstream(config.upstream, reactor=reactor)
+    upstream.startService()
+    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
+    adapter = EmailAdapter(PlatformSettings(name="email", enabled=True, extra=bot.extra),
+                           reactor=reactor, gateway_config=config)
+    bot.adapter = adapter
+    gateway.add_adapter(adapter)
+    gateway.startService()
+    adapter.startService()
+    try:
+        await bot.connected()
+        message = mail(alice.address, bot.user.address, "Question", "hi",
+                       Message_ID="<q1@alice.example>")
+        await deferToThread(mail_system.submit, alice, [bot.user.address], message)
+        [(_, _, raw)] = await eventually_inbox(bot, alice)
+        reply = message_from_bytes(raw, policy=policy.default)
+        assert reply.get_content().strip() == "Hello there."
+        assert (reply["Subject"], reply["In-Reply-To"], reply["References"]) == (
+            "Re: Question", "<q1@alice.example>", "<q1@alice.example>")
+        assert resource.requests == ["[Subject: Question]\n\nhi"]
+        await deferLater_(0.5)
+        assert len(await bot.inbox(alice)) == 1  # one mail per turn, no streamed partials
+        [(_, flags, _)] = await bot.inbox()
+        assert "\\Seen" in flags
+    finally:
+        await adapter.stopService()
+        await gateway.stopService()
+        await upstream.stopService()
+        await store.close()
+        await port.stopListening()
