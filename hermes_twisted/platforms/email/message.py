@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from email import message_from_bytes, policy
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import formatdate, getaddresses, parseaddr
+from email.utils import formatdate, parseaddr
 from html.parser import HTMLParser
 
 #: Substrings of a sender address that mark automated mail (hermes-agent 0.19.0's list).
@@ -280,8 +280,3 @@ def build_reply(*, sender: str, recipient: str, text: str, context: ThreadContex
     msg["Auto-Submitted"] = "auto-replied"
     msg.set_content(text)
     return mid, msg.as_bytes(policy=policy.SMTP)
-
-
-def addresses(value: str) -> list[str]:
-    """The addresses in a header value such as C{To:} (lower-cased)."""
-    return [addr.lower() for _, addr in getaddresses([value]) if addr]
