@@ -32,7 +32,7 @@ _PLATFORM_FIELDS = frozenset({
     "allowed_users", "allow_all_users",
 })
 _SHARED = ("session_reset", "streaming", "group_sessions_per_user", "thread_sessions_per_user",
-           "unauthorized_dm_behavior")
+           "unauthorized_dm_behavior", "reset_by_platform", "reset_by_type")
 #: Every name Hermes treats as a platform (used to recognise top-level shortcut blocks).
 _HERMES_PLATFORMS = frozenset(SUPPORTED_PLATFORMS) | frozenset(UNSUPPORTED_PLATFORMS)
 
@@ -48,6 +48,8 @@ def _spec(path: str) -> Spec | None:
         parts = path.split(".")
         if len(parts) == 3:
             spec = _SPECS.get(f"platforms.<name>.{parts[2]}")
+        elif len(parts) == 4 and parts[2] == "extra":
+            spec = _SPECS.get(f"platforms.<name>.extra.{parts[3]}")
     return spec
 
 
@@ -127,9 +129,9 @@ class ConfigLayers:
             where = f"gateway.{key}"
             if key in _SHARED or key == "platforms" or key == "api_server":
                 continue  # handled elsewhere
-            if key == "idp":
+            if key in ("idp", "scale_to_zero"):
                 self._block(_mapping(value, where), where, where,
-                            _known_leaves("gateway.idp"))
+                            _known_leaves(f"gateway.{key}"))
             elif key in known:
                 self._put(where, value, where)
             elif key in _HERMES_PLATFORMS:

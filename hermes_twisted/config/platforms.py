@@ -106,6 +106,9 @@ def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> Platform
     for var in ENV_VARS.values():
         if var.platform == name and var.extra_key and var.default is not None:
             extra.setdefault(var.extra_key, var.default)
+    if name == "email":
+        # 0.19.0 (gateway/config.py): an unknown sender is never mailed a pairing code.
+        extra.setdefault("unauthorized_dm_behavior", "ignore")
     home = _home_channel(layers, prefix, extra)
     if home is None and name == "matrix":
         home = extra.get("home_room")
