@@ -15,7 +15,10 @@ connections still open, stop it.  No fake server is written here; each harness r
   - api_server: the adapter listening on loopback, driven by a treq client, like
     L{tests.test_api_server};
   - relay: L{hermes_twisted.relay.stub.StubConnector} over loopback, like
-    L{tests.relay_support.relay_pair}.
+    L{tests.relay_support.relay_pair};
+  - slack: L{tests.servers.slack.FakeSlack} on loopback, like L{tests.test_slack};
+  - email: the real Dovecot + aiosmtpd of L{tests.servers.dovecot} (no fake: the real server
+    starts in well under a second), like L{tests.test_email_server}.
 
 Harnesses on a C{Clock} advance it themselves while waiting (L{ClockHarness.until}); those on
 the real reactor poll it with a bound (L{RealReactorHarness.until}).  Either way a test waits
@@ -48,18 +51,22 @@ from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform
 from hermes_twisted.platforms.api_server.adapter import APIServerAdapter
 from hermes_twisted.platforms.email.adapter import EmailAdapter
+from hermes_twisted.platforms.slack.adapter import SlackAdapter
 from hermes_twisted.platforms.telegram.adapter import TelegramAdapter
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.adapter import RelayAdapter
 from hermes_twisted.relay.stub import NEVER, StubConnector
 from tests.fakes.telegram_api import FakeTelegramAPI
 from tests.relay_support import RecordingSink, eventually, relay_config
+from tests.servers.slack import FakeSlack
 from tests.test_irc import FakeAdapter as IRCFakeAdapter
 from tests.test_irc import make_settings as irc_settings
 from tests.test_matrix import ME as MATRIX_ME
 from tests.test_matrix import FakeResponse, ScriptedHomeserver, make_adapter
 from tests.test_matrix import batch as matrix_batch
 from tests.test_matrix import message as matrix_message
+from tests.test_slack import gateway_config as slack_gateway_config
+from tests.test_slack import make_settings as slack_settings
 from tests.test_telegram import make_settings as telegram_settings
 
 
@@ -707,6 +714,11 @@ class RelayHarness(RealReactorHarness):
         assert await self.until(lambda: self.adapter.status == "connected"), \
             self.adapter.status
 
+    def peer_owns(self, call: Any) -> bool:
+        # The stub serves its HTTP side with a twisted.web Site, which refreshes its log date
+        # every second while it listens.
+        return getattr(call.func, "__self__", None) is self.stub.site
+
     async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
                              thread_id: str | None = None) -> MessageEvent:
         extra = {"thread_id": thread_id} if thread_id is not None else {}
@@ -749,6 +761,103 @@ class RelayHarness(RealReactorHarness):
         if self.adapter is not None and self.adapter.running:
             await self.adapter.stopService()
         await self.stub.stop()
+
+
+# -- Slack --------------------------------------------------------------------------------------
+
+
+class SlackHarness(RealReactorHarness):
+    """
+    The Slack adapter against L{tests.servers.slack.FakeSlack} on loopback (Web API and Socket
+    Mode on one port), like L{tests.test_slack}.  Channels answer without a mention and reply
+    flat, so a top-level message has no thread (a real thread reply does).
+    """
+
+    name = "slack"
+    inbound_platform = Platform.SLACK
+    user = "U0USER"
+    inbound_chats = ("C0A", "C0B")
+    thread = ("C0T", "1720000099.000100")
+
+    def __init__(self, tmp_path: Any) -> None:
+        super().__init__(tmp_path)
+        self.fake = FakeSlack(real_reactor)
+        self._fake_up = False
+
+    async def start(self) -> None:
+        self.clock = real_reactor
+        await self.fake.start()
+        self._fake_up = True
+        settings = slack_settings(self.fake.api_base, require_mention=False,
+                                  reply_in_thread=False)
+        self.adapter = SlackAdapter(settings, reactor=real_reactor,
+                                    gateway_config=slack_gateway_config(), rand=lambda: 0.5)
+        self.adapter.attach(self.sink)
+        self.adapter.startService()
+        assert await self.until(lambda: self.adapter.status == "connected"), \
+            self.adapter.status
+
+    async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
+                             thread_id: str | None = None) -> MessageEvent:
+        before = len(self.sink.events)
+        self.fake.push_message(text, channel=chat_id, user=user_id or self.user,
+                               thread_ts=thread_id)
+        return await self._next_event(before)
+
+    async def open_chat(self) -> str:
+        return self.inbound_chats[0]
+
+    async def break_outbound(self) -> None:
+        # Slack goes away: the port closes, the socket and every HTTP connection drop.
+        await self._stop_fake()
+
+    async def calls_in_flight(self, chat_id: str) -> list[tuple[str, str, Deferred]]:
+        sent = await self.adapter.send(chat_id, "to be edited")
+        assert sent.success, sent
+        self.fake.hold = True  # Slack stops answering the Web API
+        before = len(self.fake.held)
+        adapter = self.adapter
+        calls = [("an unanswered post", "send", adapter.send(chat_id, "unanswered")),
+                 ("an unanswered update", "edit_message",
+                  adapter.edit_message(chat_id, sent.message_id, "unanswered edit")),
+                 ("an unanswered status", "send_typing",
+                  adapter.send_typing(chat_id, metadata={"thread_id": "1.1"})),
+                 ("an unanswered conversations.info", "get_chat_info",
+                  adapter.get_chat_info(chat_id))]
+        assert await self.until(lambda: len(self.fake.held) >= before + 4)
+        return calls
+
+    async def send_waiting_out_rate_limit(self, chat_id: str) -> Deferred | None:
+        # A post waits out a 429 of up to 30 s (edits report it instead).
+        self.fake.rate_limit("chat.postMessage", retry_after=25)
+        d = self.adapter.send(chat_id, "waiting out a 429")
+
+        def waiting() -> bool:
+            now = real_reactor.seconds()
+            return any(23 < c.getTime() - now <= 25 for c in self.leftover_delayed_calls())
+
+        assert await self.until(waiting), "the send never started waiting out the 429"
+        return d
+
+    async def _stop_fake(self) -> None:
+        if self._fake_up:
+            self._fake_up = False
+            await self.fake.stop()
+
+    async def sent_texts(self, chat_id: str) -> list[str]:
+        return self.fake.texts_in(chat_id)
+
+    def open_connections(self) -> int:
+        return self.fake.connection_count if self._fake_up else 0
+
+    def peer_owns(self, call: Any) -> bool:
+        site = self.fake.site
+        return self._fake_up and getattr(call.func, "__self__", None) is site
+
+    async def stop(self) -> None:
+        if self.adapter is not None and self.adapter.running:
+            await self.adapter.stopService()
+        await self._stop_fake()
 
 
 # -- email --------------------------------------------------------------------------------------

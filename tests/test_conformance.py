@@ -55,6 +55,7 @@ from tests.conformance_support import (
     IRCHarness,
     MatrixHarness,
     RelayHarness,
+    SlackHarness,
     TelegramHarness,
 )
 
@@ -65,6 +66,7 @@ HARNESSES: dict[str, type[Harness]] = {
     "irc": IRCHarness,
     "matrix": MatrixHarness,
     "relay": RelayHarness,
+    "slack": SlackHarness,
     "telegram": TelegramHarness,
 }
 

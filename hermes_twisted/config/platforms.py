@@ -64,6 +64,11 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
         if not settings.token:
             raise ConfigError("TELEGRAM_BOT_TOKEN", "required when Telegram is enabled "
                                                     "(or set platforms.telegram.token)")
+    elif name == "slack":
+        if not settings.token:
+            raise ConfigError("SLACK_BOT_TOKEN", "required when Slack is enabled "
+                                                 "(or set platforms.slack.token)")
+        _require(layers, "slack", "app_token", "Slack (Socket Mode)")
     elif name == "api_server":
         key = extra.get("key") or settings.api_key
         if not key or len(key) < 16:
