@@ -17,6 +17,8 @@ connections still open, stop it.  No fake server is written here; each harness r
   - relay: L{hermes_twisted.relay.stub.StubConnector} over loopback, like
     L{tests.relay_support.relay_pair};
   - slack: L{tests.servers.slack.FakeSlack} on loopback, like L{tests.test_slack};
+  - email: the real Dovecot + aiosmtpd of L{tests.servers.dovecot} (no fake: the real server
+    starts in well under a second), like L{tests.test_email_server};
   - xmpp: a real Prosody and a slixmpp user process, like L{tests.test_xmpp_integration}.
 
 Harnesses on a C{Clock} advance it themselves while waiting (L{ClockHarness.until}); those on
@@ -28,6 +30,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
+from email import message_from_bytes
+from email import policy as email_policy
 from typing import Any, Callable
 from urllib.parse import unquote
 
@@ -35,8 +40,10 @@ import treq.client
 from twisted.internet import reactor as real_reactor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.server import NOT_DONE_YET
@@ -44,6 +51,7 @@ from twisted.web.server import NOT_DONE_YET
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform
 from hermes_twisted.platforms.api_server.adapter import APIServerAdapter
+from hermes_twisted.platforms.email.adapter import EmailAdapter
 from hermes_twisted.platforms.slack.adapter import SlackAdapter
 from hermes_twisted.platforms.telegram.adapter import TelegramAdapter
 from hermes_twisted.relay import wire
@@ -73,6 +81,8 @@ class Harness:
       - C{inbound_platform}: the C{source.platform} inbound events carry (the relay keeps the
         connector's platform);
       - C{user}: the user id inbound messages come from (C{source.user_id});
+      - C{chat_is_user}: the chat id is the sender (email: a chat is a correspondent), so
+        C{source.user_id} is the chat id rather than C{user};
       - C{inbound_chats}: two different chat ids the peer can deliver messages in;
       - C{thread}: C{(chat_id, thread_id)} of a threaded conversation, or None and
         C{no_threads} saying why the platform has none.
@@ -81,6 +91,7 @@ class Harness:
     name = ""
     inbound_platform: Platform = Platform.LOCAL
     user = ""
+    chat_is_user = False
     inbound_chats: tuple[str, str] = ("", "")
     thread: tuple[str, str] | None = None
     no_threads = ""
@@ -848,6 +859,96 @@ class SlackHarness(RealReactorHarness):
         if self.adapter is not None and self.adapter.running:
             await self.adapter.stopService()
         await self._stop_fake()
+
+
+# -- email --------------------------------------------------------------------------------------
+
+
+class EmailHarness(RealReactorHarness):
+    """
+    The email adapter against the real mail system of L{tests.servers.dovecot} (Dovecot IMAP
+    with IDLE, aiosmtpd submission): a mail from a user is delivered over LMTP into the bot's
+    inbox; what the bot sent is read from the user's inbox.  In email the chat is the sender.
+    """
+
+    name = "email"
+    inbound_platform = Platform.EMAIL
+    chat_is_user = True
+    no_threads = ("email sessions are per sender by default, as in 0.19.0; per-thread "
+                  "sessions (EMAIL_SESSION_PER_THREAD) are checked in tests/test_email.py")
+    no_rate_limit = "SMTP has no rate-limit answer to wait out"
+    timeout = 15.0
+
+    async def start(self) -> None:
+        from tests.servers.dovecot import shared_mail_system
+
+        self.clock = real_reactor
+        self.system = shared_mail_system()
+        self.bot = self.system.new_user("bot")
+        self.users = {u.address: u for u in (self.system.new_user("alice"),
+                                             self.system.new_user("alice"))}
+        self.user = next(iter(self.users))
+        self.inbound_chats = tuple(self.users)  # type: ignore[assignment]
+        self.silent_port: Any = None
+        extra = {"address": self.bot.address, "password": self.bot.password,
+                 "imap_host": "127.0.0.1", "imap_port": self.system.imaps_port,
+                 "smtp_host": "127.0.0.1", "smtp_port": self.system.submission_port,
+                 "ca_file": str(self.system.ca_file), "poll_interval": 3600}
+        settings = PlatformSettings(name="email", enabled=True, allow_all_users=True,
+                                    extra=extra)
+        config = GatewayConfig(hermes_home=str(self.tmp_path), db_path="")
+        self.adapter = EmailAdapter(settings, reactor=real_reactor, gateway_config=config)
+        self.adapter.attach(self.sink)
+        self.adapter.startService()
+        assert await self.until(lambda: self.adapter.status.startswith("connected")), \
+            self.adapter.status
+
+    async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
+                             thread_id: str | None = None) -> MessageEvent:
+        assert thread_id is None, self.no_threads
+        sender = user_id or chat_id
+        message = (f"From: {sender}\r\nTo: {self.bot.address}\r\nSubject: Re: conformance\r\n"
+                   f"\r\n{text}\r\n").encode()
+        before = len(self.sink.events)
+        await deferToThread(self.system.deliver, sender, self.bot.address, message)
+        return await self._next_event(before)
+
+    async def open_chat(self) -> str:
+        return self.user
+
+    async def break_outbound(self) -> None:
+        # The submission server goes away: nothing listens on its port any more.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.adapter.smtp_port = s.getsockname()[1]
+
+    async def calls_in_flight(self, chat_id: str) -> list[tuple[str, str, Deferred]]:
+        # A submission server that accepts the connection and never says a word.
+        self.silent_port = real_reactor.listenTCP(0, Factory.forProtocol(Protocol),
+                                                  interface="127.0.0.1")
+        self.adapter.smtp_port = self.silent_port.getHost().port
+        d = self.adapter.send(chat_id, "never greeted")
+        assert await self.until(lambda: self.adapter.connections >= 2)
+        return [("a send the SMTP server never greets", "send", d)]
+
+    async def sent_texts(self, chat_id: str) -> list[str]:
+        mails = await deferToThread(self.system.fetch_all, self.users[chat_id])
+        texts = []
+        for _, _, raw in mails:
+            mail = message_from_bytes(raw, policy=email_policy.default)
+            if mail["From"] == self.bot.address:
+                texts.append(mail.get_content().replace("\r\n", "\n").removesuffix("\n"))
+        return texts
+
+    def open_connections(self) -> int:
+        return self.adapter.connections if self.adapter is not None else 0
+
+    async def stop(self) -> None:
+        if self.adapter is not None and self.adapter.running:
+            await self.adapter.stopService()
+        if self.silent_port is not None:
+            await self.silent_port.stopListening()
+            self.silent_port = None
 
 
 # -- XMPP ---------------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from hermes_twisted.platforms import ADAPTERS, adapter_class
 from hermes_twisted.sessions.keys import build_session_key
 from tests.conformance_support import (
     APIServerHarness,
+    EmailHarness,
     Harness,
     IRCHarness,
     MatrixHarness,
@@ -62,6 +63,7 @@ from tests.conformance_support import (
 #: Platform name -> harness class.  One entry per platform; see the module docstring.
 HARNESSES: dict[str, type[Harness]] = {
     "api_server": APIServerHarness,
+    "email": EmailHarness,
     "irc": IRCHarness,
     "matrix": MatrixHarness,
     "relay": RelayHarness,
@@ -304,7 +306,7 @@ def assert_session_source(h: Harness, event: Any, text: str, chat_id: str) -> st
     assert source.platform is h.inbound_platform, source.platform
     assert source.chat_id == chat_id, source.chat_id
     assert source.chat_type in SOURCE_CHAT_TYPES, source.chat_type
-    assert source.user_id == h.user, source.user_id
+    assert source.user_id == (chat_id if h.chat_is_user else h.user), source.user_id
     key = build_session_key(source)
     assert key.startswith(f"agent:main:{source.platform.value}:{source.chat_type}:"), key
     assert f":{chat_id}" in key, key

@@ -1,6 +1,6 @@
 """
 The conversation controls on every platform we run: relay (a fronted Discord), IRC,
-Telegram, Matrix and the API server.  Each test is parametrized over the real adapter
+Telegram, Matrix, email and the API server.  Each test is parametrized over the real adapter
 classes, built from a real configuration (never started: their outbound calls are
 recorded), so what differs between platforms is what the adapters declare (the typed
 command prefix, authorization done upstream, the relay's fronted blocks) and the
@@ -37,7 +37,9 @@ ENV = {"TELEGRAM_BOT_TOKEN": "1:x", "IRC_SERVER": "127.0.0.1", "IRC_NICKNAME": "
        "IRC_CHANNEL": "#c", "MATRIX_HOMESERVER": "http://127.0.0.1:1",
        "MATRIX_ACCESS_TOKEN": "t", "API_SERVER_KEY": "k" * 16, "API_SERVER_ENABLED": "true",
        "GATEWAY_RELAY_URL": "https://c.example", "GATEWAY_RELAY_PLATFORMS": "discord",
-       "GATEWAY_RELAY_ID": "g", "GATEWAY_RELAY_SECRET": "s", "GATEWAY_ALLOW_ALL_USERS": "true"}
+       "GATEWAY_RELAY_ID": "g", "GATEWAY_RELAY_SECRET": "s", "GATEWAY_ALLOW_ALL_USERS": "true",
+       "EMAIL_ADDRESS": "bot@example.org", "EMAIL_PASSWORD": "pw",
+       "EMAIL_IMAP_HOST": "127.0.0.1", "EMAIL_SMTP_HOST": "127.0.0.1"}
 
 #: name -> (the platform of its events, a DM chat id, a user id, relayed)
 SHAPES = {
@@ -46,11 +48,14 @@ SHAPES = {
     "telegram": (Platform.TELEGRAM, "42", "42", False),
     "matrix": (Platform.MATRIX, "!room:example", "@alice:example", False),
     "api_server": (Platform.API_SERVER, "conversation-1", "api-client", False),
+    "email": (Platform.EMAIL, "alice@example.org", "alice@example.org", False),
 }
 PLATFORMS = list(SHAPES)
 #: Where an unknown sender can pair; the relay's connector and the API server's key
 #: authorize their senders upstream, so pairing never applies there.
 PAIRS = {"irc", "telegram", "matrix"}
+#: Where an unknown sender is ignored without a word (0.19.0: email never mails a code).
+IGNORES = {"email"}
 
 
 class Harness:
@@ -157,6 +162,9 @@ def test_stop_clears_the_queue(platform, tmp_path):
 def test_pairing_where_it_applies(platform, tmp_path):
     h = Harness(platform, tmp_path, env={"GATEWAY_ALLOW_ALL_USERS": ""})
     h.say("hello?")
+    if platform in IGNORES:
+        assert h.messages == [] and h.texts == []
+        return
     if platform not in PAIRS:
         assert h.messages == ["hello?"]  # authorized upstream: never asked to pair
         return

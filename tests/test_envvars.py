@@ -134,6 +134,8 @@ COMPANIONS = {
     "irc": {"IRC_SERVER": "irc.example", "IRC_NICKNAME": "bot", "IRC_CHANNEL": "#c"},
     "matrix": {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "syt_abc"},
     "telegram": {"TELEGRAM_BOT_TOKEN": "123:abc"},
+    "email": {"EMAIL_ADDRESS": "bot@example.org", "EMAIL_PASSWORD": "pw",
+              "EMAIL_IMAP_HOST": "imap.example.org", "EMAIL_SMTP_HOST": "smtp.example.org"},
     "slack": {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1"},
     "api_server": {"API_SERVER_KEY": "0123456789abcdef-key"},
     "relay": {"GATEWAY_RELAY_URL": "https://c.example"},

@@ -353,6 +353,51 @@ _ENV_VAR_LIST: list[EnvVar] = [
           "Allow bots (none/mentions/all)", type="enum", choices=("none", "mentions", "all"),
           default="none", advanced=True),
     *_common("telegram", "TELEGRAM", "Telegram"),
+    # -- Email (email-xmpp.md 1.1) --------------------------------------------------------
+    _pvar("email", "EMAIL_ADDRESS", "address",
+          "The bot's mail address: the IMAP and SMTP login and the From of replies. Setting "
+          "it enables email (with EMAIL_PASSWORD, EMAIL_IMAP_HOST and EMAIL_SMTP_HOST).",
+          "Email address", enables=True),
+    _pvar("email", "EMAIL_PASSWORD", "password", "Password of EMAIL_ADDRESS (IMAP and SMTP).",
+          "Email password", type="secret"),
+    _pvar("email", "EMAIL_IMAP_HOST", "imap_host", "IMAP server host name.", "IMAP host"),
+    _pvar("email", "EMAIL_IMAP_PORT", "imap_port", "IMAP port; always implicit TLS (IMAPS).",
+          "IMAP port", type="int", default=993, minimum=1, maximum=65535),
+    _pvar("email", "EMAIL_SMTP_HOST", "smtp_host", "SMTP submission host name.", "SMTP host"),
+    _pvar("email", "EMAIL_SMTP_PORT", "smtp_port",
+          "SMTP submission port: 465 is implicit TLS, any other port requires STARTTLS.",
+          "SMTP port", type="int", default=587, minimum=1, maximum=65535),
+    _pvar("email", "EMAIL_POLL_INTERVAL", "poll_interval",
+          "Seconds between inbox checks when the IMAP server does not offer IDLE.",
+          "Email poll interval (seconds)", type="int", default=15, minimum=1),
+    _pvar("email", "EMAIL_CA_FILE", "ca_file",
+          "PEM file of the CA that signed the IMAP and SMTP servers' certificates (a private "
+          "CA); without it the system's trust store is used. Certificates are always "
+          "verified.", "Email CA file", type="path", ours=True, advanced=True),
+    _pvar("email", "EMAIL_TRUST_FROM_HEADER", "trust_from_header",
+          "Trust the From header without a passing Authentication-Results (dmarc, aligned "
+          "spf or dkim); the check applies only while an allowlist is set.",
+          "Trust From header (true/false)", type="bool", default=False, advanced=True),
+    _pvar("email", "EMAIL_AUTHSERV_ID", "authserv_id",
+          "authserv-id of the Authentication-Results header to trust (your receiving "
+          "server's); unset: the first such header is trusted, with a warning at start.",
+          "Email authserv-id", advanced=True),
+    _pvar("email", "EMAIL_SESSION_PER_THREAD", "session_per_thread",
+          "One session per mail thread (the root Message-ID) instead of one per sender.",
+          "Email session per thread (true/false)", type="bool", default=False, ours=True,
+          advanced=True),
+    _pfield("email", "EMAIL_ALLOWED_USERS", "allowed_users",
+            "Comma separated sender addresses allowed to talk to the agent.",
+            "Email allowed senders (comma separated)", type="list"),
+    _pfield("email", "EMAIL_ALLOW_ALL_USERS", "allow_all_users",
+            "Answer every sender (no allowlist).", "Allow all email senders (true/false)",
+            type="bool", default=False, advanced=True),
+    _pfield("email", "EMAIL_HOME_ADDRESS", "home_channel",
+            "Address for proactive messages (cron deliveries, restart notices).",
+            "Email home address", advanced=True),
+    _pvar("email", "EMAIL_HOME_ADDRESS_NAME", "home_channel_name",
+          "Display name of the email home address.", "Email home address name",
+          default="Home", advanced=True),
     # -- Slack (discord-slack.md 1.3) ----------------------------------------------------
     _pfield("slack", "SLACK_BOT_TOKEN", "token",
             "Bot token (xoxb-...). With SLACK_APP_TOKEN it enables Slack (Socket Mode).",
@@ -508,6 +553,16 @@ _YAML_KEY_LIST: list[ConfigKey] = [
     ConfigKey("platforms.matrix.extra.state_dir", "Where the sync token and joined rooms are "
               "kept (relative paths are under $HERMES_HOME).", "path", "$HERMES_HOME/matrix",
               ours=True),
+    ConfigKey("platforms.email.extra.require_authenticated_sender", "Check "
+              "Authentication-Results before answering (while an allowlist is set); "
+              "EMAIL_TRUST_FROM_HEADER turns it off too.", "bool", True),
+    ConfigKey("platforms.email.extra.idle", "Wait for mail with IMAP IDLE when the server "
+              "offers it (false: always poll).", "bool", True, ours=True),
+    ConfigKey("platforms.email.extra.smtp_implicit_tls", "Implicit TLS on the SMTP port even "
+              "when it is not 465.", "bool", False, ours=True),
+    ConfigKey("platforms.email.extra.state_dir", "Where the inbox cursor (UIDVALIDITY, last "
+              "UID) is kept (relative paths are under $HERMES_HOME).", "path",
+              "$HERMES_HOME/email", ours=True),
     ConfigKey("platforms.telegram.extra.drop_pending_updates", "Skip updates that arrived "
               "while the daemon was down.", "bool", False, ours=True),
     ConfigKey("platforms.slack.extra.reply_in_thread", "Answer top-level channel messages "
@@ -584,8 +639,8 @@ SHORTCUT_KEYS_BY_PLATFORM = {
 }
 
 #: Platforms this daemon implements, by config name (their adapters: L{hermes_twisted.platforms}).
-SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "slack", "api_server", "relay",
-                                 "xmpp"})
+SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "slack", "email", "api_server",
+                                 "relay", "xmpp"})
 
 #: Platforms Hermes 0.19.0 knows and this daemon does not implement, with the variable that
 #: would turn each on in Hermes.  The relay can front them.
@@ -596,7 +651,6 @@ UNSUPPORTED_PLATFORMS: dict[str, tuple[str, ...]] = {
     "signal": ("SIGNAL_HTTP_URL",),
     "mattermost": ("MATTERMOST_TOKEN",),
     "homeassistant": ("HASS_TOKEN",),
-    "email": ("EMAIL_ADDRESS",),
     "sms": ("TWILIO_ACCOUNT_SID",),
     "dingtalk": ("DINGTALK_CLIENT_ID",),
     "webhook": ("WEBHOOK_ENABLED",),
@@ -661,10 +715,10 @@ are logged and ignored; unknown top-level keys (Hermes's agent settings) are ign
 Booleans accept `1/true/yes/on` and `0/false/no/off` (any case). Lists accept a YAML list or
 a comma separated string.
 
-Supported platforms: `irc`, `matrix`, `telegram`, `slack`, `api_server`, `relay`, `xmpp`. Platforms Hermes
-knows but this daemon does not implement are rejected with a pointer to the relay
-(`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them or the
-block says `enabled: false`.
+Supported platforms: `irc`, `matrix`, `telegram`, `slack`, `email`, `api_server`, `relay`,
+`xmpp`. Platforms Hermes knows but this daemon does not implement are rejected with a pointer to the
+relay (`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them or
+the block says `enabled: false`.
 
 The relay: a block for a platform the relay fronts (`discord:`, `platforms.discord`, ...)
 is copied to `platforms.relay.extra.<platform>`, merged with what is written there, for the
@@ -693,6 +747,7 @@ _GROUPS = [
     ("IRC", lambda v: v.platform == "irc"),
     ("Matrix", lambda v: v.platform == "matrix"),
     ("Telegram", lambda v: v.platform == "telegram"),
+    ("Email", lambda v: v.platform == "email"),
     ("Slack", lambda v: v.platform == "slack"),
     ("API server", lambda v: v.platform == "api_server"),
     ("XMPP", lambda v: v.platform == "xmpp"),

@@ -57,6 +57,9 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
             raise ConfigError("MATRIX_ACCESS_TOKEN", "Matrix needs an access token, or "
                               "MATRIX_USER_ID and MATRIX_PASSWORD (or platforms.matrix.extra."
                               "access_token / user_id and password)")
+    elif name == "email":
+        for key in ("password", "imap_host", "smtp_host"):
+            _require(layers, "email", key, "email")
     elif name == "telegram":
         if not settings.token:
             raise ConfigError("TELEGRAM_BOT_TOKEN", "required when Telegram is enabled "
@@ -115,6 +118,9 @@ def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> Platform
     for var in ENV_VARS.values():
         if var.platform == name and var.extra_key and var.default is not None:
             extra.setdefault(var.extra_key, var.default)
+    if name == "email":
+        # 0.19.0 (gateway/config.py): an unknown sender is never mailed a pairing code.
+        extra.setdefault("unauthorized_dm_behavior", "ignore")
     home = _home_channel(layers, prefix, extra)
     if home is None and name == "matrix":
         home = extra.get("home_room")

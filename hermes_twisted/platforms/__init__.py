@@ -1,7 +1,8 @@
 """
 The platforms: the adapter contract (L{hermes_twisted.platforms.base}), the shared kit
 (L{hermes_twisted.platforms.kit}) and one subpackage per platform (C{irc/}, C{matrix/},
-C{telegram/}, C{slack/}, C{api_server/}, C{xmpp/}; the relay has its own package, L{hermes_twisted.relay}).
+C{telegram/}, C{slack/}, C{email/}, C{api_server/}, C{xmpp/}; the relay has its own package,
+L{hermes_twisted.relay}).
 
 A platform package holds its adapter, its protocol, its wire format and its text rules.  It
 may import the contract, the kit, L{hermes_twisted.delivery} (splitting and text rules),
@@ -20,6 +21,7 @@ ADAPTERS = {
     "irc": "hermes_twisted.platforms.irc.adapter.IRCAdapter",
     "matrix": "hermes_twisted.platforms.matrix.adapter.MatrixAdapter",
     "telegram": "hermes_twisted.platforms.telegram.adapter.TelegramAdapter",
+    "email": "hermes_twisted.platforms.email.adapter.EmailAdapter",
     "slack": "hermes_twisted.platforms.slack.adapter.SlackAdapter",
     "api_server": "hermes_twisted.platforms.api_server.adapter.APIServerAdapter",
     "relay": "hermes_twisted.relay.adapter.RelayAdapter",
