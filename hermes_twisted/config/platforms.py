@@ -61,6 +61,10 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
         if not settings.token:
             raise ConfigError("TELEGRAM_BOT_TOKEN", "required when Telegram is enabled "
                                                     "(or set platforms.telegram.token)")
+    elif name == "discord":
+        if not settings.token:
+            raise ConfigError("DISCORD_BOT_TOKEN", "required when Discord is enabled "
+                                                   "(or set platforms.discord.token)")
     elif name == "api_server":
         key = extra.get("key") or settings.api_key
         if not key or len(key) < 16:
@@ -122,6 +126,8 @@ def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> Platform
         enabled = explicit if explicit is not None else bool(by_env)
         if by_env is False:
             enabled = False
+        if explicit is None and name in layers.relay_platforms:
+            enabled = False  # the relay fronts it; a native connection needs enabled: true
     settings = PlatformSettings(
         name=name,
         enabled=enabled,
