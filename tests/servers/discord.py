@@ -408,7 +408,7 @@ class FakeDiscord:
         self.closes.append((code, conn.remoteCloseReason or ""))
         if conn.session is not None and conn.session.connection is conn:
             conn.session.connection = None
-            if code in (1000, 1001):
+            if code in (1000, 1001) and conn.localCloseCode is None:
                 self.sessions.pop(conn.session.session_id, None)  # invalidated (docs)
         self._changed()
 

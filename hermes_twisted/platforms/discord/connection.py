@@ -65,8 +65,12 @@ class GatewayProtocol(WebSocketClientProtocol):
             self._log.failure("discord: while handling a gateway payload; skipped")
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        # An unclean close is reported as 1006 even when the peer's close frame arrived.
-        if self.remoteCloseCode is not None:
+        # What counts is the code of whoever closed first: the peer's echo of our close is
+        # often 1000, which would end a session we meant to resume.  An unclean close is
+        # reported as 1006 even when the peer's close frame arrived.
+        if getattr(self, "closedByMe", False) and self.localCloseCode is not None:
+            code, reason = self.localCloseCode, self.localCloseReason
+        elif self.remoteCloseCode is not None:
             code, reason = self.remoteCloseCode, self.remoteCloseReason
         elif not wasClean:
             code = None
