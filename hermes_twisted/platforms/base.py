@@ -59,7 +59,8 @@ class PlatformAdapter(MultiService):
     typed_command_prefix: str = "/"
     #: Relay: the connector already authorized the sender.
     authorization_is_upstream: bool = False
-    #: Adapters that split long messages themselves (IRC, relay).
+    #: Adapters that split long messages themselves (IRC, the API server); for the others the
+    #: reply channel splits at max_message_length.
     splits_long_messages: bool = False
     #: How often a running turn refreshes the typing indicator; None = display.typing_interval.
     typing_interval: float | None = None

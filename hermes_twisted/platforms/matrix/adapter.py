@@ -432,10 +432,14 @@ class MatrixAdapter(PlatformAdapter):
 
     def _put_message(self, room_id: str, body: dict[str, Any], wait_on_limit: bool) -> Deferred:
         async def put() -> SendResult:
+            delay = 0.0
             for attempt in (1, 2):
                 path = (f"/rooms/{quote(room_id, safe='')}/send/m.room.message/"
                         f"{self._next_txn()}")
                 try:
+                    if delay:
+                        # Tracked like a call, so a stop ends the wait at once.
+                        await self._http_calls.track(self._sleep(delay))
                     reply = await self._call("PUT", path, body)
                     return SendResult(True, message_id=reply.get("event_id"), raw_response=reply)
                 except CancelledError:
@@ -447,7 +451,7 @@ class MatrixAdapter(PlatformAdapter):
                     wait = retry_after(e)
                     if e.errcode == "M_LIMIT_EXCEEDED" or e.code == 429:
                         if wait_on_limit and attempt == 1 and (wait or 1) <= 10:
-                            await self._sleep(wait or 1.0)
+                            delay = wait or 1.0
                             continue
                         return SendResult.failed(str(e), kind="rate_limited", retryable=True,
                                                  retry_after=wait)
