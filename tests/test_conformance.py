@@ -50,6 +50,7 @@ from hermes_twisted.platforms import ADAPTERS, adapter_class
 from hermes_twisted.sessions.keys import build_session_key
 from tests.conformance_support import (
     APIServerHarness,
+    DiscordHarness,
     Harness,
     IRCHarness,
     MatrixHarness,
@@ -60,6 +61,7 @@ from tests.conformance_support import (
 #: Platform name -> harness class.  One entry per platform; see the module docstring.
 HARNESSES: dict[str, type[Harness]] = {
     "api_server": APIServerHarness,
+    "discord": DiscordHarness,
     "irc": IRCHarness,
     "matrix": MatrixHarness,
     "relay": RelayHarness,

@@ -32,8 +32,9 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
+from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
-from twisted.web.server import Site
+from twisted.web.server import NOT_DONE_YET, Site
 
 from hermes_twisted.platforms.discord.websocket import ReactorTimer, cancel_leftover_timers
 
@@ -111,6 +112,26 @@ class RateLimitRule:
     times: int
 
 
+class _CountedChannel(HTTPChannel):
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.site.fake.rest_connections.add(self)
+
+    def connectionLost(self, reason: Any) -> None:
+        self.site.fake.rest_connections.discard(self)
+        super().connectionLost(reason)
+        self.site.fake._changed()
+
+
+class _Site(Site):
+    protocol = _CountedChannel
+
+    def buildProtocol(self, addr: Any) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.site = self
+        return channel
+
+
 class _API(Resource):
     isLeaf = True
 
@@ -132,6 +153,10 @@ class FakeDiscord:
         self.heartbeat_interval = heartbeat_interval
         self.privileged_intents = privileged_intents
         self.ack_heartbeats = True
+        #: While set, REST requests get no answer (they are kept in C{held}).
+        self.hold = False
+        self.held: list[Any] = []
+        self.rest_connections: set[Any] = set()
         self.replay_all_on_resume = False
         self.bucket_limits: dict[str, tuple[int, float]] = {}
         self._ids = itertools.count(1200000000000000000)
@@ -172,8 +197,10 @@ class FakeDiscord:
         api = Resource()
         root.putChild(b"api", api)
         api.putChild(b"v10", _API(self))
-        site = Site(root)
+        site = _Site(root)
         site.noisy = False
+        site.fake = self
+        self.site = site
         self.rest_port = await self._listen(site)
 
     async def _listen(self, factory: Any) -> int:
@@ -181,13 +208,19 @@ class FakeDiscord:
         self._ports.append(port)
         return port.getHost().port
 
-    async def stop(self) -> None:
+    async def stop_listening(self) -> None:
+        """Refuse new connections and cut the open ones (Discord is unreachable)."""
         for port in self._ports:
             await port.stopListening()
         self._ports = []
         for conn in list(self.connections):
             conn.dropConnection(abort=True)
-        await self.wait_until(lambda: not self.connections)
+        for channel in list(self.rest_connections):
+            channel.transport.abortConnection()
+        await self.wait_until(lambda: not self.connections and not self.rest_connections)
+
+    async def stop(self) -> None:
+        await self.stop_listening()
         for _, d in list(self._waiters):
             d.cancel()
 
@@ -387,6 +420,14 @@ class FakeDiscord:
         self._rules.append(RateLimitRule(method, re.compile(path), retry_after, is_global,
                                          scope, times))
 
+    def add_thread(self, parent_id: str, name: str) -> str:
+        """A public thread in C{parent_id} (not from a message); THREAD_CREATE goes out."""
+        thread_id = self.snowflake()
+        thread = self._thread_object(thread_id, self.channels[parent_id], name, 11, 1440)
+        self.channels[thread_id] = thread
+        self.dispatch("THREAD_CREATE", {**thread, "newly_created": True})
+        return thread_id
+
     def sent_messages(self, channel_id: str | None = None) -> list[dict[str, Any]]:
         """Messages the bot created, oldest first (optionally in one channel)."""
         return [m for m in self.messages.values() if m["author"]["id"] == BOT_ID
@@ -526,7 +567,12 @@ class FakeDiscord:
     ]
     _COMPILED = [(m, re.compile(p + r"/?$"), h) for m, p, h in _ROUTES]
 
-    def _rest(self, request: Any) -> bytes:
+    def _rest(self, request: Any) -> Any:
+        if self.hold:
+            self.held.append(request)
+            self.requests.append((request.method.decode(), request.path.decode(), None))
+            self._changed()
+            return NOT_DONE_YET
         try:
             return self._handle(request)
         finally:

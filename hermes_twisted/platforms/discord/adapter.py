@@ -645,12 +645,8 @@ class DiscordAdapter(PlatformAdapter):
         """Fires with C{{"name", "type"}} from the channels the gateway told us about."""
         info = self._channels.get(chat_id) or {}
         kind = info.get("type")
-        if kind in THREAD_TYPES:
-            chat_type = "thread"
-        elif kind is None or kind in (DM, GROUP_DM):
-            chat_type = "dm"
-        else:
-            chat_type = "group"
+        # The contract knows dm/group/channel: a guild channel or thread is a group.
+        chat_type = "dm" if kind is None or kind in (DM, GROUP_DM) else "group"
         return succeed({"name": info.get("name") or chat_id, "type": chat_type})
 
 
