@@ -253,3 +253,61 @@ async def test_slash_stop_mid_stream_closes_the_upstream():
         await eventually(lambda: record["original"] and record["original"].get("edits"),
                          what="the /stop answer")
         assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_mention_reuses_its_thread_and_is_answered_once():
+    async with discord_gateway() as (fake, gateway, adapter, upstream):
+        fake.replay_all_on_resume = True
+        asked = fake.user_message(CHANNEL_ID, ALICE, "thread me", mention_bot=True)
+        await eventually(lambda: replies(fake, asked["id"]), what="the threaded reply")
+        fake.close_connections(4000)
+        await eventually(lambda: fake.resumes and adapter.session.ready, what="the resume")
+        await deferLater(reactor, 0.3, lambda: None)
+        creates = [r for r in fake.requests if r[0] == "POST" and r[1].endswith("/threads")]
+        assert len(creates) == 1
+        assert replies(fake, asked["id"]) == ["echo: thread me"]
+        assert len(upstream.turns) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_typing_while_working_and_attachments_as_a_note():
+    async with discord_gateway(auto_reply=None) as (fake, gateway, adapter, upstream):
+        fake.user_message(FREE_CHANNEL_ID, ALICE, "look at this", attachments=[{
+            "id": "1", "filename": "cat.png", "size": 1234, "content_type": "image/png",
+            "url": "https://cdn.example/cat.png", "proxy_url": "https://media.example/cat.png"}])
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        assert turn.request.message == ("look at this\n[Attachment: cat.png (image/png, 1234 "
+                                        "bytes) https://cdn.example/cat.png]")
+        await eventually(lambda: FREE_CHANNEL_ID in fake.typing, what="typing")
+        turn.finish("seen")
+        await eventually(lambda: replies(fake, FREE_CHANNEL_ID), what="the reply")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finalized_edit_over_2000_edits_in_place_and_sends_the_rest():
+    async with discord_gateway() as (fake, gateway, adapter, upstream):
+        first = await adapter.send(FREE_CHANNEL_ID, "draft")
+        text = "\n".join(f"row {i:04d} " + "y" * 40 for i in range(100))  # ~5000 chars
+        preview = await adapter.edit_message(FREE_CHANNEL_ID, first.message_id, text)
+        assert preview.success
+        assert len(fake.messages[first.message_id]["content"]) == 2000  # a preview
+        final = await adapter.edit_message(FREE_CHANNEL_ID, first.message_id, text,
+                                           finalize=True)
+        assert final.success and len(final.continuation_message_ids) == 2
+        assert final.continuation_message_ids[0] == first.message_id
+        contents = replies(fake, FREE_CHANNEL_ID)
+        assert len(contents) == 3 and all(len(c) <= 2000 for c in contents)
+        assert "row 0000" in contents[0] and "row 0099" in contents[-1]
+
+
+@pytest_twisted.ensureDeferred
+async def test_reply_to_mode_all_references_every_chunk():
+    long_text = "\n\n".join("para " + "z" * 900 for _ in range(5))
+    async with discord_gateway(auto_reply=lambda r: long_text, reply_to_mode="all") as (
+            fake, gateway, adapter, upstream):
+        asked = fake.user_message(FREE_CHANNEL_ID, ALICE, "long please")
+        await eventually(lambda: len(replies(fake, FREE_CHANNEL_ID)) >= 3, what="chunks")
+        refs = [m.get("message_reference", {}).get("message_id")
+                for m in fake.sent_messages(FREE_CHANNEL_ID)]
+        assert refs == [asked["id"]] * len(refs)

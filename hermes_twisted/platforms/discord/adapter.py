@@ -93,6 +93,8 @@ class DiscordAdapter(PlatformAdapter):
     supports_edit = True
     supports_code_blocks = True
     typing_interval = TYPING_REFRESH
+    #: The adapter splits (2000 code points), so reply_to_mode "all" can reference every chunk.
+    splits_long_messages = True
 
     def __init__(self, settings: PlatformSettings, *, reactor: Any,
                  gateway_config: GatewayConfig | None = None, http_client: Any = None,
@@ -540,8 +542,10 @@ class DiscordAdapter(PlatformAdapter):
             except DiscordHTTPError as e:
                 self.log.warn("discord: sending to {chat_id} failed: {error}",
                               chat_id=target, error=str(e))
+                # Only a send that posted nothing may be repeated whole.
                 result = SendResult.failed(str(e), kind=e.kind, retry_after=e.retry_after,
-                                           retryable=e.kind in ("rate_limited", "transient"))
+                                           retryable=not sent and e.kind in ("rate_limited",
+                                                                             "transient"))
                 if sent:
                     result.message_id = sent[-1]
                     result.continuation_message_ids = tuple(sent[:-1])
