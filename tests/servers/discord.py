@@ -115,6 +115,10 @@ class RateLimitRule:
 class _CountedChannel(HTTPChannel):
     def connectionMade(self) -> None:
         super().connectionMade()
+        # Like Discord's own front end: responses are not held back by Nagle's algorithm.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         self.site.fake.rest_connections.add(self)
 
     def connectionLost(self, reason: Any) -> None:
@@ -178,6 +182,8 @@ class FakeDiscord:
         self.connections: list[GatewayConnection] = []
         self.connection_count = 0
         self.gateway_bot_calls = 0
+        #: Called with every message the bot creates or edits (the load driver's probe).
+        self.on_bot_message: Callable[[dict[str, Any]], None] | None = None
         self._rules: list[RateLimitRule] = []
         self._windows: dict[str, tuple[float, int]] = {}
         self._waiters: list[tuple[Callable[[], Any], Deferred]] = []
@@ -740,6 +746,8 @@ class FakeDiscord:
                                       reference=reference)
         message["nonce"] = body.get("nonce")
         self.messages[message["id"]] = message
+        if self.on_bot_message is not None:
+            self.on_bot_message(message)
         self.dispatch("MESSAGE_CREATE", dict(message))
         return 200, message
 
@@ -772,6 +780,8 @@ class FakeDiscord:
             found["edited_timestamp"] = now_iso()
             found.setdefault("edits", 0)
             found["edits"] += 1
+            if self.on_bot_message is not None:
+                self.on_bot_message(found)
         return 200, {k: v for k, v in found.items() if k != "edits"}
 
     def _r_delete_message(self, body: Any, query: Any, channel: str,
@@ -972,3 +982,116 @@ class FakeDiscord:
         if query.get("wait") in ("true", "1", "True"):
             return 200, message
         return 204, None
+
+
+# -- a load driver, for bench/discord.py ---------------------------------------------------------
+
+
+class LoadDriver:
+    """
+    Once a session is READY, post C{total} messages over C{chats} free channels, one in flight
+    per channel; a message is done when a bot message (or edit) in its channel carries
+    C{final_text}.  C{done} fires with the figures.
+    """
+
+    def __init__(self, fake: FakeDiscord, *, total: int, chats: int, final_text: str,
+                 gap: float) -> None:
+        self.fake = fake
+        self.total, self.final_text, self.gap = total, final_text, gap
+        self.user = user_object("1100000000000000500", "loader")
+        fake.add_member(GUILD_ID, self.user)
+        self.channels = []
+        for i in range(chats):
+            channel_id = str(1300000000000000000 + i)
+            fake.channels[channel_id] = {
+                "id": channel_id, "type": 0, "guild_id": GUILD_ID, "name": f"load-{i}",
+                "position": 10 + i, "permission_overwrites": [], "topic": None, "nsfw": False,
+                "last_message_id": None, "rate_limit_per_user": 0, "parent_id": None,
+                "flags": 0}
+            self.channels.append(channel_id)
+        self.sent = 0
+        self.latencies: list[float] = []
+        self.pending: dict[str, float] = {}
+        self.started_at: float | None = None
+        self.done: Deferred = Deferred()
+        fake.on_bot_message = self._bot_message
+
+    def start(self) -> None:
+        self.started_at = self.fake.reactor.seconds()
+        for channel_id in self.channels:
+            self._next(channel_id)
+
+    def _next(self, channel_id: str) -> None:
+        if self.sent >= self.total or self.done.called:
+            return
+        self.sent += 1
+        self.pending[channel_id] = self.fake.reactor.seconds()
+        self.fake.user_message(channel_id, self.user, f"load message {self.sent}")
+
+    def _bot_message(self, message: dict[str, Any]) -> None:
+        channel_id = message["channel_id"]
+        if channel_id not in self.pending or self.final_text not in message["content"]:
+            return
+        now = self.fake.reactor.seconds()
+        self.latencies.append(now - self.pending.pop(channel_id))
+        if len(self.latencies) >= self.total:
+            self._finish(now)
+        elif self.gap:
+            self.fake.reactor.callLater(self.gap, self._next, channel_id)
+        else:
+            self.fake.reactor.callLater(0, self._next, channel_id)
+
+    def _finish(self, now: float) -> None:
+        lat = sorted(self.latencies)
+        wall = now - (self.started_at or now)
+
+        def pct(p: float) -> float:
+            return round(lat[min(len(lat) - 1, int(p * len(lat)))] * 1000, 1)
+
+        self.done.callback({"messages": len(lat), "chats": len(self.channels),
+                            "messages_per_s": round(len(lat) / wall, 1) if wall else None,
+                            "p50_ms": pct(0.5), "p99_ms": pct(0.99),
+                            "max_ms": round(lat[-1] * 1000, 1)})
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    import sys
+
+    from twisted.internet import reactor
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
+
+    parser = argparse.ArgumentParser(description="The fake Discord, standalone")
+    parser.add_argument("--push", type=int, default=0, help="messages to post once READY")
+    parser.add_argument("--chats", type=int, default=1, help="... over this many channels")
+    parser.add_argument("--final", default="", help="the reply text that ends a message")
+    parser.add_argument("--gap", type=float, default=0.0)
+    args = parser.parse_args(argv)
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stderr), [LogLevelFilterPredicate(LogLevel.warn)])],
+        redirectStandardIO=False)
+    fake = FakeDiscord(reactor)
+
+    async def run() -> None:
+        await fake.start()
+        if args.push:
+            driver = LoadDriver(fake, total=args.push, chats=args.chats,
+                                final_text=args.final, gap=args.gap)
+            ready = fake.wait_until(lambda: any(s.connection for s in fake.sessions.values()))
+            ready.addCallback(lambda _: reactor.callLater(0.5, driver.start))
+            driver.done.addCallback(lambda figures: print("RESULT " + json.dumps(figures),
+                                                          flush=True))
+        print(f"fake discord listening on {fake.api_base}", flush=True)
+
+    Deferred.fromCoroutine(run()).addErrback(lambda f: (f.printTraceback(), reactor.stop()))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()

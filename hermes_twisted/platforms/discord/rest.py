@@ -21,6 +21,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from hermes_twisted.net.body import BodyTooLarge, read_body
+from hermes_twisted.net.cancellation import was_cancelled
 from hermes_twisted.platforms.discord.ratelimit import RateLimiter
 
 DEFAULT_API_BASE = "https://discord.com/api/v10"
@@ -159,6 +160,9 @@ class DiscordREST:
         except BodyTooLarge:
             raise DiscordHTTPError(0, "response body too large") from None
         except Exception as e:
+            if was_cancelled(e):
+                # A cancel arrives wrapped (ResponseNeverReceived): it stays a cancel.
+                raise CancelledError() from None
             text = str(e).replace(self.token, "<token>") if self.token else str(e)
             raise DiscordHTTPError(0, f"{type(e).__name__}: {text}") from None
         body = None
