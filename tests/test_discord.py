@@ -311,3 +311,17 @@ async def test_reply_to_mode_all_references_every_chunk():
         refs = [m.get("message_reference", {}).get("message_id")
                 for m in fake.sent_messages(FREE_CHANNEL_ID)]
         assert refs == [asked["id"]] * len(refs)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_reply_cut_short_after_its_first_chunk_is_not_retried_whole():
+    """Repeating a partly posted reply would post its first chunks twice."""
+    async with discord_gateway() as (fake, gateway, adapter, upstream):
+        fake.on_bot_message = lambda message: fake.rate_limit(
+            "POST", r"/channels/\d+/messages$", retry_after=600)
+        text = "\n\n".join("part " + "q" * 1500 for _ in range(3))
+        result = await adapter.send(FREE_CHANNEL_ID, text)
+        assert not result.success and result.error_kind == "rate_limited"
+        assert not result.retryable
+        assert result.message_id == fake.sent_messages(FREE_CHANNEL_ID)[0]["id"]
+        assert len(fake.sent_messages(FREE_CHANNEL_ID)) == 1

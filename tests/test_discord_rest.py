@@ -197,3 +197,24 @@ def test_limiter_shares_a_limit_between_routes_of_one_bucket():
     limiter.update("POST /b", "1", limiter.limit("POST /b", "1"),
                    {"x-ratelimit-bucket": "shared"})
     assert limiter.limit("POST /b", "1") is limiter.limit("POST /a", "1")
+
+
+def test_a_cancel_that_arrives_wrapped_stays_a_cancel():
+    """Agent reports a cancelled request as ResponseNeverReceived([CancelledError]): it must
+    not turn into a network error (logged, and reported as a failed send at stop)."""
+    from twisted.internet.defer import CancelledError
+    from twisted.python.failure import Failure
+    from twisted.web._newclient import ResponseNeverReceived
+
+    class Hanging:
+        def request(self, method, url, **kw):
+            def cancel(d):
+                d.errback(ResponseNeverReceived([Failure(CancelledError())]))
+            return Deferred(cancel)
+
+    rest = DiscordREST("http://discord.test/api/v10", "tok", clock=Clock(), http=Hanging())
+    d = rest.request("POST", MESSAGES, major="1", channel_id="1", json_body={"content": "x"})
+    d.cancel()
+    failures: list[Any] = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(CancelledError), failures
