@@ -381,6 +381,11 @@ def test_hermes_stock_discord_block_is_a_real_platform_block_that_enables_nothin
     assert tuple(extra["free_response_channels"]) == ("1", "2")
 
 
+def test_discord_allowed_users_accept_mentions_and_user_prefixes():
+    config = load({}, {"DISCORD_BOT_TOKEN": "t", "DISCORD_ALLOWED_USERS": "<@12>, <@!34>,user:56,78"})
+    assert config.platforms["discord"].allowed_users == ("12", "34", "56", "78")
+
+
 def test_a_discord_the_relay_fronts_is_not_dialled_natively():
     config = load({}, {"DISCORD_BOT_TOKEN": "t0ken", "GATEWAY_RELAY_URL": "https://c",
                        "GATEWAY_RELAY_PLATFORMS": "discord"})

@@ -325,3 +325,23 @@ async def test_a_reply_cut_short_after_its_first_chunk_is_not_retried_whole():
         assert not result.retryable
         assert result.message_id == fake.sent_messages(FREE_CHANNEL_ID)[0]["id"]
         assert len(fake.sent_messages(FREE_CHANNEL_ID)) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_rejected_token_stops_before_the_gateway_without_retrying():
+    fake = FakeDiscord(reactor, token="the-real-token")
+    await fake.start()
+    adapter = DiscordAdapter(settings_for(fake), reactor=reactor, rand=lambda: 0.5)
+    adapter.connection.backoff = SessionBackoff(reactor, initial=0.05, maximum=0.2,
+                                                rand=lambda: 0.5)
+    adapter.startService()
+    try:
+        await eventually(lambda: adapter.fatal_error, what="the fatal 401")
+        await deferLater(reactor, 0.5, lambda: None)
+        assert adapter.status.startswith("failed: GET /gateway/bot answered 401: "
+                                         "authentication failed")
+        assert fake.requests == [("GET", "/gateway/bot", None)]  # one 401, no retry storm
+        assert fake.connection_count == 0
+    finally:
+        await adapter.stopService()
+        await fake.stop()

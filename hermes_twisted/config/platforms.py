@@ -98,6 +98,16 @@ def _merge_fronted_blocks(layers: ConfigLayers, extra: dict[str, Any]) -> None:
         extra[platform] = merged
 
 
+def _discord_user_id(entry: Any) -> str:
+    """0.19.0 accepts C{<@id>}, C{<@!id>} and C{user:id} in DISCORD_ALLOWED_USERS."""
+    text = str(entry).strip()
+    for prefix in ("<@!", "<@", "user:"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].rstrip(">").strip()
+            break
+    return text
+
+
 def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> PlatformSettings:
     prefix = f"platforms.{name}"
     extra: dict[str, Any] = {}
@@ -117,6 +127,8 @@ def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> Platform
         # Hermes's IRC adapter reads its allowlist from extra.allowed_users.
         allowed = convert(layers.values[f"{prefix}.extra.allowed_users"],
                           YAML_KEYS["platforms.<name>.allowed_users"]) or ()
+    if name == "discord":
+        allowed = tuple(_discord_user_id(entry) for entry in allowed)
     if name == "relay":
         _merge_fronted_blocks(layers, extra)
         enabled = relay.enabled

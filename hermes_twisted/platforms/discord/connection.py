@@ -209,7 +209,15 @@ class GatewayConnection(Service):
         """Pick the URL (resume URL, or /gateway/bot before an IDENTIFY) and connect."""
         self.dials += 1
         if not self.session.resumable or not self.gateway_url:
-            info = await self.fetch_gateway()
+            try:
+                info = await self.fetch_gateway()
+            except Exception as e:
+                if getattr(e, "status", None) == 401:
+                    # A wrong or reset token: retrying would only spend the invalid-request
+                    # budget (and never connect).
+                    self._fatal(4004, str(e), what=f"GET /gateway/bot answered 401: "
+                                                   f"{FATAL_CLOSE_CODES[4004]}")
+                raise
             info = info if isinstance(info, dict) else {}
             url = str(info.get("url") or "")
             if not url.startswith(("ws://", "wss://")):
@@ -275,9 +283,9 @@ class GatewayConnection(Service):
         self.log.info("discord: gateway connection closed ({code} {reason}); redialing to "
                       "{decision}", code=code, reason=reason, decision=decision)
 
-    def _fatal(self, code: int, reason: str) -> None:
+    def _fatal(self, code: int, reason: str, *, what: str | None = None) -> None:
         cause = FATAL_CLOSE_CODES.get(code, reason)
-        self.fatal_reason = f"gateway closed {code}: {cause}"
+        self.fatal_reason = what or f"gateway closed {code}: {cause}"
         self.log.error("discord: {reason}; not reconnecting", reason=self.fatal_reason)
         service, self._service = self._service, None
         if service is not None:
