@@ -345,3 +345,25 @@ async def test_a_rejected_token_stops_before_the_gateway_without_retrying():
     finally:
         await adapter.stopService()
         await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_public_typing_while_a_slash_command_is_answered():
+    async with discord_gateway(streaming=True, auto_reply=None) as (fake, gateway, adapter,
+                                                                   upstream):
+        interaction = fake.interaction("ask", ALICE, channel_id=FREE_CHANNEL_ID, options=[
+            {"name": "prompt", "type": 3, "value": "think hard"}])
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        turn.delta("Thinking about it ")
+        record = fake.interactions[interaction["token"]]
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the streamed response")
+        assert adapter.send_typing(FREE_CHANNEL_ID).called
+        turn.finish("Thinking about it, done.")
+        await eventually(lambda: record["original"]["content"] == "Thinking about it, done.",
+                         what="the final response")
+        await eventually(lambda: not adapter._answering_interaction(FREE_CHANNEL_ID),
+                         what="the turn's end")
+        assert FREE_CHANNEL_ID not in fake.typing  # the private answer never typed publicly
+        await adapter.send_typing(FREE_CHANNEL_ID)  # an ordinary turn types again
+        assert fake.typing == [FREE_CHANNEL_ID]

@@ -73,6 +73,9 @@ class Interaction:
     chat_id: str
     created_at: float
     answered: bool = False
+    #: A command (/stop, /new, /status) is done once answered; /ask when its turn ended.
+    runs_a_turn: bool = False
+    finished: bool = False
 
     @property
     def original_id(self) -> str:
@@ -383,6 +386,9 @@ class DiscordAdapter(PlatformAdapter):
         return None
 
     def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
+        for record in self._interactions.values():
+            if record.chat_id == chat_id and record.answered:
+                record.finished = True
         target = self._pending_reactions.pop(chat_id, None)
         if target is None or not self.reactions:
             return
@@ -425,6 +431,7 @@ class DiscordAdapter(PlatformAdapter):
             query={"with_response": "true"}, max_wait=2.0,
             interaction_id=record.interaction_id, token=record.token))
         ack.addErrback(self._quiet, "interaction acknowledgement")
+        record.runs_a_turn = name == "ask"
         if name == "ask":
             options = {o.get("name"): o.get("value") for o in command.get("options") or ()
                        if isinstance(o, dict)}
@@ -480,6 +487,13 @@ class DiscordAdapter(PlatformAdapter):
             if reply_to == record.original_id or (reply_to is None and not record.answered):
                 return record
         return None
+
+    def _answering_interaction(self, chat_id: str) -> bool:
+        """A slash command is being answered in C{chat_id} (its response shows "thinking")."""
+        now = self.reactor.seconds()
+        return any(r.chat_id == chat_id and not r.finished
+                   and now - r.created_at <= INTERACTION_LIFETIME
+                   for r in self._interactions.values())
 
     def _answer_interaction(self, record: Interaction, text: str) -> None:
         d = self._track(self._webhook_edit(record, "@original", text))
@@ -556,6 +570,7 @@ class DiscordAdapter(PlatformAdapter):
     async def _send_interaction(self, record: Interaction, chunk: str) -> str:
         if not record.answered:
             record.answered = True
+            record.finished = record.finished or not record.runs_a_turn
             await self._webhook_edit(record, "@original", chunk)
             return record.original_id
         message = await self.rest.request(
@@ -637,7 +652,7 @@ class DiscordAdapter(PlatformAdapter):
         while answering a slash command (its response shows "thinking").  Fires with None;
         never fails.
         """
-        if self._live_interaction(chat_id, None) is not None:
+        if self._answering_interaction(chat_id):
             return succeed(None)
         target = str((metadata or {}).get("thread_id") or chat_id)
         d = self._track(self.rest.request("POST", "/channels/{channel_id}/typing",
