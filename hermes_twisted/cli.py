@@ -20,6 +20,8 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 from hermes_twisted import __version__
 from hermes_twisted.config.errors import UsageError
+from hermes_twisted.pairing import cli as pairing_cli
+from hermes_twisted.sessions import migrate
 
 OK, FAILED, USAGE = 0, 1, 2
 
@@ -69,6 +71,8 @@ def register_check_config(commands: Any) -> None:
 #: Every subcommand's C{register} function, in the order C{--help} lists them.
 SUBCOMMANDS: list[Callable[[Any], None]] = [
     register_check_config,
+    migrate.register,
+    pairing_cli.register,
 ]
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
+from functools import partial
 from typing import Any
 
 from twisted.logger import Logger
@@ -54,7 +55,6 @@ class Options(usage.Options):
     def postOptions(self) -> None:
         from hermes_twisted.config.loader import ConfigError, load_config, redacted_yaml
         from hermes_twisted.sessions.interface import StoreError
-        from hermes_twisted.sessions.sqlite import check_database
 
         environ = dict(os.environ)
         if self["hermes-home"]:
@@ -71,7 +71,7 @@ class Options(usage.Options):
             sys.exit(0)
         try:
             ensure_home(config)
-            check_database(config.db_path)
+            check_store(config)
         except OSError as e:
             raise usage.UsageError(f"cannot create {config.hermes_home}: {e.strerror}")
         except StoreError as e:
@@ -87,6 +87,41 @@ def ensure_home(config: Any) -> None:
     home = os.path.abspath(config.hermes_home)
     if not os.path.exists(home) and os.path.dirname(os.path.abspath(config.db_path)) == home:
         os.makedirs(home, mode=0o700)
+
+
+def check_store(config: Any) -> None:
+    """
+    The pre-flight check of the configured session store: the SQLite file, or the PostgreSQL
+    server (reachable, not of a newer schema).  Raises L{StoreError}; a missing driver for
+    PostgreSQL is a L{usage.UsageError} naming the extra to install.
+    """
+    if config.database_url:
+        try:
+            from hermes_twisted.sessions.postgres import check_postgres
+        except ImportError:
+            raise usage.UsageError(
+                "GATEWAY_DATABASE_URL needs psycopg 3: pip install 'hermes-twisted[postgresql]'"
+            ) from None
+        check_postgres(config.database_url)
+    else:
+        from hermes_twisted.sessions.sqlite import check_database
+
+        check_database(config.db_path)
+
+
+def make_store(config: Any, reactor: Any) -> Any:
+    """The configured session store (not yet open), applying the configured reset policies."""
+    from hermes_twisted.sessions.reset import policy_for as policy_of
+
+    policy_for = partial(policy_of, config)
+    if config.database_url:
+        from hermes_twisted.sessions.postgres import PostgresSessionStore
+
+        return PostgresSessionStore(config.database_url, instance_id=config.instance_id,
+                                    reactor=reactor, reset_policy_for=policy_for)
+    from hermes_twisted.sessions.sqlite import SQLiteSessionStore
+
+    return SQLiteSessionStore(config.db_path, reactor=reactor, reset_policy_for=policy_for)
 
 
 def makeService(options: Options, reactor: Any = None):
@@ -105,21 +140,23 @@ def build_service(config: Any, reactor: Any):
     its runs first and the store closes last.
     """
     from hermes_twisted.dispatch.gateway import Gateway
+    from hermes_twisted.dispatch.pairing import PairingGate
+    from hermes_twisted.pairing.store import PairingStore
     from hermes_twisted.platforms import adapter_class
     from hermes_twisted.service import GatewayService
-    from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
+    from hermes_twisted.sessions.store import StoreService
     from hermes_twisted.upstream.proxy import ProxyUpstream
 
     top = GatewayService(clock=reactor, child_stop_timeout=config.shutdown_timeout,
                          summary=describe(config), tune_gc=True)
-    store = SQLiteSessionStore(config.db_path, reactor=reactor,
-                               reset_policy_for=lambda source: config.session_reset)
+    store = make_store(config, reactor)
     store_service = StoreService(store)
     store_service.setName("sessions")
     store_service.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
-    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
+    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor,
+                      pairing=PairingGate(PairingStore(config.hermes_home), reactor=reactor))
     for settings in config.enabled_platforms():
         adapter = adapter_class(settings.name)(settings, reactor=reactor, gateway_config=config)
         gateway.add_adapter(adapter)
@@ -137,5 +174,11 @@ def describe(config: Any) -> str:
         parts = urlsplit(upstream)
         upstream = f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     platforms = ", ".join(p.name for p in config.enabled_platforms()) or "none"
+    if config.database_url:
+        from hermes_twisted.config.redaction import url_without_password
+
+        store = f"{url_without_password(config.database_url)} as {config.instance_id}"
+    else:
+        store = config.db_path
     return (f"version {__version__}; upstream {upstream or 'NOT CONFIGURED'}; "
-            f"platforms {platforms}; store {config.db_path}")
+            f"platforms {platforms}; store {store}")

@@ -10,7 +10,7 @@ import pytest
 from twisted.logger import globalLogPublisher
 
 # Real-server fixtures (session-scoped, started on first use, bound to 127.0.0.1).
-pytest_plugins = ["tests.servers.synapse", "tests.store_support"]
+pytest_plugins = ["tests.servers.synapse", "tests.servers.postgres", "tests.store_support"]
 
 
 @pytest.fixture(autouse=True)

@@ -29,8 +29,10 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "platform": frozenset({"model", "config", "net", "contract", "kit", "delivery",
                            "session-keys"}),
     "session-keys": frozenset({"model", "config"}),
+    # Pairing's files are shared by the daemon (dispatch) and the admin command (cli).
+    "pairing": frozenset({"config"}),
     "dispatch": frozenset({"model", "config", "net", "contract", "delivery", "sessions",
-                           "session-keys", "upstream"}),
+                           "session-keys", "upstream", "pairing"}),
     "top": frozenset({"*"}),
 }
 

@@ -282,7 +282,10 @@ ERRORS = [
     ({}, {"GATEWAY_RELAY_URL": "c.example"}, "GATEWAY_RELAY_URL: expected an http://"),
     ({}, {"MATRIX_HOMESERVER": "matrix.example"}, "MATRIX_HOMESERVER: expected an http://"),
     ({"display": {"busy_input_mode": "shout"}}, {},
-     "display.busy_input_mode: expected one of interrupt, queue, steer, got 'shout'"),
+     "display.busy_input_mode: expected one of interrupt, queue, steer, collect, got 'shout'"),
+    ({"display": {"busy_queue_drop": "random"}}, {},
+     "display.busy_queue_drop: expected one of old, new, summarize, got 'random'"),
+    ({"display": {"busy_queue_cap": 0}}, {}, "display.busy_queue_cap: "),
     ({"session_reset": {"mode": "weekly"}}, {},
      "session_reset.mode: expected one of none, idle, daily, both, got 'weekly'"),
     ({"gateway": {"session_reset": {"mode": "weekly"}}}, {},
@@ -751,11 +754,20 @@ class TestShared:
                        "thread_sessions_per_user": "yes"})
         assert config.group_sessions_per_user is False and config.thread_sessions_per_user
 
-    def test_busy_input_mode_steer_is_interrupt(self, warnings):
-        assert load({"display": {"busy_input_mode": "steer"}}).display.busy_input_mode == \
-            "interrupt"
-        assert any("steer" in w for w in warnings)
+    def test_busy_input_modes_are_their_own(self, warnings):
+        for mode in ("interrupt", "queue", "steer", "collect"):
+            assert load({"display": {"busy_input_mode": mode}}).display.busy_input_mode == mode
+        assert not any("steer" in w for w in warnings)  # no longer an alias of interrupt
         assert load({"display": {"busy_input_mode": "Queue"}}).display.busy_input_mode == "queue"
+
+    def test_busy_queue_settings(self):
+        display = load({}).display
+        assert (display.busy_queue_cap, display.busy_queue_drop,
+                display.collect_debounce) == (20, "old", 1.5)
+        display = load({"display": {"busy_queue_cap": 5, "busy_queue_drop": "summarize",
+                                    "collect_debounce": 0.5}}).display
+        assert (display.busy_queue_cap, display.busy_queue_drop,
+                display.collect_debounce) == (5, "summarize", 0.5)
 
     @pytest.mark.parametrize("value, shown", [(True, True), (False, False), ("all", True),
                                               ("new", True), ("verbose", True), ("off", False),
@@ -767,11 +779,18 @@ class TestShared:
         display = load({"display": {"typing_interval": 4, "busy_ack_interval": 0}}).display
         assert (display.typing_interval, display.busy_ack_interval) == (4.0, 0.0)
 
-    def test_unauthorized_dm_pair_is_ignore(self, warnings):
-        assert load({"unauthorized_dm_behavior": "pair"}).unauthorized_dm_behavior == "ignore"
-        assert any("pair" in w for w in warnings)
+    def test_unauthorized_dm_behavior(self, warnings):
+        assert load({}).unauthorized_dm_behavior is None  # decided per platform
+        assert load({"unauthorized_dm_behavior": "pair"}).unauthorized_dm_behavior == "pair"
+        assert not any("pair" in w for w in warnings)
         assert load({"gateway": {"unauthorized_dm_behavior": "ignore"}}
                     ).unauthorized_dm_behavior == "ignore"
+
+    @pytest.mark.parametrize("key, value", [("unauthorized_dm_behavior", "shout"),
+                                            ("dm_policy", "everyone")])
+    def test_per_platform_access_keys_are_validated(self, key, value):
+        with pytest.raises(ConfigError, match=f"telegram.{key}: expected one of"):
+            load({"telegram": {key: value}}, {"TELEGRAM_BOT_TOKEN": "t"})
 
     def test_shutdown_timeout(self):
         assert load({"gateway": {"shutdown_timeout": 1.5}}).shutdown_timeout == 1.5
@@ -779,8 +798,15 @@ class TestShared:
 
 # -- redaction ------------------------------------------------------------------------------
 
+def as_valid_secret(name, secret):
+    """C{secret} in the form the variable C{name} must have (a URL holds it as its password)."""
+    if name == "GATEWAY_DATABASE_URL":
+        return f"postgresql://gw:{secret}@db.example/hermes"
+    return secret
+
+
 def test_redacted_yaml_hides_every_secret():
-    secrets = {name: f"S3CRET-{name.lower().replace('_', '-')}-value"
+    secrets = {name: as_valid_secret(name, f"S3CRET-{name.lower().replace('_', '-')}-value")
                for name, var in ENV_VARS.items() if var.password}
     env = {**secrets,
            "GATEWAY_PROXY_URL": "http://agent.example:8642",
@@ -876,7 +902,8 @@ def test_no_secret_reaches_a_log_line(tmp_path):
         events.append(formatEvent(event))
 
     globalLogPublisher.addObserver(observer)
-    secrets = {name: f"S3CRET-{name.lower()}" for name, var in ENV_VARS.items() if var.password}
+    secrets = {name: as_valid_secret(name, f"S3CRET-{name.lower()}")
+               for name, var in ENV_VARS.items() if var.password}
     (tmp_path / ".env").write_text("\n".join([
         "not a line S3CRET-in-bad-line", "BROKEN='S3CRET-unterminated",
         *(f"{k}={v}" for k, v in secrets.items())]) + "\n")

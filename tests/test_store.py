@@ -23,7 +23,16 @@ from hermes_twisted.config.settings import ResetPolicy
 from hermes_twisted.model import Platform, SessionSource
 from hermes_twisted.sessions.ids import is_session_id, new_session_id
 from hermes_twisted.sessions.interface import SessionEntry, StoreError
-from tests.store_support import ALICE, KEY, PLUS2, T0, make_store, query  # noqa: F401
+from tests.store_support import (  # noqa: F401
+    ALICE,
+    KEY,
+    PLUS2,
+    T0,
+    PostgresLocation,
+    make_store,
+    query,
+    sqlite_only,
+)
 
 # -- ids -----------------------------------------------------------------------------------
 
@@ -74,6 +83,22 @@ async def test_existing_key_is_touched_and_survives_a_restart(db):
         await second.close()
 
 
+def count_row_writes(db, tables):
+    """Triggers that record every row written to C{tables} in a table C{writes}."""
+    query(db, "CREATE TABLE writes (tbl TEXT, op TEXT)")
+    if isinstance(db, PostgresLocation):
+        query(db, "CREATE FUNCTION count_write() RETURNS trigger AS $$ BEGIN INSERT INTO "
+                  "writes VALUES (TG_TABLE_NAME, TG_OP); RETURN NULL; END $$ LANGUAGE plpgsql")
+        for table in tables:
+            query(db, f"CREATE TRIGGER count_{table} AFTER INSERT OR UPDATE OR DELETE ON "
+                      f"{table} FOR EACH ROW EXECUTE FUNCTION count_write()")
+        return
+    for table in tables:
+        for op in ("INSERT", "UPDATE", "DELETE"):
+            query(db, f"CREATE TRIGGER count_{table}_{op} AFTER {op} ON {table} "
+                      f"BEGIN INSERT INTO writes VALUES ('{table}', '{op}'); END")
+
+
 @pytest_twisted.ensureDeferred
 async def test_a_change_writes_only_its_own_rows(db):
     """0.19.0 rewrites every routing row per change; count row writes with triggers."""
@@ -82,14 +107,7 @@ async def test_a_change_writes_only_its_own_rows(db):
     keys = [f"agent:main:irc:dm:user{i}" for i in range(300)]
     await gatherResults([s.get_or_create(k, ALICE, now=T0) for k in keys])
     await s.close()
-    conn = sqlite3.connect(str(db))
-    conn.execute("CREATE TABLE writes (tbl TEXT, op TEXT)")
-    for table in ("routing", "sessions"):
-        for op in ("INSERT", "UPDATE", "DELETE"):
-            conn.execute(f"CREATE TRIGGER count_{table}_{op} AFTER {op} ON {table} "
-                         f"BEGIN INSERT INTO writes VALUES ('{table}', '{op}'); END")
-    conn.commit()
-    conn.close()
+    count_row_writes(db, ("routing", "sessions"))
 
     s = make_store(db)
     await s.open()
@@ -233,7 +251,7 @@ async def test_cancelling_a_queued_append_withdraws_it(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancelling_a_creation_stops_the_wait_but_keeps_cache_and_file_agreeing(store):
+async def test_cancelling_a_creation_stops_the_wait_but_keeps_cache_and_file_agreeing(store, db):
     blocker = store.append("s", "user", "x")
     pending = store.get_or_create(KEY, ALICE, now=T0)
     created = store.peek(KEY)
@@ -244,7 +262,7 @@ async def test_cancelling_a_creation_stops_the_wait_but_keeps_cache_and_file_agr
     await gatherResults([blocker, touched])
     assert store.peek(KEY) == replace(created, updated_at=T0 + 1)
     await store.close()
-    assert query(store.path, "SELECT session_key, session_id, updated_at FROM routing") == [
+    assert query(db, "SELECT session_key, session_id, updated_at FROM routing") == [
         (KEY, created.session_id, T0 + 1)]
 
 
@@ -272,7 +290,8 @@ async def test_a_sqlite_failure_is_a_store_error(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_full_disk_fails_the_writes_and_keeps_the_cache_true(store):
+async def test_a_full_disk_fails_the_writes_and_keeps_the_cache_true(store, db):
+    sqlite_only(db, "fills the disk with PRAGMA max_page_count")
     kept = await store.get_or_create(KEY, ALICE, now=T0)
     pages = (await store._writer.submit(
         lambda conn: conn.execute("PRAGMA page_count").fetchone()))[0]
@@ -296,18 +315,29 @@ async def test_a_full_disk_fails_the_writes_and_keeps_the_cache_true(store):
 
 
 @pytest_twisted.ensureDeferred
-async def test_sqlite_never_runs_on_the_reactor_thread(db, monkeypatch):
+async def test_the_database_is_never_used_on_the_reactor_thread(db, monkeypatch):
     reactor_thread = threading.current_thread()
     calls = []
 
-    class Watched(sqlite3.Connection):
-        def execute(self, *args, **kwargs):
-            calls.append(threading.current_thread() is reactor_thread)
-            return super().execute(*args, **kwargs)
+    if isinstance(db, PostgresLocation):
+        from hermes_twisted.sessions.postgres import QmarkConnection
 
-    real_connect = sqlite3.connect
-    monkeypatch.setattr("hermes_twisted.sessions.schema.sqlite3.connect",
-                        lambda *a, **kw: real_connect(*a, factory=Watched, **kw))
+        real_execute = QmarkConnection.execute
+
+        def watched(self, *args, **kwargs):
+            calls.append(threading.current_thread() is reactor_thread)
+            return real_execute(self, *args, **kwargs)
+
+        monkeypatch.setattr(QmarkConnection, "execute", watched)
+    else:
+        class Watched(sqlite3.Connection):
+            def execute(self, *args, **kwargs):
+                calls.append(threading.current_thread() is reactor_thread)
+                return super().execute(*args, **kwargs)
+
+        real_connect = sqlite3.connect
+        monkeypatch.setattr("hermes_twisted.sessions.schema.sqlite3.connect",
+                            lambda *a, **kw: real_connect(*a, factory=Watched, **kw))
     s = make_store(db)
     await s.open()
     entry = await s.get_or_create(KEY, ALICE, now=T0)

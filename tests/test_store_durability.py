@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import select
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from hermes_twisted.sessions.sqlite import check_database
+from tests.store_support import check_store, query
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,8 +27,9 @@ import sys
 from twisted.internet import defer, task
 
 from hermes_twisted.model import Platform, SessionSource
-from hermes_twisted.sessions.sqlite import SQLiteSessionStore
 from hermes_twisted.config.settings import ResetPolicy
+from hermes_twisted.sessions.postgres import PostgresSessionStore
+from hermes_twisted.sessions.sqlite import SQLiteSessionStore
 
 
 def report(_, k):
@@ -38,7 +38,8 @@ def report(_, k):
 
 
 async def main(reactor, path, count, window):
-    store = SQLiteSessionStore(path, reactor=reactor, reset_policy_for=lambda s: ResetPolicy())
+    kind = PostgresSessionStore if path.startswith("postgresql:") else SQLiteSessionStore
+    store = kind(path, reactor=reactor, reset_policy_for=lambda s: ResetPolicy())
     await store.open()
     entry = await store.get_or_create("agent:main:irc:dm:alice",
                                       SessionSource(Platform.IRC, "alice"))
@@ -59,13 +60,14 @@ task.react(lambda reactor: defer.ensureDeferred(
 
 
 class Child:
-    def __init__(self, tmp_path: Path, db: Path, count: int, window: int) -> None:
+    def __init__(self, tmp_path: Path, db: object, count: int, window: int) -> None:
         script = tmp_path / "child.py"
         script.write_text(CHILD)
         self.stderr = open(tmp_path / "child.err", "wb")
         env = dict(os.environ, PYTHONPATH=str(REPO))
         self.proc = subprocess.Popen(
-            [sys.executable, str(script), str(db), str(count), str(window)],
+            [sys.executable, str(script), getattr(db, "url", str(db)), str(count),
+             str(window)],
             stdout=subprocess.PIPE, stderr=self.stderr, env=env, cwd=str(tmp_path))
         self._buffer = b""
 
@@ -98,8 +100,7 @@ class Child:
 
 
 @pytest.mark.parametrize("kill_after", [1, 57, 400])
-def test_every_reported_append_survives_sigkill(tmp_path, kill_after):
-    db = tmp_path / "gateway.db"
+def test_every_reported_append_survives_sigkill(tmp_path, db, kill_after):
     child = Child(tmp_path, db, count=20000, window=25)
     reported: list[int] = []
     session_id = None
@@ -118,14 +119,10 @@ def test_every_reported_append_survives_sigkill(tmp_path, kill_after):
         child.kill()
     assert child.proc.returncode == -signal.SIGKILL
 
-    check_database(str(db))  # the killed process left a usable, unlocked file
-    conn = sqlite3.connect(str(db))
-    try:
-        contents = [row[0] for row in conn.execute(
-            "SELECT content FROM messages WHERE session_id = ? ORDER BY id", (session_id,))]
-        routing = conn.execute("SELECT session_id FROM routing").fetchall()
-    finally:
-        conn.close()
+    check_store(db)  # the killed process left a usable, unlocked store
+    contents = [row[0] for row in query(
+        db, "SELECT content FROM messages WHERE session_id = ? ORDER BY id", session_id)]
+    routing = query(db, "SELECT session_id FROM routing")
     stored = [int(text.split()[1]) for text in contents]
     print(f"killed after {len(reported)} reported appends; {len(stored)} rows on disk")
     assert routing == [(session_id,)]

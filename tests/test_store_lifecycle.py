@@ -19,12 +19,28 @@ from twisted.internet.defer import gatherResults
 from hermes_twisted.sessions.interface import StoreError
 from hermes_twisted.sessions.schema import APPLICATION_ID, SCHEMA_VERSION
 from hermes_twisted.sessions.sqlite import StoreService, check_database
-from tests.store_support import ALICE, KEY, PLUS2, T0, make_store, query  # noqa: F401
+from tests.store_support import (  # noqa: F401
+    ALICE,
+    KEY,
+    PLUS2,
+    T0,
+    PostgresLocation,
+    check_store,
+    make_store,
+    query,
+    sqlite_only,
+)
 
 # -- lifecycle -----------------------------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
 async def test_open_creates_a_wal_database_with_our_marks(store, db):
+    if isinstance(db, PostgresLocation):
+        from hermes_twisted.sessions import postgres
+
+        assert query(db, "SELECT version FROM store_version") == [(postgres.SCHEMA_VERSION,)]
+        assert query(db, "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'") == [(0,)]
+        return
     assert query(db, "PRAGMA journal_mode") == [("wal",)]
     assert query(db, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert query(db, "PRAGMA application_id") == [(APPLICATION_ID,)]
@@ -81,7 +97,7 @@ async def test_closing_while_opening_closes_after_the_open(db):
         await opening
     with pytest.raises(StoreError):
         await waiting
-    check_database(str(db))
+    check_store(db)
 
 
 @pytest_twisted.ensureDeferred
@@ -97,6 +113,11 @@ async def test_store_service_opens_and_closes(db):
 # -- the pre-flight check ------------------------------------------------------------------
 
 def test_check_accepts_a_missing_file_without_creating_it(db):
+    if isinstance(db, PostgresLocation):
+        check_store(db)  # an empty database: nothing is created before the store opens it
+        assert query(db, "SELECT count(*) FROM pg_namespace WHERE nspname = 'hermes_gateway'") \
+            == [(0,)]
+        return
     check_database(str(db))
     assert not db.exists()
 
@@ -107,7 +128,9 @@ async def test_check_accepts_our_database_and_leaves_no_lock(db):
     await s.open()
     await s.append("s", "user", "x")
     await s.close()
-    check_database(str(db))
+    check_store(db)
+    if isinstance(db, PostgresLocation):
+        return  # a server holds no file lock
     conn = sqlite3.connect(str(db), timeout=0)
     conn.execute("BEGIN EXCLUSIVE")
     conn.rollback()
@@ -181,6 +204,7 @@ def test_check_reports_what_is_not_writable(what):
 
 
 def test_check_reports_a_file_that_is_not_a_database(db):
+    sqlite_only(db, "a file in place of the database")
     db.write_text("these are my notes, not a database\n")
     with pytest.raises(StoreError, match="not an SQLite database"):
         check_database(str(db))
@@ -188,6 +212,7 @@ def test_check_reports_a_file_that_is_not_a_database(db):
 
 @pytest_twisted.ensureDeferred
 async def test_check_reports_a_corrupt_database(db):
+    sqlite_only(db, "corrupts the file's pages; a PostgreSQL server checks its own")
     s = make_store(db)
     await s.open()
     await gatherResults([s.append("s", "user", "x" * 500) for _ in range(200)])
@@ -206,15 +231,30 @@ async def test_check_and_open_refuse_a_newer_schema(db):
     s = make_store(db)
     await s.open()
     await s.close()
-    query(db, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    if isinstance(db, PostgresLocation):
+        query(db, "UPDATE store_version SET version = version + 1")
+    else:
+        query(db, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}.*newer"):
-        check_database(str(db))
+        check_store(db)
     with pytest.raises(StoreError, match="newer"):
         await make_store(db).open()
 
 
 @pytest_twisted.ensureDeferred
 async def test_check_and_open_refuse_another_programs_database(db):
+    if isinstance(db, PostgresLocation):
+        # In PostgreSQL our tables have their own schema: another application's tables of the
+        # same names are neither refused nor touched.
+        query(db, "CREATE TABLE public.sessions (id TEXT PRIMARY KEY, source TEXT)")
+        query(db, "INSERT INTO public.sessions VALUES ('theirs', 'x')")
+        s = make_store(db)
+        await s.open()
+        await s.get_or_create(KEY, ALICE, now=T0)
+        await s.close()
+        assert query(db, "SELECT id, source FROM public.sessions") == [("theirs", "x")]
+        assert len(query(db, "SELECT id FROM hermes_gateway.sessions")) == 1
+        return
     conn = sqlite3.connect(str(db))
     conn.execute("CREATE TABLE sessions (id TEXT PRIMARY KEY, source TEXT)")
     conn.execute("CREATE TABLE schema_version (version INTEGER)")

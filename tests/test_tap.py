@@ -124,3 +124,35 @@ def test_first_start_creates_the_hermes_home(tmp_path, monkeypatch):
 def test_a_missing_custom_database_directory_is_a_usage_error(tmp_path, monkeypatch):
     with pytest.raises(usage.UsageError, match="does not exist"):
         parse([], tmp_path, monkeypatch, {"HERMES_GATEWAY_DB": str(tmp_path / "nope" / "g.db")})
+
+
+def test_a_database_url_selects_the_postgresql_store(tmp_path, monkeypatch, postgres_url):
+    options = parse([], tmp_path, monkeypatch, {"GATEWAY_PROXY_URL": "http://agent:8642",
+                                                "GATEWAY_DATABASE_URL": postgres_url,
+                                                "GATEWAY_INSTANCE_ID": "gw-a"})
+    from hermes_twisted.sessions.postgres import PostgresSessionStore
+
+    top = tap.makeService(options, reactor=MemoryReactorClock())
+    store = top.getServiceNamed("sessions").store
+    assert isinstance(store, PostgresSessionStore)
+    assert "as gw-a" in tap.describe(options.gateway_config)
+
+
+def test_an_unreachable_database_is_a_usage_error_without_the_password(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here once closed
+    url = f"postgresql://gw:hunter2-secret@127.0.0.1:{port}/hermes"
+    with pytest.raises(usage.UsageError) as error:
+        parse([], tmp_path, monkeypatch, {"GATEWAY_PROXY_URL": "http://agent:8642",
+                                          "GATEWAY_DATABASE_URL": url})
+    text = str(error.value)
+    assert "session store" in text and f"127.0.0.1:{port}" in text
+    assert "hunter2" not in text
+
+
+def test_a_database_url_that_is_not_postgresql_is_a_usage_error(tmp_path, monkeypatch):
+    with pytest.raises(usage.UsageError, match="GATEWAY_DATABASE_URL"):
+        parse([], tmp_path, monkeypatch, {"GATEWAY_DATABASE_URL": "mysql://u:p@h/db"})

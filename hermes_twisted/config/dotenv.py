@@ -112,3 +112,44 @@ def apply_dotenv(target: MutableMapping[str, str]) -> list[str]:
             target[key] = value
             added.append(key)
     return added
+
+
+def set_dotenv_value(path: str, key: str, value: str) -> None:
+    """
+    Set C{key} in the C{.env} file at C{path} (hermes's C{save_env_value}, used by /sethome):
+    replace its line, or append one; every other line is kept as it is.  Written atomically
+    (temporary file, fsync, rename) with mode 0600, since the file holds secrets.  Blocks:
+    call it in a thread.
+    """
+    if not _ENV_NAME.fullmatch(key) or "\n" in value or "\r" in value:
+        raise ValueError(f"cannot write {key!r} to a .env file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        lines = []
+    quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    line = f"{key}={quoted}"
+    pattern = re.compile(rf"\s*(export\s+)?{re.escape(key)}\s*=")
+    for i, existing in enumerate(lines):
+        if pattern.match(existing):
+            lines[i] = line
+            break
+    else:
+        lines.append(line)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise

@@ -126,6 +126,15 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _var("HERMES_GATEWAY_DB", "Session database (SQLite). Relative paths are under $HERMES_HOME.",
          "Session database path", category="setting", type="path",
          yaml_key="gateway.db_path", default="$HERMES_HOME/gateway.db", advanced=True, ours=True),
+    _var("GATEWAY_DATABASE_URL",
+         "PostgreSQL session store (postgresql://user:password@host:port/db) instead of the "
+         "SQLite file: several gateway processes can then share one store. Tables live in "
+         "the hermes_gateway schema.", "PostgreSQL URL for the session store", type="secret",
+         yaml_key="gateway.database_url", advanced=True, ours=True),
+    _var("GATEWAY_INSTANCE_ID",
+         "This process's name in a fleet sharing one PostgreSQL store (default: host name "
+         "and pid).", "Gateway instance id", yaml_key="gateway.instance_id", advanced=True,
+         ours=True),
     # -- proxy mode (proxy.md 1.1, 4) -----------------------------------------------------
     _var("GATEWAY_PROXY_URL",
          "URL of a remote Hermes API server to forward messages to. The gateway then does "
@@ -375,11 +384,19 @@ _YAML_KEY_LIST: list[ConfigKey] = [
     ConfigKey("session_reset.notify", "Tell the user when a session was reset.", "bool", True),
     ConfigKey("session_reset.notify_exclude_platforms", "Platforms never told about resets.",
               "list", ["api_server", "webhook"]),
+    ConfigKey("reset_by_platform", "session_reset overrides by platform, e.g. {telegram: "
+              "{mode: idle, idle_minutes: 240}}; keys left out come from session_reset. "
+              "Wins over reset_by_type.", "mapping"),
+    ConfigKey("reset_by_type", "session_reset overrides by chat type (dm, group, channel, "
+              "thread), e.g. {group: {mode: daily, at_hour: 6}}.", "mapping"),
     ConfigKey("group_sessions_per_user", "In groups, one session per user (not per chat).",
               "bool", True),
     ConfigKey("thread_sessions_per_user", "In threads, one session per user.", "bool", False),
-    ConfigKey("unauthorized_dm_behavior", "What an unauthorized DM gets. pair is accepted and "
-              "treated as ignore (this daemon does not implement pairing).", "enum", "ignore",
+    ConfigKey("unauthorized_dm_behavior", "What a direct message from an unauthorized sender "
+              "gets: pair (a one-time pairing code the operator approves with "
+              "'hermes-gateway pairing approve') or ignore. Unset: pair unless the platform "
+              "has an allowlist or dm_policy says otherwise (hermes 0.19.0's order). Also "
+              "per platform (platforms.<name>.unauthorized_dm_behavior).", "enum", None,
               choices=("pair", "ignore")),
     # streaming (top level, or under gateway:)
     ConfigKey("streaming.enabled", "Stream replies by editing a message as text arrives.",
@@ -396,9 +413,20 @@ _YAML_KEY_LIST: list[ConfigKey] = [
     ConfigKey("streaming.fresh_final_after_seconds", "Send the final reply as a new message "
               "when streaming took longer than this (0 = never).", "float", 0.0, minimum=0),
     # display
-    ConfigKey("display.busy_input_mode", "A message arriving during a turn: interrupt it, or "
-              "queue the message. steer is accepted and treated as interrupt.", "enum",
-              "interrupt", choices=("interrupt", "queue", "steer")),
+    ConfigKey("display.busy_input_mode", "A message arriving during a turn: interrupt it; "
+              "queue it for its own turn; steer (noted and folded into the next turn, since a "
+              "running remote turn cannot be changed); or collect (bursts, and everything sent "
+              "during a turn, joined into one turn).", "enum", "interrupt",
+              choices=("interrupt", "queue", "steer", "collect")),
+    ConfigKey("display.busy_queue_cap", "Most messages waiting per session while it is busy.",
+              "int", 20, minimum=1, ours=True),
+    ConfigKey("display.busy_queue_drop", "What a full queue does with one more message: drop "
+              "the oldest waiting (old), refuse the new one (new), or fold the oldest into one "
+              "\"messages you missed\" turn (summarize).", "enum", "old",
+              choices=("old", "new", "summarize"), ours=True),
+    ConfigKey("display.collect_debounce", "collect mode: seconds of quiet after a message "
+              "before the collected burst runs as one turn.", "float", 1.5, minimum=0,
+              ours=True),
     ConfigKey("display.tool_progress", "Show tool progress lines. off/false: no; any other "
               "value (true, all, new, verbose): yes.", "flag", False),
     ConfigKey("display.typing_interval", "Seconds between typing notifications.", "float", 2.0,
@@ -436,6 +464,22 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               ours=True),
     ConfigKey(f"{_PLATFORM_FIELDS}.allow_all_users", "Allow every user of this platform.",
               "bool", False, ours=True),
+    # access control, per platform (also in a top-level shortcut block: telegram: {...})
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.unauthorized_dm_behavior", "This platform's answer "
+              "to a direct message from an unauthorized sender (wins over the global key).",
+              "enum", None, choices=("pair", "ignore")),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.dm_policy", "Direct messages from unknown senders: "
+              "pairing gives them a pairing code; allowlist and disabled ignore them.", "enum",
+              None, choices=("open", "allowlist", "disabled", "pairing")),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.allow_admin_from", "Admins in direct messages: they "
+              "run every command. Listing one turns command gating on for DMs.", "list"),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.user_allowed_commands", "Commands other DM users may "
+              "run once gating is on (besides /help and /whoami); empty: the group list.",
+              "list"),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.group_allow_admin_from", "Admins in groups, channels "
+              "and threads. Listing one turns command gating on there.", "list"),
+    ConfigKey(f"{_PLATFORM_FIELDS}.extra.group_user_allowed_commands", "Commands other group "
+              "users may run once gating is on (besides /help and /whoami).", "list"),
     ConfigKey(f"{_PLATFORM_FIELDS}.extra", "Platform-specific keys (see each platform's "
               "variables above; other keys are passed to the adapter unchanged).", "mapping"),
 ]
@@ -558,7 +602,8 @@ in its block (`platforms.api_server.port` or `gateway.api_server.port`), as Herm
 """
 
 _GROUPS = [
-    ("Daemon", lambda v: v.name in ("HERMES_HOME", "HERMES_GATEWAY_DB")),
+    ("Daemon", lambda v: v.name in ("HERMES_HOME", "HERMES_GATEWAY_DB", "GATEWAY_DATABASE_URL",
+                                    "GATEWAY_INSTANCE_ID")),
     ("Proxy mode (the remote Hermes API server)",
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_")),
@@ -570,6 +615,8 @@ _GROUPS = [
     ("Discord", lambda v: v.platform == "discord"),
     ("API server", lambda v: v.platform == "api_server"),
 ]
+#: Anything no group above claims still gets documented.
+_OTHER = "Other"
 
 
 def _fmt_default(value: Any) -> str:
@@ -601,7 +648,11 @@ def render_reference() -> str:
     """The Markdown text of C{docs/configuration.md}."""
     out = [_INTRO.format(shortcut=", ".join(f"`{k}`" for k in sorted(SHORTCUT_KEYS)))]
     out.append("\n## Environment variables\n")
-    for title, belongs in _GROUPS:
+    placed = {v.name for v in ENV_VARS.values() for _, belongs in _GROUPS if belongs(v)}
+    groups = list(_GROUPS)
+    if len(placed) < len(ENV_VARS):
+        groups.append((_OTHER, lambda v: v.name not in placed))
+    for title, belongs in groups:
         out.append(f"\n### {title}\n\n")
         out.append("| Variable | config.yaml key | Type | Default | Description |\n")
         out.append("|---|---|---|---|---|\n")

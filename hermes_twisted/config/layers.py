@@ -32,7 +32,7 @@ _PLATFORM_FIELDS = frozenset({
     "allowed_users", "allow_all_users",
 })
 _SHARED = ("session_reset", "streaming", "group_sessions_per_user", "thread_sessions_per_user",
-           "unauthorized_dm_behavior")
+           "unauthorized_dm_behavior", "reset_by_platform", "reset_by_type")
 #: Every name Hermes treats as a platform (used to recognise top-level shortcut blocks).
 _HERMES_PLATFORMS = frozenset(SUPPORTED_PLATFORMS) | frozenset(UNSUPPORTED_PLATFORMS)
 
@@ -48,6 +48,8 @@ def _spec(path: str) -> Spec | None:
         parts = path.split(".")
         if len(parts) == 3:
             spec = _SPECS.get(f"platforms.<name>.{parts[2]}")
+        elif len(parts) == 4 and parts[2] == "extra":
+            spec = _SPECS.get(f"platforms.<name>.extra.{parts[3]}")
     return spec
 
 

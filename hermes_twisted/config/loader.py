@@ -15,6 +15,8 @@ L{hermes_twisted.config.redaction}; their public names are importable from here 
 from __future__ import annotations
 
 import os
+import socket
+from dataclasses import replace
 from types import MappingProxyType
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -23,7 +25,7 @@ import yaml
 from twisted.logger import Logger
 
 from hermes_twisted.config.dotenv import apply_dotenv, hermes_home, merged_environ, read_dotenv
-from hermes_twisted.config.envvars import ENV_VARS
+from hermes_twisted.config.envvars import ENV_VARS, YAML_KEYS
 from hermes_twisted.config.errors import ConfigError
 from hermes_twisted.config.layers import ConfigLayers
 from hermes_twisted.config.platforms import platform_settings
@@ -38,7 +40,7 @@ from hermes_twisted.config.settings import (
     StreamingSettings,
     UpstreamSettings,
 )
-from hermes_twisted.config.values import convert, freeze, kind_of
+from hermes_twisted.config.values import RawValue, convert, freeze, kind_of
 
 __all__ = [
     "REDACTED", "ConfigError", "apply_dotenv", "build_config", "hermes_home", "load_config",
@@ -51,6 +53,21 @@ log = Logger(namespace="hermes_twisted.config")
 
 def _db_path(layers: ConfigLayers) -> str:
     return layers.get("gateway.db_path", "") or os.path.join(layers.home, "gateway.db")
+
+
+def _database_url(layers: ConfigLayers) -> str | None:
+    url = layers.get("gateway.database_url", "") or None
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres") or not (parts.hostname or parts.path):
+        raise ConfigError("GATEWAY_DATABASE_URL", "expected postgresql://user:password@host:"
+                          "port/database (the value is not shown: it may hold a password)")
+    return url
+
+
+def _instance_id(layers: ConfigLayers) -> str:
+    return layers.get("gateway.instance_id", "") or f"{socket.gethostname()}-{os.getpid()}"
 
 
 def _upstream(layers: ConfigLayers) -> UpstreamSettings:
@@ -148,17 +165,49 @@ def _reset_policy(layers: ConfigLayers) -> ResetPolicy:
     )
 
 
+_OVERRIDE_SPECS = {
+    "mode": YAML_KEYS["session_reset.mode"],
+    "at_hour": ENV_VARS["SESSION_RESET_HOUR"],
+    "idle_minutes": ENV_VARS["SESSION_IDLE_MINUTES"],
+    "notify": YAML_KEYS["session_reset.notify"],
+}
+
+
+def _reset_overrides(layers: ConfigLayers, name: str,
+                     default: ResetPolicy) -> Mapping[str, ResetPolicy]:
+    """C{reset_by_platform} / C{reset_by_type}: each entry is C{default} with its own keys."""
+    raw = layers.raw(name)
+    if raw is None:
+        return freeze({})
+    if not isinstance(raw.value, Mapping):
+        raise ConfigError(raw.where, f"expected a mapping, got {kind_of(raw.value)}")
+    out: dict[str, ResetPolicy] = {}
+    for target, block in raw.value.items():
+        where = f"{raw.where}.{target}"
+        if not isinstance(block, Mapping):
+            raise ConfigError(where, f"expected a mapping, got {kind_of(block)}")
+        fields: dict[str, Any] = {}
+        for key, value in block.items():
+            spec = _OVERRIDE_SPECS.get(str(key))
+            if spec is None:
+                raise ConfigError(f"{where}.{key}", "unknown key (expected one of "
+                                  f"{', '.join(_OVERRIDE_SPECS)})")
+            converted = convert(RawValue(value, f"{where}.{key}"), spec)
+            if converted is not None:
+                fields[str(key)] = converted
+        out[str(target)] = replace(default, **fields)
+    return freeze(out)
+
+
 def _display(layers: ConfigLayers) -> DisplaySettings:
-    mode = layers.get("display.busy_input_mode")
-    if mode == "steer":
-        log.warn("display.busy_input_mode: steer is not supported by this daemon; "
-                 "using interrupt")
-        mode = "interrupt"
     return DisplaySettings(
-        busy_input_mode=mode,
+        busy_input_mode=layers.get("display.busy_input_mode"),
         tool_progress=layers.get("display.tool_progress"),
         typing_interval=layers.get("display.typing_interval"),
         busy_ack_interval=layers.get("display.busy_ack_interval"),
+        busy_queue_cap=layers.get("display.busy_queue_cap"),
+        busy_queue_drop=layers.get("display.busy_queue_drop"),
+        collect_debounce=layers.get("display.collect_debounce"),
     )
 
 
@@ -194,18 +243,19 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
     platforms = platform_settings(layers, relay)
     _check_api_server_port(upstream, platforms.get("api_server"))
     behaviour = layers.get("unauthorized_dm_behavior")
-    if behaviour == "pair":
-        log.warn("unauthorized_dm_behavior: pair is not supported by this daemon (no pairing); "
-                 "unauthorized DMs are ignored")
-        behaviour = "ignore"
+    session_reset = _reset_policy(layers)
     config = GatewayConfig(
         hermes_home=layers.home,
         db_path=_db_path(layers),
+        database_url=_database_url(layers),
+        instance_id=_instance_id(layers),
         upstream=upstream,
         relay=relay,
         platforms=MappingProxyType(platforms),
         streaming=_streaming(layers),
-        session_reset=_reset_policy(layers),
+        session_reset=session_reset,
+        reset_by_platform=_reset_overrides(layers, "reset_by_platform", session_reset),
+        reset_by_type=_reset_overrides(layers, "reset_by_type", session_reset),
         display=_display(layers),
         group_sessions_per_user=layers.get("group_sessions_per_user"),
         thread_sessions_per_user=layers.get("thread_sessions_per_user"),

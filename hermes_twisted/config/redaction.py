@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import fields, is_dataclass
 from typing import Any, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 
@@ -84,3 +84,12 @@ def redacted_yaml(config: GatewayConfig) -> str:
     header = "# Effective hermes-gateway configuration (secrets redacted)\n"
     return header + yaml.safe_dump(tree, sort_keys=False, allow_unicode=True,
                                    default_flow_style=False)
+
+
+def url_without_password(url: str) -> str:
+    """C{url} with its password (if any) replaced by C{***}, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))

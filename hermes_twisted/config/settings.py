@@ -40,10 +40,13 @@ class ResetPolicy:
 
 @dataclass(frozen=True)
 class DisplaySettings:
-    busy_input_mode: str = "interrupt"  # interrupt | queue
+    busy_input_mode: str = "interrupt"  # interrupt | queue | steer | collect
     tool_progress: bool = False
     typing_interval: float = 2.0
     busy_ack_interval: float = 30.0
+    busy_queue_cap: int = 20  # messages waiting per session, at most
+    busy_queue_drop: str = "old"  # old | new | summarize
+    collect_debounce: float = 1.5  # seconds of quiet that close a burst (collect mode)
 
 
 @dataclass(frozen=True)
@@ -109,17 +112,24 @@ class PlatformSettings:
 class GatewayConfig:
     hermes_home: str
     db_path: str
+    #: PostgreSQL store URL (GATEWAY_DATABASE_URL); None: the SQLite file at db_path.
+    database_url: str | None = None
+    #: This process's name in a fleet (GATEWAY_INSTANCE_ID; default host name and pid).
+    instance_id: str = ""
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     platforms: Mapping[str, PlatformSettings] = field(default_factory=_frozen)
     streaming: StreamingSettings = field(default_factory=StreamingSettings)
     session_reset: ResetPolicy = field(default_factory=ResetPolicy)
+    #: Overrides of C{session_reset} by platform name, then by chat type (dm, group, ...).
+    reset_by_platform: Mapping[str, ResetPolicy] = field(default_factory=_frozen)
+    reset_by_type: Mapping[str, ResetPolicy] = field(default_factory=_frozen)
     display: DisplaySettings = field(default_factory=DisplaySettings)
     group_sessions_per_user: bool = True
     thread_sessions_per_user: bool = False
     allowed_users: tuple[str, ...] = ()  # GATEWAY_ALLOWED_USERS
     allow_all_users: bool = False  # GATEWAY_ALLOW_ALL_USERS
-    unauthorized_dm_behavior: str = "ignore"
+    unauthorized_dm_behavior: str | None = None  # pair | ignore; None: decided per platform
     max_concurrent_runs: int = 10  # gateway.api_server.max_concurrent_runs
     shutdown_timeout: float = 4.0
 

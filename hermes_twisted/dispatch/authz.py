@@ -16,7 +16,10 @@ The first rule that matches decides:
     a union) the sender must match it (L{is_allowed}: C{*}, exact, C{x} matches C{x@domain});
  6. with no allowlist at all, only the global C{allow_all_users} allows.  Default: deny.
 
-Pairing of 0.19.0 is not implemented: an unknown DM sender is denied and logged.
+A sender approved through pairing (0.19.0's step 7) is allowed too, but that check reads a
+file, so the gateway makes it in a thread, only for senders these rules deny
+(L{hermes_twisted.dispatch.pairing}).  What a denied direct message gets is
+L{unauthorized_dm_behavior}.
 """
 
 from __future__ import annotations
@@ -53,6 +56,33 @@ def is_authorized(config: GatewayConfig, adapter: Any, event: MessageEvent) -> b
     if is_allowed(source.user_id, allowlist):
         return True
     return bool(source.user_id_alt and is_allowed(source.user_id_alt, allowlist))
+
+
+def unauthorized_dm_behavior(config: GatewayConfig, adapter: Any) -> str:
+    """
+    C{"pair"} or C{"ignore"}: what a direct message from an unauthorized sender gets on
+    C{adapter}'s platform, in 0.19.0's order (platforms.md §4.3): the platform's own
+    C{unauthorized_dm_behavior}; a global value other than C{pair}; the platform's
+    C{dm_policy} (C{pairing}: pair, C{allowlist}/C{disabled}: ignore); ignore when any
+    allowlist is configured; else pair.
+    """
+    settings = getattr(adapter, "settings", None)
+    extra = settings.extra if settings is not None else {}
+    own = extra.get("unauthorized_dm_behavior")
+    if own in ("pair", "ignore"):
+        return own
+    if config.unauthorized_dm_behavior not in (None, "pair"):
+        return config.unauthorized_dm_behavior
+    policy = extra.get("dm_policy")
+    if policy == "pairing":
+        return "pair"
+    if policy in ("allowlist", "disabled"):
+        return "ignore"
+    allowlists = tuple(settings.allowed_users if settings is not None else ()) + tuple(
+        config.allowed_users)
+    if any(entry.strip() for entry in allowlists):
+        return "ignore"
+    return "pair"
 
 
 def log_denied(adapter: Any, event: MessageEvent) -> None:

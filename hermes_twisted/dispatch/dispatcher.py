@@ -59,3 +59,9 @@ class Dispatcher(Protocol):
 
     def hold_lane(self, key: str) -> Callable[[], None]:
         """Keep C{key} from starting runs until the returned release is called."""
+
+    def run_next(self, adapter: Any, event: MessageEvent, key: str) -> None:
+        """Run C{event} as C{key}'s next turn, ahead of anything waiting (/retry)."""
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """C{fn(*args)} in a thread (file work); fires with its result."""

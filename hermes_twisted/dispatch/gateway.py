@@ -5,15 +5,21 @@ can never speak.
 
 Run lifecycle, per session key (a "lane"):
 
- 1. B{Admission.}  C{handle_message} rewrites C{!cmd}, checks authorization, and, when the
-    event carries a C{dedupe_key}, records it with C{store.admit_inbound} (a redelivery is
-    dropped).  Events of one lane are dispatched in arrival order even if admissions
-    complete out of order.  The returned Deferred fires once the event is admitted.
+ 1. B{Admission.}  C{handle_message} rewrites C{!cmd}, checks authorization (a sender the
+    rules deny may still be approved through pairing: checked in a thread; an unknown
+    direct-message sender may get a pairing code), and, when the event carries a
+    C{dedupe_key}, records it with C{store.admit_inbound} (a redelivery is dropped).
+    Events of one lane are dispatched in arrival order even if admissions complete out of
+    order.  The returned Deferred fires once the event is admitted.
  2. B{Dispatch.}  Gateway commands run at once, also while busy.  Text starts a run when
-    the lane is idle; while busy it is queued (FIFO, one turn per message) and, in the
-    default C{interrupt} mode, the running turn is interrupted so the new message runs
-    next (the interrupted question goes along as history, so the agent still sees it).
-    At most one busy acknowledgement per C{busy_ack_interval} per lane.
+    the lane is idle; while busy it waits in the lane's queue (at most C{busy_queue_cap}
+    places, L{busy.enqueue}) and, per C{busy_input_mode}: C{interrupt} (default) interrupts
+    the running turn so the new message runs next (the interrupted question goes along as
+    history, so the agent still sees it); C{queue} runs it as its own turn afterwards;
+    C{steer} folds it into the next turn as a steering note; C{collect} joins everything
+    that waited into one turn, and while idle also holds a burst until
+    C{collect_debounce} seconds pass without a new message.  C{/queue} and C{/steer} do
+    the same explicitly.  At most one busy acknowledgement per C{busy_ack_interval}.
  3. B{Start.}  Starting a run claims the lane and the next generation synchronously, then
     runs L{execute_turn} as one Deferred held by the L{RunHandle}.
  4. B{Stop.}  /stop, /new and a remote interrupt bump the generation, stop the run's
@@ -27,6 +33,7 @@ Run lifecycle, per session key (a "lane"):
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -38,12 +45,13 @@ from twisted.internet.defer import (
     maybeDeferred,
     succeed,
 )
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from hermes_twisted.config.settings import GatewayConfig
-from hermes_twisted.dispatch import commands, interrupts
-from hermes_twisted.dispatch.authz import is_authorized, log_denied
+from hermes_twisted.dispatch import busy, commands, gating, interrupts
+from hermes_twisted.dispatch.authz import is_authorized, log_denied, unauthorized_dm_behavior
 from hermes_twisted.dispatch.inbound import event_from_payload, payload_for
 from hermes_twisted.dispatch.lanes import Inbound, Lane
 from hermes_twisted.dispatch.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
@@ -55,6 +63,17 @@ from hermes_twisted.sessions.keys import build_session_key
 ACK_INTERRUPT = "⚡ Interrupting current task ({elapsed} elapsed). I'll respond to your message shortly."
 ACK_QUEUE = ("⏳ Queued for the next turn ({elapsed} elapsed). I'll respond once the current "
              "task finishes.")
+ACK_COLLECT = ("⏳ Collected for the next turn ({elapsed} elapsed). Everything you send until "
+               "the current task finishes gets one reply.")
+ACK_STEER = ("⏩ Noted ({elapsed} elapsed). A reply that is already running can't be changed, "
+             "so your note goes along with the next turn.")
+QUEUED = "📥 Queued for the next turn ({n} waiting)."
+QUEUED_IDLE = "📥 Nothing is running, so it starts now."
+QUEUE_USAGE = "Usage: /queue <message> — runs it as the next turn, after the current one."
+STEER_USAGE = ("Usage: /steer <note> — adds a note to the next turn (a running reply can't "
+               "be changed).")
+QUEUE_FULL_OLD = "⚠️ Too many messages waiting (at most {cap}): the oldest was dropped."
+QUEUE_FULL_NEW = "⚠️ Too many messages waiting (at most {cap}): this one was not queued."
 INTERRUPTED_BY_MESSAGE = "interrupted by a newer message"
 
 
@@ -69,14 +88,22 @@ class Gateway(Service):
     @param consumer_factory: builds the per-run stream consumer, called as
         C{factory(adapter, chat_id, clock=, settings=, is_current=, reply_to=, metadata=)};
         default L{hermes_twisted.delivery.consumer.StreamConsumer}.
+    @param pairing: a L{hermes_twisted.dispatch.pairing.PairingGate}, or None (no pairing:
+        a sender the allowlists deny is denied).
+    @param run_in_thread: C{f(fn, *args) -> Deferred} for file work; by default the
+        threadpool of C{clock} (the reactor).
     """
 
     log = Logger()
     name = "gateway"
 
     def __init__(self, config: GatewayConfig, *, store: Any, upstream: Any, clock: Any,
-                 consumer_factory: Callable[..., Any] | None = None) -> None:
+                 consumer_factory: Callable[..., Any] | None = None,
+                 pairing: Any = None,
+                 run_in_thread: Callable[..., Deferred] | None = None) -> None:
         self.config = config
+        self.pairing = pairing
+        self._thread_runner = run_in_thread
         self.store = store
         self.upstream = upstream
         self.clock = clock
@@ -136,6 +163,8 @@ class Gateway(Service):
         """
         super().stopService()
         self._stopping = True
+        for lane in self._lanes.values():
+            self._cancel_collect(lane)
         for callbacks in list(self._callback_runs):
             callbacks.cancel()
         for handle in list(self._runs):
@@ -169,16 +198,70 @@ class Gateway(Service):
         """
         event = commands.normalize(adapter, event)
         key = self.session_key_for(event)
-        if not is_authorized(self.config, adapter, event):
-            log_denied(adapter, event)
-            self._turn_finished(adapter, event, key, False)
-            return succeed(None)
         dedupe_key = event.metadata.get("dedupe_key") if event.metadata else None
-        if not dedupe_key:
-            self._arrive(Inbound(adapter, event, key, None, True))
-            return succeed(None)
+        if is_authorized(self.config, adapter, event):
+            if not dedupe_key:
+                self._arrive(Inbound(adapter, event, key, None, True))
+                return succeed(None)
+            inbound = Inbound(adapter, event, key, dedupe_key, None)
+            self._arrive(inbound)
+            return self._record(inbound)
+        if self.pairing is None or not event.source.user_id:
+            return self._refuse(adapter, event, key)
+        # The check reads a file in a thread; the event holds its place in the lane meanwhile.
         inbound = Inbound(adapter, event, key, dedupe_key, None)
         self._arrive(inbound)
+        d = self.pairing.is_approved(event.source.platform.value, event.source.user_id)
+
+        def checked(approved: bool) -> Any:
+            if not approved:
+                self._admitted(inbound, False)
+                return self._refuse(adapter, event, key)
+            if dedupe_key:
+                return self._record(inbound)
+            self._admitted(inbound, True)
+            return None
+
+        def check_failed(failure: Any) -> Any:
+            self._admitted(inbound, False)
+            self._turn_finished(adapter, event, key, False)
+            if failure.check(CancelledError):
+                return failure
+            self.log.failure("Pairing check failed; message from {user} refused", failure,
+                             user=event.source.user_id)
+            return None
+
+        d.addCallbacks(checked, check_failed)
+        return d
+
+    def _refuse(self, adapter: Any, event: MessageEvent, key: str) -> Deferred:
+        """
+        An unauthorized sender: logged, and in a direct message with behaviour C{pair} given
+        a pairing code.  Fires with None once the reply (if any) is sent; never fails.
+        """
+        log_denied(adapter, event)
+        self._turn_finished(adapter, event, key, False)
+        if (self.pairing is None or event.source.chat_type != "dm" or not event.source.user_id
+                or event.internal or unauthorized_dm_behavior(self.config, adapter) != "pair"):
+            return succeed(None)
+        d = self.pairing.code_reply(event.source.platform.value, event.source.user_id,
+                                    event.source.user_name or "")
+
+        def send(text: str | None) -> Any:
+            return self.reply(adapter, event, text) if text else None
+
+        def failed(failure: Any) -> None:
+            if not failure.check(CancelledError):
+                self.log.failure("Could not issue a pairing code", failure)
+
+        d.addCallback(send)
+        d.addCallbacks(lambda _: None, failed)
+        return d
+
+    def _record(self, inbound: Inbound) -> Deferred:
+        """Record C{inbound} in the store's inbox; fires once admitted (or dropped)."""
+        adapter, event, key, dedupe_key = (inbound.adapter, inbound.event, inbound.key,
+                                           inbound.dedupe_key)
         d = maybeDeferred(self.store.admit_inbound, dedupe_key,
                           payload_for(adapter.settings.name, event))
 
@@ -276,11 +359,22 @@ class Gateway(Service):
             handle.interrupt(reason)
         if drop_queue:
             lane.carried = []
+            self._cancel_collect(lane)
             dropped, lane.queue = lane.queue, []
             for inbound in dropped:
-                self._complete(inbound.dedupe_key)
-                self._turn_finished(inbound.adapter, inbound.event, key, False)
+                self._drop(inbound)
         return handle
+
+    def run_next(self, adapter: Any, event: MessageEvent, key: str) -> None:
+        """Run C{event} as C{key}'s next turn, ahead of anything waiting (/retry)."""
+        self._lane(key).queue.insert(0, Inbound(adapter, event, key, None, True))
+        self._drain(key)
+
+    def run_in_thread(self, fn: Callable[..., Any], *args: Any) -> Deferred:
+        """C{fn(*args)} in a thread; fires with its result or fails with its exception."""
+        if self._thread_runner is not None:
+            return self._thread_runner(fn, *args)
+        return deferToThreadPool(self.clock, self.clock.getThreadPool(), fn, *args)
 
     def hold_lane(self, key: str) -> Callable[[], None]:
         """Keep C{key} from starting runs until the returned release is called (once)."""
@@ -331,6 +425,14 @@ class Gateway(Service):
             return
         adapter, event, key = inbound.adapter, inbound.event, inbound.key
         command = commands.parse(event)
+        if command is not None and not gating.access_for(adapter, event.source).may_run(
+                command[0]):
+            self.reply(adapter, event, gating.DENIED.format(name=command[0]))
+            self._drop(inbound)
+            return
+        if command is not None and command[0] in commands.QUEUEING:
+            self._queue_explicitly(inbound, *command)
+            return
         if command is not None and (command[0] in commands.HANDLED or self.is_busy(key)):
             d = self.commands.dispatch(adapter, event, key, *command)
 
@@ -341,23 +443,106 @@ class Gateway(Service):
 
             d.addBoth(command_done)
             return
+        self._accept(inbound)
+
+    def _accept(self, inbound: Inbound) -> None:
+        """Start, collect or queue a message for the agent, per the busy input mode."""
+        key, mode = inbound.key, self.config.display.busy_input_mode
         lane = self._lane(key)
         if not self.is_busy(key):
-            self._start_run(inbound)
-            return
-        lane.queue.append(inbound)
-        if event.internal or lane.handle is None or lane.handle.phase == "finishing":
-            # Internal completions, input behind a /new, and input arriving after the reply
-            # was delivered (only the transcript write is left) wait silently.
+            if mode == "collect" and not inbound.event.internal:
+                if self._enqueue(lane, inbound):
+                    self._arm_collect(key, lane)
+                return
+            self._start_run([inbound])
             return
         handle = lane.handle
-        interrupt = self.config.display.busy_input_mode != "queue"
-        self._maybe_ack(lane, inbound, ACK_INTERRUPT if interrupt else ACK_QUEUE)
-        if interrupt:
+        if inbound.event.internal or handle is None or handle.phase == "finishing":
+            # Internal completions, input behind a /new, and input arriving after the reply
+            # was delivered (only the transcript write is left) wait silently.
+            self._enqueue(lane, inbound)
+            return
+        if mode == "steer":
+            inbound.kind = "steer"
+        if not self._enqueue(lane, inbound):
+            return
+        template = {"queue": ACK_QUEUE, "collect": ACK_COLLECT, "steer": ACK_STEER}.get(
+            mode, ACK_INTERRUPT)
+        self._maybe_ack(lane, inbound, template)
+        if template is ACK_INTERRUPT:
             # Carry first: interrupting may end the run (and start the next) synchronously.
             lane.carried = handle.carried + [handle.event]
             handle.interrupt(INTERRUPTED_BY_MESSAGE)
             handle.cancel()
+
+    def _queue_explicitly(self, inbound: Inbound, name: str, args: str) -> None:
+        """C{/queue <text>} and C{/steer <text>}: wait for the next turn, never interrupt."""
+        adapter, event, key = inbound.adapter, inbound.event, inbound.key
+        steer = name == "steer"
+        if not args.strip():
+            self.reply(adapter, event, STEER_USAGE if steer else QUEUE_USAGE)
+            self._drop(inbound)
+            return
+        inbound.event = dataclasses.replace(event, text=args)
+        if not self.is_busy(key):
+            # Nothing runs, so there is nothing to steer or wait for: it is the next turn.
+            if not steer and self.config.display.busy_input_mode != "collect":
+                self.reply(adapter, event, QUEUED_IDLE)
+            self._accept(inbound)
+            return
+        if steer:
+            inbound.kind = "steer"
+        lane = self._lane(key)
+        if not self._enqueue(lane, inbound):
+            return
+        handle = lane.handle
+        elapsed = commands.age_text(self.clock.seconds() - handle.started_at) if handle else "0s"
+        self.reply(adapter, event, ACK_STEER.format(elapsed=elapsed) if steer
+                   else QUEUED.format(n=busy.load(lane.queue)))
+
+    def _enqueue(self, lane: Lane, inbound: Inbound) -> bool:
+        """Queue C{inbound} within the cap; False when it was refused (policy C{new})."""
+        display = self.config.display
+        accepted, dropped = busy.enqueue(lane.queue, inbound, display.busy_queue_cap,
+                                          display.busy_queue_drop)
+        for victim in dropped:
+            self.log.info("Queue of {key} full: dropped a waiting message", key=inbound.key)
+            self._drop(victim)
+        if dropped:
+            now = self.clock.seconds()
+            if (lane.last_drop_notice is None
+                    or now - lane.last_drop_notice >= display.busy_ack_interval):
+                lane.last_drop_notice = now
+                text = QUEUE_FULL_OLD if accepted else QUEUE_FULL_NEW
+                self.reply(inbound.adapter, inbound.event,
+                           text.format(cap=display.busy_queue_cap))
+        return accepted
+
+    def _drop(self, inbound: Inbound) -> None:
+        """C{inbound} will never run: complete it and release what its adapter holds."""
+        self._complete(inbound.dedupe_key)
+        self._turn_finished(inbound.adapter, inbound.event, inbound.key, False)
+
+    def _arm_collect(self, key: str, lane: Lane) -> None:
+        self._cancel_collect(lane)
+        lane.collect_timer = self.clock.callLater(self.config.display.collect_debounce,
+                                                  self._collect_due, key)
+
+    def _collect_due(self, key: str) -> None:
+        # A reactor callback: nothing may escape into the reactor.
+        lane = self._lanes.get(key)
+        if lane is not None:
+            lane.collect_timer = None
+            try:
+                self._drain(key)
+            except Exception:
+                self.log.failure("Starting the collected turn of {key} failed", key=key)
+
+    @staticmethod
+    def _cancel_collect(lane: Lane) -> None:
+        timer, lane.collect_timer = lane.collect_timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
 
     def _maybe_ack(self, lane: Lane, inbound: Inbound, template: str) -> None:
         now = self.clock.seconds()
@@ -367,13 +552,17 @@ class Gateway(Service):
         elapsed = commands.age_text(now - lane.handle.started_at) if lane.handle else "0s"
         self.reply(inbound.adapter, inbound.event, template.format(elapsed=elapsed))
 
-    def _start_run(self, inbound: Inbound) -> RunHandle:
+    def _start_run(self, batch: list[Inbound]) -> RunHandle:
+        """Run one turn for C{batch} (one message, or several joined: L{busy.compose})."""
+        inbound = batch[-1]
         lane = self._lane(inbound.key)
         handle = RunHandle(session_key=inbound.key,
                            generation=self.generations.bump(inbound.key),
                            generations=self.generations, adapter=inbound.adapter,
-                           event=inbound.event, started_at=self.clock.seconds(),
+                           event=busy.compose(batch), started_at=self.clock.seconds(),
                            dedupe_key=inbound.dedupe_key)
+        if len(batch) > 1:
+            handle.folded = batch[:-1]
         handle.carried, lane.carried = lane.carried, []
         lane.handle = handle
         self._runs.add(handle)
@@ -393,7 +582,11 @@ class Gateway(Service):
         self._runs.discard(handle)
         if handle.interrupt_reason != interrupts.GATEWAY_SHUTDOWN:
             self._complete(handle.dedupe_key)
+            for inbound in handle.folded:
+                self._complete(inbound.dedupe_key)
         self._turn_finished(handle.adapter, handle.event, handle.session_key, handle.delivered)
+        for inbound in handle.folded:
+            self._turn_finished(inbound.adapter, inbound.event, inbound.key, handle.delivered)
         lane = self._lanes.get(handle.session_key)
         if lane is not None and lane.handle is handle:
             lane.handle = None
@@ -422,8 +615,11 @@ class Gateway(Service):
         lane = self._lanes.get(key)
         if lane is None or lane.handle is not None or lane.holds or self._stopping:
             return
-        if lane.queue:
-            self._start_run(lane.queue.pop(0))
+        if lane.collect_timer is not None:
+            return  # a burst is still being collected
+        batch = busy.next_batch(lane.queue, self.config.display.busy_input_mode)
+        if batch:
+            self._start_run(batch)
             return
         # An idle lane is forgotten (generations are kept), unless its last busy ack is
         # recent enough that forgetting it would allow a second ack inside the interval.

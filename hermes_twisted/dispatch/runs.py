@@ -18,7 +18,7 @@ the ambiguity of §5 case 37.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred
 from twisted.logger import Logger
@@ -72,7 +72,8 @@ class RunHandle:
     # One per running turn.
     __slots__ = ("session_key", "generation", "_generations", "adapter", "event", "chat_id",
                  "started_at", "dedupe_key", "phase", "session_id", "interrupt_reason",
-                 "delivered", "carried", "deferred", "typing", "consumer", "after_delivery")
+                 "delivered", "carried", "deferred", "typing", "consumer", "after_delivery",
+                 "folded")
 
     def __init__(self, *, session_key: str, generation: int, generations: Generations,
                  adapter: Any, event: Any, started_at: float,
@@ -96,6 +97,10 @@ class RunHandle:
         self.consumer: Any = None
         #: The post-delivery callbacks this run popped, fired after its lane is released.
         self.after_delivery: Callable[[], Deferred] | None = None
+        #: Waiting messages joined into this turn besides C{event}'s own (collect, steer,
+        #: missed); each is completed with the run.  A shared empty tuple when there are none
+        #: (one per open stream: no list allocated for the common case).
+        self.folded: Sequence[Any] = ()
 
     def is_current(self) -> bool:
         """False once the run was interrupted or a newer generation claimed its session."""

@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from hermes_twisted.dispatch.dispatcher import Dispatcher
 from hermes_twisted.dispatch.runs import RunHandle
 from hermes_twisted.dispatch.typing_loop import TypingLoop
+from hermes_twisted.sessions.reset import policy_for, reset_notice
 from hermes_twisted.upstream import TurnRequest
 
 log = Logger()
@@ -108,6 +109,11 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
 
         entry = await gw.store.get_or_create(key, event.source)
         handle.session_id = entry.session_id
+        if entry.was_auto_reset and handle.is_current():
+            notice = reset_notice(policy_for(gw.config, event.source), entry.auto_reset_reason,
+                                  event.source.platform.value)
+            if notice:
+                gw.reply(adapter, event, notice)
         history = await gw.store.load_transcript(entry.session_id)
         if not handle.is_current():
             return

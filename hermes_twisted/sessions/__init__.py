@@ -4,9 +4,12 @@ transcripts and the inbox.
 
   interface.py  the store contract (L{SessionStore}) and its entry shapes
   keys.py       Hermes session keys from a message's source
-  sqlite.py     the SQLite store (WAL, synchronous=FULL)
-  writer.py     its one writer thread with group commit
-  schema.py     the versioned schema and the pre-flight check
+  store.py      the store's logic on a database, shared by both stores
+  sqlite.py     the embedded SQLite store (WAL, synchronous=FULL), the default
+  postgres.py   the PostgreSQL store (GATEWAY_DATABASE_URL), psycopg 3
+  writer.py     one writer thread per store with group commit
+  schema.py     the SQLite schema, its migrations and the pre-flight check
+  migrate.py    C{hermes-gateway migrate-store}: SQLite into PostgreSQL
   reset.py      reset policies (idle, daily)
   ids.py        session ids
 

@@ -22,6 +22,7 @@ class SessionEntry:
     updated_at: float
     was_auto_reset: bool = False
     auto_reset_reason: str | None = None
+    title: str | None = None
 
 
 class SessionStore(Protocol):
@@ -38,14 +39,21 @@ class SessionStore(Protocol):
         (a new id with C{was_auto_reset} when it expired) and touching C{updated_at}."""
 
     def reset(self, session_key: str, source: SessionSource | None = None,
-              reason: str = "session_reset", now: float | None = None) -> Deferred:
-        """/new: end the current session and fire with a new L{SessionEntry} (new id)."""
+              reason: str = "session_reset", now: float | None = None,
+              title: str | None = None) -> Deferred:
+        """/new: end the current session and fire with a new L{SessionEntry} (new id), named
+        C{title} when given."""
 
     def peek(self, session_key: str) -> SessionEntry | None:
         """The cached entry of C{session_key}, without I/O (None if unknown)."""
 
     def load_transcript(self, session_id: str) -> Deferred:
         """Fires with a list of C{{"role", "content", "timestamp", "platform_message_id"}}."""
+
+    def undo_last_exchange(self, session_id: str) -> Deferred:
+        """/undo: take back the last user row of C{session_id} and every row after it (they
+        are no longer loaded).  Fires with the user text taken back, or None when there was
+        none."""
 
     def append(self, session_id: str, role: str, content: str,
                platform_message_id: str | None = None, timestamp: float | None = None) -> Deferred:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, tzinfo
 
-from hermes_twisted.config.settings import ResetPolicy
+from hermes_twisted.config.settings import GatewayConfig, ResetPolicy
+from hermes_twisted.model import SessionSource
 
 MODES = ("none", "idle", "daily", "both")
 
@@ -29,6 +30,43 @@ def validate(policy: ResetPolicy) -> None:
     if policy.idle_minutes <= 0:
         raise ValueError(f"session_reset.idle_minutes must be positive, "
                          f"not {policy.idle_minutes!r}")
+
+
+def policy_for(config: GatewayConfig, source: SessionSource) -> ResetPolicy:
+    """
+    The policy of C{source}'s session, as 0.19.0 chooses it: C{reset_by_platform[platform]}
+    wins, then C{reset_by_type[chat_type]}, then C{session_reset}.  (The store's
+    C{reset_policy_for}.)
+    """
+    by_platform = config.reset_by_platform.get(source.platform.value)
+    if by_platform is not None:
+        return by_platform
+    by_type = config.reset_by_type.get(source.chat_type)
+    return by_type if by_type is not None else config.session_reset
+
+
+def _duration(minutes: int) -> str:
+    hours, minutes = divmod(minutes, 60)
+    if not hours:
+        return f"{minutes}m"
+    return f"{hours}h" if not minutes else f"{hours}h {minutes}m"
+
+
+def reset_notice(policy: ResetPolicy, reason: str | None, platform: str) -> str | None:
+    """
+    The notice 0.19.0 sends before the first answer of a session it reset by itself, or
+    None when this platform is not told (C{notify} off, or in C{notify_exclude_platforms}).
+    """
+    if not policy.notify or platform in policy.notify_exclude_platforms:
+        return None
+    if reason == "daily":
+        why = f"daily schedule at {policy.at_hour}:00"
+    elif reason == "idle":
+        why = f"inactive for {_duration(policy.idle_minutes)}"
+    else:
+        why = "previous session was stopped or interrupted"
+    return (f"◐ Session automatically reset ({why}). Conversation history cleared.\n"
+            "Adjust reset timing in config.yaml under session_reset.")
 
 
 def last_daily_boundary(at_hour: int, now: float, tz: tzinfo | None = None) -> float:

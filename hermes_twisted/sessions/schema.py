@@ -40,10 +40,16 @@ def _create_v1(conn: sqlite3.Connection) -> None:
         conn.execute(statement)
 
 
+def _v2_titles_and_undo(conn: sqlite3.Connection) -> None:
+    """A session's title (/new <title>); transcript rows /undo took back (active = 0)."""
+    conn.execute("ALTER TABLE sessions ADD COLUMN title TEXT")
+    conn.execute("ALTER TABLE messages ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
+
+
 #: MIGRATIONS[n] takes the schema from version n to n + 1; each step runs in its own
 #: transaction with the version bump.  To change the schema, append a step (SQL, or Python
 #: that rewrites rows); never edit a released one.
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1]
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_create_v1, _v2_titles_and_undo]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -171,3 +177,28 @@ def connect(path: str) -> sqlite3.Connection:
         conn.close()
         raise
     return conn
+
+
+class SQLiteDatabase:
+    """The L{hermes_twisted.sessions.writer.Database} of one SQLite file."""
+
+    errors = (sqlite3.Error,)
+
+    def __init__(self, path: str) -> None:
+        self.label = path
+
+    def connect(self) -> sqlite3.Connection:
+        return connect(self.label)
+
+    def usable(self, conn: sqlite3.Connection) -> sqlite3.Connection:
+        return conn  # a file does not go away between batches
+
+    def begin(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def in_transaction(self, conn: sqlite3.Connection) -> bool:
+        return conn.in_transaction
+
+    def describe(self, error: BaseException) -> str:
+        assert isinstance(error, sqlite3.Error)
+        return describe(error, self.label)

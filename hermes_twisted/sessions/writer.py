@@ -1,6 +1,8 @@
 # -*- test-case-name: tests.test_store -*-
 """
-One SQLite connection driven from one dedicated thread, with group commit.
+One database connection driven from one dedicated thread, with group commit.  The database
+(L{Database}: SQLite's file, or a PostgreSQL server) says how to connect, begin and describe
+its errors; the queue, the batching and the savepoints are the same for both.
 
 Why a private one-thread C{ThreadPool} with C{deferToThreadPool} rather than
 C{adbapi.ConnectionPool(cp_min=1, cp_max=1)}:
@@ -21,10 +23,9 @@ of its batch; every Deferred fires only after the batch's COMMIT returned.
 from __future__ import annotations
 
 import contextlib
-import sqlite3
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -32,17 +33,44 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from hermes_twisted.sessions.interface import StoreError
-from hermes_twisted.sessions.schema import connect, describe
 
-Work = Callable[[sqlite3.Connection], Any]
+Work = Callable[[Any], Any]
 
 MAX_BATCH = 256  # operations per transaction, so one commit never grows without bound
 
 
-def as_store_error(failure: Failure, path: str) -> Failure:
-    """SQLite's own errors become L{StoreError} with an operator message; others pass."""
-    if failure.check(sqlite3.Error):
-        error = StoreError(describe(failure.value, path))
+class Database(Protocol):
+    """
+    What the writer needs of a database.  Every method runs on the store thread and may
+    block.  The connection it hands out runs qmark-style SQL (C{?} parameters) through
+    C{execute(sql, params)}, returning a cursor with C{rowcount} that iterates its rows.
+    """
+
+    #: Names the database in messages (a path, or a URL without its password).
+    label: str
+    #: The driver's own error types, described by L{describe}.
+    errors: tuple[type[BaseException], ...]
+
+    def connect(self) -> Any:
+        """Connect, refuse a foreign or newer schema, migrate; L{StoreError} when unusable."""
+
+    def usable(self, conn: Any) -> Any:
+        """C{conn} when it still works, else a new connection (the server restarted)."""
+
+    def begin(self, conn: Any) -> None:
+        """Start a batch's transaction."""
+
+    def in_transaction(self, conn: Any) -> bool:
+        """True while C{conn} has a transaction open (or failed and not yet rolled back)."""
+
+    def describe(self, error: BaseException) -> str:
+        """An operator-facing sentence for one of L{errors}."""
+
+
+def as_store_error(failure: Failure, database: Database) -> Failure:
+    """The driver's own errors become L{StoreError} with an operator message; others pass."""
+    if failure.check(*database.errors):
+        error = StoreError(database.describe(failure.value))
         error.__cause__ = failure.value
         return Failure(error)
     return failure
@@ -62,16 +90,17 @@ class _Op:
     deferred: Deferred | None = None
 
 
-class SQLiteWriter:
-    """The thread, the connection and the queue of one database file."""
+class StoreWriter:
+    """The thread, the connection and the queue of one database."""
 
-    def __init__(self, path: str, *, reactor: Any, name: str = "session-store") -> None:
-        self.path = path
+    def __init__(self, database: Database, *, reactor: Any, name: str = "session-store") -> None:
+        self.database = database
+        self.path = database.label
         self._reactor = reactor
         self._name = name
         self.state = "closed"  # closed | opening | open | closing
         self._pool: ThreadPool | None = None
-        self._conn: sqlite3.Connection | None = None  # touched on the store thread only
+        self._conn: Any = None  # touched on the store thread only
         self._queue: list[_Op] = []
         self._busy = False  # a batch (or the close) is on the thread or being delivered
         self._open_waiters: list[tuple[Deferred, Callable[[Failure | None], None]]] = []
@@ -102,7 +131,7 @@ class SQLiteWriter:
         return result
 
     def _open_in_thread(self, prepare: Work) -> Any:
-        conn = connect(self.path)
+        conn = self.database.connect()
         try:
             prepared = prepare(conn)
         except BaseException:
@@ -129,7 +158,7 @@ class SQLiteWriter:
 
     def _open_failed(self, failure: Failure, result: Deferred) -> None:
         self._stop_thread()
-        failure = as_store_error(failure, self.path)
+        failure = as_store_error(failure, self.database)
         waiters, self._open_waiters = self._open_waiters, []
         for _, resume in waiters:
             resume(Failure(failure.value))
@@ -173,7 +202,7 @@ class SQLiteWriter:
         self._stop_thread()
         for waiter in self._take_close_waiters():
             if isinstance(outcome, Failure):
-                waiter.errback(as_store_error(outcome, self.path))
+                waiter.errback(as_store_error(outcome, self.database))
             else:
                 waiter.callback(None)
 
@@ -256,27 +285,27 @@ class SQLiteWriter:
         done.addBoth(self._deliver, batch)
 
     def _run_batch(self, works: list[Work]) -> list[Any]:
-        conn = self._conn
-        assert conn is not None
+        db = self.database
+        conn = self._conn = db.usable(self._conn)
         results: list[Any] = []
-        conn.execute("BEGIN IMMEDIATE")
+        db.begin(conn)
         try:
             for work in works:
                 conn.execute("SAVEPOINT op")
                 try:
                     results.append(work(conn))
                 except Exception:
-                    if not conn.in_transaction:
-                        # SQLite rolled the whole transaction back (disk full, I/O error):
-                        # the earlier operations of the batch are lost too.
+                    if not db.in_transaction(conn):
+                        # The database rolled the whole transaction back (disk full, I/O
+                        # error, connection lost): the earlier operations are lost too.
                         raise
                     conn.execute("ROLLBACK TO op")
                     results.append(Failure())
                 conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except BaseException:
-            with contextlib.suppress(sqlite3.Error):
-                if conn.in_transaction:
+            with contextlib.suppress(*db.errors):
+                if db.in_transaction(conn):
                     conn.execute("ROLLBACK")
             raise
         return results
@@ -285,9 +314,9 @@ class SQLiteWriter:
         self.transactions += 1
         self.operations += len(batch)
         if isinstance(outcome, Failure):
-            results = [as_store_error(Failure(outcome.value), self.path) for _ in batch]
+            results = [as_store_error(Failure(outcome.value), self.database) for _ in batch]
         else:
-            results = [as_store_error(r, self.path) if isinstance(r, Failure) else r
+            results = [as_store_error(r, self.database) if isinstance(r, Failure) else r
                        for r in outcome]
         # Newest first, so that a later change to the same cached entry is undone before
         # the change it was built on.

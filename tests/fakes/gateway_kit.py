@@ -162,7 +162,7 @@ class Kit:
                  typing_indicator: bool = True, allow_all: bool = True,
                  allowed_users: tuple[str, ...] = (), delay: float | None = None,
                  auto_reply=None, typed_command_prefix: str = "/",
-                 authorization_is_upstream: bool = False) -> None:
+                 authorization_is_upstream: bool = False, **display: Any) -> None:
         self.clock = Clock()
         self.timeline: list = []
         self.platform_settings = PlatformSettings(name="telegram", enabled=True,
@@ -171,7 +171,7 @@ class Kit:
         self.config = GatewayConfig(
             hermes_home="/tmp/x", db_path=":memory:", allow_all_users=allow_all,
             display=DisplaySettings(busy_input_mode=busy_input_mode,
-                                    tool_progress=tool_progress),
+                                    tool_progress=tool_progress, **display),
             platforms={"telegram": self.platform_settings})
         self.store = MemoryStore(self.clock)
         self.upstream = MemoryUpstream(clock=self.clock, delay=delay, auto_reply=auto_reply,

@@ -2,23 +2,30 @@
 An in-memory L{SessionStore}: the protocol's semantics without I/O, for gateway tests.
 
 Calls answer synchronously, except those a test chose to hold (C{hold("reset")}): their
-Deferreds wait in C{held[name]} until the test fires them.
+Deferreds wait in C{held[name]} until the test fires them.  With C{policy_for} (the real
+store's C{reset_policy_for}) sessions expire as in the real store, on the test's clock, with
+the daily hour in UTC.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+from datetime import timezone
 from typing import Any
 
 from twisted.internet.defer import Deferred, succeed
 
 from hermes_twisted.model import SessionSource
 from hermes_twisted.sessions.interface import SessionEntry
+from hermes_twisted.sessions.reset import expiry_reason
 
 
 class MemoryStore:
-    def __init__(self, clock: Any = None) -> None:
+    def __init__(self, clock: Any = None, policy_for: Any = None) -> None:
         self.clock = clock
+        self.policy_for = policy_for
+        self.ended: list[tuple[str, str]] = []
         self.entries: dict[str, SessionEntry] = {}
         self.transcripts: dict[str, list[dict[str, Any]]] = {}
         self.inbound: dict[str, dict[str, Any]] = {}
@@ -57,13 +64,37 @@ class MemoryStore:
 
     def get_or_create(self, session_key: str, source: SessionSource,
                       now: float | None = None) -> Deferred:
-        entry = self.entries.get(session_key) or self._new_entry(session_key)
+        entry = self.entries.get(session_key)
+        if entry is None:
+            return self._answer("get_or_create", self._new_entry(session_key))
+        now = self._now()
+        if self.policy_for is not None:
+            reason = expiry_reason(self.policy_for(source), entry.updated_at, now,
+                                   timezone.utc)
+            if reason is not None:
+                self.ended.append((entry.session_id, reason))
+                fresh = self._new_entry(session_key)
+                return self._answer("get_or_create", dataclasses.replace(
+                    fresh, was_auto_reset=True, auto_reset_reason=reason))
+        entry = self.entries[session_key] = dataclasses.replace(entry, updated_at=now)
         return self._answer("get_or_create", entry)
 
     def reset(self, session_key: str, source: SessionSource | None = None,
-              reason: str = "session_reset") -> Deferred:
+              reason: str = "session_reset", now: float | None = None,
+              title: str | None = None) -> Deferred:
         self.resets.append(session_key)
-        return self._answer("reset", self._new_entry(session_key))
+        entry = self.entries[session_key] = dataclasses.replace(self._new_entry(session_key),
+                                                                title=title)
+        return self._answer("reset", entry)
+
+    def undo_last_exchange(self, session_id: str) -> Deferred:
+        rows = self.transcripts.get(session_id, [])
+        users = [i for i, r in enumerate(rows) if r["role"] == "user"]
+        if not users:
+            return self._answer("undo", None)
+        taken = rows[users[-1]]["content"]
+        del rows[users[-1]:]
+        return self._answer("undo", taken)
 
     def peek(self, session_key: str) -> SessionEntry | None:
         return self.entries.get(session_key)
