@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 from hermes_twisted import __version__
 from hermes_twisted.config.errors import UsageError
 from hermes_twisted.pairing import cli as pairing_cli
+from hermes_twisted.relay import enroll
 from hermes_twisted.sessions import migrate
 
 OK, FAILED, USAGE = 0, 1, 2
@@ -73,6 +74,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     register_check_config,
     migrate.register,
     pairing_cli.register,
+    enroll.register,
 ]
 
 

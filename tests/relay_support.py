@@ -68,7 +68,8 @@ def relay_config(url: str, **relay: Any) -> GatewayConfig:
 
 @contextlib.asynccontextmanager
 async def relay_pair(*, secrets: dict[str, list[str]] | None = None, start: bool = True,
-                     configure: Callable[[StubConnector], None] | None = None, **relay: Any):
+                     configure: Callable[[StubConnector], None] | None = None,
+                     extra: dict[str, Any] | None = None, **relay: Any):
     """Yields C{(stub, adapter, sink)}; everything is stopped and closed on exit."""
     from twisted.internet import reactor
 
@@ -77,8 +78,9 @@ async def relay_pair(*, secrets: dict[str, list[str]] | None = None, start: bool
     if configure is not None:
         configure(stub)
     await stub.listen()
-    adapter = RelayAdapter(PlatformSettings(name="relay", enabled=True), reactor=reactor,
-                           gateway_config=relay_config(stub.url, **relay),
+    relay = {k: (v(stub) if callable(v) else v) for k, v in relay.items()}
+    adapter = RelayAdapter(PlatformSettings(name="relay", enabled=True, extra=extra or {}),
+                           reactor=reactor, gateway_config=relay_config(stub.url, **relay),
                            rand=lambda: 0.5)
     sink = RecordingSink()
     adapter.attach(sink)

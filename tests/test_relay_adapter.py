@@ -34,8 +34,11 @@ class AdapterTests(SynchronousTestCase):
     def make(self, **relay: Any) -> RelayAdapter:
         config = GatewayConfig(hermes_home="/x", db_path=":memory:", relay=RelaySettings(
             url="wss://connector.example/relay", gateway_id="gw", secret="s", **relay))
+        self.http: list[Any] = []
         adapter = RelayAdapter(PlatformSettings(name="relay", enabled=True), reactor=self.clock,
-                               gateway_config=config, endpoint=PendingEndpoint())
+                               gateway_config=config, endpoint=PendingEndpoint(),
+                               http_sender=lambda request: self.http.append(request)
+                               or Deferred())
         self.sink = RecordingSink()
         adapter.attach(self.sink)
         return adapter
@@ -77,10 +80,20 @@ class AdapterTests(SynchronousTestCase):
         self.connect({**DESCRIPTOR, "platform": "telegram", "max_message_length": 4096,
                       "len_unit": "utf16", "markdown_dialect": "plain"},
                      {**DESCRIPTOR, "supports_edit": False})
-        self.assertEqual(self.adapter.max_message_length, 2000)
+        # Adapter-wide: the default (first) identity's, not the smallest of all.
+        self.assertEqual(self.adapter.max_message_length, 4096)
         self.assertEqual(self.adapter.len_fn("\U0001f600"), 2)
         self.assertTrue(self.adapter.supports_edit)  # telegram offers it
         self.assertFalse(self.adapter.supports_code_blocks)  # the default identity is plain
+        # Per chat: the descriptor of the chat's own platform.
+        proto = self.adapter.client._protocol
+        self.inbound(proto, chat_id="d1", platform="discord")
+        self.inbound(proto, chat_id="t1", platform="telegram")
+        limit, len_fn = self.adapter.message_limits("d1")
+        self.assertEqual((limit, len_fn("\U0001f600")), (2000, 1))
+        limit, len_fn = self.adapter.message_limits("t1")
+        self.assertEqual((limit, len_fn("\U0001f600")), (4096, 2))
+        self.assertEqual(self.adapter.message_limits("unknown")[0], 4096)
 
     # -- inbound ------------------------------------------------------------------------------
 
@@ -167,7 +180,7 @@ class AdapterTests(SynchronousTestCase):
         forward("discord", {"type": 2, "data": {"name": "new"}, "channel_id": "ch",
                             "guild_id": "g", "member": {"user": {"id": "u"}}}, "d1")
         self.assertEqual(self.sink.texts(), ["/new"])
-        self.assertEqual(self.sink.events[0].metadata["dedupe_key"], "relay:d1")
+        self.assertEqual(self.sink.events[0].metadata["dedupe_key"], "passthrough_buffer:d1")
         self.assertEqual([a["bufferId"] for a in proto.of("inbound_ack")], ["t1", "p1", "d1"])
 
     # -- outbound -----------------------------------------------------------------------------

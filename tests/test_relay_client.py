@@ -62,6 +62,7 @@ class Handler:
         self.frames: list[dict[str, Any]] = []
         self.descriptors: list[CapabilityDescriptor] = []
         self.disabled: list[str] = []
+        self.credentials: list[tuple[str, str]] = []
 
     def relay_frame(self, frame: dict[str, Any]) -> None:
         self.frames.append(frame)
@@ -71,6 +72,9 @@ class Handler:
 
     def relay_disabled(self, reason: str) -> None:
         self.disabled.append(reason)
+
+    def relay_credentials(self, gateway_id: str, secret: str) -> None:
+        self.credentials.append((gateway_id, secret))
 
 
 class ClientTests(SynchronousTestCase):

@@ -48,8 +48,12 @@ async def test_handshake_sends_hello_per_identity_and_applies_descriptors():
         hellos = [(f["platform"], f["botId"]) for f in stub.frames_of("hello")]
         assert hellos == [("telegram", "bot-9"), ("discord", "")]
         assert first.platform == "telegram"
-        assert adapter.max_message_length == 2000  # the stricter of 4096 and 2000
-        assert adapter.len_fn("\U0001f600") == 2  # one identity counts UTF-16 units
+        assert adapter.max_message_length == 4096  # the default identity's
+        assert adapter.len_fn("\U0001f600") == 2  # telegram counts UTF-16 units
+        stub.push_inbound(inbound_event("hi", "d1", platform="discord"))
+        await eventually(lambda: sink.events, what="the inbound")
+        limit, len_fn = adapter.message_limits("d1")
+        assert (limit, len_fn("\U0001f600")) == (2000, 1)  # per chat: discord's
         assert adapter.supports_edit
         assert adapter.status == "connected"
         token = stub.authorizations[0].split(" ", 1)[1]
@@ -370,11 +374,15 @@ async def test_going_idle_on_shutdown_and_shutdown_without_ack_completes():
 
 
 @pytest_twisted.ensureDeferred
-async def test_unauthenticated_dial_sends_no_authorization_header():
+async def test_no_credentials_and_no_way_to_provision_is_a_clear_error():
+    # 0.19.0 dialed unauthenticated (and was refused with 4401 for ever); we say why instead.
     async with relay_pair(secrets=None, gateway_id=None, secret=None) as (stub, adapter, sink):
-        stub.secrets = None
-        await handshaked(adapter)
-        assert stub.authorizations == [None]
+        assert adapter.status.startswith("disabled: relay_credentials_missing")
+        assert "hermes-gateway enroll" in adapter.status
+        assert "no identity token source" in adapter.status
+        result = await adapter.send("c1", "anyone?")
+        assert not result.success and "relay_credentials_missing" in result.error
+        assert stub.connections == 0
 
 
 @pytest.mark.parametrize("txaio_level", ["info", "trace"])

@@ -6,6 +6,7 @@ file adds to the environment without ever overriding one already set (Hermes 0.1
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from typing import Mapping, MutableMapping
@@ -114,42 +115,65 @@ def apply_dotenv(target: MutableMapping[str, str]) -> list[str]:
     return added
 
 
-def set_dotenv_value(path: str, key: str, value: str) -> None:
+def _dotenv_line(key: str, value: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9_./:@+,=-]*", value):
+        return f"{key}={value}"
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    escaped = escaped.replace("\t", "\\t").replace("\r", "\\r")
+    return f'{key}="{escaped}"'
+
+
+def update_dotenv(path: str, values: Mapping[str, str]) -> None:
     """
-    Set C{key} in the C{.env} file at C{path} (hermes's C{save_env_value}, used by /sethome):
-    replace its line, or append one; every other line is kept as it is.  Written atomically
-    (temporary file, fsync, rename) with mode 0600, since the file holds secrets.  Blocks:
-    call it in a thread.
+    Set C{values} in the C{.env} file at C{path}: a line already assigning a key is replaced
+    in place, new keys are appended, every other line is kept as it was.  The file is written
+    to a temporary file beside it with mode 0600 and renamed over the old one, so a reader sees
+    the old file or the new one and a secret is never world-readable, not even for a moment.
+    Raises C{OSError}.
     """
-    if not _ENV_NAME.fullmatch(key) or "\n" in value or "\r" in value:
-        raise ValueError(f"cannot write {key!r} to a .env file")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, mode=0o700, exist_ok=True)
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except FileNotFoundError:
         lines = []
-    quoted = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    line = f"{key}={quoted}"
-    pattern = re.compile(rf"\s*(export\s+)?{re.escape(key)}\s*=")
-    for i, existing in enumerate(lines):
-        if pattern.match(existing):
-            lines[i] = line
-            break
-    else:
-        lines.append(line)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"
+    pending = dict(values)
+    out = []
+    for line in lines:
+        stripped = line.strip()
+        if stripped.startswith("export "):
+            stripped = stripped[len("export "):].lstrip()
+        key = stripped.partition("=")[0].strip()
+        if not stripped.startswith("#") and "=" in stripped and key in pending:
+            out.append(_dotenv_line(key, pending.pop(key)))
+        elif key in values and "=" in stripped and not stripped.startswith("#"):
+            continue  # a second assignment of a key just written: drop it
+        else:
+            out.append(line)
+    out.extend(_dotenv_line(k, v) for k, v in pending.items())
+    tmp = f"{path}.tmp-{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
+            f.write("\n".join(out) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
+
+
+def set_dotenv_value(path: str, key: str, value: str) -> None:
+    """
+    Set one C{key} in the C{.env} file at C{path} (hermes's C{save_env_value}, used by
+    /sethome) with L{update_dotenv}.  Raises C{ValueError} for a name that is not a variable
+    name or a value spanning lines, C{OSError} when the file cannot be written.  Blocks:
+    call it in a thread.
+    """
+    if not _ENV_NAME.fullmatch(key) or "\n" in value or "\r" in value:
+        raise ValueError(f"cannot write {key!r} to a .env file")
+    update_dotenv(path, {key: value})

@@ -191,8 +191,15 @@ _ENV_VAR_LIST: list[EnvVar] = [
          advanced=True),
     _var("GATEWAY_RELAY_IDP_SCOPE", "Relay IdP scope.", "Relay IdP scope",
          yaml_key="gateway.idp.scope", advanced=True),
-    _var("GATEWAY_RELAY_ENROLL_TOKEN", "Single-use relay enrollment token.",
-         "Relay enrollment token", type="secret", advanced=True),
+    _var("GATEWAY_RELAY_ENROLL_TOKEN", "Single-use relay enrollment token (hermes-gateway "
+         "enroll).", "Relay enrollment token", type="secret", advanced=True),
+    _var("GATEWAY_RELAY_IDENTITY_TOKEN", "A caller-identity token for relay enrollment and "
+         "provisioning when no IdP token URL is set (stands in for Hermes's Nous Portal "
+         "login).", "Relay identity token", type="secret", advanced=True, ours=True),
+    _var("HERMES_SCALE_TO_ZERO", "Let an idle relay-only gateway go dormant: the connector "
+         "buffers and wakes it through GATEWAY_RELAY_WAKE_URL. Needs the relay as the only "
+         "messaging platform and a wake URL.", "Scale to zero (true/false)",
+         category="setting", type="bool", default=False, advanced=True),
     # -- gateway-wide access and sessions -------------------------------------------------
     _var("GATEWAY_ALLOWED_USERS", "Comma separated user ids allowed on every platform.",
          "Gateway allowed users (comma separated)", type="list"),
@@ -374,6 +381,9 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               "int", 16 * 1024 * 1024, minimum=1, ours=True),
     ConfigKey("gateway.relay_request_timeout", "Seconds to wait for a relay outbound_result.",
               "float", 30.0, minimum=0, ours=True),
+    ConfigKey("gateway.scale_to_zero.idle_timeout_minutes", "Minutes without inbound, "
+              "running turns or background work before a scale-to-zero gateway goes dormant.",
+              "float", 5.0, minimum=1),
     ConfigKey("gateway.shutdown_timeout", "Seconds each service gets to stop on shutdown.",
               "float", 4.0, minimum=0, ours=True),
     ConfigKey("gateway.api_server.max_concurrent_runs", "Concurrent API server runs "
@@ -596,6 +606,10 @@ relay's relevance policy; top-level `require_mention` and `free_response_channel
 `platforms.relay.extra.require_mention` / `free_response_channels` (relay.md 2.4). The dial
 URL is derived from the configured one: `https` becomes `wss`, `http` becomes `ws`, and
 `/relay` is added to the path (`wss://h/base?x=1` dials `wss://h/base/relay?x=1`).
+For each platform the relay fronts, Hermes's `<PLATFORM>_ALLOW_BOTS` (`mentions` or `all`:
+the relevance policy lets other bots through), `<PLATFORM>_REACTIONS` (the eyes reaction
+while a turn runs) and `<PLATFORM>_AUTO_THREAD` are read from the environment, e.g.
+`DISCORD_ALLOW_BOTS` when `GATEWAY_RELAY_PLATFORMS` lists `discord`.
 
 The API server also accepts `port`, `host`, `key`, `cors_origins` and `model_name` directly
 in its block (`platforms.api_server.port` or `gateway.api_server.port`), as Hermes does.
@@ -606,7 +620,7 @@ _GROUPS = [
                                     "GATEWAY_INSTANCE_ID")),
     ("Proxy mode (the remote Hermes API server)",
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
-    ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_")),
+    ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_") or v.name == "HERMES_SCALE_TO_ZERO"),
     ("Access and sessions",
      lambda v: v.name.startswith(("GATEWAY_ALLOW", "SESSION_"))),
     ("IRC", lambda v: v.platform == "irc"),

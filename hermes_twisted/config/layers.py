@@ -129,9 +129,9 @@ class ConfigLayers:
             where = f"gateway.{key}"
             if key in _SHARED or key == "platforms" or key == "api_server":
                 continue  # handled elsewhere
-            if key == "idp":
+            if key in ("idp", "scale_to_zero"):
                 self._block(_mapping(value, where), where, where,
-                            _known_leaves("gateway.idp"))
+                            _known_leaves(f"gateway.{key}"))
             elif key in known:
                 self._put(where, value, where)
             elif key in _HERMES_PLATFORMS:

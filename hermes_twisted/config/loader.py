@@ -135,7 +135,26 @@ def _relay(layers: ConfigLayers) -> RelaySettings:
         idp_client_secret=layers.get("gateway.idp.client_secret"),
         idp_scope=layers.get("gateway.idp.scope"),
         enroll_token=layers.get("$GATEWAY_RELAY_ENROLL_TOKEN"),
+        identity_token=layers.get("$GATEWAY_RELAY_IDENTITY_TOKEN"),
+        scale_to_zero=bool(layers.get("$HERMES_SCALE_TO_ZERO")),
+        idle_timeout_minutes=layers.get("gateway.scale_to_zero.idle_timeout_minutes"),
+        platform_env=freeze(_fronted_env(layers)),
     )
+
+
+#: Hermes's per-platform variables ({PLATFORM}_<key in upper case>) the relay honours for
+#: the platforms it fronts.
+_FRONTED_ENV_KEYS = ("allow_bots", "reactions", "auto_thread")
+
+
+def _fronted_env(layers: ConfigLayers) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for platform in layers.relay_platforms:
+        for key in _FRONTED_ENV_KEYS:
+            value = (layers.env.get(f"{platform}_{key}".upper()) or "").strip()
+            if value:
+                out.setdefault(platform, {})[key] = value
+    return out
 
 
 def _streaming(layers: ConfigLayers) -> StreamingSettings:

@@ -83,6 +83,13 @@ class RelaySettings:
     idp_client_secret: str | None = None
     idp_scope: str | None = None
     enroll_token: str | None = None  # GATEWAY_RELAY_ENROLL_TOKEN
+    identity_token: str | None = None  # GATEWAY_RELAY_IDENTITY_TOKEN (ours)
+    # Scale-to-zero (relay.md 3.9): HERMES_SCALE_TO_ZERO, gateway.scale_to_zero.*
+    scale_to_zero: bool = False
+    idle_timeout_minutes: float = 5.0
+    # Per fronted platform, Hermes's {PLATFORM}_ALLOW_BOTS / _REACTIONS / _AUTO_THREAD as set
+    # in the environment: {"discord": {"allow_bots": "mentions", "reactions": "false"}}.
+    platform_env: Mapping[str, Mapping[str, str]] = field(default_factory=_frozen)
 
     @property
     def enabled(self) -> bool:

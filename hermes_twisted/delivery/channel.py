@@ -80,8 +80,7 @@ class ReplyChannel:
         self._pacer = pacer
         self._reply_to = reply_to
         self._metadata = dict(metadata) if metadata else None  # most replies have none
-        self.len_fn: Callable[[str], int] = adapter.len_fn
-        self.max_length = int(adapter.max_message_length or 0)
+        self.max_length, self.len_fn = adapter.message_limits(chat_id)
         #: Every message of this reply, in order.
         self.message_ids: list[str] = []
         #: Some text reached the platform (a send succeeded or a delta was pushed).

@@ -86,6 +86,14 @@ class PlatformAdapter(MultiService):
     def len_fn(text: str) -> int:
         return len(text)
 
+    def message_limits(self, chat_id: str) -> tuple[int, Callable[[str], int]]:
+        """
+        The longest message C{chat_id} accepts and the length function it is measured with.
+        One platform has one answer (the class attributes); the relay fronts several, each
+        with its own limit and unit.
+        """
+        return int(self.max_message_length or 0), self.len_fn
+
     @property
     def status(self) -> str:
         """A short operator-facing state ("connected", "connecting", "disabled: ...")."""

@@ -21,14 +21,17 @@ from typing import Any, Callable, Protocol
 
 from twisted.application.internet import ClientService
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hermes_twisted.config.settings import RelaySettings
-from hermes_twisted.net.reconnect import SessionBackoff
+from hermes_twisted.net.reconnect import SessionBackoff, exponential_delay
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import authorization_headers
 from hermes_twisted.relay.descriptor import BadDescriptor, CapabilityDescriptor
+from hermes_twisted.relay.http import HttpFailure
+from hermes_twisted.relay.identity import IdentityTokenError
 from hermes_twisted.relay.protocol import (
     CLOSE_BUDGET,
     RelayClientFactory,
@@ -43,7 +46,10 @@ CLOSED = "relay transport closed"
 TIMED_OUT = "relay outbound timed out"
 DISABLED_CODE = "relay_disabled"
 DISABLED_MESSAGE = "Relay disabled (opted out \u2014 recreate the instance to re-enable)"
+NO_CREDENTIALS = "relay_credentials_missing"
 GOING_IDLE_BUDGET = 2.0
+#: Longest wait between two provisioning attempts when every platform failed.
+PROVISION_RETRY_MAX = 300.0
 
 
 def failure_result(error: str, **extra: Any) -> dict[str, Any]:
@@ -72,6 +78,9 @@ class RelayHandler(Protocol):
     def relay_disabled(self, reason: str) -> None:
         """The connector revoked us; the client stopped dialing for good."""
 
+    def relay_credentials(self, gateway_id: str, secret: str) -> None:
+        """The client holds an id+secret pair (configured or just provisioned)."""
+
 class RelayClient(Service):
     """
     The supervised connection to the connector.  Start it to dial; stop it to say
@@ -85,7 +94,19 @@ class RelayClient(Service):
         self.settings = settings
         self.reactor = reactor
         self.handler = handler
+        self.rand = rand
         self.identities = identities(settings)
+        # Configured, or provisioned at start (then held in memory only).
+        self.gateway_id = settings.gateway_id
+        self.secret = settings.secret
+        self.delivery_key = settings.delivery_key
+        #: Set by the owner: C{() -> Deferred[Credentials | None]} (relay.provision), used when
+        #: no id+secret pair is configured.  C{credentials_problem} says why there is none.
+        self.provisioner: Callable[[], Deferred] | None = None
+        self.credentials_problem: str | None = None
+        self._provisioning: Deferred | None = None
+        self._provision_retry: Any = None
+        self._provision_failures = 0
         self.max_message_bytes = settings.max_message_bytes
         self.request_timeout = settings.request_timeout
         self.backoff = SessionBackoff(reactor, rand=rand)
@@ -110,6 +131,8 @@ class RelayClient(Service):
             None if settings.url else "relay_url_missing: no gateway.relay_url configured")
         self.dormant = False
         self.dials = 0
+        #: Counts connections opened; what the adapter remembers per connection is keyed by it.
+        self.connection_number = 0
         self.setName("relay.client")
 
     # -- state --------------------------------------------------------------------------------
@@ -126,12 +149,17 @@ class RelayClient(Service):
             return "stopped"
         if self._protocol is not None and self.handshaked:
             return "connected"
+        if self._provisioning is not None or self._provision_retry is not None:
+            return "provisioning"
         return "dormant" if self.dormant else "connecting"
+
+    @property
+    def has_credentials(self) -> bool:
+        return bool(self.gateway_id and self.secret)
 
     def dial_headers(self) -> dict[str, str]:
         self.dials += 1
-        return authorization_headers(self.settings.gateway_id, self.settings.secret,
-                                     now=self.reactor.seconds())
+        return authorization_headers(self.gateway_id, self.secret, now=self.reactor.seconds())
 
     def _retry_delay(self, attempt: int) -> float:
         if self._redial_now:
@@ -148,9 +176,71 @@ class RelayClient(Service):
         if self.disabled_reason:
             self.log.error("relay: not dialing: {reason}", reason=self.disabled_reason)
             return
+        if self.has_credentials:
+            self._credentials_ready()
+        elif self.provisioner is not None:
+            self._provision()
+        else:
+            self._disable(f"{NO_CREDENTIALS}: no GATEWAY_RELAY_ID + GATEWAY_RELAY_SECRET "
+                          "(run hermes-gateway enroll) and no way to provision them: "
+                          f"{self.credentials_problem or 'no identity token source'}")
+
+    def _credentials_ready(self) -> None:
+        try:
+            self.handler.relay_credentials(str(self.gateway_id), str(self.secret))
+        except Exception:
+            self.log.failure("while handing the relay credentials to the adapter")
         self._service = ClientService(self._endpoint, self.factory,
                                       retryPolicy=self._retry_delay, clock=self.reactor)
         self._service.startService()
+
+    # -- provisioning (relay.md 2.3(b)) --------------------------------------------------------
+
+    def _provision(self) -> None:
+        self._provision_retry = None
+        assert self.provisioner is not None
+        d = self._provisioning = self.provisioner()
+        d.addCallbacks(self._provisioned, self._provision_failed)
+
+    def _provisioned(self, credentials: Any) -> None:
+        self._provisioning = None
+        if self._stopping or not self.running:
+            return
+        if credentials is None:
+            self._retry_provisioning("no platform issued credentials")
+            return
+        self.gateway_id, self.secret = credentials.gateway_id, credentials.secret
+        self.delivery_key = credentials.delivery_key or None
+        self._provision_failures = 0
+        self._credentials_ready()
+
+    def _provision_failed(self, failure: Failure) -> None:
+        self._provisioning = None
+        if failure.check(CancelledError):
+            return
+        if failure.check(IdentityTokenError, HttpFailure):
+            reason = f"no identity token: {failure.getErrorMessage()}"
+        else:
+            self.log.failure("relay: provisioning failed", failure)
+            reason = "an unexpected error"
+        if not self._stopping and self.running:
+            self._retry_provisioning(reason)
+
+    def _retry_provisioning(self, reason: str) -> None:
+        self._provision_failures += 1
+        delay = exponential_delay(self._provision_failures, maximum=PROVISION_RETRY_MAX,
+                                  rand=self.rand)
+        self.log.error("relay: could not provision credentials ({reason}); not connected, "
+                       "retrying in {delay:.0f} s", reason=reason, delay=delay)
+        self._provision_retry = self.reactor.callLater(delay, self._provision)
+
+    def _stop_provisioning(self) -> None:
+        retry, self._provision_retry = self._provision_retry, None
+        if retry is not None and retry.active():
+            retry.cancel()
+        pending, self._provisioning = self._provisioning, None
+        if pending is not None:
+            pending.cancel()
 
     def stopService(self) -> Deferred:
         """
@@ -162,6 +252,7 @@ class RelayClient(Service):
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self._stop_provisioning()
         if self._protocol is not None and not self._stopping:
             self._stopping = True
             await self.go_idle(GOING_IDLE_BUDGET)
@@ -196,6 +287,7 @@ class RelayClient(Service):
             protocol.sendClose(code=1000)
             return
         self._protocol = protocol
+        self.connection_number += 1
         self.dormant = False
         self.backoff.connection_opened()
         self.log.info("relay: connected to {url}; saying hello as {identities}",
@@ -239,6 +331,7 @@ class RelayClient(Service):
 
     def _disable(self, reason: str) -> None:
         self.disabled_reason = reason
+        self._stop_provisioning()
         self.log.error("relay: {reason}; not reconnecting", reason=reason)
         self._settle_pending(failure_result(reason))
         self._fire_waiters(self._handshake_waiters, None)

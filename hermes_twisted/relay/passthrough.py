@@ -14,6 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import parse_qs
 
 from hermes_twisted.model import MessageEvent, MessageType, Platform, SessionSource
 
@@ -174,3 +175,42 @@ def interaction_to_event(forward: PassthroughForward) -> MessageEvent | None:
     return MessageEvent(text=text, source=source, message_type=message_type,
                         message_id=_s(body.get("id")) or None, metadata=metadata,
                         raw_message=raw)
+
+
+#: Forward platforms that carry Twilio webhooks (SMS and WhatsApp).
+TWILIO_PLATFORMS = frozenset({"twilio", "sms", "whatsapp"})
+_MAX_TWILIO_MEDIA = 10
+
+
+def twilio_to_event(forward: PassthroughForward) -> MessageEvent | None:
+    """
+    The L{MessageEvent} of a Twilio messaging webhook forward (form-encoded C{From}, C{Body},
+    C{MessageSid}, C{MediaUrl<n>}), or None when it is not one.  The chat is the sender
+    (C{whatsapp:+1555...} for WhatsApp, C{+1555...} for SMS), so a reply through C{send} goes
+    back to them.  C{metadata.dedupe_key} is the C{MessageSid}.  Never raises.
+    """
+    if forward.platform not in TWILIO_PLATFORMS:
+        return None
+    try:
+        form = parse_qs(forward.body.decode("utf-8"), keep_blank_values=True)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    sender = (form.get("From") or [""])[0].strip()
+    sid = (form.get("MessageSid") or form.get("SmsMessageSid") or [""])[0].strip()
+    if not sender or not sid:
+        return None
+    try:
+        count = min(int((form.get("NumMedia") or ["0"])[0]), _MAX_TWILIO_MEDIA)
+    except ValueError:
+        count = 0
+    media = [form[f"MediaUrl{i}"][0] for i in range(count) if form.get(f"MediaUrl{i}")]
+    platform = Platform.WHATSAPP if sender.lower().startswith("whatsapp:") else Platform.SMS
+    source = SessionSource(
+        platform=platform, chat_id=sender, chat_type="dm", user_id=sender,
+        user_name=(form.get("ProfileName") or [""])[0] or None, message_id=sid,
+        profile=forward.profile, delivered_via_upstream_relay=True,
+    )
+    return MessageEvent(text=(form.get("Body") or [""])[0], source=source,
+                        message_type=MessageType.PHOTO if media else MessageType.TEXT,
+                        message_id=sid, media_urls=media,
+                        metadata={"dedupe_key": f"twilio:{sid}"})

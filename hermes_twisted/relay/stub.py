@@ -16,15 +16,21 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Iterable, Mapping
 
+from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.endpoints import TCP4ServerEndpoint
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.resource import Resource
 
+from hermes_twisted.net.site import TrackingSite
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.auth import bearer_from_header, verify_token
 from hermes_twisted.relay.protocol import ReactorTimer, RedactingLog, cancel_leftover_timers
+from hermes_twisted.relay.stub_http import ConnectorHttp, http_children
 
 #: A result that is never answered (forces the gateway's request timeout).
 NEVER = object()
@@ -96,6 +102,29 @@ class StubConnection(WebSocketServerProtocol):
         self.sendMessage(data, isBinary=False)
 
 
+class _RelayPath(Resource):
+    """C{/relay}: the WebSocket upgrade itself; C{/relay/<endpoint>}: the HTTP side."""
+
+    def __init__(self, websocket: WebSocketResource) -> None:
+        super().__init__()
+        self.websocket = websocket
+
+    def getChild(self, path: bytes, request: Any) -> Resource:
+        if not path:
+            return self
+        return super().getChild(path, request)
+
+    def render(self, request: Any) -> Any:
+        # The WebSocket takes the connection over: it is no longer an HTTP channel to close.
+        request.channel.site.channels.discard(request.channel)
+        return self.websocket.render(request)
+
+
+class _StubSite(TrackingSite):
+    def log(self, request: Any) -> None:
+        pass  # no access log lines in test output
+
+
 class StubConnector:
     """
     Drive it from tests: C{await stub.listen()}, point the gateway at C{stub.url}, push frames,
@@ -136,6 +165,20 @@ class StubConnector:
         self.factory.protocol = StubConnection
         self.factory._batched_timer = ReactorTimer(reactor)
         self.factory.stub = self
+        self.http = ConnectorHttp(self)
+        root = Resource()
+        relay = _RelayPath(WebSocketResource(self.factory))
+        root.putChild(b"relay", relay)
+        for parent, children in http_children(self.http).items():
+            holder = relay if parent == "relay" else root
+            if parent not in ("relay", ""):
+                holder = Resource()
+                root.putChild(parent.encode(), holder)
+            for name, child in children.items():
+                holder.putChild(name.encode(), child)
+        self.site = _StubSite(root)
+        self._wake_pool: HTTPConnectionPool | None = None
+        self._wake_calls: list[Deferred] = []
         self._port: Any = None
         self._port_number = 0
 
@@ -144,7 +187,7 @@ class StubConnector:
     async def listen(self, port: int = 0, interface: str = "127.0.0.1") -> int:
         """Listen on C{interface:port} (0 = any free port); returns the port number."""
         endpoint = TCP4ServerEndpoint(self.reactor, port, interface=interface)
-        self._port = await endpoint.listen(self.factory)
+        self._port = await endpoint.listen(self.site)
         self._port_number = self._port.getHost().port
         return self._port_number
 
@@ -162,6 +205,11 @@ class StubConnector:
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/relay"
 
+    @property
+    def http_url(self) -> str:
+        """The connector's HTTP base (C{/relay/enroll} etc. are under it)."""
+        return f"http://127.0.0.1:{self.port}"
+
     def call_later(self, delay: float, f: Callable[..., Any], *args: Any) -> None:
         """Call C{f(*args)} after C{delay} seconds, unless L{stop} comes first."""
         self._timers.append(self.reactor.callLater(delay, f, *args))
@@ -174,7 +222,18 @@ class StubConnector:
         await self.stop_listening()
         for conn in list(self.open):
             conn.dropConnection(abort=True)
+        for channel in list(self.site.channels):
+            if channel.transport is not None:
+                channel.transport.abortConnection()
+        for call in self._wake_calls:
+            call.cancel()
+        if self._wake_pool is not None:
+            await self._wake_pool.closeCachedConnections()
         await self.wait_until(lambda: not self.open)
+        for _ in range(500):
+            if not self.site.channels:
+                break
+            await deferLater(self.reactor, 0.01, lambda: None)
         for _, d in list(self._waiters):
             d.cancel()
 
@@ -341,6 +400,34 @@ class StubConnector:
         if buffer_id is not None:
             frame["bufferId"] = buffer_id
         self.push(frame)
+
+    def buffer_inbound(self, event: dict[str, Any], buffer_id: str) -> None:
+        """
+        Deliver C{event} as a buffered replay: at once when a gateway is connected, else kept
+        for the next handshake; the first event buffered for an absent gateway pokes the
+        wake URL it registered at provision (an unsigned, payload-free GET).
+        """
+        frame = {"type": wire.INBOUND, "event": event, "bufferId": buffer_id}
+        if self.open and self.open[-1].hellos:
+            self.push(frame)
+            return
+        first = not self.backlog
+        self.backlog.append(frame)
+        if first:
+            self.poke_wake_urls()
+
+    def poke_wake_urls(self) -> None:
+        """GET every wake URL a provisioned gateway registered (best effort, logged)."""
+        from twisted.web.client import readBody
+
+        for url in sorted({g.wake_url for g in self.http.gateways.values() if g.wake_url}):
+            if self._wake_pool is None:
+                self._wake_pool = HTTPConnectionPool(self.reactor, persistent=False)
+            d = Agent(self.reactor, pool=self._wake_pool).request(b"GET", url.encode("utf-8"))
+            d.addCallback(readBody)
+            d.addErrback(lambda f, url=url: self.log.info(
+                "stub: wake poke to {url} failed: {error}", url=url, error=f.getErrorMessage()))
+            self._wake_calls.append(d)
 
     def close(self, code: int = 1000, reason: str | None = None) -> None:
         """Close the newest connection with C{code} and C{reason} (4401 for a revocation)."""

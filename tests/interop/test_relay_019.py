@@ -270,3 +270,136 @@ async def test_our_adapter_against_a_websockets_connector_using_019_auth():
     send = next(f for f in record["frames"] if f["type"] == "outbound")
     assert send["platform"] == "discord"
     assert send["action"]["metadata"] == {"scope_id": "g1", "user_id": "u1"}
+
+
+# -- enrollment and provisioning, both directions ---------------------------------------------
+
+
+async def run_019(python: str, where: str, argv: list[str], env: dict[str, str]) -> tuple:
+    """Run a 0.19.0 command to completion: (exit code, stdout, stderr)."""
+    from twisted.internet.utils import getProcessOutputAndValue
+
+    clean = {k: v for k, v in os.environ.items()
+             if not k.startswith(("GATEWAY_", "HERMES_"))}
+    out, err, code = await getProcessOutputAndValue(
+        python, argv, env={**clean, "PYTHONPATH": where, **env}, path=where)
+    return code, out.decode(errors="replace"), err.decode(errors="replace")
+
+
+def idp_env(stub: StubConnector) -> dict[str, str]:
+    stub.http.idp_clients["cid"] = "csec"
+    return {"GATEWAY_RELAY_IDP_TOKEN_URL": stub.http_url + "/idp/token",
+            "GATEWAY_RELAY_IDP_CLIENT_ID": "cid", "GATEWAY_RELAY_IDP_CLIENT_SECRET": "csec"}
+
+
+def request_shape(rec) -> dict:
+    """What must agree between 0.19.0 and us: method, path, content headers, body keys."""
+    body = rec.json()
+    return {"method": rec.method, "path": rec.path,
+            "content-type": rec.headers.get("content-type"),
+            "accept": rec.headers.get("accept"),
+            "bearer": rec.headers.get("authorization", "").startswith("Bearer "),
+            "body": sorted(body) if isinstance(body, dict) else body}
+
+
+@pytest_twisted.ensureDeferred
+async def test_hermes_019_enroll_against_our_stub_and_ours_sends_what_it_sends(tmp_path):
+    from twisted.internet.threads import deferToThread
+
+    from hermes_twisted.cli import main
+    from hermes_twisted.config.dotenv import read_dotenv
+
+    python, where = await hermes_019()
+    stub = StubConnector(reactor, secrets={})
+    await stub.listen()
+    try:
+        theirs_home, ours_home = tmp_path / "theirs", tmp_path / "ours"
+        theirs_home.mkdir()
+        ours_home.mkdir()
+        token = stub.http.mint_enrollment_token("tenant-1")
+        code, out, err = await run_019(
+            python, where, ["-m", "hermes_cli.main", "gateway", "enroll", "--token", token,
+                            "--connector-url", stub.url, "--gateway-id", "gw-019"],
+            {"HERMES_HOME": str(theirs_home), **idp_env(stub)})
+        assert code == 0, out + err
+        written = read_dotenv(str(theirs_home / ".env"))
+        assert written["GATEWAY_RELAY_ID"] == "gw-019"
+        assert written["GATEWAY_RELAY_SECRET"] == stub.http.gateways["gw-019"].secret
+        assert written["GATEWAY_RELAY_SECRET"] not in out
+
+        # Ours, against the same endpoint: the same request, and the same file contents.
+        token = stub.http.mint_enrollment_token("tenant-1")
+        env = {"HERMES_HOME": str(ours_home), **idp_env(stub)}
+        import io
+
+        ours_out = io.StringIO()
+        code = await deferToThread(main, ["enroll", "--token", token, "--connector-url",
+                                          stub.url, "--gateway-id", "gw-ours"], env, ours_out)
+        assert code == 0
+        theirs_req, ours_req = stub.http.requests_to("/relay/enroll")
+        assert request_shape(ours_req) == request_shape(theirs_req)
+        ours_written = read_dotenv(str(ours_home / ".env"))
+        assert sorted(ours_written) == sorted(written)
+
+        # A spent token: both refuse with exit 1 and the same text.
+        code, out, err = await run_019(
+            python, where, ["-m", "hermes_cli.main", "gateway", "enroll", "--token", token,
+                            "--connector-url", stub.url, "--gateway-id", "gw-x"],
+            {"HERMES_HOME": str(theirs_home), **idp_env(stub)})
+        assert code == 1 and "already used" in out + err
+    finally:
+        await stub.stop()
+
+
+PROVISION = textwrap.dedent("""
+    import json, os
+    from gateway.relay import self_provision_relay, send_relay_policy
+    ok = self_provision_relay()
+    declared = send_relay_policy()
+    print("RESULT " + json.dumps({"ok": ok, "declared": declared,
+                                  "id": os.environ.get("GATEWAY_RELAY_ID"),
+                                  "has_secret": bool(os.environ.get("GATEWAY_RELAY_SECRET"))}))
+""")
+
+
+@pytest_twisted.ensureDeferred
+async def test_hermes_019_provisions_and_declares_policy_against_our_stub_like_we_do(tmp_path):
+    from hermes_twisted.config.settings import PlatformSettings
+    from hermes_twisted.relay.adapter import RelayAdapter
+    from tests.relay_support import eventually, relay_config
+
+    python, where = await hermes_019()
+    stub = StubConnector(reactor, secrets={})
+    await stub.listen()
+    try:
+        (tmp_path / "config.yaml").write_text("telegram:\n  require_mention: true\n")
+        code, out, err = await run_019(python, where, ["-c", PROVISION], {
+            "HERMES_HOME": str(tmp_path), "GATEWAY_RELAY_URL": stub.url,
+            "GATEWAY_RELAY_ID": "gw-019", "GATEWAY_RELAY_PLATFORMS": "discord,telegram",
+            "GATEWAY_RELAY_INSTANCE_ID": "inst-1", **idp_env(stub)})
+        assert code == 0, out + err
+        result = json.loads(out.split("RESULT ", 1)[1])
+        assert result == {"ok": True, "declared": True, "id": "gw-019", "has_secret": True}
+        theirs = [r.json() for r in stub.http.requests_to("/relay/provision")]
+        their_policy = [r.json() for r in stub.http.requests_to("/relay/policy")]
+
+        # Ours with the same settings sends the same bodies.
+        stub.http.requests.clear()
+        extra = {"telegram": {"require_mention": True}}
+        adapter = RelayAdapter(
+            PlatformSettings(name="relay", enabled=True, extra=extra), reactor=reactor,
+            gateway_config=relay_config(
+                stub.url, gateway_id="gw-019", secret=None, platforms=("discord", "telegram"),
+                instance_id="inst-1", idp_token_url=stub.http_url + "/idp/token",
+                idp_client_id="cid", idp_client_secret="csec"))
+        adapter.startService()
+        try:
+            await eventually(lambda: adapter.policy_outcome, what="our policy")
+        finally:
+            await adapter.stopService()
+        assert [r.json() for r in stub.http.requests_to("/relay/provision")] == theirs
+        ours_policy = [r.json() for r in stub.http.requests_to("/relay/policy")]
+        # 0.19.0 skips an all-default Discord policy; we always declare it (the later rule).
+        assert [p for p in ours_policy if p["platform"] != "discord"] == their_policy
+    finally:
+        await stub.stop()
