@@ -706,6 +706,11 @@ class RelayHarness(RealReactorHarness):
         assert await self.until(lambda: self.adapter.status == "connected"), \
             self.adapter.status
 
+    def peer_owns(self, call: Any) -> bool:
+        # The stub serves its HTTP side with a twisted.web Site, which refreshes its log date
+        # every second while it listens.
+        return getattr(call.func, "__self__", None) is self.stub.site
+
     async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
                              thread_id: str | None = None) -> MessageEvent:
         extra = {"thread_id": thread_id} if thread_id is not None else {}
