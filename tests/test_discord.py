@@ -367,3 +367,18 @@ async def test_no_public_typing_while_a_slash_command_is_answered():
         assert FREE_CHANNEL_ID not in fake.typing  # the private answer never typed publicly
         await adapter.send_typing(FREE_CHANNEL_ID)  # an ordinary turn types again
         assert fake.typing == [FREE_CHANNEL_ID]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_long_slash_answer_fills_the_response_then_ephemeral_follow_ups():
+    long_text = "\n\n".join(f"section {i} " + "w" * 900 for i in range(4))  # ~3700 chars
+    async with discord_gateway(auto_reply=lambda r: long_text) as (fake, gateway, adapter,
+                                                                    upstream):
+        interaction = fake.interaction("ask", ALICE, options=[
+            {"name": "prompt", "type": 3, "value": "a long one"}])
+        record = fake.interactions[interaction["token"]]
+        await eventually(lambda: record["followups"], what="a follow-up")
+        assert "section 0" in record["original"]["content"]
+        assert all(m["flags"] & 64 for m in record["followups"])  # ephemeral too
+        assert "section 3" in record["followups"][-1]["content"]
+        assert not fake.sent_messages(CHANNEL_ID)
