@@ -21,6 +21,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 from hermes_twisted import __version__
 from hermes_twisted.config.errors import UsageError
 from hermes_twisted.pairing import cli as pairing_cli
+from hermes_twisted.platforms.slack import manifest as slack_manifest
 from hermes_twisted.relay import enroll
 from hermes_twisted.sessions import migrate
 
@@ -75,6 +76,7 @@ SUBCOMMANDS: list[Callable[[Any], None]] = [
     migrate.register,
     pairing_cli.register,
     enroll.register,
+    slack_manifest.register,
 ]
 
 

@@ -214,6 +214,27 @@ _DASHES = {"\u2014": "--", "\u2013": "-"}
 
 
 @dataclass
+class MediaPart:
+    """
+    One attachment of an inbound message, the same for every platform.  The bytes are either
+    here (C{data}) or fetched on demand: C{fetch(max_bytes)} returns a Deferred firing with
+    the bytes (decrypted where the platform encrypts them) and failing when the file is
+    larger than C{max_bytes} or unavailable.  Never stored: history keeps a placeholder.
+    """
+
+    kind: str  # "image" | "audio" | "video" | "file"
+    mime_type: str = "application/octet-stream"
+    file_name: str | None = None
+    size: int | None = None  # as the sender declared it, when known
+    data: bytes | None = field(default=None, repr=False)
+    fetch: Any = field(default=None, repr=False)
+
+    def placeholder(self) -> str:
+        """How the transcript remembers the part: its kind and name, never its bytes."""
+        return f"[{self.kind}: {self.file_name or self.mime_type}]"
+
+
+@dataclass
 class MessageEvent:
     """One inbound user message, normalized by a platform adapter."""
 
@@ -225,6 +246,7 @@ class MessageEvent:
     platform_update_id: int | None = None
     media_urls: list[str] = field(default_factory=list)
     media_types: list[str] = field(default_factory=list)
+    media: list[MediaPart] = field(default_factory=list)
     reply_to_message_id: str | None = None
     reply_to_text: str | None = None
     reply_to_author_id: str | None = None

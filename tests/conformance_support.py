@@ -17,7 +17,9 @@ connections still open, stop it.  No fake server is written here; each harness r
   - relay: L{hermes_twisted.relay.stub.StubConnector} over loopback, like
     L{tests.relay_support.relay_pair};
   - discord: L{tests.servers.discord.FakeDiscord} (gateway WebSocket + REST) on loopback,
-    like L{tests.test_discord}.
+    like L{tests.test_discord};
+  - slack: L{tests.servers.slack.FakeSlack} on loopback, like L{tests.test_slack};
+  - xmpp: a real Prosody and a slixmpp user process, like L{tests.test_xmpp_integration}.
 
 Harnesses on a C{Clock} advance it themselves while waiting (L{ClockHarness.until}); those on
 the real reactor poll it with a bound (L{RealReactorHarness.until}).  Either way a test waits
@@ -45,6 +47,7 @@ from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform
 from hermes_twisted.platforms.api_server.adapter import APIServerAdapter
 from hermes_twisted.platforms.discord.adapter import DiscordAdapter
+from hermes_twisted.platforms.slack.adapter import SlackAdapter
 from hermes_twisted.platforms.telegram.adapter import TelegramAdapter
 from hermes_twisted.relay import wire
 from hermes_twisted.relay.adapter import RelayAdapter
@@ -56,12 +59,15 @@ from tests.servers.discord import FREE_CHANNEL_ID as DISCORD_FREE_CHANNEL
 from tests.servers.discord import GUILD_ID as DISCORD_GUILD
 from tests.servers.discord import TOKEN as DISCORD_TOKEN
 from tests.servers.discord import FakeDiscord, user_object
+from tests.servers.slack import FakeSlack
 from tests.test_irc import FakeAdapter as IRCFakeAdapter
 from tests.test_irc import make_settings as irc_settings
 from tests.test_matrix import ME as MATRIX_ME
 from tests.test_matrix import FakeResponse, ScriptedHomeserver, make_adapter
 from tests.test_matrix import batch as matrix_batch
 from tests.test_matrix import message as matrix_message
+from tests.test_slack import gateway_config as slack_gateway_config
+from tests.test_slack import make_settings as slack_settings
 from tests.test_telegram import make_settings as telegram_settings
 
 
@@ -753,6 +759,186 @@ class RelayHarness(RealReactorHarness):
         if self.adapter is not None and self.adapter.running:
             await self.adapter.stopService()
         await self.stub.stop()
+
+
+# -- Slack --------------------------------------------------------------------------------------
+
+
+class SlackHarness(RealReactorHarness):
+    """
+    The Slack adapter against L{tests.servers.slack.FakeSlack} on loopback (Web API and Socket
+    Mode on one port), like L{tests.test_slack}.  Channels answer without a mention and reply
+    flat, so a top-level message has no thread (a real thread reply does).
+    """
+
+    name = "slack"
+    inbound_platform = Platform.SLACK
+    user = "U0USER"
+    inbound_chats = ("C0A", "C0B")
+    thread = ("C0T", "1720000099.000100")
+
+    def __init__(self, tmp_path: Any) -> None:
+        super().__init__(tmp_path)
+        self.fake = FakeSlack(real_reactor)
+        self._fake_up = False
+
+    async def start(self) -> None:
+        self.clock = real_reactor
+        await self.fake.start()
+        self._fake_up = True
+        settings = slack_settings(self.fake.api_base, require_mention=False,
+                                  reply_in_thread=False)
+        self.adapter = SlackAdapter(settings, reactor=real_reactor,
+                                    gateway_config=slack_gateway_config(), rand=lambda: 0.5)
+        self.adapter.attach(self.sink)
+        self.adapter.startService()
+        assert await self.until(lambda: self.adapter.status == "connected"), \
+            self.adapter.status
+
+    async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
+                             thread_id: str | None = None) -> MessageEvent:
+        before = len(self.sink.events)
+        self.fake.push_message(text, channel=chat_id, user=user_id or self.user,
+                               thread_ts=thread_id)
+        return await self._next_event(before)
+
+    async def open_chat(self) -> str:
+        return self.inbound_chats[0]
+
+    async def break_outbound(self) -> None:
+        # Slack goes away: the port closes, the socket and every HTTP connection drop.
+        await self._stop_fake()
+
+    async def calls_in_flight(self, chat_id: str) -> list[tuple[str, str, Deferred]]:
+        sent = await self.adapter.send(chat_id, "to be edited")
+        assert sent.success, sent
+        self.fake.hold = True  # Slack stops answering the Web API
+        before = len(self.fake.held)
+        adapter = self.adapter
+        calls = [("an unanswered post", "send", adapter.send(chat_id, "unanswered")),
+                 ("an unanswered update", "edit_message",
+                  adapter.edit_message(chat_id, sent.message_id, "unanswered edit")),
+                 ("an unanswered status", "send_typing",
+                  adapter.send_typing(chat_id, metadata={"thread_id": "1.1"})),
+                 ("an unanswered conversations.info", "get_chat_info",
+                  adapter.get_chat_info(chat_id))]
+        assert await self.until(lambda: len(self.fake.held) >= before + 4)
+        return calls
+
+    async def send_waiting_out_rate_limit(self, chat_id: str) -> Deferred | None:
+        # A post waits out a 429 of up to 30 s (edits report it instead).
+        self.fake.rate_limit("chat.postMessage", retry_after=25)
+        d = self.adapter.send(chat_id, "waiting out a 429")
+
+        def waiting() -> bool:
+            now = real_reactor.seconds()
+            return any(23 < c.getTime() - now <= 25 for c in self.leftover_delayed_calls())
+
+        assert await self.until(waiting), "the send never started waiting out the 429"
+        return d
+
+    async def _stop_fake(self) -> None:
+        if self._fake_up:
+            self._fake_up = False
+            await self.fake.stop()
+
+    async def sent_texts(self, chat_id: str) -> list[str]:
+        return self.fake.texts_in(chat_id)
+
+    def open_connections(self) -> int:
+        return self.fake.connection_count if self._fake_up else 0
+
+    def peer_owns(self, call: Any) -> bool:
+        site = self.fake.site
+        return self._fake_up and getattr(call.func, "__self__", None) is site
+
+    async def stop(self) -> None:
+        if self.adapter is not None and self.adapter.running:
+            await self.adapter.stopService()
+        await self._stop_fake()
+
+
+# -- XMPP ---------------------------------------------------------------------------------------
+
+
+class XMPPHarness(RealReactorHarness):
+    """
+    The XMPP adapter against a real Prosody on loopback (L{tests.servers.prosody}), with a
+    slixmpp user, alice, in its own process (L{tests.xmpp_support.XMPPUser}) as the peer: she
+    writes to the bot 1:1 and in a room, and what she receives is what was sent.
+    """
+
+    name = "xmpp"
+    inbound_platform = Platform.XMPP
+    user = "alice@localhost"
+    inbound_chats = ("alice@localhost", "conformance@conference.localhost")
+    no_threads = "XMPP chats have no threads"
+    nothing_in_flight = ("a stanza is written to the stream at once; no call waits for the "
+                         "server to answer")
+    no_rate_limit = "XMPP servers send no rate-limit answer to wait out"
+    timeout = 20.0
+
+    def __init__(self, tmp_path: Any) -> None:
+        super().__init__(tmp_path)
+        self.server: Any = None
+        self.alice: Any = None
+
+    async def start(self) -> None:
+        from tests.servers.prosody import start_prosody
+        from tests.xmpp_support import PASSWORDS, make_adapter, require_slixmpp, start_user
+
+        require_slixmpp()
+        self.clock = real_reactor
+        (self.tmp_path / "prosody").mkdir()
+        self.server = start_prosody(self.tmp_path / "prosody", PASSWORDS)
+        self.adapter = make_adapter(self.server, rooms=(self.inbound_chats[1],))
+        self.adapter.attach(self.sink)
+        self.adapter.startService()
+        assert await self.until(lambda: self.adapter.status == "connected"
+                                and all(r.joined for r in self.adapter.rooms.values())), \
+            self.adapter.status
+        self.alice = await start_user(self.server, "alice")
+        await self.alice.join(self.inbound_chats[1], "alice")
+
+    async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
+                             thread_id: str | None = None) -> MessageEvent:
+        assert thread_id is None, self.no_threads
+        before = len(self.sink.events)
+        if chat_id == self.inbound_chats[1]:
+            self.alice.say(chat_id, f"hermes: {text}")
+        else:
+            self.alice.send("hermes@localhost", text)
+        return await self._next_event(before)
+
+    async def open_chat(self) -> str:
+        return self.inbound_chats[0]
+
+    async def break_outbound(self) -> None:
+        self.server.stop()  # the server is gone: the stream drops, reconnects are refused
+        assert await self.until(lambda: self.adapter.connected_stream is None)
+
+    async def sent_texts(self, chat_id: str) -> list[str]:
+        def received() -> list[str]:
+            return [m["body"] for m in self.alice.bodies("hermes@localhost")]
+        # Stanzas are in flight through the server: wait until nothing more arrives.
+        seen = -1
+        while len(received()) != seen:
+            seen = len(received())
+            await self.until(lambda count=seen: len(received()) > count, timeout=1.0)
+        return received()
+
+    def open_connections(self) -> int:
+        return 0 if self.adapter._connection is None else 1
+
+    async def stop(self) -> None:
+        try:
+            if self.adapter is not None and self.adapter.running:
+                await self.adapter.stopService()
+            if self.alice is not None:
+                await self.alice.quit()
+        finally:
+            if self.server is not None:
+                self.server.stop()
 
 
 # -- Discord ------------------------------------------------------------------------------------

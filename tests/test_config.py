@@ -260,10 +260,12 @@ ERRORS = [
      "gateway.platforms.smoke: unknown platform 'smoke'"),
     ({"platforms": {"discord": {"enabled": True}}}, {},
      "DISCORD_BOT_TOKEN: required when Discord is enabled"),
-    ({"platforms": {"mattermost": {"enabled": True}}}, {},
+    ({"platforms": {"mattermost": {"token": "t-1"}}}, {},
      "platforms.mattermost: mattermost is not supported by this daemon"),
-    ({"platforms": {"slack": {"token": "xoxb-1"}}}, {},
-     "platforms.slack: slack is not supported by this daemon"),
+    ({"platforms": {"slack": {"token": "xoxb-1", "enabled": True}}}, {},
+     "SLACK_APP_TOKEN: required when Slack (Socket Mode) is enabled"),
+    ({"platforms": {"slack": {"enabled": True}}}, {"SLACK_APP_TOKEN": "xapp-1"},
+     "SLACK_BOT_TOKEN: required when Slack is enabled"),
     ({"platforms": "irc"}, {}, "platforms: expected a mapping, got a string"),
     ({"platforms": {"irc": {"extra": ["server"]}}}, {},
      "platforms.irc.extra: expected a mapping, got a list"),
@@ -319,6 +321,8 @@ ERRORS = [
      "MATRIX_ACCESS_TOKEN: Matrix needs an access token, or MATRIX_USER_ID and MATRIX_PASSWORD"),
     ({"platforms": {"telegram": {"enabled": True}}}, {},
      "TELEGRAM_BOT_TOKEN: required when Telegram is enabled"),
+    ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
+          "MATRIX_E2EE_MODE": "mandatory"}, "MATRIX_E2EE_MODE: expected one of off, optional"),
     ({}, {"API_SERVER_ENABLED": "true"}, "API_SERVER_KEY: the API server needs a key of at "
                                          "least 16 characters"),
     ({}, {"API_SERVER_KEY": "short"}, "API_SERVER_KEY: the API server needs a key"),
@@ -357,14 +361,14 @@ def test_yaml_dates_in_string_settings_are_text():
 
 
 def test_hermes_stock_behaviour_blocks_of_unsupported_platforms_load_with_a_warning(warnings):
-    """hermes's shipped config.yaml has slack:/mattermost: blocks that enable nothing; a
-    copied file must load (the blocks are ignored, and the operator is told)."""
-    config = load({"slack": {"require_mention": True},
-                   "gateway": {"mattermost": {"require_mention": True,
-                                              "free_response_channels": ""}}})
-    assert "mattermost" not in config.platforms and "slack" not in config.platforms
-    assert any("slack is not supported" in w for w in warnings)
+    """hermes's shipped config.yaml has blocks for platforms it may never enable; a copied
+    file must load (the blocks are ignored, and the operator is told)."""
+    config = load({"mattermost": {"require_mention": True},
+                   "gateway": {"whatsapp": {"require_mention": True,
+                                            "free_response_channels": ""}}})
+    assert "whatsapp" not in config.platforms and "mattermost" not in config.platforms
     assert any("mattermost is not supported" in w for w in warnings)
+    assert any("whatsapp is not supported" in w for w in warnings)
 
 
 def test_hermes_stock_discord_block_is_a_real_platform_block_that_enables_nothing(warnings):
@@ -385,7 +389,8 @@ def test_hermes_stock_discord_block_is_a_real_platform_block_that_enables_nothin
 
 
 def test_discord_allowed_users_accept_mentions_and_user_prefixes():
-    config = load({}, {"DISCORD_BOT_TOKEN": "t", "DISCORD_ALLOWED_USERS": "<@12>, <@!34>,user:56,78"})
+    config = load({}, {"DISCORD_BOT_TOKEN": "t",
+                       "DISCORD_ALLOWED_USERS": "<@12>, <@!34>,user:56,78"})
     assert config.platforms["discord"].allowed_users == ("12", "34", "56", "78")
 
 
@@ -395,10 +400,35 @@ def test_a_discord_the_relay_fronts_is_not_dialled_natively():
     assert not config.platforms["discord"].enabled
 
 
+def test_hermes_stock_slack_block_configures_the_native_platform_without_enabling_it():
+    config = load({"slack": {"require_mention": False, "free_response_channels": ["C1"],
+                             "reply_to_mode": "off", "allowed_channels": "C1,C2"}})
+    slack = config.platforms["slack"]
+    assert not slack.enabled
+    assert slack.extra["require_mention"] is False
+    assert list(slack.extra["free_response_channels"]) == ["C1"]
+    assert slack.extra["reply_to_mode"] == "off"
+    assert tuple(slack.extra["allowed_channels"]) == ("C1", "C2")
+
+
+def test_slack_is_enabled_by_its_tokens():
+    config = load({}, {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1",
+                       "SLACK_API_BASE": "http://127.0.0.1:9/api/",
+                       "SLACK_ALLOWED_USERS": "U1,U2", "SLACK_REQUIRE_MENTION": "no"})
+    slack = config.platforms["slack"]
+    assert slack.enabled and slack.token == "xoxb-1"
+    assert slack.extra["app_token"] == "xapp-1"
+    assert slack.extra["api_base"].rstrip("/") == "http://127.0.0.1:9/api"
+    assert slack.allowed_users == ("U1", "U2")
+    assert slack.extra["require_mention"] is False
+    assert load({}, {"SLACK_BOT_TOKEN": "x", "SLACK_APP_TOKEN": "y"}).platforms[
+        "slack"].extra["api_base"].rstrip("/") == "https://slack.com/api"
+
+
 def test_disabled_unsupported_block_is_accepted():
     config = load({"platforms": {"mattermost": {"enabled": False, "token": "x"}},
-                   "slack": {"enabled": "false"}})
-    assert "mattermost" not in config.platforms and "slack" not in config.platforms
+                   "whatsapp": {"enabled": "false"}})
+    assert "mattermost" not in config.platforms and "whatsapp" not in config.platforms
 
 
 def test_unknown_keys_in_known_blocks_warn_but_load(warnings):
@@ -416,9 +446,9 @@ def test_unknown_keys_in_known_blocks_warn_but_load(warnings):
 
 
 def test_unsupported_platform_token_in_env_warns(warnings):
-    load(env={"SLACK_BOT_TOKEN": "slack-token-value"})
-    assert any("SLACK_BOT_TOKEN" in w and "relay" in w for w in warnings)
-    assert not any("slack-token-value" in w for w in warnings)
+    load(env={"MATTERMOST_TOKEN": "mm-token-value"})
+    assert any("MATTERMOST_TOKEN" in w and "relay" in w for w in warnings)
+    assert not any("mm-token-value" in w for w in warnings)
 
 
 # -- relay ----------------------------------------------------------------------------------

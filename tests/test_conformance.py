@@ -55,7 +55,9 @@ from tests.conformance_support import (
     IRCHarness,
     MatrixHarness,
     RelayHarness,
+    SlackHarness,
     TelegramHarness,
+    XMPPHarness,
 )
 
 #: Platform name -> harness class.  One entry per platform; see the module docstring.
@@ -65,7 +67,9 @@ HARNESSES: dict[str, type[Harness]] = {
     "irc": IRCHarness,
     "matrix": MatrixHarness,
     "relay": RelayHarness,
+    "slack": SlackHarness,
     "telegram": TelegramHarness,
+    "xmpp": XMPPHarness,
 }
 
 CHAT_TYPES = {"dm", "group", "channel"}  # what get_chat_info may report (base.py)

@@ -134,14 +134,20 @@ COMPANIONS = {
     "irc": {"IRC_SERVER": "irc.example", "IRC_NICKNAME": "bot", "IRC_CHANNEL": "#c"},
     "matrix": {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "syt_abc"},
     "telegram": {"TELEGRAM_BOT_TOKEN": "123:abc"},
+    "slack": {"SLACK_BOT_TOKEN": "xoxb-1", "SLACK_APP_TOKEN": "xapp-1"},
     "api_server": {"API_SERVER_KEY": "0123456789abcdef-key"},
     "relay": {"GATEWAY_RELAY_URL": "https://c.example"},
+    "xmpp": {"XMPP_JID": "bot@xmpp.example", "XMPP_PASSWORD": "pw"},
 }
+#: Values whose shape the loader checks beyond their type.
+SAMPLES = {"XMPP_JID": "sample@xmpp.example"}
 
 
 def sample(var):
     if var.name == "GATEWAY_DATABASE_URL":  # a secret, but it must be a PostgreSQL URL
         return "postgresql://gw:sample-secret-0123456789@db.example/hermes"
+    if var.name in SAMPLES:
+        return SAMPLES[var.name]
     if var.type == "bool":
         return "false" if var.default in (True, None) else "true"
     if var.type == "int":

@@ -123,6 +123,65 @@ def test_restart_resumes_from_the_saved_token(tmp_path):
     adapter.stopService()
 
 
+def password_adapter(tmp_path, hs, clock, **extra):
+    settings = PlatformSettings(name="matrix", enabled=True, allowed_users=("@alice:localhost",),
+                                extra={"homeserver": "http://hs", "user_id": "bot",
+                                       "password": "pw", "state_dir": str(tmp_path), **extra})
+    config = GatewayConfig(hermes_home=str(tmp_path), db_path=str(tmp_path / "db"))
+    adapter = MatrixAdapter(settings, reactor=clock, clock=clock, http=hs,
+                            gateway_config=config, run_in_thread=maybeDeferred)
+    adapter.attach(Sink())
+    return adapter
+
+
+def test_password_login_keeps_its_device_across_restarts(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("POST", "/login", 200, {"access_token": "t1", "device_id": "DEV1",
+                                      "user_id": ME})
+    hs.answer("GET", "/sync", 200, batch("s1"))
+    first = password_adapter(tmp_path, hs, clock)
+    first.startService()
+    first.stopService()
+    state = json.loads((tmp_path / "bot.json").read_text())
+    assert state["device_id"] == "DEV1" and state["access_token"] == "t1"
+    assert (tmp_path / "bot.json").stat().st_mode & 0o077 == 0  # it holds a token
+    # The restart reuses the token: no second /login, so no second device.
+    hs.requests.clear()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV1"})
+    again = password_adapter(tmp_path, hs, clock)
+    again.startService()
+    assert [r[1] for r in hs.requests[:2]] == ["/account/whoami", "/sync"]
+    assert again.device_id == "DEV1" and hs.requests[1][2]["since"] == "s1"
+    again.stopService()
+    # A revoked token: log in again, asking for the same device.
+    hs.requests.clear()
+    hs.answer("GET", "/account/whoami", 401, {"errcode": "M_UNKNOWN_TOKEN"})
+    hs.answer("POST", "/login", 200, {"access_token": "t2", "device_id": "DEV1",
+                                      "user_id": ME})
+    third = password_adapter(tmp_path, hs, clock)
+    third.startService()
+    login = [r for r in hs.requests if r[1] == "/login"][0][3]
+    assert login["device_id"] == "DEV1" and third.access_token == "t2"
+    third.stopService()
+    assert json.loads((tmp_path / "bot.json").read_text())["access_token"] == "t2"
+
+
+def test_matrix_device_id_is_honoured_and_the_token_device_wins(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("POST", "/login", 200, {"access_token": "t1", "device_id": "MINE",
+                                      "user_id": ME})
+    adapter = password_adapter(tmp_path, hs, clock, device_id="MINE")
+    adapter.startService()
+    assert hs.requests[0][3]["device_id"] == "MINE"
+    adapter.stopService()
+    hs2 = ScriptedHomeserver()
+    hs2.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "TOKENDEV"})
+    token_adapter, _ = make_adapter(tmp_path, hs2, clock, device_id="OTHER")
+    token_adapter.startService()
+    assert token_adapter.device_id == "TOKENDEV"
+    token_adapter.stopService()
+
+
 def test_group_mentions_threads_emotes_and_malformed_events(tmp_path):
     hs, clock = ScriptedHomeserver(), Clock()
     hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
@@ -146,6 +205,30 @@ def test_group_mentions_threads_emotes_and_malformed_events(tmp_path):
         ("in a thread", "group", "$root"),
         ("* @alice:localhost waves at bot", "group", None),
     ]
+    adapter.stopService()
+
+
+@pytest.mark.parametrize("members,extra,thread", [
+    (5, {"auto_thread": True}, "$top"), (5, {"auto_thread": False}, None),
+    (2, {"auto_thread": True}, None), (2, {"dm_auto_thread": True}, "$top"),
+])
+def test_auto_thread_roots_a_thread_at_the_message(tmp_path, members, extra, thread):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})
+    hs.answer("GET", "/sync", 200, batch("s1", members=members))
+    hs.answer("GET", "/sync", 200, batch("s2", members=members, events=[
+        message("$top", "bot: top level"),
+        message("$in", "bot: inside", **{"m.relates_to": {"rel_type": "m.thread",
+                                                          "event_id": "$root"}})]))
+    adapter, sink = make_adapter(tmp_path, hs, clock, **extra)
+    adapter.startService()
+    assert [e.source.thread_id for e in sink.events] == [thread, "$root"]
+    # The answer goes into the thread, replying to the message (m.thread with a fallback).
+    hs.answer("PUT", "/rooms/", 200, {"event_id": "$answer"})
+    adapter.send("!r:localhost", "answer", reply_to="$in", metadata={"thread_id": "$root"})
+    assert hs.requests[-1][3]["m.relates_to"] == {
+        "rel_type": "m.thread", "event_id": "$root", "is_falling_back": True,
+        "m.in_reply_to": {"event_id": "$in"}}
     adapter.stopService()
 
 
@@ -269,7 +352,9 @@ class ReplyingSink:
         chat = event.source.chat_id
 
         async def reply():
-            first = await adapter.send(chat, "Thinking ▉", reply_to=event.message_id)
+            thread = {"thread_id": event.source.thread_id} if event.source.thread_id else None
+            first = await adapter.send(chat, "Thinking ▉", reply_to=event.message_id,
+                                       metadata=thread)
             assert first.success, first.error
             await adapter.send_typing(chat)
             final = await adapter.edit_message(chat, first.message_id,
@@ -296,6 +381,20 @@ def real_adapter(synapse, home):
     sink = ReplyingSink()
     adapter.attach(sink)
     return adapter, sink
+
+
+async def alice_devices(synapse):
+    """The bot's devices as the homeserver lists them (logged in as the bot, read-only)."""
+    bot = AliceClient(synapse.url)
+    reply = await bot.call("POST", "/login", {
+        "type": "m.login.password", "identifier": {"type": "m.id.user", "user": "bot"},
+        "password": USERS["bot"], "initial_device_display_name": "probe"})
+    bot.token = reply["access_token"]
+    devices = [d["device_id"] for d in (await bot.call("GET", "/devices"))["devices"]
+               if d.get("display_name") == "hermes-twisted"]
+    await bot.call("POST", "/logout", {})
+    await bot.pool.closeCachedConnections()
+    return devices
 
 
 @pytest.mark.integration
@@ -331,6 +430,162 @@ async def test_round_trip_with_edits_and_restart_against_synapse(synapse, tmp_pa
         await alice.wait_for(room, lambda e: e["content"].get("m.new_content", {}).get("body")
                              == "**Echo:** while you were away")
         assert [e.text for e in sink2.events] == ["while you were away"]
+        # A password login keeps its device across the restart (0.19.0 made a new one).
+        assert again.device_id == adapter.device_id is not None
+        devices = (await alice_devices(synapse))
+        assert devices == [adapter.device_id]
     finally:
         await again.stopService()
         await alice.pool.closeCachedConnections()
+
+
+# -- encrypted rooms, with the crypto engine replaced by a script --------------------------
+
+class ScriptedCrypto:
+    """Stands in for MatrixCrypto: decrypts only sessions whose key 'arrived'."""
+
+    def __init__(self):
+        from hermes_twisted.platforms.matrix.cryptostore import CryptoStore
+
+        self.keys, self.arrive, self.withheld = set(), set(), {}
+        self.encrypted = []
+        self.store = CryptoStore("/nonexistent", run_in_thread=maybeDeferred)
+        self.store.close = lambda: succeed(None)
+
+    def is_encrypted(self, room_id):
+        return True
+
+    async def receive_sync(self, batch):
+        new, self.arrive = self.arrive, set()
+        self.keys |= new
+        return new
+
+    async def flush(self):
+        return None
+
+    async def decrypt_room_event(self, room_id, event):
+        from hermes_twisted.platforms.matrix.crypto import MissingRoomKey
+
+        sid = event["content"]["session_id"]
+        if (room_id, sid) not in self.keys:
+            raise MissingRoomKey(room_id, sid)
+        return dict(event, type="m.room.message", content=event["content"]["plain"])
+
+    def withheld_code(self, room_id, session_id):
+        return self.withheld.get((room_id, session_id))
+
+    async def recover(self, refs):
+        self.asked = getattr(self, "asked", set()) | set(refs)
+        found = refs & getattr(self, "in_backup", set())
+        self.keys |= found
+        return found
+
+    async def upload_backup(self):
+        return None
+
+    async def request_key(self, room_id, event):
+        self.requested = getattr(self, "requested", []) + [event["content"]["session_id"]]
+
+    async def cancel_requests(self, arrived):
+        return None
+
+    async def encrypt(self, room_id, event_type, content):
+        self.encrypted.append((room_id, event_type, content))
+        return {"algorithm": "m.megolm.v1.aes-sha2", "ciphertext": "opaque"}
+
+
+def done(coroutine):
+    """Run a coroutine that, against scripted peers, finishes synchronously."""
+    from twisted.internet.defer import ensureDeferred
+
+    results = []
+    ensureDeferred(coroutine).addBoth(results.append)
+    assert results and not isinstance(results[0], Failure), results
+    return results[0]
+
+
+def encrypted(event_id, sid, body):
+    return {"type": "m.room.encrypted", "event_id": event_id, "sender": "@alice:localhost",
+            "content": {"algorithm": "m.megolm.v1.aes-sha2", "session_id": sid,
+                        "plain": {"msgtype": "m.text", "body": body}}}
+
+
+def test_held_events_are_decrypted_when_the_key_comes_else_one_notice(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, sink = make_adapter(tmp_path, hs, clock)
+    crypto = ScriptedCrypto()
+    adapter._start_crypto = lambda: succeed(None)
+    adapter.crypto = crypto
+    adapter.startService()
+    adapter._since = "s0"
+    room = "!r:localhost"
+
+    def deliver(events=()):
+        done(adapter._deliver(batch("s1", room=room, events=events)))
+
+    deliver([encrypted("$a", "S1", "first"), encrypted("$b", "S2", "second")])
+    assert sink.events == [] and set(adapter._held) == {(room, "S1"), (room, "S2")}
+    assert crypto.requested == ["S1", "S2"]  # key requests go out for held events
+    crypto.arrive = {(room, "S1")}
+    deliver()
+    assert [e.text for e in sink.events] == ["first"]
+    # A key the backup holds is asked for and used at once.
+    crypto.in_backup = {(room, "S0")}
+    deliver([encrypted("$z", "S0", "from the backup")])
+    assert [e.text for e in sink.events] == ["first", "from the backup"]
+    # S2 never comes: after the hold time, one notice per room (not one per event).
+    hs.answer("PUT", "/rooms/%21r%3Alocalhost/send/", 200, {"event_id": "$n"})
+    deliver([encrypted("$c", "S3", "third")])
+    clock.advance(adapter.hold_seconds + 1)
+    deliver()
+    notices = [r for r in hs.requests if r[0] == "PUT"]
+    assert len(notices) == 1 and "/send/m.room.encrypted/" in notices[0][1]
+    assert crypto.encrypted[0][2]["msgtype"] == "m.notice"
+    assert "couldn't decrypt" in crypto.encrypted[0][2]["body"]
+    assert adapter._held == {}
+    # A withheld key ends the wait at once; the notice window holds back a second notice.
+    crypto.withheld[(room, "S4")] = "m.unverified"
+    deliver([encrypted("$d", "S4", "fourth")])
+    assert adapter._held == {} and len([r for r in hs.requests if r[0] == "PUT"]) == 1
+    adapter.stopService()
+
+
+def test_required_mode_ignores_unencrypted_rooms(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, sink = make_adapter(tmp_path, hs, clock, e2ee_mode="required")
+    crypto = ScriptedCrypto()
+    crypto.is_encrypted = lambda room_id: room_id == "!secret:localhost"
+    adapter._start_crypto = lambda: succeed(None)
+    adapter.crypto = crypto
+    adapter.startService()
+    adapter._since = "s0"
+    done(adapter._deliver(batch("s1", room="!plain:localhost", events=[message("$p", "plain")])))
+    crypto.keys.add(("!secret:localhost", "S"))
+    done(adapter._deliver(batch("s2", room="!secret:localhost",
+                                events=[encrypted("$s", "S", "secret")])))
+    # In an encrypted room a plaintext message is never taken for the user's.
+    done(adapter._deliver(batch("s3", room="!secret:localhost",
+                                events=[message("$forged", "plaintext")])))
+    assert [e.text for e in sink.events] == ["secret"]
+    adapter.stopService()
+
+
+@pytest.mark.parametrize("extra,mode", [
+    ({}, "off"), ({"encryption": True}, "required"), ({"e2ee_mode": "prefer"}, "optional"),
+    ({"encryption": True, "e2ee_mode": "off"}, "off"), ({"e2ee_mode": "YES"}, "required"),
+])
+def test_e2ee_mode_follows_0_19_0(extra, mode):
+    from hermes_twisted.platforms.matrix.adapter import e2ee_mode
+
+    assert e2ee_mode(extra) == mode
+
+
+def test_encryption_without_a_known_device_is_refused_naming_the_key(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME})  # an old token: no device
+    adapter, _ = make_adapter(tmp_path, hs, clock, e2ee_mode="required")
+    adapter.startService()
+    assert adapter.status.startswith("disabled: MATRIX_DEVICE_ID")
+    adapter.stopService()

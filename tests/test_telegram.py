@@ -6,6 +6,7 @@ with the real treq client.
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
 
@@ -579,3 +580,36 @@ def test_reads_the_settings_the_config_loader_builds(tmp_path) -> None:
     reader = adapter.updates
     assert (reader.require_mention, reader.allow_bots) == (True, "mentions")
     assert (reader.group_allowed_chats, reader.group_allowed_users) == (("-1", "-2"), ("7",))
+
+
+@pytest_twisted.ensureDeferred
+async def test_photos_and_documents_become_media_parts_fetched_on_demand(fake) -> None:
+    from hermes_twisted.upstream.media import prepare_media
+
+    sink = RecordingSink()
+    adapter = started(fake, sink)
+    try:
+        await wait_until(lambda: fake.held_polls == 1)
+        fake.add_file("big", b"\xff\xd8 jpeg bytes")
+        photo = fake.message(5, "")
+        del photo["text"]
+        photo["photo"] = [{"file_id": "small", "file_size": 10, "width": 90},
+                          {"file_id": "big", "file_size": 13, "width": 800}]
+        photo["caption"] = "what is this?"
+        fake.push_update({"message": photo})
+        doc = fake.message(5, "")
+        del doc["text"]
+        doc["document"] = {"file_id": "pdf", "file_name": "r.pdf", "file_size": 4096,
+                           "mime_type": "application/pdf"}
+        fake.push_update({"message": doc})
+        await wait_until(lambda: len(sink.events) == 2)
+        first, second = sink.events
+        assert first.text == "what is this?" and first.message_type.value == "photo"
+        assert second.text == "" and second.media[0].kind == "file"
+        images, notes = await prepare_media(first.media + second.media)
+        assert images == ["data:image/jpeg;base64," + base64.b64encode(
+            b"\xff\xd8 jpeg bytes").decode()]
+        assert notes == ["[The user attached a file: r.pdf (application/pdf, 4.0 KB)]"]
+        assert fake.calls_of("getFile") == [{"file_id": "big"}]
+    finally:
+        await adapter.stopService()

@@ -211,6 +211,31 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _var("SESSION_RESET_HOUR", "Local hour of the daily session reset (mode daily or both).",
          "Session reset hour (0-23)", category="setting", type="int",
          yaml_key="session_reset.at_hour", default=4, minimum=0, maximum=23, advanced=True),
+    # -- XMPP (ours: Hermes 0.19.0 has no XMPP platform) ----------------------------------
+    _pvar("xmpp", "XMPP_JID", "jid", "The bot's account, user@domain (a resource is ignored: "
+          "it binds /hermes). Setting it enables XMPP.", "XMPP JID", enables=True, ours=True),
+    _pvar("xmpp", "XMPP_PASSWORD", "password", "The account's password (SASL PLAIN or "
+          "DIGEST-MD5, over TLS only).", "XMPP password", type="secret", ours=True),
+    _pvar("xmpp", "XMPP_HOST", "host", "Server to connect to. Default: the JID's domain.",
+          "XMPP server host", ours=True),
+    _pvar("xmpp", "XMPP_PORT", "port", "Server port. Default: 5222 (STARTTLS, required); "
+          "5223 with XMPP_DIRECT_TLS.", "XMPP port", type="int", minimum=1, maximum=65535,
+          ours=True),
+    _pvar("xmpp", "XMPP_DIRECT_TLS", "direct_tls", "TLS from the first byte (XEP-0368, port "
+          "5223 style) instead of STARTTLS.", "Direct TLS (true/false)", type="bool",
+          default=False, ours=True),
+    _pvar("xmpp", "XMPP_CA_FILE", "ca_file", "PEM file of the CA (or self-signed certificate) "
+          "to trust instead of the system's; the certificate must still name the JID's "
+          "domain.", "XMPP CA file", type="path", advanced=True, ours=True),
+    _pvar("xmpp", "XMPP_ROOMS", "rooms", "MUC rooms to join, comma separated room JIDs "
+          "(room@conference.example.org).", "XMPP rooms (comma separated)", type="list",
+          ours=True),
+    _pvar("xmpp", "XMPP_NICK", "nick", "Nick in rooms. Default: the JID's local part.",
+          "XMPP room nick", ours=True),
+    _pvar("xmpp", "XMPP_REQUIRE_MENTION", "require_mention", "In rooms, answer only messages "
+          "that address the nick (nick: / nick, / @nick).", "Require mention in rooms "
+          "(true/false)", type="bool", default=True, ours=True),
+    *_common("xmpp", "XMPP", "XMPP"),
     # -- IRC ------------------------------------------------------------------------------
     _pvar("irc", "IRC_SERVER", "server", "IRC server host name. Setting it enables IRC.",
           "IRC server", enables=True),
@@ -255,6 +280,41 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _pvar("matrix", "MATRIX_AUTO_JOIN", "auto_join", "Accept room invites.",
           "Auto-join invited rooms (true/false)", type="bool", default=True, advanced=True,
           ours=True),
+    _pvar("matrix", "MATRIX_ENCRYPTION", "encryption",
+          "Legacy switch for end-to-end encryption: true means MATRIX_E2EE_MODE=required.",
+          "Matrix encryption (true/false)", type="bool", default=False),
+    _pvar("matrix", "MATRIX_E2EE_MODE", "e2ee_mode",
+          "End-to-end encryption: off, optional (answer in encrypted and plain rooms) or "
+          "required (answer only in encrypted rooms). Overrides MATRIX_ENCRYPTION; 0.19.0's "
+          "aliases (require/true/yes/on, prefer/preferred, false/no/0) are accepted.",
+          "Matrix E2EE mode (off/optional/required)", type="enum",
+          choices=("off", "optional", "required", "require", "prefer", "preferred", "true",
+                   "false", "yes", "no", "on", "1", "0")),
+    _pvar("matrix", "MATRIX_STORE_KEY", "store_key",
+          "Secret that encrypts the Matrix crypto store at rest (any length; keep it out of "
+          "the volume). Unset: a random key is kept in the store directory, protected by the "
+          "file permissions only.", "Matrix crypto store key", type="secret", advanced=True,
+          ours=True),
+    _pvar("matrix", "MATRIX_RECOVERY_KEY", "recovery_key",
+          "Recovery key (base58, as Element shows it): secret storage key or key backup key. "
+          "Room keys are backed up to the account's server-side key backup and restored "
+          "from it, so a lost crypto store does not lose the history.",
+          "Matrix recovery key", type="secret"),
+    _pvar("matrix", "MATRIX_E2EE_TRUST", "e2ee_trust",
+          "Which devices get room keys: tofu (every device of every member, each device's "
+          "signing key pinned on first use, as 0.19.0) or allowed (only devices of allowed "
+          "users and the bot's own).", "Matrix device trust (tofu/allowed)", type="enum",
+          choices=("tofu", "allowed"), default="tofu", advanced=True, ours=True),
+    _pvar("matrix", "MATRIX_AUTO_THREAD", "auto_thread",
+          "In group rooms, answer each new top-level message in a thread rooted at it (one "
+          "session per thread).", "Matrix auto-thread (true/false)", type="bool",
+          default=True),
+    _pvar("matrix", "MATRIX_DM_AUTO_THREAD", "dm_auto_thread",
+          "Auto-thread in direct messages too.", "Matrix DM auto-thread (true/false)",
+          type="bool", default=False, advanced=True),
+    _pvar("matrix", "MATRIX_MAX_MEDIA_BYTES", "max_media_bytes",
+          "Largest attachment downloaded (declared size and bytes read).",
+          "Matrix max media bytes", type="int", default=104857600, minimum=1, advanced=True),
     *_common("matrix", "MATRIX", "Matrix"),
     # -- Telegram -------------------------------------------------------------------------
     _pfield("telegram", "TELEGRAM_BOT_TOKEN", "token",
@@ -343,6 +403,45 @@ _ENV_VAR_LIST: list[EnvVar] = [
           "0).", "Hide slash commands (true/false)", type="bool", default=False,
           advanced=True),
     *_common("discord", "DISCORD", "Discord"),
+    # -- Slack (discord-slack.md 1.3) ----------------------------------------------------
+    _pfield("slack", "SLACK_BOT_TOKEN", "token",
+            "Bot token (xoxb-...). With SLACK_APP_TOKEN it enables Slack (Socket Mode).",
+            "Slack bot token", type="secret", url="https://api.slack.com/apps", enables=True),
+    _pvar("slack", "SLACK_APP_TOKEN", "app_token",
+          "App-level token (xapp-..., scope connections:write) for Socket Mode.",
+          "Slack app token", type="secret"),
+    _pvar("slack", "SLACK_API_BASE", "api_base",
+          "Web API base URL; the Socket Mode URL comes from its apps.connections.open, so "
+          "this one variable points the whole platform elsewhere.", "Slack Web API base URL",
+          type="url", default="https://slack.com/api/", advanced=True, ours=True),
+    _pvar("slack", "SLACK_REQUIRE_MENTION", "require_mention",
+          "In channels and group DMs, answer only when mentioned (or in a thread we are in).",
+          "Require mention (true/false)", type="bool", default=True),
+    _pvar("slack", "SLACK_STRICT_MENTION", "strict_mention",
+          "Every message must mention the bot, also inside threads.",
+          "Strict mention (true/false)", type="bool", default=False, advanced=True),
+    _pvar("slack", "SLACK_FREE_RESPONSE_CHANNELS", "free_response_channels",
+          "Channel ids answered without a mention (comma separated; * = all).",
+          "Slack free-response channels", type="list", advanced=True),
+    _pvar("slack", "SLACK_ALLOWED_CHANNELS", "allowed_channels",
+          "Only these channel ids (comma separated); 1:1 DMs are never filtered.",
+          "Slack allowed channels", type="list", advanced=True),
+    _pvar("slack", "SLACK_MENTION_PATTERNS", "mention_patterns",
+          "Regular expressions that count as a mention (JSON list, or comma/newline "
+          "separated; case-insensitive).", "Slack mention patterns", advanced=True),
+    _pvar("slack", "SLACK_ALLOW_BOTS", "allow_bots",
+          "Messages from other bots: none, mentions (only when they mention us) or all.",
+          "Allow bots (none/mentions/all)", type="enum", choices=("none", "mentions", "all"),
+          default="none", advanced=True),
+    _pvar("slack", "SLACK_REACTIONS", "reactions",
+          "React with eyes while working, then white_check_mark or x (needs reactions:write).",
+          "Slack reactions (true/false)", type="bool", default=True, advanced=True),
+    _pfield("slack", "SLACK_REPLY_TO_MODE", "reply_to_mode",
+            "off: answer top-level channel messages in the channel, not in a new thread; "
+            "first/all: in a thread (a thread reply is always answered in its thread).",
+            "Reply-to mode (off/first/all)", type="enum", choices=("off", "first", "all"),
+            default="first", advanced=True),
+    *_common("slack", "SLACK", "Slack"),
     # -- API server (proxy.md 2.1, 4) -----------------------------------------------------
     _var("API_SERVER_ENABLED",
          "Enable the OpenAI-compatible API server (for Open WebUI, LobeChat and similar).",
@@ -459,6 +558,21 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               "(/ask, /stop, /new, /status) at all.", "bool", True),
     ConfigKey("platforms.telegram.extra.drop_pending_updates", "Skip updates that arrived "
               "while the daemon was down.", "bool", False, ours=True),
+    ConfigKey("platforms.slack.extra.reply_in_thread", "Answer top-level channel messages "
+              "in a thread with a session per thread (false: in the channel, one session per "
+              "user).", "bool", True),
+    ConfigKey("platforms.slack.extra.reply_broadcast", "Also show the first chunk of a "
+              "thread reply in the channel.", "bool", False),
+    ConfigKey("platforms.slack.extra.dm_top_level_threads_as_sessions", "Every top-level DM "
+              "starts its own thread and session (false: one session per DM).", "bool", True),
+    ConfigKey("platforms.slack.extra.typing_status_text", "The AI-app status line shown "
+              "while a turn runs.", "str", "is thinking..."),
+    ConfigKey("platforms.slack.extra.native_streaming", "Stream with chat.startStream / "
+              "appendStream / stopStream where the workspace has them (else chat.update).",
+              "bool", True, ours=True),
+    ConfigKey("platforms.slack.extra.socket_connections", "Socket Mode connections to hold "
+              "(Slack spreads deliveries over them).", "int", 1, minimum=1, maximum=10,
+              ours=True),
     # every platform block (platforms.<name>, gateway.platforms.<name>)
     ConfigKey(f"{_PLATFORM_FIELDS}.enabled", "Turn the platform on or off; false beats any "
               "environment variable.", "bool", False),
@@ -514,17 +628,19 @@ SHORTCUT_KEYS_BY_PLATFORM = {
     "discord": frozenset({"allowed_channels", "ignored_channels", "thread_require_mention",
                           "auto_thread", "no_thread_channels", "reactions", "reply_to_mode",
                           "slash_commands"}),
+    "slack": frozenset({"allowed_channels", "strict_mention", "allow_bots", "reactions",
+                        "reply_broadcast", "dm_top_level_threads_as_sessions", "reply_to_mode",
+                        "native_streaming", "socket_connections"}),
     "api_server": frozenset({"port", "host", "key", "cors_origins", "model_name"}),
 }
 
 #: Platforms this daemon implements, by config name (their adapters: L{hermes_twisted.platforms}).
-SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "discord", "api_server",
-                                 "relay"})
+SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "discord", "slack", "api_server",
+                                 "relay", "xmpp"})
 
 #: Platforms Hermes 0.19.0 knows and this daemon does not implement, with the variable that
 #: would turn each on in Hermes.  The relay can front them.
 UNSUPPORTED_PLATFORMS: dict[str, tuple[str, ...]] = {
-    "slack": ("SLACK_BOT_TOKEN", "SLACK_APP_TOKEN"),
     "whatsapp": ("WHATSAPP_ENABLED",),
     "whatsapp_cloud": (),
     "signal": ("SIGNAL_HTTP_URL",),
@@ -595,7 +711,8 @@ are logged and ignored; unknown top-level keys (Hermes's agent settings) are ign
 Booleans accept `1/true/yes/on` and `0/false/no/off` (any case). Lists accept a YAML list or
 a comma separated string.
 
-Supported platforms: `irc`, `matrix`, `telegram`, `discord`, `api_server`, `relay`. Platforms Hermes
+Supported platforms: `irc`, `matrix`, `telegram`, `discord`, `slack`, `api_server`, `relay`,
+`xmpp`. Platforms Hermes
 knows but this daemon does not implement are rejected with a pointer to the relay
 (`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them or the
 block says `enabled: false`.
@@ -627,7 +744,9 @@ _GROUPS = [
     ("Matrix", lambda v: v.platform == "matrix"),
     ("Telegram", lambda v: v.platform == "telegram"),
     ("Discord", lambda v: v.platform == "discord"),
+    ("Slack", lambda v: v.platform == "slack"),
     ("API server", lambda v: v.platform == "api_server"),
+    ("XMPP", lambda v: v.platform == "xmpp"),
 ]
 #: Anything no group above claims still gets documented.
 _OTHER = "Other"

@@ -65,6 +65,18 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
         if not settings.token:
             raise ConfigError("DISCORD_BOT_TOKEN", "required when Discord is enabled "
                                                    "(or set platforms.discord.token)")
+    elif name == "slack":
+        if not settings.token:
+            raise ConfigError("SLACK_BOT_TOKEN", "required when Slack is enabled "
+                                                 "(or set platforms.slack.token)")
+        _require(layers, "slack", "app_token", "Slack (Socket Mode)")
+    elif name == "xmpp":
+        for key in ("jid", "password"):
+            _require(layers, "xmpp", key, "XMPP")
+        jid = str(extra.get("jid") or "")
+        local, _, domain = jid.partition("@")
+        if not local or not domain or "@" in domain:
+            raise ConfigError("XMPP_JID", f"expected user@domain, got {jid!r}")
     elif name == "api_server":
         key = extra.get("key") or settings.api_key
         if not key or len(key) < 16:

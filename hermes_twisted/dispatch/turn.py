@@ -27,6 +27,7 @@ from hermes_twisted.dispatch.runs import RunHandle
 from hermes_twisted.dispatch.typing_loop import TypingLoop
 from hermes_twisted.sessions.reset import policy_for, reset_notice
 from hermes_twisted.upstream import TurnRequest
+from hermes_twisted.upstream.media import prepare_media, transcript_text, with_notes
 
 log = Logger()
 
@@ -118,12 +119,16 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
         if not handle.is_current():
             return
         carried = [{"role": "user", "content": e.text} for e in handle.carried if e.text]
-        request = TurnRequest(message=event.text, session_id=entry.session_id, session_key=key,
+        images, notes = await prepare_media(event.media) if event.media else ([], [])
+        if not handle.is_current():
+            return
+        request = TurnRequest(message=with_notes(event.text, notes),
+                              session_id=entry.session_id, session_key=key,
                               context_prompt=build_context_prompt(event),
-                              history=list(history) + carried)
+                              history=list(history) + carried, images=images)
         # This frame lives as long as the turn: it does not keep the history too (the
         # upstream keeps what it still needs of the request).
-        del history, carried
+        del history, carried, images
         handle.consumer = gw.consumer_factory(
             adapter, handle.chat_id, clock=gw.clock, settings=gw.config.streaming,
             is_current=is_current, reply_to=event.message_id,
@@ -161,7 +166,8 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
                 gw.store.append(entry.session_id, "user", e.text, platform_message_id=e.message_id)
                 for e in handle.carried if e.text
             ] + [
-                gw.store.append(entry.session_id, "user", event.text,
+                gw.store.append(entry.session_id, "user",
+                                transcript_text(event.text, event.media),
                                 platform_message_id=event.message_id),
                 gw.store.append(entry.session_id, "assistant", final,
                                 platform_message_id=message_ids[0] if message_ids else None),

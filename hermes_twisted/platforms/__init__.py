@@ -1,7 +1,8 @@
 """
 The platforms: the adapter contract (L{hermes_twisted.platforms.base}), the shared kit
 (L{hermes_twisted.platforms.kit}) and one subpackage per platform (C{irc/}, C{matrix/},
-C{telegram/}, C{api_server/}, C{discord/}; the relay has its own package, L{hermes_twisted.relay}).
+C{telegram/}, C{discord/}, C{slack/}, C{api_server/}, C{xmpp/}; the relay has its own package,
+L{hermes_twisted.relay}).
 
 A platform package holds its adapter, its protocol, its wire format and its text rules.  It
 may import the contract, the kit, L{hermes_twisted.delivery} (splitting and text rules),
@@ -20,9 +21,11 @@ ADAPTERS = {
     "irc": "hermes_twisted.platforms.irc.adapter.IRCAdapter",
     "matrix": "hermes_twisted.platforms.matrix.adapter.MatrixAdapter",
     "telegram": "hermes_twisted.platforms.telegram.adapter.TelegramAdapter",
+    "slack": "hermes_twisted.platforms.slack.adapter.SlackAdapter",
     "api_server": "hermes_twisted.platforms.api_server.adapter.APIServerAdapter",
     "discord": "hermes_twisted.platforms.discord.adapter.DiscordAdapter",
     "relay": "hermes_twisted.relay.adapter.RelayAdapter",
+    "xmpp": "hermes_twisted.platforms.xmpp.adapter.XMPPAdapter",
 }
 
 

@@ -6,6 +6,7 @@ in-memory upstream.
   proxy.py   L{ProxyUpstream}: POST /v1/chat/completions with SSE streaming (proxy mode)
   sse.py     the SSE decoder
   body.py    the streaming body protocol of one response
+  media.py   inbound attachments to C{image_url} parts and text notes
 
 May import: L{hermes_twisted.model}, L{hermes_twisted.config.settings}, L{hermes_twisted.net}
 and itself.
@@ -28,6 +29,8 @@ class TurnRequest:
     session_key: str
     context_prompt: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: C{data:} URLs of images the user sent with this message (C{image_url} content parts)
+    images: list[str] = field(default_factory=list)
 
 
 class TurnSink(Protocol):

@@ -54,7 +54,13 @@ def build_messages(request: TurnRequest) -> list[dict[str, Any]]:
     for row in request.history:
         if row.get("role") in ("user", "assistant") and row.get("content"):
             messages.append({"role": row["role"], "content": row["content"]})
-    messages.append({"role": "user", "content": request.message})
+    if request.images:
+        # proxy.md 2.4: the API server takes OpenAI-style image_url parts in a user message.
+        parts: list[dict[str, Any]] = [{"type": "text", "text": request.message}]
+        parts += [{"type": "image_url", "image_url": {"url": url}} for url in request.images]
+        messages.append({"role": "user", "content": parts})
+    else:
+        messages.append({"role": "user", "content": request.message})
     return messages
 
 

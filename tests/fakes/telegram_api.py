@@ -220,6 +220,7 @@ class FakeTelegramAPI:
         self._waiters: list[_Waiter] = []
         self._rate_limits: dict[str, list[int]] = {}
         self._failures: dict[str, list[APIError]] = {}
+        self.files: dict[str, tuple[str, bytes]] = {}  # file_id -> (file_path, bytes)
         self.resource = _BotResource(self)
         self._factory = WrappingFactory(Site(self.resource, reactor=reactor, timeout=None))
         self._port: Any = None
@@ -336,6 +337,16 @@ class FakeTelegramAPI:
         if handler is None:
             raise APIError(404, "Not Found")
         return handler(request, params)
+
+    def add_file(self, file_id: str, data: bytes, path: str | None = None) -> None:
+        self.files[file_id] = (path or f"photos/{file_id}.jpg", data)
+
+    def api_getFile(self, request: Any, params: dict[str, Any]) -> Any:
+        found = self.files.get(str(params.get("file_id")))
+        if found is None:
+            raise APIError(400, "Bad Request: invalid file_id")
+        return {"file_id": params["file_id"], "file_size": len(found[1]),
+                "file_path": found[0]}
 
     def api_getMe(self, request: Any, params: dict[str, Any]) -> Any:
         return self.me
@@ -506,6 +517,13 @@ class _BotResource(Resource):
 
     def render(self, request: Any) -> Any:
         parts = [p.decode("utf-8", "replace") for p in request.postpath]
+        if parts[:1] == ["file"] and len(parts) > 2 and parts[1] == f"bot{self.api.token}":
+            path = "/".join(parts[2:])
+            for file_path, data in self.api.files.values():
+                if file_path == path:
+                    return data
+            request.setResponseCode(404)
+            return b"not found"
         if len(parts) != 2 or not parts[0].startswith("bot"):
             return _error_now(request, APIError(404, "Not Found"))
         try:

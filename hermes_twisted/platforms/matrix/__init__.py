@@ -1,6 +1,14 @@
 """
-Matrix: the client-server API over treq (a real Synapse in the tests).
+Matrix: the client-server API over treq (a real Synapse in the tests), with end-to-end
+encryption on vodozemac.
 
-  adapter.py   L{MatrixAdapter}: login, the /sync loop, rooms, sends and edits
-  format.py    Markdown to Matrix HTML
+  adapter.py      L{MatrixAdapter}: login and the device, the /sync loop, rooms, sends, edits,
+                  held undecryptable events, media in and out
+  format.py       Markdown to Matrix HTML
+  media.py        mxc URIs, media messages, reply image links
+  crypto.py       L{MatrixCrypto}: Olm/Megolm, device lists, key upload, key sharing, rotation
+  cryptostore.py  the per-device SQLite crypto store (pickles encrypted, single writer)
+  backup.py       server-side key backup and the recovery key
+  attachments.py  encrypted attachments (AES-CTR, SHA-256)
+  encoding.py     canonical JSON and unpadded base64
 """

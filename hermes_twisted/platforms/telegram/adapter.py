@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -27,6 +27,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.delivery.splitting import truncate_message, utf16_len
 from hermes_twisted.model import MessageEvent, Platform, SendResult
+from hermes_twisted.net.body import read_body
 from hermes_twisted.net.pool import make_pool
 from hermes_twisted.net.reconnect import exponential_delay
 from hermes_twisted.platforms.base import PlatformAdapter
@@ -81,6 +82,7 @@ class TelegramAdapter(PlatformAdapter):
         self.base_url = str(extra.get("base_url") or DEFAULT_BASE_URL).rstrip("/")
         self.reply_to_mode = str(extra.get("reply_to_mode") or settings.reply_to_mode or "first")
         self.updates = UpdateReader(extra)
+        self.updates.fetcher = self._file_fetcher
         self.drop_pending_updates = as_bool(extra.get("drop_pending_updates", False))
         self.poll_timeout = poll_timeout
         self.request_timeout = request_timeout
@@ -219,6 +221,27 @@ class TelegramAdapter(PlatformAdapter):
             raise TelegramAPIError(0, "adapter not running")
         return await botapi.call(self._http, self.base_url, self.settings.token or "",
                                           method, params)
+
+    def _file_fetcher(self, file_id: str) -> Any:
+        """C{fetch(cap)} for one file: C{getFile}, then its bytes, read up to C{cap}."""
+        def fetch(cap: int) -> Deferred:
+            return ensureDeferred(self._download(file_id, cap))
+        return fetch
+
+    async def _download(self, file_id: str, cap: int) -> bytes:
+        info = await self._call("getFile", {"file_id": file_id}, timeout=30)
+        path = info.get("file_path") if isinstance(info, dict) else None
+        if not isinstance(path, str) or self._http is None:
+            raise TelegramAPIError(0, "the file is not available")
+        url = f"{self.base_url}/file/bot{self.settings.token or ''}/{path}"
+        d = self._http.get(url, unbuffered=True)
+        d.addTimeout(60, self.reactor)
+        response = await self._inflight.track(d)
+        if response.code != 200:
+            raise TelegramAPIError(response.code, f"file download answered {response.code}")
+        body = read_body(response, cap)
+        body.addTimeout(120, self.reactor)
+        return await self._inflight.track(body)
 
     def _describe(self, error: BaseException) -> str:
         return botapi.describe(error, self.settings.token)

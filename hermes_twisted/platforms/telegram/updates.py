@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from twisted.logger import Logger
 
-from hermes_twisted.model import MessageEvent, MessageType, Platform, SessionSource
+from hermes_twisted.model import MediaPart, MessageEvent, MessageType, Platform, SessionSource
 from hermes_twisted.platforms.base import is_allowed
 
 
@@ -59,6 +59,9 @@ class UpdateReader:
 
     log = Logger()
 
+    #: C{fetcher(file_id)} returns a L{MediaPart} C{fetch}; set by the adapter
+    fetcher: Any = None
+
     def __init__(self, extra: Mapping[str, Any]) -> None:
         self.require_mention = as_bool(extra.get("require_mention", False))
         allow_bots = str(extra.get("allow_bots", "none")).strip().lower()
@@ -96,9 +99,13 @@ class UpdateReader:
         entities = message.get("entities")
         if not isinstance(text, str):
             text, entities = message.get("caption"), message.get("caption_entities")
+        media = self._media(message)
         if not isinstance(text, str) or not text.strip():
-            self.log.debug("telegram: skipping update {update_id}: no text", update_id=update_id)
-            return None
+            if media is None:
+                self.log.debug("telegram: skipping update {update_id}: no text",
+                               update_id=update_id)
+                return None
+            text = ""
         entities = [e for e in entities if isinstance(e, dict)] \
             if isinstance(entities, list) else []
         sender = message.get("from") if isinstance(message.get("from"), dict) else {}
@@ -142,7 +149,8 @@ class UpdateReader:
         event = MessageEvent(
             text=text,
             source=source,
-            message_type=MessageType.COMMAND if text.startswith("/") else MessageType.TEXT,
+            message_type=(MessageType.COMMAND if text.startswith("/") else
+                          media[0] if media is not None else MessageType.TEXT),
             raw_message=message,
             message_id=source.message_id,
             platform_update_id=update_id if isinstance(update_id, int) else None,
@@ -157,9 +165,34 @@ class UpdateReader:
             event.reply_to_author_id = str(author["id"]) if "id" in author else None
             event.reply_to_author_name = author.get("username") or author.get("first_name")
             event.reply_to_is_own_message = me_id is not None and author.get("id") == me_id
+        if media is not None:
+            event.media = [media[1]]
+            event.media_types = [media[1].mime_type]
         if edited:
             event.metadata["edited"] = True
         return event
+
+    def _media(self, message: dict[str, Any]) -> tuple[MessageType, MediaPart] | None:
+        """A photo (its largest size) or a document, as a L{MediaPart} fetched on demand."""
+        photo = message.get("photo")
+        document = message.get("document")
+        if isinstance(photo, list) and photo and isinstance(photo[-1], dict):
+            best = photo[-1]
+            part = MediaPart("image", "image/jpeg", "photo.jpg", best.get("file_size"))
+            kind = MessageType.PHOTO
+        elif isinstance(document, dict) and document.get("file_id"):
+            best = document
+            mime = str(document.get("mime_type") or "application/octet-stream")
+            part = MediaPart("image" if mime.startswith("image/") else "file", mime,
+                             document.get("file_name"), document.get("file_size"))
+            kind = MessageType.PHOTO if part.kind == "image" else MessageType.DOCUMENT
+        else:
+            return None
+        if not isinstance(part.size, int):
+            part.size = None
+        if self.fetcher is not None and isinstance(best.get("file_id"), str):
+            part.fetch = self.fetcher(best["file_id"])
+        return kind, part
 
     def _group_authorized(self, chat_id: str, user_id: str | None) -> bool:
         """TELEGRAM_GROUP_ALLOWED_CHATS / _USERS grant access in groups (0.19.0 authz step 2)."""

@@ -1,0 +1,243 @@
+"""Matrix crypto units: attachment crypto (known vectors), the store, the engine's key rules."""
+
+import json
+import os
+
+import pytest
+import pytest_twisted
+import vodozemac
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
+
+from hermes_twisted.platforms.matrix.attachments import (
+    AttachmentError,
+    decrypt_attachment,
+    encrypt_attachment,
+)
+from hermes_twisted.platforms.matrix.crypto import (
+    CryptoError,
+    MatrixCrypto,
+    MissingRoomKey,
+    OutboundSession,
+    needs_rotation,
+)
+from hermes_twisted.platforms.matrix.cryptostore import CryptoStore, StoreLocked
+from hermes_twisted.platforms.matrix.encoding import b64encode, urlsafe_b64encode
+
+# NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt, blocks 1 and 2.
+NIST_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
+NIST_IV = bytes.fromhex("f0f1f2f3f4f5f6f7f8f9fafbfcfdfeff")
+NIST_PLAIN = bytes.fromhex("6bc1bee22e409f96e93d7e117393172aae2d8a571e03ac9c9eb76fac45af8e51")
+NIST_CIPHER = bytes.fromhex("601ec313775789a5b7a7f504bbf3d228f443e3ca4d62b59aca84e990cacaf5c5")
+
+
+def nist_file(ciphertext=NIST_CIPHER):
+    import hashlib
+
+    return {"v": "v2", "iv": b64encode(NIST_IV),
+            "key": {"kty": "oct", "alg": "A256CTR", "k": urlsafe_b64encode(NIST_KEY),
+                    "key_ops": ["encrypt", "decrypt"], "ext": True},
+            "hashes": {"sha256": b64encode(hashlib.sha256(ciphertext).digest())}}
+
+
+def test_attachment_decrypts_the_nist_vector_and_refuses_a_hash_mismatch():
+    assert decrypt_attachment(NIST_CIPHER, nist_file()) == NIST_PLAIN
+    tampered = bytes([NIST_CIPHER[0] ^ 1]) + NIST_CIPHER[1:]
+    with pytest.raises(AttachmentError, match="SHA-256"):
+        decrypt_attachment(tampered, nist_file())
+    for broken in ({**nist_file(), "v": "v1"}, {**nist_file(), "key": {"alg": "A128CTR"}},
+                   {"v": "v2"}):
+        with pytest.raises(AttachmentError):
+            decrypt_attachment(NIST_CIPHER, broken)
+
+
+def test_attachment_round_trip_and_interop_with_nio():
+    data = os.urandom(5000)
+    ciphertext, file = encrypt_attachment(data)
+    assert len(ciphertext) == len(data) and ciphertext != data
+    assert file["v"] == "v2" and file["key"]["alg"] == "A256CTR"
+    assert decrypt_attachment(ciphertext, file) == data
+    nio = pytest.importorskip("nio.crypto.attachments",
+                              reason="matrix-nio[e2e] (the test extra) cross-checks attachments")
+    assert nio.decrypt_attachment(ciphertext, file["key"]["k"], file["hashes"]["sha256"],
+                                  file["iv"]) == data
+    theirs, keys = nio.encrypt_attachment(data)
+    assert decrypt_attachment(theirs, {**keys, "v": "v2"}) == data
+
+
+def test_rotation_rules():
+    out = OutboundSession(session=None, created=100.0)
+    assert not needs_rotation(out, 100.0, max_ms=1000, max_msgs=2)
+    out.sent = 2
+    assert needs_rotation(out, 100.0, max_ms=1000, max_msgs=2)
+    out.sent = 0
+    assert needs_rotation(out, 101.0, max_ms=1000, max_msgs=2)
+    assert not needs_rotation(out, 100.999, max_ms=1000, max_msgs=2)
+
+
+class FakeKeyServer:
+    """Just enough of /keys for one device: query, upload, nothing else."""
+
+    def __init__(self):
+        self.device_keys, self.otks, self.fallback, self.uploads = None, {}, {}, 0
+
+    async def call(self, method, path, body=None, query=None, **_):
+        if path == "/keys/query":
+            user = next(iter(body["device_keys"]))
+            found = {self.device_keys["device_id"]: self.device_keys} if self.device_keys else {}
+            return {"device_keys": {user: found}}
+        if path == "/keys/upload":
+            self.uploads += 1
+            if "device_keys" in body:
+                self.device_keys = body["device_keys"]
+            self.otks.update(body.get("one_time_keys", {}))
+            self.fallback.update(body.get("fallback_keys", {}))
+            return {"one_time_key_counts": {"signed_curve25519": len(self.otks)}}
+        if path.startswith("/sendToDevice/"):
+            self.to_device = getattr(self, "to_device", []) + [(path.split("/")[2], body)]
+            return {}
+        if path.endswith("/joined_members"):
+            return {"joined": {"@bot:localhost": {}}}
+        raise AssertionError(f"unexpected {method} {path}")
+
+
+def engine(tmp_path, server, secret=None):
+    store = CryptoStore(str(tmp_path / "store"), secret=secret, run_in_thread=maybeDeferred)
+    return MatrixCrypto(user_id="@bot:localhost", device_id="DEV", store=store,
+                        call=server.call, clock=Clock())
+
+
+@pytest_twisted.ensureDeferred
+async def test_engine_publishes_keys_persists_and_refuses_a_clobbered_device(tmp_path):
+    server = FakeKeyServer()
+    first = engine(tmp_path, server)
+    await first.start()
+    assert server.device_keys["keys"]["ed25519:DEV"] == first.ed25519
+    assert len(server.otks) == first.account.max_number_of_one_time_keys // 2
+    assert len(server.fallback) == 1 and list(server.fallback.values())[0]["fallback"] is True
+    assert oct(os.stat(first.store.path).st_mode & 0o777) == "0o600"
+    assert oct(os.stat(tmp_path / "store" / "pickle.key").st_mode & 0o777) == "0o600"
+    with pytest.raises(StoreLocked):  # one writer per device
+        await engine(tmp_path, server).start()
+    # Replenish from the sync counts; a used-up fallback key is replaced.
+    before = server.uploads
+    await first.receive_sync({"device_one_time_keys_count": {"signed_curve25519": 3},
+                               "device_unused_fallback_key_types": []})
+    assert server.uploads == before + 1 and len(server.fallback) == 2
+    await first.store.close()
+    # Restart: the same account, no new device keys.
+    again = engine(tmp_path, server)
+    await again.start()
+    assert again.ed25519 == first.ed25519 and server.uploads == before + 1
+    await again.store.close()
+    # The store is lost but the server has this device's keys: refuse, never re-key.
+    os.rename(tmp_path / "store", tmp_path / "lost")
+    with pytest.raises(CryptoError, match="new device"):
+        await engine(tmp_path, server).start()
+
+
+@pytest_twisted.ensureDeferred
+async def test_store_key_encrypts_the_pickles(tmp_path):
+    server = FakeKeyServer()
+    first = engine(tmp_path, server, secret="operator secret")
+    await first.start()
+    await first.store.close()
+    assert not (tmp_path / "store" / "pickle.key").exists()
+    wrong = engine(tmp_path, server, secret="another secret")
+    with pytest.raises(vodozemac.PickleException):
+        await wrong.start()
+    await wrong.store.close()
+    right = engine(tmp_path, server, secret="operator secret")
+    await right.start()
+    assert right.ed25519 == first.ed25519
+    with pytest.raises(MissingRoomKey):
+        await right.decrypt_room_event("!r", {"content": {
+            "algorithm": "m.megolm.v1.aes-sha2", "session_id": "nope", "ciphertext": "x"}})
+    await right.store.close()
+    assert json.loads(json.dumps(server.device_keys))  # plain JSON on the wire
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_encryption_rotates_by_the_rooms_limits_and_keeps_relations(tmp_path):
+    server = FakeKeyServer()
+    bot = engine(tmp_path, server)
+    await bot.start()
+    room = "!r:localhost"
+    assert not bot.is_encrypted(room)
+    await bot.receive_sync({"device_one_time_keys_count": {"signed_curve25519": 25},
+                            "rooms": {"join": {room: {"state": {"events": [{
+                                "type": "m.room.encryption", "state_key": "",
+                                "content": {"algorithm": "m.megolm.v1.aes-sha2",
+                                            "rotation_period_msgs": 2,
+                                            "rotation_period_ms": 60_000}}]}}}}})
+    assert bot.is_encrypted(room)
+    thread = {"rel_type": "m.thread", "event_id": "$root"}
+    sent = [await bot.encrypt(room, "m.room.message",
+                              {"msgtype": "m.text", "body": f"n{i}", "m.relates_to": thread})
+            for i in range(3)]
+    assert all(e["m.relates_to"] == thread for e in sent)  # cleartext, for the server
+    assert sent[0]["session_id"] == sent[1]["session_id"] != sent[2]["session_id"]
+    bot.clock.advance(61)
+    later = await bot.encrypt(room, "m.room.message", {"msgtype": "m.text", "body": "late"})
+    assert later["session_id"] != sent[2]["session_id"]
+    # A member leaving rotates at once.
+    await bot.receive_sync({"rooms": {"join": {room: {"timeline": {"events": [{
+        "type": "m.room.member", "state_key": "@eve:localhost",
+        "content": {"membership": "leave"}}]}}}}})
+    after_leave = await bot.encrypt(room, "m.room.message", {"msgtype": "m.text", "body": "x"})
+    assert after_leave["session_id"] != later["session_id"]
+    # Our own events decrypt with the inbound half we kept; the room setting is sticky.
+    event = {"type": "m.room.encrypted", "sender": "@bot:localhost", "event_id": "$1",
+             "content": sent[0]}
+    plain = await bot.decrypt_room_event(room, event)
+    assert plain["type"] == "m.room.message" and plain["content"]["body"] == "n0"
+    await bot.flush()
+    await bot.store.close()
+    again = engine(tmp_path, server)
+    await again.start()
+    assert again.is_encrypted(room) and again.room_key_count == bot.room_key_count
+    await again.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_key_requests_and_forwarded_keys_only_for_what_we_asked(tmp_path):
+    from hermes_twisted.platforms.matrix.crypto import DecryptionFailed
+
+    server = FakeKeyServer()
+    bot = engine(tmp_path, server)
+    await bot.start()
+    room = "!r:localhost"
+    outbound = vodozemac.GroupSession()
+    exported = vodozemac.InboundGroupSession(outbound.session_key).export_at(0).to_base64()
+    forwarded = {"type": "m.forwarded_room_key", "keys": {"ed25519": "x"}, "content": {
+        "algorithm": "m.megolm.v1.aes-sha2", "room_id": room,
+        "session_id": outbound.session_id, "session_key": exported,
+        "sender_key": "ALICEKEY", "sender_claimed_ed25519_key": "ALICEED"}}
+
+    async def olm_payload(sender, content):
+        return forwarded
+
+    bot._olm_decrypt = olm_payload
+    to_device = {"type": "m.room.encrypted", "sender": "@bot:localhost",
+                 "content": {"algorithm": "m.olm.v1.curve25519-aes-sha2",
+                             "sender_key": "OWNDEVICE", "ciphertext": {}}}
+    with pytest.raises(DecryptionFailed, match="did not ask"):
+        await bot._to_device(to_device)
+    held = {"sender": "@alice:localhost", "content": {
+        "session_id": outbound.session_id, "sender_key": "ALICEKEY"}}
+    await bot.request_key(room, held)
+    await bot.request_key(room, held)  # once per session
+    (kind, body), = server.to_device
+    request = body["messages"]["@alice:localhost"]["*"]
+    assert kind == "m.room_key_request" and set(body["messages"]) == {"@alice:localhost",
+                                                                       "@bot:localhost"}
+    assert request["action"] == "request" and request["requesting_device_id"] == "DEV"
+    assert request["body"] == {"algorithm": "m.megolm.v1.aes-sha2", "room_id": room,
+                               "session_id": outbound.session_id, "sender_key": "ALICEKEY"}
+    arrived = await bot._to_device(to_device)  # from our own device, for our request
+    assert arrived == {(room, outbound.session_id)}
+    await bot.cancel_requests(arrived)
+    cancel = server.to_device[-1][1]["messages"]["@bot:localhost"]["*"]
+    assert cancel == {"action": "request_cancellation", "requesting_device_id": "DEV",
+                      "request_id": request["request_id"]}
+    await bot.store.close()
