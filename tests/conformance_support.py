@@ -19,6 +19,8 @@ connections still open, stop it.  No fake server is written here; each harness r
   - slack: L{tests.servers.slack.FakeSlack} on loopback, like L{tests.test_slack};
   - email: the real Dovecot + aiosmtpd of L{tests.servers.dovecot} (no fake: the real server
     starts in well under a second), like L{tests.test_email_server};
+  - discord: L{tests.servers.discord.FakeDiscord} (gateway WebSocket + REST) on loopback,
+    like L{tests.test_discord};
   - xmpp: a real Prosody and a slixmpp user process, like L{tests.test_xmpp_integration}.
 
 Harnesses on a C{Clock} advance it themselves while waiting (L{ClockHarness.until}); those on
@@ -51,6 +53,7 @@ from twisted.web.server import NOT_DONE_YET
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform
 from hermes_twisted.platforms.api_server.adapter import APIServerAdapter
+from hermes_twisted.platforms.discord.adapter import DiscordAdapter
 from hermes_twisted.platforms.email.adapter import EmailAdapter
 from hermes_twisted.platforms.slack.adapter import SlackAdapter
 from hermes_twisted.platforms.telegram.adapter import TelegramAdapter
@@ -59,6 +62,11 @@ from hermes_twisted.relay.adapter import RelayAdapter
 from hermes_twisted.relay.stub import NEVER, StubConnector
 from tests.fakes.telegram_api import FakeTelegramAPI
 from tests.relay_support import RecordingSink, eventually, relay_config
+from tests.servers.discord import CHANNEL_ID as DISCORD_CHANNEL
+from tests.servers.discord import FREE_CHANNEL_ID as DISCORD_FREE_CHANNEL
+from tests.servers.discord import GUILD_ID as DISCORD_GUILD
+from tests.servers.discord import TOKEN as DISCORD_TOKEN
+from tests.servers.discord import FakeDiscord, user_object
 from tests.servers.slack import FakeSlack
 from tests.test_irc import FakeAdapter as IRCFakeAdapter
 from tests.test_irc import make_settings as irc_settings
@@ -1032,3 +1040,101 @@ class XMPPHarness(RealReactorHarness):
         finally:
             if self.server is not None:
                 self.server.stop()
+
+
+# -- Discord ------------------------------------------------------------------------------------
+
+
+class DiscordHarness(RealReactorHarness):
+    """The Discord adapter (gateway WebSocket + REST pool) against the fake Discord."""
+
+    name = "discord"
+    inbound_platform = Platform.DISCORD
+    user = "1100000000000000500"
+    inbound_chats = (DISCORD_FREE_CHANNEL, DISCORD_CHANNEL)
+
+    def __init__(self, tmp_path: Any) -> None:
+        super().__init__(tmp_path)
+        self.fake = FakeDiscord(real_reactor)
+        self._fake_up = False
+        self.thread: tuple[str, str] | None = None
+
+    async def start(self) -> None:
+        self.clock = real_reactor
+        await self.fake.start()
+        self._fake_up = True
+        self.fake.add_member(DISCORD_GUILD, user_object(self.user, "alice"))
+        thread_id = self.fake.add_thread(DISCORD_FREE_CHANNEL, "a thread")
+        # In a thread the chat is the thread itself (0.19.0): chat_id = thread_id.
+        self.thread = (thread_id, thread_id)
+        settings = PlatformSettings(
+            name="discord", enabled=True, token=DISCORD_TOKEN,
+            extra={"api_base": self.fake.api_base, "reactions": False,
+                   "slash_commands": False, "free_response_channels": list(self.inbound_chats)})
+        self.adapter = DiscordAdapter(settings, reactor=real_reactor, rand=lambda: 0.5)
+        self.adapter.attach(self.sink)
+        self.adapter.startService()
+        assert await self.until(lambda: self.adapter.status == "connected"), \
+            self.adapter.status
+        assert await self.until(lambda: thread_id in self.adapter._channels)
+
+    async def inject_inbound(self, text: str, chat_id: str, user_id: str | None = None,
+                             thread_id: str | None = None) -> MessageEvent:
+        before = len(self.sink.events)
+        author = user_object(user_id or self.user, "alice")
+        self.fake.user_message(thread_id or chat_id, author, text)
+        return await self._next_event(before)
+
+    async def open_chat(self) -> str:
+        return self.inbound_chats[0]
+
+    async def break_outbound(self) -> None:
+        # Discord goes away: both ports close and every connection is cut.
+        await self._stop_fake()
+
+    async def calls_in_flight(self, chat_id: str) -> list[tuple[str, str, Deferred]]:
+        sent = await self.adapter.send(chat_id, "to be edited")
+        assert sent.success, sent
+        self.fake.hold = True  # Discord stops answering
+        before = len(self.fake.held)
+        adapter = self.adapter
+        calls = [("an unanswered send", "send", adapter.send(chat_id, "unanswered")),
+                 ("an unanswered edit", "edit_message",
+                  adapter.edit_message(chat_id, sent.message_id, "unanswered edit")),
+                 ("an unanswered typing request", "send_typing", adapter.send_typing(chat_id))]
+        assert await self.until(lambda: len(self.fake.held) >= before + 3)
+        return calls
+
+    async def send_waiting_out_rate_limit(self, chat_id: str) -> Deferred | None:
+        # A send queues behind its bucket for retry_after (edits give up after 2 s).
+        self.fake.rate_limit("POST", r"/channels/\d+/messages$", retry_after=25)
+        d = self.adapter.send(chat_id, "waiting out a 429")
+
+        def waiting() -> bool:  # a new timer about 25 s out: the bucket's reset
+            now = real_reactor.seconds()
+            return any(23 < c.getTime() - now <= 25 for c in self.leftover_delayed_calls())
+
+        assert await self.until(waiting), "the send never started waiting out the 429"
+        return d
+
+    async def _stop_fake(self) -> None:
+        if self._fake_up:
+            self._fake_up = False
+            await self.fake.stop()
+
+    async def sent_texts(self, chat_id: str) -> list[str]:
+        return [m["content"] for m in self.fake.sent_messages(chat_id)]
+
+    def open_connections(self) -> int:
+        if not self._fake_up:
+            return 0
+        return len(self.fake.connections) + len(self.fake.rest_connections)
+
+    def peer_owns(self, call: Any) -> bool:
+        # The fake's twisted.web Site refreshes its log date every second while it listens.
+        return self._fake_up and getattr(call.func, "__self__", None) is self.fake.site
+
+    async def stop(self) -> None:
+        if self.adapter is not None and self.adapter.running:
+            await self.adapter.stopService()
+        await self._stop_fake()

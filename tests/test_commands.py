@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import pytest
 
+from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.dispatch import commands, interrupts
 from hermes_twisted.dispatch.commands import public_url
-from tests.fakes.gateway_kit import Kit
+from tests.fakes.gateway_kit import ChatAdapter, Kit
 
 
 def test_parse_slash_bot_suffix_and_paths():
@@ -70,6 +71,21 @@ def test_status_reports_session_run_and_upstream_without_credentials():
     assert "running for 1m 15s" in busy
     assert kit.store.peek(kit.key()).session_id in busy
     assert "Platform: telegram" in busy
+
+
+def test_status_shows_the_other_platforms_and_why_one_stopped():
+    """A Discord stopped by a fatal close code is seen in /status from another platform."""
+    kit = Kit()
+
+    class StoppedDiscord(ChatAdapter):
+        status = "failed: gateway closed 4014: disallowed intents"
+
+    kit.gateway.add_adapter(StoppedDiscord(PlatformSettings(name="discord", enabled=True),
+                                           timeline=[]))
+    kit.say("/status")
+    text = kit.adapter.texts[-1]
+    assert "Platform: telegram (" in text
+    assert "Other platforms: discord (failed: gateway closed 4014: disallowed intents)" in text
 
 
 def test_public_url():

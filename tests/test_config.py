@@ -259,7 +259,7 @@ ERRORS = [
     ({"gateway": {"platforms": {"smoke": {}}}}, {},
      "gateway.platforms.smoke: unknown platform 'smoke'"),
     ({"platforms": {"discord": {"enabled": True}}}, {},
-     "platforms.discord: discord is not supported by this daemon"),
+     "DISCORD_BOT_TOKEN: required when Discord is enabled"),
     ({"platforms": {"mattermost": {"token": "t-1"}}}, {},
      "platforms.mattermost: mattermost is not supported by this daemon"),
     ({"platforms": {"slack": {"token": "xoxb-1", "enabled": True}}}, {},
@@ -342,8 +342,8 @@ def test_error_names_the_key_and_the_problem(doc, env, expected):
 
 
 def test_unsupported_platform_error_suggests_the_relay():
-    text = error_of({"platforms": {"discord": {"token": "x"}}})
-    assert "GATEWAY_RELAY_PLATFORMS=discord" in text and "supported: " in text
+    text = error_of({"platforms": {"mattermost": {"token": "x"}}})
+    assert "GATEWAY_RELAY_PLATFORMS=mattermost" in text and "supported: " in text
 
 
 def test_errors_never_echo_secrets_or_url_passwords():
@@ -361,14 +361,43 @@ def test_yaml_dates_in_string_settings_are_text():
 
 
 def test_hermes_stock_behaviour_blocks_of_unsupported_platforms_load_with_a_warning(warnings):
-    """hermes's shipped config.yaml has discord:/slack: blocks that enable nothing; a copied
+    """hermes's shipped config.yaml has blocks for platforms it may never enable; a copied
     file must load (the blocks are ignored, and the operator is told)."""
     config = load({"mattermost": {"require_mention": True},
-                   "gateway": {"discord": {"require_mention": True,
-                                           "free_response_channels": ""}}})
-    assert "discord" not in config.platforms and "mattermost" not in config.platforms
+                   "gateway": {"whatsapp": {"require_mention": True,
+                                            "free_response_channels": ""}}})
+    assert "whatsapp" not in config.platforms and "mattermost" not in config.platforms
     assert any("mattermost is not supported" in w for w in warnings)
-    assert any("discord is not supported" in w for w in warnings)
+    assert any("whatsapp is not supported" in w for w in warnings)
+
+
+def test_hermes_stock_discord_block_is_a_real_platform_block_that_enables_nothing(warnings):
+    """Hermes's stock discord: block (behaviour keys, no token) configures Discord without
+    turning it on; the token (DISCORD_BOT_TOKEN) does."""
+    doc = {"discord": {"require_mention": True, "free_response_channels": "1,2",
+                       "auto_thread": False, "reactions": True, "reply_to_mode": "all"}}
+    config = load(doc)
+    assert not config.platforms["discord"].enabled
+    assert not any("discord" in w for w in warnings)
+    config = load(doc, {"DISCORD_BOT_TOKEN": "t0ken", "DISCORD_API_BASE": "http://x/api"})
+    discord = config.platforms["discord"]
+    assert discord.enabled and discord.token == "t0ken"
+    extra = discord.extra
+    assert extra["require_mention"] is True and extra["auto_thread"] is False
+    assert extra["reply_to_mode"] == "all" and extra["api_base"] == "http://x/api"
+    assert tuple(extra["free_response_channels"]) == ("1", "2")
+
+
+def test_discord_allowed_users_accept_mentions_and_user_prefixes():
+    config = load({}, {"DISCORD_BOT_TOKEN": "t",
+                       "DISCORD_ALLOWED_USERS": "<@12>, <@!34>,user:56,78"})
+    assert config.platforms["discord"].allowed_users == ("12", "34", "56", "78")
+
+
+def test_a_discord_the_relay_fronts_is_not_dialled_natively():
+    config = load({}, {"DISCORD_BOT_TOKEN": "t0ken", "GATEWAY_RELAY_URL": "https://c",
+                       "GATEWAY_RELAY_PLATFORMS": "discord"})
+    assert not config.platforms["discord"].enabled
 
 
 def test_hermes_stock_slack_block_configures_the_native_platform_without_enabling_it():
@@ -397,9 +426,9 @@ def test_slack_is_enabled_by_its_tokens():
 
 
 def test_disabled_unsupported_block_is_accepted():
-    config = load({"platforms": {"discord": {"enabled": False, "token": "x"}},
-                   "mattermost": {"enabled": "false"}})
-    assert "discord" not in config.platforms and "mattermost" not in config.platforms
+    config = load({"platforms": {"mattermost": {"enabled": False, "token": "x"}},
+                   "whatsapp": {"enabled": "false"}})
+    assert "mattermost" not in config.platforms and "whatsapp" not in config.platforms
 
 
 def test_unknown_keys_in_known_blocks_warn_but_load(warnings):
@@ -417,9 +446,9 @@ def test_unknown_keys_in_known_blocks_warn_but_load(warnings):
 
 
 def test_unsupported_platform_token_in_env_warns(warnings):
-    load(env={"DISCORD_BOT_TOKEN": "discord-token-value"})
-    assert any("DISCORD_BOT_TOKEN" in w and "relay" in w for w in warnings)
-    assert not any("discord-token-value" in w for w in warnings)
+    load(env={"MATTERMOST_TOKEN": "mm-token-value"})
+    assert any("MATTERMOST_TOKEN" in w and "relay" in w for w in warnings)
+    assert not any("mm-token-value" in w for w in warnings)
 
 
 # -- relay ----------------------------------------------------------------------------------
@@ -535,7 +564,8 @@ class TestRelaySettings:
                       {"GATEWAY_RELAY_URL": "https://c", "GATEWAY_RELAY_PLATFORMS": "discord"})
         assert dict(config.platforms["relay"].extra["discord"]) == {
             "require_mention": True, "free_response_channels": "1,2", "allow_bots": "all"}
-        assert "discord" not in config.platforms
+        # The block also describes native Discord, which the relay's fronting keeps off.
+        assert not config.platforms["discord"].enabled
 
     def test_fronted_supported_platform_and_top_level_policy_defaults(self):
         config = load({"telegram": {"require_mention": True}, "require_mention": False,

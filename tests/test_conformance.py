@@ -50,6 +50,7 @@ from hermes_twisted.platforms import ADAPTERS, adapter_class
 from hermes_twisted.sessions.keys import build_session_key
 from tests.conformance_support import (
     APIServerHarness,
+    DiscordHarness,
     EmailHarness,
     Harness,
     IRCHarness,
@@ -64,6 +65,7 @@ from tests.conformance_support import (
 HARNESSES: dict[str, type[Harness]] = {
     "api_server": APIServerHarness,
     "email": EmailHarness,
+    "discord": DiscordHarness,
     "irc": IRCHarness,
     "matrix": MatrixHarness,
     "relay": RelayHarness,

@@ -1,6 +1,6 @@
 """
 The conversation controls on every platform we run: relay (a fronted Discord), IRC,
-Telegram, Matrix, email and the API server.  Each test is parametrized over the real adapter
+Telegram, Matrix, native Discord, email and the API server.  Each test is parametrized over the real adapter
 classes, built from a real configuration (never started: their outbound calls are
 recorded), so what differs between platforms is what the adapters declare (the typed
 command prefix, authorization done upstream, the relay's fronted blocks) and the
@@ -33,7 +33,7 @@ from tests.fakes.gateway_kit import consumer_factory
 from tests.fakes.memory_store import MemoryStore
 from tests.fakes.memory_upstream import MemoryUpstream
 
-ENV = {"TELEGRAM_BOT_TOKEN": "1:x", "IRC_SERVER": "127.0.0.1", "IRC_NICKNAME": "bot",
+ENV = {"TELEGRAM_BOT_TOKEN": "1:x", "DISCORD_BOT_TOKEN": "d.x", "IRC_SERVER": "127.0.0.1", "IRC_NICKNAME": "bot",
        "IRC_CHANNEL": "#c", "MATRIX_HOMESERVER": "http://127.0.0.1:1",
        "MATRIX_ACCESS_TOKEN": "t", "API_SERVER_KEY": "k" * 16, "API_SERVER_ENABLED": "true",
        "GATEWAY_RELAY_URL": "https://c.example", "GATEWAY_RELAY_PLATFORMS": "discord",
@@ -49,11 +49,12 @@ SHAPES = {
     "matrix": (Platform.MATRIX, "!room:example", "@alice:example", False),
     "api_server": (Platform.API_SERVER, "conversation-1", "api-client", False),
     "email": (Platform.EMAIL, "alice@example.org", "alice@example.org", False),
+    "discord": (Platform.DISCORD, "1100000000000000300", "1100000000000000500", False),
 }
 PLATFORMS = list(SHAPES)
 #: Where an unknown sender can pair; the relay's connector and the API server's key
 #: authorize their senders upstream, so pairing never applies there.
-PAIRS = {"irc", "telegram", "matrix"}
+PAIRS = {"irc", "telegram", "matrix", "discord"}
 #: Where an unknown sender is ignored without a word (0.19.0: email never mails a code).
 IGNORES = {"email"}
 

@@ -81,6 +81,28 @@ def test_print_config_redacts_secrets(tmp_path, monkeypatch, capsys):
     assert "sekrit" not in out
 
 
+def test_print_config_redacts_the_discord_token(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse(["--print-config"], tmp_path, monkeypatch,
+              {"GATEWAY_PROXY_URL": "http://agent:8642", "DISCORD_BOT_TOKEN": "sekrit.discord",
+               "DISCORD_API_BASE": "http://127.0.0.1:9/api/v10"})
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "http://127.0.0.1:9/api/v10" in out and "discord" in out
+    assert "sekrit" not in out
+
+
+def test_make_service_wires_a_discord_platform_without_io(tmp_path, monkeypatch):
+    options = parse([], tmp_path, monkeypatch,
+                    {"GATEWAY_PROXY_URL": "http://127.0.0.1:1", "DISCORD_BOT_TOKEN": "t"})
+    reactor = MemoryReactorClock()
+    top = tap.makeService(options, reactor=reactor)
+    assert [child.name for child in top] == ["ops", "ops.upstream_probe", "sessions",
+                                             "upstream.proxy", "platform.discord", "gateway",
+                                             "ops.lifecycle"]
+    assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
+
+
 def test_make_service_wires_named_children_without_io(tmp_path, monkeypatch):
     options = parse([], tmp_path, monkeypatch,
                     {"GATEWAY_PROXY_URL": "http://127.0.0.1:1",

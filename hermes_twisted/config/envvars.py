@@ -398,6 +398,68 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _pvar("email", "EMAIL_HOME_ADDRESS_NAME", "home_channel_name",
           "Display name of the email home address.", "Email home address name",
           default="Home", advanced=True),
+    # -- Discord (discord-slack.md 1.2) -----------------------------------------------------
+    _pfield("discord", "DISCORD_BOT_TOKEN", "token",
+            "Bot token from the Discord developer portal. Setting it enables Discord.",
+            "Discord bot token", type="secret",
+            url="https://discord.com/developers/applications", enables=True),
+    _pvar("discord", "DISCORD_API_BASE", "api_base",
+          "REST base URL. The gateway URL always comes from GET {base}/gateway/bot, so this "
+          "one variable points the whole platform elsewhere (a proxy, a test server).",
+          "Discord REST API base URL", type="url", default="https://discord.com/api/v10",
+          advanced=True, ours=True),
+    _pvar("discord", "DISCORD_ALLOWED_ROLES", "allowed_roles",
+          "Role ids whose members may talk to the agent (checked in the message's own "
+          "guild; turns on the GUILD_MEMBERS intent).", "Discord allowed roles",
+          type="list", advanced=True),
+    _pvar("discord", "DISCORD_ALLOWED_CHANNELS", "allowed_channels",
+          "Only these channels (ids or names; * = all). With no user or role allowlist they "
+          "also authorize guild traffic.", "Discord allowed channels", type="list",
+          advanced=True),
+    _pvar("discord", "DISCORD_IGNORED_CHANNELS", "ignored_channels",
+          "Never answer in these channels (beats allowed channels).",
+          "Discord ignored channels", type="list", advanced=True),
+    _pvar("discord", "DISCORD_FREE_RESPONSE_CHANNELS", "free_response_channels",
+          "Channels where no mention is needed (and no auto-thread is opened).",
+          "Discord free-response channels", type="list", advanced=True),
+    _pvar("discord", "DISCORD_REQUIRE_MENTION", "require_mention",
+          "In guild channels, answer only when mentioned.", "Require mention (true/false)",
+          type="bool", default=True, advanced=True),
+    _pvar("discord", "DISCORD_THREAD_REQUIRE_MENTION", "thread_require_mention",
+          "Also require a mention inside threads the bot takes part in.",
+          "Require mention in threads (true/false)", type="bool", default=False,
+          advanced=True),
+    _pvar("discord", "DISCORD_IGNORE_NO_MENTION", "ignore_no_mention",
+          "Drop guild messages that mention other users but not the bot.",
+          "Ignore messages mentioning others (true/false)", type="bool", default=True,
+          advanced=True),
+    _pvar("discord", "DISCORD_ALLOW_BOTS", "allow_bots",
+          "Messages from other bots: none, mentions (only when they mention us) or all.",
+          "Allow bots (none/mentions/all)", type="enum", choices=("none", "mentions", "all"),
+          default="none", advanced=True),
+    _pvar("discord", "DISCORD_AUTO_THREAD", "auto_thread",
+          "Open a thread for each channel message the bot answers.",
+          "Auto-thread (true/false)", type="bool", default=True, advanced=True),
+    _pvar("discord", "DISCORD_NO_THREAD_CHANNELS", "no_thread_channels",
+          "Channels answered inline, without a thread.", "Discord no-thread channels",
+          type="list", advanced=True),
+    _pvar("discord", "DISCORD_REACTIONS", "reactions",
+          "React with eyes while working, then a check mark or a cross.",
+          "Reactions (true/false)", type="bool", default=True, advanced=True),
+    _pvar("discord", "DISCORD_REPLY_TO_MODE", "reply_to_mode",
+          "Which chunks of a reply carry a reply reference to the user's message.",
+          "Reply-to mode (off/first/all)", type="enum", choices=("off", "first", "all"),
+          default="first", advanced=True),
+    _pvar("discord", "DISCORD_COMMAND_SYNC_POLICY", "command_sync_policy",
+          "Slash command registration: safe (compare, then create or patch only what "
+          "differs), bulk (one overwrite when anything differs) or off.",
+          "Command sync policy (safe/bulk/off)", type="enum", choices=("safe", "bulk", "off"),
+          default="safe", advanced=True),
+    _pvar("discord", "DISCORD_HIDE_SLASH_COMMANDS", "hide_slash_commands",
+          "Register the slash commands for administrators only (default_member_permissions "
+          "0).", "Hide slash commands (true/false)", type="bool", default=False,
+          advanced=True),
+    *_common("discord", "DISCORD", "Discord"),
     # -- Slack (discord-slack.md 1.3) ----------------------------------------------------
     _pfield("slack", "SLACK_BOT_TOKEN", "token",
             "Bot token (xoxb-...). With SLACK_APP_TOKEN it enables Slack (Socket Mode).",
@@ -563,6 +625,8 @@ _YAML_KEY_LIST: list[ConfigKey] = [
     ConfigKey("platforms.email.extra.state_dir", "Where the inbox cursor (UIDVALIDITY, last "
               "UID) is kept (relative paths are under $HERMES_HOME).", "path",
               "$HERMES_HOME/email", ours=True),
+    ConfigKey("platforms.discord.extra.slash_commands", "Register the slash commands "
+              "(/ask, /stop, /new, /status) at all.", "bool", True),
     ConfigKey("platforms.telegram.extra.drop_pending_updates", "Skip updates that arrived "
               "while the daemon was down.", "bool", False, ours=True),
     ConfigKey("platforms.slack.extra.reply_in_thread", "Answer top-level channel messages "
@@ -632,6 +696,9 @@ SHORTCUT_KEYS_BY_PLATFORM = {
     "telegram": frozenset({"allowed_chats", "group_allowed_chats", "allowed_topics",
                            "observe_unmentioned_group_messages"}),
     "matrix": frozenset({"allowed_rooms", "free_response_rooms"}),
+    "discord": frozenset({"allowed_channels", "ignored_channels", "thread_require_mention",
+                          "auto_thread", "no_thread_channels", "reactions", "reply_to_mode",
+                          "slash_commands"}),
     "slack": frozenset({"allowed_channels", "strict_mention", "allow_bots", "reactions",
                         "reply_broadcast", "dm_top_level_threads_as_sessions", "reply_to_mode",
                         "native_streaming", "socket_connections"}),
@@ -639,13 +706,12 @@ SHORTCUT_KEYS_BY_PLATFORM = {
 }
 
 #: Platforms this daemon implements, by config name (their adapters: L{hermes_twisted.platforms}).
-SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "slack", "email", "api_server",
-                                 "relay", "xmpp"})
+SUPPORTED_PLATFORMS = frozenset({"irc", "matrix", "telegram", "discord", "slack", "email",
+                                 "api_server", "relay", "xmpp"})
 
 #: Platforms Hermes 0.19.0 knows and this daemon does not implement, with the variable that
 #: would turn each on in Hermes.  The relay can front them.
 UNSUPPORTED_PLATFORMS: dict[str, tuple[str, ...]] = {
-    "discord": ("DISCORD_BOT_TOKEN",),
     "whatsapp": ("WHATSAPP_ENABLED",),
     "whatsapp_cloud": (),
     "signal": ("SIGNAL_HTTP_URL",),
@@ -715,12 +781,12 @@ are logged and ignored; unknown top-level keys (Hermes's agent settings) are ign
 Booleans accept `1/true/yes/on` and `0/false/no/off` (any case). Lists accept a YAML list or
 a comma separated string.
 
-Supported platforms: `irc`, `matrix`, `telegram`, `slack`, `email`, `api_server`, `relay`,
+Supported platforms: `irc`, `matrix`, `telegram`, `discord`, `slack`, `email`, `api_server`, `relay`,
 `xmpp`. Platforms Hermes knows but this daemon does not implement are rejected with a pointer to the
 relay (`GATEWAY_RELAY_URL` plus `GATEWAY_RELAY_PLATFORMS`), unless the relay fronts them or
 the block says `enabled: false`.
 
-The relay: a block for a platform the relay fronts (`discord:`, `platforms.discord`, ...)
+The relay: a block for a platform the relay fronts (`slack:`, `platforms.discord`, ...)
 is copied to `platforms.relay.extra.<platform>`, merged with what is written there, for the
 relay's relevance policy; top-level `require_mention` and `free_response_channels` become
 `platforms.relay.extra.require_mention` / `free_response_channels` (relay.md 2.4). The dial
@@ -748,6 +814,7 @@ _GROUPS = [
     ("Matrix", lambda v: v.platform == "matrix"),
     ("Telegram", lambda v: v.platform == "telegram"),
     ("Email", lambda v: v.platform == "email"),
+    ("Discord", lambda v: v.platform == "discord"),
     ("Slack", lambda v: v.platform == "slack"),
     ("API server", lambda v: v.platform == "api_server"),
     ("XMPP", lambda v: v.platform == "xmpp"),

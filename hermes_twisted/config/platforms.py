@@ -64,6 +64,10 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
         if not settings.token:
             raise ConfigError("TELEGRAM_BOT_TOKEN", "required when Telegram is enabled "
                                                     "(or set platforms.telegram.token)")
+    elif name == "discord":
+        if not settings.token:
+            raise ConfigError("DISCORD_BOT_TOKEN", "required when Discord is enabled "
+                                                   "(or set platforms.discord.token)")
     elif name == "slack":
         if not settings.token:
             raise ConfigError("SLACK_BOT_TOKEN", "required when Slack is enabled "
@@ -109,6 +113,16 @@ def _merge_fronted_blocks(layers: ConfigLayers, extra: dict[str, Any]) -> None:
         extra[platform] = merged
 
 
+def _discord_user_id(entry: Any) -> str:
+    """0.19.0 accepts C{<@id>}, C{<@!id>} and C{user:id} in DISCORD_ALLOWED_USERS."""
+    text = str(entry).strip()
+    for prefix in ("<@!", "<@", "user:"):
+        if text.startswith(prefix):
+            text = text[len(prefix):].rstrip(">").strip()
+            break
+    return text
+
+
 def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> PlatformSettings:
     prefix = f"platforms.{name}"
     extra: dict[str, Any] = {}
@@ -131,6 +145,8 @@ def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> Platform
         # Hermes's IRC adapter reads its allowlist from extra.allowed_users.
         allowed = convert(layers.values[f"{prefix}.extra.allowed_users"],
                           YAML_KEYS["platforms.<name>.allowed_users"]) or ()
+    if name == "discord":
+        allowed = tuple(_discord_user_id(entry) for entry in allowed)
     if name == "relay":
         _merge_fronted_blocks(layers, extra)
         enabled = relay.enabled
@@ -140,6 +156,8 @@ def _platform(layers: ConfigLayers, name: str, relay: RelaySettings) -> Platform
         enabled = explicit if explicit is not None else bool(by_env)
         if by_env is False:
             enabled = False
+        if explicit is None and name in layers.relay_platforms:
+            enabled = False  # the relay fronts it; a native connection needs enabled: true
     settings = PlatformSettings(
         name=name,
         enabled=enabled,

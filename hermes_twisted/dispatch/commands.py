@@ -291,4 +291,8 @@ class CommandRouter:
         except Exception:
             state = "unknown"
         lines.append(f"Platform: {name} ({state})")
+        # A platform that stopped for good (a Discord fatal close code) is seen from the others.
+        others = [f"{n} ({s})" for n, s in sorted(gw.platform_states().items()) if n != name]
+        if others:
+            lines.append("Other platforms: " + ", ".join(others))
         return gw.reply(adapter, event, "\n".join(lines))

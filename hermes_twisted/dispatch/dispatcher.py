@@ -46,6 +46,9 @@ class Dispatcher(Protocol):
     def queued(self, key: str) -> int:
         """How many messages of C{key} wait behind its run."""
 
+    def platform_states(self) -> dict[str, str]:
+        """Each platform's operator-facing state, by name (a stopped Discord says why)."""
+
     def stop_platform_typing(self, adapter: Any, chat_id: str) -> Deferred:
         """Ask C{adapter} to stop its typing indicator in C{chat_id}; never fails."""
 

@@ -130,6 +130,16 @@ class Gateway(Service):
         self._adapters[adapter.settings.name] = adapter
         adapter.attach(self)
 
+    def platform_states(self) -> dict[str, str]:
+        """Each platform's operator-facing state (its adapter's C{status}), by name."""
+        states = {}
+        for name, adapter in self._adapters.items():
+            try:
+                states[name] = str(adapter.status)
+            except Exception:
+                states[name] = "unknown"
+        return states
+
     def startService(self) -> None:
         super().startService()
         self._stopping = False

@@ -1,7 +1,7 @@
 """
 The platforms: the adapter contract (L{hermes_twisted.platforms.base}), the shared kit
 (L{hermes_twisted.platforms.kit}) and one subpackage per platform (C{irc/}, C{matrix/},
-C{telegram/}, C{slack/}, C{email/}, C{api_server/}, C{xmpp/}; the relay has its own package,
+C{telegram/}, C{discord/}, C{slack/}, C{email/}, C{api_server/}, C{xmpp/}; the relay has its own package,
 L{hermes_twisted.relay}).
 
 A platform package holds its adapter, its protocol, its wire format and its text rules.  It
@@ -24,6 +24,7 @@ ADAPTERS = {
     "email": "hermes_twisted.platforms.email.adapter.EmailAdapter",
     "slack": "hermes_twisted.platforms.slack.adapter.SlackAdapter",
     "api_server": "hermes_twisted.platforms.api_server.adapter.APIServerAdapter",
+    "discord": "hermes_twisted.platforms.discord.adapter.DiscordAdapter",
     "relay": "hermes_twisted.relay.adapter.RelayAdapter",
     "xmpp": "hermes_twisted.platforms.xmpp.adapter.XMPPAdapter",
 }

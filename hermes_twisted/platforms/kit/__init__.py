@@ -3,7 +3,8 @@ The platform kit: what several platforms share, written once.
 
   inflight.py   the calls a platform has in flight, cancelled together when it stops
   polling.py    the long-poll loop with a cursor (Telegram getUpdates, Matrix /sync, IMAP)
-  websocket.py  autobahn under a ClientService: endpoints, timers, redacted logs (relay, Slack)
+  websocket.py  autobahn under a ClientService: endpoints, timers, redacted logs (relay, Slack,
+                Discord)
 
 The reconnect policy for held connections (relay, IRC) is L{hermes_twisted.net.reconnect};
 splitting and text rules are L{hermes_twisted.delivery}.  A helper joins the kit only when

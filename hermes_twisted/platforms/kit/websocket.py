@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_slack -*-
 """
 autobahn under a C{ClientService}: what every held-WebSocket platform (the relay, Slack's
-Socket Mode) needs besides its own protocol.
+Socket Mode, Discord's gateway) needs besides its own protocol.
 
   - L{endpoint_for_url}: a TCP (ws://) or TLS (wss://) endpoint for a WebSocket URL;
   - L{ReactorTimer}: autobahn's per-factory timers on the injected reactor, cancelled for real;
@@ -20,10 +20,10 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 
 
-def endpoint_for_url(reactor: Any, url: str) -> Any:
+def endpoint_for_url(reactor: Any, url: str, *, timeout: float = 10) -> Any:
     """A TCP (ws://) or TLS (wss://) client endpoint for the host and port of C{url}."""
     is_secure, host, port, _resource, _path, _params = parse_url(url)
-    endpoint = HostnameEndpoint(reactor, host, port, timeout=10)
+    endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
     if is_secure:
         from twisted.internet.ssl import optionsForClientTLS
 
