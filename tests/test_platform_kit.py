@@ -113,3 +113,21 @@ def test_cancelling_during_the_wait_stops_without_another_poll():
     loop.cancel()
     clock.advance(60)
     assert script.polls == 1 and clock.getDelayedCalls() == []
+
+
+def test_stop_or_abort_aborts_only_a_stop_that_takes_too_long():
+    from hermes_twisted.platforms.kit.stopping import stop_or_abort
+
+    clock = Clock()
+    aborted = []
+    quick: Deferred = Deferred()
+    done = stop_or_abort(quick, clock, 5.0, lambda: aborted.append("quick"))
+    quick.callback("stopped")
+    assert done.called and done.result is None and clock.getDelayedCalls() == []
+
+    slow: Deferred = Deferred()
+    done = stop_or_abort(slow, clock, 5.0, lambda: aborted.append("slow"))
+    clock.advance(5.0)
+    assert aborted == ["slow"] and not done.called
+    slow.callback(None)
+    assert done.called

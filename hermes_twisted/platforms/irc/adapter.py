@@ -36,6 +36,7 @@ from hermes_twisted.platforms.irc.text import (
     split_message,
     valid_target,
 )
+from hermes_twisted.platforms.kit.stopping import stop_or_abort
 
 #: Bound of stopService: after this the connection is aborted instead of closed.
 STOP_TIMEOUT = 5.0
@@ -169,15 +170,8 @@ class IRCAdapter(PlatformAdapter):
                 client.say_goodbye("Hermes gateway stopping")
             except Exception:
                 self.log.failure("while sending IRC QUIT")
-        stopped = super().stopService()
-        abort = self.reactor.callLater(STOP_TIMEOUT, self._abort_connection)
-
-        def done(result: Any) -> None:
-            if abort.active():
-                abort.cancel()
-            return None
-
-        return stopped.addBoth(done)
+        return stop_or_abort(super().stopService(), self.reactor, STOP_TIMEOUT,
+                             self._abort_connection)
 
     def _abort_connection(self) -> None:
         client = self._protocol

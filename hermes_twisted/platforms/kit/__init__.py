@@ -2,6 +2,7 @@
 The platform kit: what several platforms share, written once.
 
   inflight.py   the calls a platform has in flight, cancelled together when it stops
+  stopping.py   a clean close of a held connection, aborted after a bound (IRC, XMPP)
   polling.py    the long-poll loop with a cursor (Telegram getUpdates, Matrix /sync, IMAP)
   websocket.py  autobahn under a ClientService: endpoints, timers, redacted logs (relay, Slack,
                 Discord)

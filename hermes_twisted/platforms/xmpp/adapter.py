@@ -35,6 +35,7 @@ from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource
 from hermes_twisted.net.reconnect import SessionBackoff
 from hermes_twisted.platforms.base import PlatformAdapter, is_allowed
+from hermes_twisted.platforms.kit.stopping import stop_or_abort
 from hermes_twisted.platforms.xmpp import stanzas
 from hermes_twisted.platforms.xmpp.stream import (
     NS_SM,
@@ -235,15 +236,8 @@ class XMPPAdapter(PlatformAdapter):
             except Exception:
                 self.log.failure("while closing the XMPP stream")
         self.sm.forget()  # a closed stream ends the session: nothing to resume
-        stopped = super().stopService()
-        abort = self.reactor.callLater(STOP_TIMEOUT, self._abort_connection)
-
-        def done(result: Any) -> None:
-            if abort.active():
-                abort.cancel()
-            return None
-
-        return stopped.addBoth(done)
+        return stop_or_abort(super().stopService(), self.reactor, STOP_TIMEOUT,
+                             self._abort_connection)
 
     def _abort_connection(self) -> None:
         xs = self._connection
