@@ -316,3 +316,31 @@ def test_an_unusable_ca_file_disables_email_and_fails_sends(tmp_path):
     finally:
         bot.stopService()
     assert clock.getDelayedCalls() == []
+
+
+def test_attachments_go_to_the_media_pipeline_with_their_bytes():
+    """An emailed image reaches the agent as an image part; other files as a note."""
+    import base64
+
+    from twisted.internet.defer import ensureDeferred
+
+    from hermes_twisted.upstream.media import prepare_media
+
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(40))
+    message = (b"From: Alice <Alice@Example.org>\r\nTo: bot@example.net\r\nSubject: pics\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=XX\r\n\r\n"
+               b"--XX\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--XX\r\n"
+               b"Content-Type: image/png\r\nContent-Disposition: attachment; filename=a.png\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\n" + base64.b64encode(png) +
+               b"\r\n--XX\r\nContent-Type: application/pdf\r\n"
+               b"Content-Disposition: attachment; filename=r.pdf\r\n"
+               b"Content-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--XX--\r\n")
+    event = adapter(trust_from_header=True)._to_event(parse_mail(message), 1)
+    assert "Attachment" not in event.text
+    assert [(p.kind, p.mime_type, p.file_name, p.size) for p in event.media] == [
+        ("image", "image/png", "a.png", len(png)), ("file", "application/pdf", "r.pdf", 5)]
+    images, notes = [], []
+    ensureDeferred(prepare_media(event.media)).addCallback(
+        lambda result: (images.extend(result[0]), notes.extend(result[1])))
+    assert images == ["data:image/png;base64," + base64.b64encode(png).decode()]
+    assert notes == ["[The user attached a file: r.pdf (application/pdf, 5 bytes)]"]

@@ -19,8 +19,8 @@ C{ESMTPSenderFactory} (see L{hermes_twisted.platforms.email.smtp}), carrying
 C{Auto-Submitted: auto-replied}, C{In-Reply-To}, the extended C{References} chain and a
 C{Re:} subject of the mail it answers.
 
-Attachments are not passed on yet (there is no shared media part of C{MessageEvent}): the
-turn text names each one.
+Attachments go to the shared media pipeline (L{hermes_twisted.upstream.media}): images reach
+the agent as images, other files as a note naming them.
 """
 
 from __future__ import annotations
@@ -362,9 +362,6 @@ class EmailAdapter(PlatformAdapter):
         text = mail.body or "(empty email)"
         if mail.subject and not mail.subject.lower().startswith("re:"):
             text = f"[Subject: {mail.subject}]\n\n{text}"
-        for att in mail.attachments:
-            text += (f"\n\n[Attachment not passed on: {att.filename} ({att.content_type}, "
-                     f"{att.size} bytes)]")
         thread_id = mail.thread_root if self.session_per_thread else None
         self._remember(mail, thread_id)
         assert self._cursor is not None
@@ -374,6 +371,7 @@ class EmailAdapter(PlatformAdapter):
         key = f"email:{self.address}:{self._cursor.uidvalidity}:{uid}"
         return MessageEvent(text=text, source=source, message_id=mail.message_id,
                             reply_to_message_id=mail.in_reply_to,
+                            media=[att.media_part() for att in mail.attachments],
                             metadata={"dedupe_key": key, "email_subject": mail.subject})
 
     def _remember(self, mail: InboundMail, thread_id: str | None) -> None:

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from email import message_from_bytes, policy
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import formatdate, parseaddr
 from html.parser import HTMLParser
+
+from hermes_twisted.model import MediaPart
 
 #: Substrings of a sender address that mark automated mail (hermes-agent 0.19.0's list).
 AUTOMATED_SENDERS = (
@@ -37,6 +39,12 @@ class Attachment:
     filename: str
     content_type: str
     size: int
+    data: bytes = field(default=b"", repr=False)
+
+    def media_part(self) -> MediaPart:
+        """The attachment for the shared media pipeline (images go upstream as images)."""
+        kind = "image" if self.content_type.startswith("image/") else "file"
+        return MediaPart(kind, self.content_type, self.filename, self.size, data=self.data)
 
 
 @dataclass(frozen=True)
@@ -132,8 +140,9 @@ def _attachments(msg: EmailMessage) -> list[Attachment]:
         return out
     for part in parts:
         payload = part.get_payload(decode=True)
+        data = payload if isinstance(payload, bytes) else b""
         out.append(Attachment(part.get_filename() or "(unnamed)", part.get_content_type(),
-                              len(payload) if isinstance(payload, bytes) else 0))
+                              len(data), data))
     return out
 
 
