@@ -12,13 +12,16 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+import treq
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.python.failure import Failure
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, StreamingSettings
+from hermes_twisted.net.body import BodyTooLarge
 from hermes_twisted.platforms import adapter_class
 from hermes_twisted.platforms.slack.adapter import SlackAdapter
+from hermes_twisted.platforms.slack.webapi import SlackAPIError
 from hermes_twisted.sessions.keys import build_session_key
 from tests.relay_support import RecordingSink, eventually
 from tests.servers.slack import APP_TOKEN, BOT_TOKEN, BOT_USER, TEAM_ID, FakeSlack
@@ -278,19 +281,96 @@ async def test_free_response_channel_and_own_and_bot_messages(rig):
     assert rig.sink.texts() == ["free talk"]
 
 
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 40
+
+
 @pytest_twisted.ensureDeferred
-async def test_files_become_notes(rig):
+async def test_files_become_media_parts(rig):
     await rig.start()
-    rig.fake.push_message("look", files=[
-        {"name": "cat.png", "mimetype": "image/png",
-         "url_private": "https://files.slack.com/cat.png"},
-        {"name": "report.pdf", "mimetype": "application/pdf",
-         "url_private": "https://files.slack.com/report.pdf"}])
+    pdf = b"%PDF-1.4\n" + b"x" * 3000
+    rig.fake.push_message("look", files=[rig.fake.add_file("cat.png", PNG, "image/png"),
+                                         rig.fake.add_file("report.pdf", pdf,
+                                                           "application/pdf")])
     await eventually(lambda: rig.sink.events, what="the event")
     event = rig.sink.events[0]
-    assert event.text == ("look\n[Slack attachment: cat.png (image/png)]\n"
-                          "[Slack attachment: report.pdf (application/pdf)]")
-    assert event.media_urls == ["https://files.slack.com/cat.png"]
+    assert event.text == "look"  # no per-file note: the media pipeline writes those
+    assert event.media_urls == []
+    image, document = event.media
+    assert (image.kind, image.mime_type, image.file_name, image.size) == \
+        ("image", "image/png", "cat.png", len(PNG))
+    assert (document.kind, document.mime_type, document.file_name, document.size) == \
+        ("file", "application/pdf", "report.pdf", len(pdf))
+    assert event.media_types == ["image/png", "application/pdf"]
+    # The image's bytes, over TCP from the fake's own port, with the bot token.
+    assert await image.fetch(10 * 1024 * 1024) == PNG
+    assert await document.fetch(10 * 1024 * 1024) == pdf
+    assert rig.fake.file_requests[0][1] == f"Bearer {BOT_TOKEN}"
+    assert rig.fake.file_requests[0][0].endswith("/cat.png")
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_only_message_is_admitted_as_a_document(rig):
+    await rig.start()
+    rig.fake.push_message("", files=[rig.fake.add_file("notes.txt", b"hi", "text/plain")])
+    await eventually(lambda: rig.sink.events, what="the event")
+    event = rig.sink.events[0]
+    assert event.text == "" and event.message_type.value == "document"
+    assert [p.kind for p in event.media] == ["file"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_image_fetch_is_bounded(rig):
+    await rig.start()
+    rig.fake.push_message("big", files=[rig.fake.add_file("cat.png", PNG, "image/png")])
+    await eventually(lambda: rig.sink.events, what="the event")
+    with pytest.raises(BodyTooLarge):
+        await rig.sink.events[0].media[0].fetch(100)
+
+
+@pytest_twisted.ensureDeferred
+async def test_image_fetch_with_a_wrong_or_missing_token_fails(rig):
+    adapter = await rig.start()
+    rig.fake.push_message("look", files=[rig.fake.add_file("cat.png", PNG, "image/png")])
+    await eventually(lambda: rig.sink.events, what="the event")
+    adapter.bot_token = "xoxb-1-wrong"
+    with pytest.raises(SlackAPIError, match="login page"):
+        await rig.sink.events[0].media[0].fetch(10 * 1024 * 1024)
+    assert rig.fake.file_requests[-1][1] == "Bearer xoxb-1-wrong"
+    adapter.bot_token = ""
+    with pytest.raises(SlackAPIError, match="401"):
+        await rig.sink.events[0].media[0].fetch(10 * 1024 * 1024)
+    assert rig.fake.file_requests[-1][1] == ""
+
+
+@pytest_twisted.ensureDeferred
+async def test_image_fetch_without_files_read_fails():
+    fake = FakeSlack(reactor, scopes=frozenset({"chat:write", "app_mentions:read",
+                                                "im:history"}))
+    await fake.start()
+    r = Rig(fake)
+    try:
+        await r.start()
+        fake.push_message("look", files=[fake.add_file("cat.png", PNG, "image/png")])
+        await eventually(lambda: r.sink.events, what="the event")
+        with pytest.raises(SlackAPIError, match="login page"):
+            await r.sink.events[0].media[0].fetch(10 * 1024 * 1024)
+    finally:
+        await r.stop()
+        await fake.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_file_url_without_a_token_is_refused(rig):
+    await rig.start()
+    file = rig.fake.add_file("cat.png", PNG, "image/png")
+    response = await treq.get(file["url_private"], reactor=reactor, persistent=False)
+    assert response.code == 401
+    await response.content()
+    response = await treq.get(file["url_private"], reactor=reactor, persistent=False,
+                              headers={"Authorization": "Bearer xoxb-1-wrong"})
+    assert response.code == 200
+    assert response.headers.getRawHeaders("content-type")[0].startswith("text/html")
+    assert b"Sign in" in await response.content()
 
 
 # -- the Web API ------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ a redelivery after a crash answered once, and /stop mid-stream closing the upstr
 
 from __future__ import annotations
 
+import base64
 import contextlib
 from typing import Any
 
@@ -155,3 +156,20 @@ async def test_streamed_reply_by_chat_update(fake):
         # the status line was set once and cleared at the end
         await eventually(lambda: fake.statuses and fake.statuses[-1][2] == "", what="clear")
         assert [s[2] for s in fake.statuses] == ["is thinking...", ""]
+
+
+@pytest_twisted.ensureDeferred
+async def test_shared_files_reach_the_upstream_through_the_media_pipeline(fake):
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 500
+    async with slack_gateway(fake) as (gateway, adapter, upstream):
+        fake.push_message("what is this?", channel="D1", files=[
+            fake.add_file("cat.png", png, "image/png"),
+            fake.add_file("report.pdf", b"%PDF-1.4", "application/pdf")])
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        assert turn.request.images == ["data:image/png;base64,"
+                                       + base64.b64encode(png).decode()]
+        assert "what is this?" in turn.request.message
+        assert "report.pdf (application/pdf" in turn.request.message
+        assert "Slack attachment" not in turn.request.message
+        turn.finish("a cat")
+        await eventually(lambda: fake.texts_in("D1"), what="the reply")

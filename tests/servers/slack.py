@@ -19,6 +19,14 @@ C{retry_attempt} and C{retry_reason}; L{send_disconnect} sends a C{disconnect} m
 closes that socket after C{grace} seconds; L{freeze} stops reading a connection, so it
 answers no ping (a dead socket).  Driver records: C{calls}, C{messages}, C{acks},
 C{envelopes}, C{connection_count}.
+
+Files: L{FakeSlack.add_file} stores bytes and returns a Slack file object whose
+C{url_private} / C{url_private_download} point at this fake's own port
+(C{GET /files-pri/<team>-<id>/<name>}), to put in a pushed message's C{files}.  As Slack
+does, the bytes are served only with C{Authorization: Bearer <bot token>} and the
+C{files:read} scope; without an C{Authorization} header the answer is 401, with a wrong token
+or without the scope it is Slack's HTML login page (200, C{text/html}).  Downloads are
+recorded in C{file_requests} (path, Authorization header).
 """
 
 from __future__ import annotations
@@ -114,6 +122,21 @@ class _API(Resource):
     render_GET = render_POST
 
 
+class _Files(Resource):
+    isLeaf = True
+
+    def __init__(self, fake: "FakeSlack") -> None:
+        super().__init__()
+        self.fake = fake
+
+    def render_GET(self, request: Any) -> bytes:
+        return self.fake._file(request)
+
+
+LOGIN_PAGE = (b"<!DOCTYPE html><html><head><title>Slack</title></head>"
+              b"<body><form action=\"/signin\">Sign in to your workspace</form></body></html>")
+
+
 class FakeSlack:
     """Start with C{await fake.start()}; point clients at C{fake.api_base}."""
 
@@ -157,6 +180,11 @@ class FakeSlack:
         self.ws_factory.fake = self
         root = Resource()
         root.putChild(b"api", _API(self))
+        root.putChild(b"files-pri", _Files(self))
+        #: path -> (bytes, mimetype) of the files L{add_file} stored.
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.file_requests: list[tuple[str, str]] = []
+        self._file_ids = itertools.count(1)
         root.putChild(b"link", WebSocketResource(self.ws_factory))
         self.site = Site(root)
         self.site.noisy = False
@@ -238,6 +266,39 @@ class FakeSlack:
     def new_ts(self) -> str:
         n = next(self._ts)
         return f"{1720000000 + n}.{n:06d}"
+
+    # -- driver: files ------------------------------------------------------------------------
+
+    def add_file(self, name: str, data: bytes, mimetype: str) -> dict[str, Any]:
+        """Store C{data}; returns the file object for a message's C{files}."""
+        file_id = f"F{next(self._file_ids):08d}"
+        path = f"/files-pri/{TEAM_ID}-{file_id}/{name}"
+        self.files[path] = (data, mimetype)
+        base = f"http://127.0.0.1:{self.port}"
+        return {"id": file_id, "name": name, "title": name, "mimetype": mimetype,
+                "filetype": name.rsplit(".", 1)[-1], "size": len(data),
+                "url_private": base + path, "url_private_download": base + path + "?dl=1",
+                "mode": "hosted", "is_external": False}
+
+    def _file(self, request: Any) -> bytes:
+        path = request.path.decode()
+        auth = request.getHeader("authorization") or ""
+        self.file_requests.append((path, auth))
+        if not auth:
+            request.setResponseCode(401)
+            request.setHeader("content-type", "text/plain")
+            return b"not_authed"
+        stored = self.files.get(path)
+        if auth != f"Bearer {BOT_TOKEN}" or "files:read" not in self.scopes:
+            request.setHeader("content-type", "text/html; charset=utf-8")
+            return LOGIN_PAGE
+        if stored is None:
+            request.setResponseCode(404)
+            request.setHeader("content-type", "text/plain")
+            return b"file_not_found"
+        data, mimetype = stored
+        request.setHeader("content-type", mimetype)
+        return data
 
     # -- driver: Socket Mode ------------------------------------------------------------------
 

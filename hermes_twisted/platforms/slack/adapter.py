@@ -20,6 +20,12 @@ end; any refusal falls back to C{chat.postMessage} for good).  The AI-app status
 C{white_check_mark} / C{x}) mark messages in DMs and mentions; a workspace without
 C{reactions:write} is told once in the log.  429s hold the method for C{Retry-After}
 (L{ratelimit}).
+
+Files: the reader makes each shared file a L{MediaPart} whose C{fetch(cap)} GETs its
+C{url_private_download} (or C{url_private}) with C{Authorization: Bearer <bot token>} through
+the same treq client, reads at most C{cap} bytes (L{read_body}), times out, and is cancelled
+at stop.  Without C{files:read} Slack answers with its HTML login page (200): for an image
+that is a failure, not the image.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.delivery.splitting import truncate_message
 from hermes_twisted.model import MessageEvent, Platform, SendResult
+from hermes_twisted.net.body import read_body
 from hermes_twisted.net.cancellation import was_cancelled
 from hermes_twisted.net.pool import make_pool
 from hermes_twisted.net.reconnect import exponential_delay
@@ -60,7 +67,15 @@ NO_NATIVE_STREAMING = frozenset({"unknown_method", "not_allowed", "not_allowed_t
                                  "missing_scope", "invalid_arguments", "not_implemented",
                                  "missing_recipient_team_id", "missing_recipient_user_id"})
 EDIT_MAX_WAIT = 2.0
+#: Seconds for a file download to answer, then to deliver its body.
+FILE_CONNECT_TIMEOUT = 60.0
+FILE_BODY_TIMEOUT = 120.0
 REMEMBERED_ADMISSIONS = 5000
+
+
+def _discard(response: Any) -> None:
+    """Drop an unwanted body (a few KB read, then the connection is closed)."""
+    read_body(response, 64 * 1024).addErrback(lambda _: None)
 
 
 @dataclass
@@ -96,6 +111,7 @@ class SlackAdapter(PlatformAdapter):
         mode = extra.get("reply_to_mode", settings.reply_to_mode)
         self.reply_to_mode = "off" if mode is False else str(mode or "first").lower()
         self.reader = EventReader(EventRules.from_extra(extra, self.reply_to_mode))
+        self.reader.fetcher = self._file_fetcher
         self.reactions = as_bool(extra.get("reactions"), True)
         self.reply_broadcast = as_bool(extra.get("reply_broadcast"), False)
         self.native_streaming = as_bool(extra.get("native_streaming"), True)
@@ -249,6 +265,37 @@ class SlackAdapter(PlatformAdapter):
             return failure
 
         return self._inflight.track(d).addErrback(abandoned)
+
+    # -- files --------------------------------------------------------------------------------
+
+    def _file_fetcher(self, url: str, mime: str) -> Callable[[int], Deferred]:
+        """C{fetch(cap)} for one shared file: its bytes, read up to C{cap}."""
+        def fetch(cap: int) -> Deferred:
+            return Deferred.fromCoroutine(self._download(url, mime, cap))
+        return fetch
+
+    async def _download(self, url: str, mime: str, cap: int) -> bytes:
+        if self._http is None:
+            raise SlackAPIError("files", "adapter not running", status=0)
+        headers = {b"Authorization": [f"Bearer {self.bot_token}".encode()]} \
+            if self.bot_token else {}
+        d = self._http.get(url, headers=headers, unbuffered=True)
+        d.addTimeout(FILE_CONNECT_TIMEOUT, self.reactor)
+        response = await self._inflight.track(d)
+        if response.code != 200:
+            _discard(response)
+            raise SlackAPIError("files", f"download answered {response.code}",
+                                status=response.code)
+        kind = (response.headers.getRawHeaders(b"content-type") or [b""])[0]
+        kind = kind.decode("latin-1").split(";")[0].strip().lower()
+        if mime.startswith("image/") and kind == "text/html":
+            _discard(response)
+            raise SlackAPIError("files", "Slack answered with a login page instead of the "
+                                "image (does the app have the files:read scope?)",
+                                status=response.code)
+        body = read_body(response, cap)
+        body.addTimeout(FILE_BODY_TIMEOUT, self.reactor)
+        return await self._inflight.track(body)
 
     # -- Socket Mode (EnvelopeHandler) --------------------------------------------------------
 

@@ -20,8 +20,11 @@ Slack events (the C{payload} of an C{events_api} envelope) into L{MessageEvent}s
     otherwise a message without a mention passes only in a thread we answered in or were
     mentioned in; a mention is C{<@bot>} or a C{mention_patterns} hit, and the C{<@bot>} token
     is removed from the text;
-  - files: a text note per file (C{[Slack attachment: name (type)]}); images carry their
-    C{url_private} in C{media_urls} for a media pipeline to fetch with the bot token.
+  - files: one L{MediaPart} per file in C{MessageEvent.media} (kind C{image} for an
+    C{image/*} mimetype, else C{file}; mimetype, name and size from the file object), fetched
+    on demand by the adapter's fetcher (C{url_private_download} or C{url_private} with the bot
+    token); the shared media pipeline turns images into C{image_url} parts and writes a note
+    for anything else, so no per-file text note is added here.
 
 The session key itself is built by the gateway from the source (team as C{scope_id}, channel
 as C{chat_id}, thread ts as C{thread_id}), so it equals 0.19.0's.
@@ -35,7 +38,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from hermes_twisted.model import MessageEvent, MessageType, Platform, SessionSource
+from hermes_twisted.model import MediaPart, MessageEvent, MessageType, Platform, SessionSource
 
 IGNORED_SUBTYPES = frozenset({"message_changed", "message_deleted", "channel_join",
                               "channel_leave", "channel_topic", "channel_purpose",
@@ -152,6 +155,8 @@ class EventReader:
         self.team_id: str | None = None
         #: Threads (channel:thread_ts) we replied in or were mentioned in.
         self.threads = _Remembered()
+        #: C{fetcher(url, mime)} returns a L{MediaPart} C{fetch}; set by the adapter.
+        self.fetcher: Any = None
 
     def remember_thread(self, channel: str, thread_ts: str | None) -> None:
         if channel and thread_ts:
@@ -201,21 +206,22 @@ class EventReader:
         if self.bot_user_id:
             text = re.sub(rf"<@{re.escape(self.bot_user_id)}(?:\|[^>]*)?>\s*", "", text)
         text = text.strip()
-        media_urls, media_types, notes = self._files(event.get("files"))
-        if notes:
-            text = "\n".join(filter(None, [text, *notes]))
-        if not text and not media_urls:
+        media = self._files(event.get("files"))
+        if not text and not media:
             raise Ignored("no text")
         source = SessionSource(
             platform=Platform.SLACK, chat_id=channel, chat_type=chat_type,
             user_id=str(user) if user else (str(event.get("bot_id") or "") or None),
             user_name=event.get("username") if isinstance(event.get("username"), str) else None,
             thread_id=thread, scope_id=team or None, message_id=ts, is_bot=is_bot)
-        message_type = MessageType.PHOTO if media_urls and not text else MessageType.TEXT
+        message_type = MessageType.TEXT
+        if media and not text:
+            message_type = MessageType.PHOTO if any(p.kind == "image" for p in media) \
+                else MessageType.DOCUMENT
         return MessageEvent(
             text=text, source=source, message_type=message_type, raw_message=event,
             message_id=ts, reply_to_message_id=real_thread,
-            media_urls=media_urls, media_types=media_types,
+            media=media, media_types=[p.mime_type for p in media],
             metadata={"dedupe_key": f"slack:{team}:{channel}:{ts}",
                       "slack_team_id": team, "slack_channel_id": channel,
                       "slack_thread_ts": thread, "slack_mentioned": mentioned})
@@ -254,19 +260,20 @@ class EventReader:
             return
         raise Ignored("no mention")
 
-    @staticmethod
-    def _files(files: Any) -> tuple[list[str], list[str], list[str]]:
-        urls: list[str] = []
-        types: list[str] = []
-        notes: list[str] = []
+    def _files(self, files: Any) -> list[MediaPart]:
+        """A L{MediaPart} per file object, fetched on demand with the bot token."""
+        parts: list[MediaPart] = []
         for f in files if isinstance(files, list) else ():
             if not isinstance(f, dict):
                 continue
             name = str(f.get("name") or f.get("title") or "file")
             mime = str(f.get("mimetype") or "application/octet-stream")
+            size = f.get("size")
+            part = MediaPart("image" if mime.startswith("image/") else "file", mime, name,
+                             size if isinstance(size, int) and not isinstance(size, bool)
+                             else None)
             url = f.get("url_private_download") or f.get("url_private")
-            if mime.startswith("image/") and url:
-                urls.append(str(url))
-                types.append(mime)
-            notes.append(f"[Slack attachment: {name} ({mime})]")
-        return urls, types, notes
+            if self.fetcher is not None and isinstance(url, str) and url:
+                part.fetch = self.fetcher(url, mime)
+            parts.append(part)
+        return parts
