@@ -6,18 +6,23 @@ tests/test_discord_fake.py checks with discord.py).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
+from twisted.internet.defer import CancelledError
+from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import deferLater
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, StreamingSettings
 from hermes_twisted.dispatch.gateway import Gateway
+from hermes_twisted.net.body import BodyTooLarge
 from hermes_twisted.net.reconnect import SessionBackoff
 from hermes_twisted.platforms.discord.adapter import DiscordAdapter
 from hermes_twisted.platforms.discord.gateway import intents_for
+from hermes_twisted.platforms.discord.rest import DiscordHTTPError
 from tests.fakes.memory_store import MemoryStore
 from tests.fakes.memory_upstream import MemoryUpstream
 from tests.relay_support import eventually
@@ -270,18 +275,82 @@ async def test_a_replayed_mention_reuses_its_thread_and_is_answered_once():
         assert len(upstream.turns) == 1
 
 
+def record_events(adapter):
+    """The MessageEvents C{adapter} hands to the gateway, in order."""
+    events = []
+    deliver = adapter.deliver_inbound
+
+    def recording(event):
+        events.append(event)
+        return deliver(event)
+
+    adapter.deliver_inbound = recording
+    return events
+
+
 @pytest_twisted.ensureDeferred
-async def test_typing_while_working_and_attachments_as_a_note():
+async def test_typing_while_working_and_attachments_as_media():
+    png = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4
     async with discord_gateway(auto_reply=None) as (fake, gateway, adapter, upstream):
-        fake.user_message(FREE_CHANNEL_ID, ALICE, "look at this", attachments=[{
-            "id": "1", "filename": "cat.png", "size": 1234, "content_type": "image/png",
-            "url": "https://cdn.example/cat.png", "proxy_url": "https://media.example/cat.png"}])
+        events = record_events(adapter)
+        image = fake.attachment("cat.png", png, "image/png")
+        text = fake.attachment("notes.txt", b"hello", "text/plain")
+        fake.user_message(FREE_CHANNEL_ID, ALICE, "look at this", attachments=[image, text])
         turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
-        assert turn.request.message == ("look at this\n[Attachment: cat.png (image/png, 1234 "
-                                        "bytes) https://cdn.example/cat.png]")
+        # The image reaches the agent as an image_url part with exactly the served bytes;
+        # the other file as the pipeline's note, not as a link.
+        assert turn.request.images == [
+            "data:image/png;base64," + base64.b64encode(png).decode("ascii")]
+        assert turn.request.message == ("look at this\n[The user attached a file: notes.txt "
+                                        "(text/plain, 5 bytes)]")
+        (event,) = events
+        assert event.text == "look at this"
+        assert [(p.kind, p.mime_type, p.file_name, p.size) for p in event.media] == [
+            ("image", "image/png", "cat.png", len(png)),
+            ("file", "text/plain", "notes.txt", 5)]
+        assert await event.media[0].fetch(len(png)) == png
+        assert await event.media[1].fetch(100) == b"hello"
+        # The CDN is asked without the bot token.
+        assert fake.cdn_requests and all(auth is None for _, auth in fake.cdn_requests)
         await eventually(lambda: FREE_CHANNEL_ID in fake.typing, what="typing")
         turn.finish("seen")
         await eventually(lambda: replies(fake, FREE_CHANNEL_ID), what="the reply")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_image_without_text_is_admitted_and_fetches_are_bounded():
+    async with discord_gateway(auto_reply=lambda r: "nice") as (
+            fake, gateway, adapter, upstream):
+        events = record_events(adapter)
+        image = fake.attachment("big.gif", b"GIF89a" + b"x" * 5000, "image/gif")
+        fake.user_message(FREE_CHANNEL_ID, ALICE, "", attachments=[image])
+        await eventually(lambda: replies(fake, FREE_CHANNEL_ID), what="the reply")
+        (event,) = events
+        assert event.text == "" and event.media[0].kind == "image"
+        assert upstream.turns[0].request.message == ""
+        assert len(upstream.turns[0].request.images) == 1
+        with pytest.raises(BodyTooLarge):
+            await event.media[0].fetch(100)
+        gone = dict(image, url=image["url"] + "-missing")
+        fetch = adapter._attachment_fetcher(gone["url"])
+        with pytest.raises(DiscordHTTPError) as caught:
+            await fetch(100)
+        assert caught.value.status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_attachment_fetch_is_cancellable():
+    async with discord_gateway(auto_reply=None) as (fake, gateway, adapter, upstream):
+        image = fake.attachment("cat.png", b"png", "image/png")
+        fake.hold_cdn = True
+        d = adapter._attachment_fetcher(image["url"])(100)
+        await eventually(lambda: fake.held, what="the CDN request")
+        closed = fake.held[0].notifyFinish()
+        d.cancel()
+        with pytest.raises(CancelledError):
+            await d
+        with pytest.raises(ConnectionClosed):
+            await closed  # the connection was closed, not left to time out
 
 
 @pytest_twisted.ensureDeferred

@@ -7,7 +7,7 @@ import pytest
 from hermes_twisted.platforms.discord.commands import _comparable, definitions
 from hermes_twisted.platforms.discord.policy import Policy, decide
 from hermes_twisted.platforms.discord.text import split_message, strip_bot_mention, thread_name
-from hermes_twisted.platforms.discord.wire import attachment_note, read_message
+from hermes_twisted.platforms.discord.wire import attachment_parts, read_message
 
 BOT = "42"
 
@@ -108,10 +108,27 @@ def test_text_rules():
     assert all(c.count("```") % 2 == 0 for c in chunks)  # fences closed and reopened
 
 
-def test_attachments_become_a_text_note():
-    note = attachment_note([{"filename": "cat.png", "content_type": "image/png", "size": 10,
-                             "url": "https://cdn/cat.png"}])
-    assert note == "[Attachment: cat.png (image/png, 10 bytes) https://cdn/cat.png]"
+def test_attachments_become_media_parts():
+    urls = []
+
+    def fetcher(url):
+        urls.append(url)
+        return lambda cap: url
+
+    parts = attachment_parts([
+        {"filename": "cat.png", "content_type": "image/png", "size": 10,
+         "url": "https://cdn/cat.png"},
+        {"filename": "notes.txt", "content_type": "text/plain; charset=utf-8", "size": 3,
+         "url": "https://cdn/notes.txt"},
+        {"filename": "blob", "size": "big"},  # no type, no url, a bad size
+    ], fetcher)
+    assert [(p.kind, p.mime_type, p.file_name, p.size) for p in parts] == [
+        ("image", "image/png", "cat.png", 10),
+        ("file", "text/plain", "notes.txt", 3),
+        ("file", "application/octet-stream", "blob", None)]
+    assert urls == ["https://cdn/cat.png", "https://cdn/notes.txt"]
+    assert parts[0].fetch(1) == "https://cdn/cat.png" and parts[2].fetch is None
+    assert attachment_parts([]) == []
 
 
 def test_command_definitions_compare_equal_to_what_discord_returns():

@@ -11,7 +11,10 @@ close codes (4004 bad token, 4014 disallowed intents), and REST with C{X-RateLim
 per-bucket windows, 429 bodies with C{retry_after}/C{global}, messages, edits, typing,
 reactions, threads (a thread from a message has the message's id, and the type-21 starter
 MESSAGE_CREATE with that id is dispatched, hermes #51057), application commands, interaction
-callbacks (C{with_response}), the original-response webhook and follow-ups.
+callbacks (C{with_response}), the original-response webhook and follow-ups, and the CDN:
+C{fake.attachment(...)} stores bytes served (without auth, as Discord's signed CDN URLs are)
+at C{/attachments/<id>/<filename>} on the REST port, and returns the attachment object to
+pass to C{user_message(..., attachments=[...])}.
 
 Drive it from tests: C{await fake.start()}, point a client at C{fake.api_base} (the gateway
 URL comes from C{GET /gateway/bot}), then C{fake.user_message(...)},
@@ -147,6 +150,31 @@ class _API(Resource):
         return self.fake._rest(request)
 
 
+class _CDN(Resource):
+    """C{GET /attachments/<id>/<filename>}: the stored bytes, or 404."""
+
+    isLeaf = True
+
+    def __init__(self, fake: "FakeDiscord") -> None:
+        super().__init__()
+        self.fake = fake
+
+    def render_GET(self, request: Any) -> bytes:
+        path = request.path.decode()
+        self.fake.cdn_requests.append((path, request.getHeader(b"authorization")))
+        self.fake._changed()
+        if self.fake.hold_cdn:
+            self.fake.held.append(request)
+            return NOT_DONE_YET
+        stored = self.fake.files.get(path)
+        if stored is None:
+            request.setResponseCode(404)
+            return b"not found"
+        data, content_type = stored
+        request.setHeader(b"content-type", content_type.encode())
+        return data
+
+
 class FakeDiscord:
     log = Logger()
 
@@ -173,6 +201,11 @@ class FakeDiscord:
         self.interactions: dict[str, dict[str, Any]] = {}
         self.reactions: list[tuple[str, str, str, str]] = []  # (method, channel, message, emoji)
         self.typing: list[str] = []
+        #: CDN path -> (bytes, content type); and each CDN GET (path, Authorization header).
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.cdn_requests: list[tuple[str, bytes | None]] = []
+        #: While set, CDN requests get no answer either (kept in C{held}).
+        self.hold_cdn = False
         self.requests: list[tuple[str, str, Any]] = []
         self.identifies: list[dict[str, Any]] = []
         self.resumes: list[dict[str, Any]] = []
@@ -203,6 +236,7 @@ class FakeDiscord:
         api = Resource()
         root.putChild(b"api", api)
         api.putChild(b"v10", _API(self))
+        root.putChild(b"attachments", _CDN(self))
         site = _Site(root)
         site.noisy = False
         site.fake = self
@@ -332,6 +366,20 @@ class FakeDiscord:
         return message
 
     # -- test drivers ---------------------------------------------------------------------------
+
+    def attachment(self, filename: str, data: bytes, content_type: str | None,
+                   *, size: int | None = None) -> dict[str, Any]:
+        """Store C{data} on the CDN; the attachment object a message carries for it."""
+        attachment_id = self.snowflake()
+        path = f"/attachments/{attachment_id}/{filename}"
+        self.files[path] = (data, content_type or "application/octet-stream")
+        url = f"http://127.0.0.1:{self.rest_port}{path}"
+        item: dict[str, Any] = {"id": attachment_id, "filename": filename,
+                                "size": len(data) if size is None else size,
+                                "url": url, "proxy_url": url}
+        if content_type is not None:
+            item["content_type"] = content_type
+        return item
 
     def open_dm(self, user: dict[str, Any]) -> str:
         for channel in self.channels.values():

@@ -6,6 +6,11 @@ Discord as a platform: the Gateway session in (L{GatewayConnection}), REST out
 Inbound, a MESSAGE_CREATE passes the admission rules of L{policy}, may open a thread
 (C{auto_thread}), and reaches the gateway with the dedupe key C{discord:<message id>}: the
 store's inbox records it, so a RESUME that replays it, or a reconnect, never runs it twice.
+Attachments ride on the event as L{MediaPart}s (L{wire.attachment_parts}) for the shared
+media pipeline: images reach the agent as C{image_url} parts, other files as a note.  Their
+bytes are fetched only when the pipeline asks, with a plain GET of the attachment's CDN
+C{url} (no token: the CDN URL is signed) over the adapter's HTTP client, read up to the
+pipeline's cap, under a timeout, and cancellable (stopping the adapter cancels it too).
 A slash command is acknowledged at once with a deferred ephemeral response (well inside
 Discord's 3 s), then runs as a message would; its answer edits that response and the rest
 goes out as follow-ups, all within the token's 15 minutes.
@@ -29,7 +34,15 @@ from twisted.logger import Logger
 from twisted.web.client import HTTPConnectionPool
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
-from hermes_twisted.model import MessageEvent, MessageType, Platform, SendResult, SessionSource
+from hermes_twisted.model import (
+    MediaPart,
+    MessageEvent,
+    MessageType,
+    Platform,
+    SendResult,
+    SessionSource,
+)
+from hermes_twisted.net.body import read_body
 from hermes_twisted.net.cancellation import was_cancelled
 from hermes_twisted.net.pool import make_agent, make_pool
 from hermes_twisted.platforms.base import PlatformAdapter
@@ -37,7 +50,12 @@ from hermes_twisted.platforms.discord import commands as slash
 from hermes_twisted.platforms.discord.connection import GatewayConnection
 from hermes_twisted.platforms.discord.gateway import GatewaySession, intents_for
 from hermes_twisted.platforms.discord.policy import Policy, decide
-from hermes_twisted.platforms.discord.rest import DEFAULT_API_BASE, DiscordHTTPError, DiscordREST
+from hermes_twisted.platforms.discord.rest import (
+    DEFAULT_API_BASE,
+    USER_AGENT,
+    DiscordHTTPError,
+    DiscordREST,
+)
 from hermes_twisted.platforms.discord.text import (
     MAX_MESSAGE_LENGTH,
     split_message,
@@ -49,7 +67,7 @@ from hermes_twisted.platforms.discord.wire import (
     GROUP_DM,
     THREAD_TYPES,
     Incoming,
-    attachment_note,
+    attachment_parts,
     read_message,
 )
 from hermes_twisted.platforms.kit.inflight import InFlight
@@ -63,6 +81,9 @@ EPHEMERAL = 64
 EDIT_MAX_WAIT = 2.0
 THREAD_EXISTS = 160004
 MAX_THREADS_REMEMBERED = 5000
+#: An attachment download: this long for the response to start, then for its body.
+ATTACHMENT_RESPONSE_TIMEOUT = 30.0
+ATTACHMENT_BODY_TIMEOUT = 120.0
 
 
 @dataclass
@@ -298,23 +319,55 @@ class DiscordAdapter(PlatformAdapter):
                            message_id=msg.message_id, why=decision.why)
             return
         text = strip_bot_mention(msg.content, self.bot_id)
-        note = attachment_note(msg.attachments)
-        if note:
-            text = f"{text}\n{note}" if text else note
-        if not text:
-            if msg.mentions_bot and not msg.attachments:
+        # The pipeline notes non-images and tells the agent about images; text may stay empty.
+        media = attachment_parts(msg.attachments, self._attachment_fetcher)
+        if not text and not media:
+            if msg.mentions_bot:
                 return  # a bare mention: nothing to answer
             text = "(The user sent a message with no text content)"
         if decision.auto_thread:
             d = self._track(Deferred.fromCoroutine(self._open_thread(msg)))
-            d.addCallback(lambda thread_id: self._admit(msg, text, decision.role_authorized,
+            d.addCallback(lambda thread_id: self._admit(msg, text, media,
+                                                        decision.role_authorized,
                                                         thread_id, msg.channel_id, True))
             d.addErrback(self._inbound_failed, msg.message_id)
             return
         if in_thread:
-            self._admit(msg, text, decision.role_authorized, msg.channel_id, parent, False)
+            self._admit(msg, text, media, decision.role_authorized, msg.channel_id, parent,
+                        False)
         else:
-            self._admit(msg, text, decision.role_authorized, None, None, False)
+            self._admit(msg, text, media, decision.role_authorized, None, None, False)
+
+    def _attachment_fetcher(self, url: str) -> Callable[[int], Deferred]:
+        """C{fetch(cap)} for one attachment: its bytes from the CDN, read up to C{cap}."""
+        def fetch(cap: int) -> Deferred:
+            return self._track(Deferred.fromCoroutine(self._download(url, cap)))
+        return fetch
+
+    async def _download(self, url: str, cap: int) -> bytes:
+        http = self.rest.http
+        if http is None:
+            raise DiscordHTTPError(0, "not running")
+        try:
+            d = http.get(url, headers={"User-Agent": [USER_AGENT]}, unbuffered=True)
+            d.addTimeout(ATTACHMENT_RESPONSE_TIMEOUT, self.reactor)
+            response = await d
+            if response.code != 200:
+                discard = read_body(response, 64 * 1024)  # frees the connection
+                discard.addTimeout(5, self.reactor)
+                discard.addErrback(lambda _: None)
+                raise DiscordHTTPError(response.code,
+                                       f"attachment download answered {response.code}")
+            body = read_body(response, cap)
+            body.addTimeout(ATTACHMENT_BODY_TIMEOUT, self.reactor)
+            return await body
+        except CancelledError:
+            raise
+        except Exception as e:
+            if was_cancelled(e):
+                # A cancel arrives wrapped (ResponseNeverReceived): it stays a cancel.
+                raise CancelledError() from None
+            raise
 
     async def _open_thread(self, msg: Incoming) -> str | None:
         """A thread on C{msg} (its id is the message's); None (answer inline) on failure."""
@@ -339,8 +392,8 @@ class DiscordAdapter(PlatformAdapter):
             self._remember_channel(thread, msg.guild_id or "")
         return msg.message_id
 
-    def _admit(self, msg: Incoming, text: str, role_authorized: bool, thread_id: str | None,
-               parent_id: str | None, auto_created: bool) -> None:
+    def _admit(self, msg: Incoming, text: str, media: list[MediaPart], role_authorized: bool,
+               thread_id: str | None, parent_id: str | None, auto_created: bool) -> None:
         guild = msg.guild_id
         info = self._channels.get(msg.channel_id) or {}
         if thread_id:
@@ -363,7 +416,10 @@ class DiscordAdapter(PlatformAdapter):
             auto_thread_initial_name=thread_name(text) if auto_created else None)
         event = MessageEvent(
             text=text, source=source, message_id=msg.message_id,
-            message_type=MessageType.COMMAND if text.startswith("/") else MessageType.TEXT,
+            message_type=(MessageType.COMMAND if text.startswith("/") else
+                          MessageType.PHOTO if any(p.kind == "image" for p in media) else
+                          MessageType.DOCUMENT if media else MessageType.TEXT),
+            media=media, media_types=[p.mime_type for p in media],
             reply_to_message_id=msg.reply_to_id, reply_to_text=msg.reply_to_text,
             reply_to_author_id=msg.reply_to_author_id,
             reply_to_is_own_message=bool(self.bot_id)

@@ -1,13 +1,20 @@
 # -*- test-case-name: tests.test_discord -*-
 """
-Gateway payloads in: the fields of a MESSAGE_CREATE the adapter decides on, and the
-attachments as a text note (images and files alike until the shared media part exists).
+Gateway payloads in: the fields of a MESSAGE_CREATE the adapter decides on, and its
+attachments as L{MediaPart}s for the shared media pipeline
+(L{hermes_twisted.upstream.media}): an attachment whose C{content_type} is C{image/*} is an
+"image" part, anything else a "file" part; the bytes are fetched from the attachment's C{url}
+(Discord's CDN) only when the pipeline asks for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+
+from hermes_twisted.model import MediaPart
 
 # Channel types (§3.2).
 DM, GROUP_DM = 1, 3
@@ -69,13 +76,24 @@ def read_message(data: Any, bot_id: str | None) -> Incoming | None:
     )
 
 
-def attachment_note(attachments: list[dict[str, Any]]) -> str:
-    """A line per attachment the agent can read: kind, name, size and URL."""
-    lines = []
+def attachment_parts(attachments: list[dict[str, Any]],
+                     fetcher: Callable[[str], Callable[[int], Deferred]] | None = None
+                     ) -> list[MediaPart]:
+    """
+    One L{MediaPart} per attachment: kind "image" for an C{image/*} C{content_type}, else
+    "file"; C{fetcher(url)} gives its C{fetch(max_bytes)} (None without a C{url}).
+    """
+    parts = []
     for item in attachments:
-        kind = str(item.get("content_type") or "file")
-        name = str(item.get("filename") or "attachment")
+        mime = str(item.get("content_type") or "application/octet-stream")
+        # Discord may add parameters ("text/plain; charset=utf-8"): the pipeline wants the type.
+        mime = mime.split(";", 1)[0].strip().lower() or "application/octet-stream"
         size = item.get("size")
-        size_text = f", {size} bytes" if isinstance(size, int) else ""
-        lines.append(f"[Attachment: {name} ({kind}{size_text}) {item.get('url') or ''}]".strip())
-    return "\n".join(lines)
+        url = item.get("url")
+        part = MediaPart("image" if mime.startswith("image/") else "file", mime,
+                         str(item.get("filename") or "attachment"),
+                         size if isinstance(size, int) and not isinstance(size, bool) else None)
+        if fetcher is not None and isinstance(url, str) and url:
+            part.fetch = fetcher(url)
+        parts.append(part)
+    return parts
