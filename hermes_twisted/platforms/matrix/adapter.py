@@ -69,6 +69,10 @@ SYNC_FILTER = json.dumps({
 }, separators=(",", ":"))
 
 
+#: An env var name at the start of a fatal message: the setting that cannot work.
+_SETTING_NAME = re.compile(r"MATRIX_[A-Z0-9_]+")
+
+
 class MatrixError(Exception):
     def __init__(self, code: int, body: dict[str, Any]) -> None:
         self.code, self.body = code, body
@@ -154,8 +158,14 @@ class MatrixAdapter(PlatformAdapter):
             return
         self._state = f"disabled: {failure.getErrorMessage()}"
         if failure.check(MatrixFatal):
-            self.report_state(PlatformState.DISABLED, reason="auth_failed",
-                              detail=failure.getErrorMessage())
+            # A setting that cannot work names itself ("MATRIX_DEVICE_ID: ..."); anything
+            # else fatal is the homeserver refusing our credentials.
+            message = failure.getErrorMessage()
+            key, sep, detail = message.partition(": ")
+            if sep and _SETTING_NAME.fullmatch(key):
+                self.report_state(PlatformState.DISABLED, reason=key, detail=detail)
+            else:
+                self.report_state(PlatformState.DISABLED, reason="auth_failed", detail=message)
         else:
             self.report_state(PlatformState.FAILED, error_code=error_code_of(failure))
         if failure.check(MatrixFatal):
