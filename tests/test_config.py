@@ -323,6 +323,16 @@ ERRORS = [
      "TELEGRAM_BOT_TOKEN: required when Telegram is enabled"),
     ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
           "MATRIX_E2EE_MODE": "mandatory"}, "MATRIX_E2EE_MODE: expected one of off, optional"),
+    ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
+          "MATRIX_RECOVERY_KEY": "EsTc 0OIl"}, "MATRIX_RECOVERY_KEY: the recovery key has a "
+                                               "character outside base58"),
+    ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
+          "MATRIX_RECOVERY_KEY": "EsTc 1234 5678"}, "MATRIX_RECOVERY_KEY: not a Matrix recovery "
+                                                    "key (wrong length or header)"),
+    ({"platforms": {"matrix": {"enabled": True, "extra": {
+        "homeserver": "https://m.example", "access_token": "t",
+        "recovery_key": "EsSz ykH7 LCZx 7Cae cmKD wcmY JRXi Ybtu 8iQ3 t8Ez nRwK pUY2"}}}}, {},
+     "MATRIX_RECOVERY_KEY: the recovery key's parity check failed"),
     ({}, {"API_SERVER_ENABLED": "true"}, "API_SERVER_KEY: the API server needs a key of at "
                                          "least 16 characters"),
     ({}, {"API_SERVER_KEY": "short"}, "API_SERVER_KEY: the API server needs a key"),

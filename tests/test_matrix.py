@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.platforms.base import PlatformState
 from hermes_twisted.platforms.matrix.adapter import MatrixAdapter
 from hermes_twisted.platforms.matrix.format import markdown_to_html
 
@@ -587,5 +588,9 @@ def test_encryption_without_a_known_device_is_refused_naming_the_key(tmp_path):
     hs.answer("GET", "/account/whoami", 200, {"user_id": ME})  # an old token: no device
     adapter, _ = make_adapter(tmp_path, hs, clock, e2ee_mode="required")
     adapter.startService()
-    assert adapter.status.startswith("disabled: MATRIX_DEVICE_ID")
+    assert adapter.status.startswith("disabled: invalid_config (MATRIX_DEVICE_ID: ")
+    status = adapter.platform_status
+    assert status.state is PlatformState.DISABLED and status.reason == "invalid_config"
+    assert status.detail.startswith("MATRIX_DEVICE_ID: ")
+    assert [r[:2] for r in hs.requests] == [("GET", "/account/whoami")]  # no retry, no sync
     adapter.stopService()

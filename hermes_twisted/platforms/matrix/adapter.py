@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_matrix -*-
 """
-Matrix over the client-server API with treq (no end-to-end encryption).
+Matrix over the client-server API with treq, end-to-end encrypted where a room is (the
+engine is L{hermes_twisted.platforms.matrix.crypto}).
 
 Inbound is a C{/sync} long-poll.  The C{since} token is saved only after every event of a
 batch was admitted by the gateway, so a restart never loses an event; each event also carries
@@ -161,9 +162,11 @@ class MatrixAdapter(PlatformAdapter):
             # A setting that cannot work names itself ("MATRIX_DEVICE_ID: ..."); anything
             # else fatal is the homeserver refusing our credentials.
             message = failure.getErrorMessage()
-            key, sep, detail = message.partition(": ")
+            key, sep, _ = message.partition(": ")
             if sep and _SETTING_NAME.fullmatch(key):
-                self.report_state(PlatformState.DISABLED, reason=key, detail=detail)
+                # The detail starts with the key, so /status and the log name it.
+                self.report_state(PlatformState.DISABLED, reason="invalid_config",
+                                  detail=message)
             else:
                 self.report_state(PlatformState.DISABLED, reason="auth_failed", detail=message)
         else:
