@@ -4,7 +4,7 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
@@ -19,7 +19,8 @@ ME = "@bot:localhost"
 
 class FakeResponse:
     def __init__(self, code, body):
-        self.code, self.phrase, self._body = code, b"X", json.dumps(body).encode()
+        self.code, self.phrase = code, b"X"
+        self._body = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.original = self
 
     def deliverBody(self, protocol):
@@ -44,7 +45,8 @@ class ScriptedHomeserver:
         self.answers.setdefault((method, prefix), []).append((code, body))
 
     def request(self, method, url, headers=None, params=None, json=None):
-        path = url.split("/_matrix/client/v3", 1)[1]
+        path = url.split("/_matrix/client/v3", 1)[1] if "/client/v3" in url else \
+            url.split("http://hs", 1)[1]
         self.requests.append((method, path, params, json))
         for (m, prefix), queue in self.answers.items():
             if m == method and path.startswith(prefix) and queue:
@@ -594,3 +596,34 @@ def test_encryption_without_a_known_device_is_refused_naming_the_key(tmp_path):
     assert status.detail.startswith("MATRIX_DEVICE_ID: ")
     assert [r[:2] for r in hs.requests] == [("GET", "/account/whoami")]  # no retry, no sync
     adapter.stopService()
+
+
+def test_a_replayed_attachment_is_fetched_again_from_its_event_after_login(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    fetch = adapter.media_fetcher({"room_id": "!r:localhost", "event_id": "$img"})
+    got = []
+    fetch(1000).addCallback(got.append)
+    assert hs.requests == [] and got == []  # not before the adapter has logged in
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    hs.answer("GET", "/rooms/%21r%3Alocalhost/event/%24img", 200, {
+        "type": "m.room.message", "event_id": "$img", "sender": "@alice:localhost",
+        "content": {"msgtype": "m.image", "body": "cat.png", "url": "mxc://localhost/abc",
+                    "info": {"mimetype": "image/png", "size": 3}}})
+    hs.answer("GET", "/_matrix/client/v1/media/download/localhost/abc", 200, b"PNG")
+    adapter.startService()
+    assert got == [b"PNG"]
+    assert [r[1] for r in hs.requests[1:3]] == ["/rooms/%21r%3Alocalhost/event/%24img",
+                                                 "/_matrix/client/v1/media/download/localhost/abc"]
+    adapter.stopService()
+
+
+def test_a_fetch_waiting_for_login_is_cancelled_by_stop(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    adapter.startService()  # whoami is left unanswered
+    failures = []
+    adapter.media_fetcher({"room_id": "!r", "event_id": "$e"})(10).addErrback(failures.append)
+    adapter.stopService()
+    assert failures and failures[0].check(CancelledError)
+    assert adapter.media_fetcher({"room_id": 5}) is None

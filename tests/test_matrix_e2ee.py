@@ -200,8 +200,8 @@ async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tm
         room = (await alice.do("create_dm", invite=BOT))["room_id"]
         await alice.do("wait_joined", room=room, user=BOT)
         image = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
-        await alice.do("send_image", room=room, data=base64.b64encode(image).decode(),
-                       mimetype="image/png", filename="photo.png")
+        sent = await alice.do("send_image", room=room, data=base64.b64encode(image).decode(),
+                              mimetype="image/png", filename="photo.png")
         found = await alice.do("wait_message", room=room, sender=BOT, contains="Echo:")
         no_undecryptable(found["events"])
         user_message = upstream_server.bodies[-1]["messages"][-1]
@@ -219,6 +219,10 @@ async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tm
                 break
             await deferLater(reactor, 0.05, lambda: None)
         assert rows[0]["content"] == "[image: photo.png]"
+        # What an inbox replay after a restart does with the stored reference: fetch the
+        # event again, decrypt it with the stored room key, download and decrypt the file.
+        again = adapter.media_fetcher({"room_id": room, "event_id": sent["event_id"]})
+        assert await again(config.media_max_bytes) == image
 
         # An image the agent links in its reply arrives as an encrypted image.
         await alice.do("send_text", room=room, body="draw")

@@ -136,6 +136,12 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "This process's name in a fleet sharing one PostgreSQL store (default: host name "
          "and pid).", "Gateway instance id", yaml_key="gateway.instance_id", advanced=True,
          ours=True),
+    _var("GATEWAY_MEDIA_MAX_BYTES",
+         "Largest image a user may send that is passed to the agent (as an image_url part); "
+         "a larger one is not downloaded: the agent gets a text note and the user a short "
+         "notice. Applies to every platform.", "Largest image passed to the agent (bytes)",
+         type="int", yaml_key="gateway.media.max_bytes", default=10 * 1024 * 1024, minimum=1,
+         advanced=True, ours=True),
     # -- proxy mode (proxy.md 1.1, 4) -----------------------------------------------------
     _var("GATEWAY_PROXY_URL",
          "URL of a remote Hermes API server to forward messages to. The gateway then does "
@@ -808,6 +814,7 @@ _GROUPS = [
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_") or v.name == "HERMES_SCALE_TO_ZERO"),
     ("Operations", lambda v: v.name.startswith("GATEWAY_OPS_")),
+    ("Media", lambda v: v.name.startswith("GATEWAY_MEDIA_")),
     ("Access and sessions",
      lambda v: v.name.startswith(("GATEWAY_ALLOW", "SESSION_"))),
     ("IRC", lambda v: v.platform == "irc"),

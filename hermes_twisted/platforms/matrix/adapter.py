@@ -139,6 +139,8 @@ class MatrixAdapter(PlatformAdapter):
         self._turn_replies: dict[str, dict[str, Any]] = {}
         self._image_sends: set[Deferred] = set()
         self._allow_private_media = bool(extra.get("allow_private_media_urls", False))
+        self._ready = False
+        self._ready_waiters: list[Deferred] = []
 
     # -- service ------------------------------------------------------------------------------
 
@@ -187,6 +189,9 @@ class MatrixAdapter(PlatformAdapter):
         if loop is not None:
             loop.cancel()
         self._http_calls.cancel_all()
+        self._ready = False
+        for waiter in list(self._ready_waiters):
+            waiter.cancel()
         for send in list(self._image_sends):
             send.cancel()
         self._state = "stopped"
@@ -235,8 +240,13 @@ class MatrixAdapter(PlatformAdapter):
     # -- the sync loop ------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        self._ready = False
         await self._login()
         await self._start_crypto()
+        self._ready = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         await poll_forever(self._sync, self._deliver, self._sync_failed, clock=self.clock)
 
     async def _sync(self) -> dict[str, Any]:
@@ -641,9 +651,48 @@ class MatrixAdapter(PlatformAdapter):
                              raw_message=raw,
                              metadata={"dedupe_key": f"matrix:{raw.get('event_id')}"})
         if media is not None:
+            # Enough to find the attachment again after a restart: the event (its key stays
+            # in the crypto store), never the file's own key.
+            part.ref = {"room_id": room_id, "event_id": raw.get("event_id")}
             event.message_type, event.media = message_type, [part]
             event.media_types = [part.mime_type]
         return event
+
+    def media_fetcher(self, ref: dict[str, Any]) -> Any:
+        """
+        The fetcher of an attachment replayed after a restart: it waits until the adapter
+        has logged in (and opened its crypto store), fetches the event again, decrypts it
+        when it was encrypted, and downloads the file as the first time.
+        """
+        room_id, event_id = ref.get("room_id"), ref.get("event_id")
+        if not (isinstance(room_id, str) and isinstance(event_id, str)):
+            return None
+
+        def fetch(cap: int) -> Deferred:
+            return ensureDeferred(self._fetch_again(room_id, event_id, cap))
+        return fetch
+
+    def _when_ready(self) -> Deferred:
+        """Fires once logged in and the crypto started; cancelling stops waiting."""
+        if self._ready:
+            return succeed(None)
+        waiter: Deferred = Deferred(lambda d: self._ready_waiters.remove(d))
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    async def _fetch_again(self, room_id: str, event_id: str, cap: int) -> bytes:
+        await self._when_ready()
+        raw = await self._call("GET", f"/rooms/{quote(room_id, safe='')}/event/"
+                                      f"{quote(event_id, safe='')}")
+        if raw.get("type") == "m.room.encrypted":
+            if self.crypto is None:
+                raise MediaError("the attachment is encrypted and encryption is off")
+            raw = await self.crypto.decrypt_room_event(room_id, raw)
+        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+        media = media_message(content, self.max_media_bytes, self._fetcher)
+        if media is None:
+            raise MediaError("the event no longer carries an attachment")
+        return await media[2].fetch(cap)
 
     def _fetcher(self, mxc: Any, encrypted: dict[str, Any] | None, max_bytes: int) -> Any:
         """C{fetch(cap)} for one attachment: download it, then decrypt it in a thread."""
