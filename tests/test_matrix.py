@@ -451,7 +451,7 @@ class ScriptedCrypto:
         from hermes_twisted.platforms.matrix.cryptostore import CryptoStore
 
         self.keys, self.arrive, self.withheld = set(), set(), {}
-        self.encrypted = []
+        self.encrypted, self.held_rows = [], {}
         self.store = CryptoStore("/nonexistent", run_in_thread=maybeDeferred)
         self.store.close = lambda: succeed(None)
 
@@ -476,6 +476,20 @@ class ScriptedCrypto:
 
     def withheld_code(self, room_id, session_id):
         return self.withheld.get((room_id, session_id))
+
+    # The store's held events: a dict that outlives the instance when a test shares it.
+    def held_events(self):
+        return sorted(self.held_rows.values(), key=lambda row: row["held_at"])
+
+    def remember_held(self, room_id, session_id, held_at, event):
+        self.held_rows[event["event_id"]] = {"room_id": room_id, "session_id": session_id,
+                                             "held_at": held_at, "event": event}
+
+    def forget_held(self, event):
+        self.held_rows.pop(event["event_id"], None)
+
+    def has_room_key(self, room_id, session_id):
+        return (room_id, session_id) in self.keys
 
     async def recover(self, refs):
         self.asked = getattr(self, "asked", set()) | set(refs)
@@ -627,3 +641,56 @@ def test_a_fetch_waiting_for_login_is_cancelled_by_stop(tmp_path):
     adapter.stopService()
     assert failures and failures[0].check(CancelledError)
     assert adapter.media_fetcher({"room_id": 5}) is None
+
+
+def test_held_events_survive_a_restart_and_keep_their_age(tmp_path):
+    room = "!r:localhost"
+    store_rows = {}  # what the crypto store keeps across the restart
+
+    def start(clock):
+        hs = ScriptedHomeserver()
+        hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+        adapter, sink = make_adapter(tmp_path, hs, clock)
+        crypto = ScriptedCrypto()
+        crypto.held_rows = store_rows
+        adapter._start_crypto = lambda: succeed(adapter._adopt_crypto(crypto))
+        adapter.startService()
+        adapter._since = "s0"
+        return adapter, sink, crypto, hs
+
+    clock = Clock()
+    adapter, sink, crypto, _ = start(clock)
+    done(adapter._deliver(batch("s1", room=room, events=[encrypted("$a", "S1", "first"),
+                                                         encrypted("$b", "S2", "second")])))
+    assert sink.events == [] and set(store_rows) == {"$a", "$b"}
+    adapter.stopService()
+    # The restart: the key of S1 arrives in the first sync, S2's never does.
+    clock.advance(10)
+    adapter, sink, crypto, hs = start(clock)
+    assert set(adapter._held) == {(room, "S1"), (room, "S2")}
+    crypto.arrive = {(room, "S1")}
+    done(adapter._deliver(batch("s2", room=room)))
+    assert [e.text for e in sink.events] == ["first"]
+    assert set(store_rows) == {"$b"}
+    # The notice comes after the hold time counted from the first hold, not the restart.
+    hs.answer("PUT", "/rooms/%21r%3Alocalhost/send/", 200, {"event_id": "$n"})
+    clock.advance(adapter.hold_seconds - 10 + 1)
+    done(adapter._deliver(batch("s3", room=room)))
+    assert "couldn't decrypt" in crypto.encrypted[0][2]["body"]
+    assert store_rows == {} and adapter._held == {}
+    adapter.stopService()
+
+
+def test_a_key_that_came_before_the_restart_releases_the_held_event(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, sink = make_adapter(tmp_path, hs, clock)
+    crypto = ScriptedCrypto()
+    crypto.remember_held("!r:localhost", "S1", 0.0, encrypted("$a", "S1", "first"))
+    crypto.keys.add(("!r:localhost", "S1"))  # stored, but the retry never ran
+    adapter._start_crypto = lambda: succeed(adapter._adopt_crypto(crypto))
+    adapter.startService()
+    adapter._since = "s0"
+    done(adapter._deliver(batch("s1", room="!r:localhost")))
+    assert [e.text for e in sink.events] == ["first"] and crypto.held_rows == {}
+    adapter.stopService()

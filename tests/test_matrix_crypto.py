@@ -241,3 +241,30 @@ async def test_key_requests_and_forwarded_keys_only_for_what_we_asked(tmp_path):
     assert cancel == {"action": "request_cancellation", "requesting_device_id": "DEV",
                       "request_id": request["request_id"]}
     await bot.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_held_events_are_kept_in_the_store(tmp_path):
+    server = FakeKeyServer()
+    first = engine(tmp_path, server)
+    await first.start()
+    event = {"type": "m.room.encrypted", "event_id": "$e", "sender": "@alice:localhost",
+             "content": {"algorithm": "m.megolm.v1.aes-sha2", "session_id": "S",
+                         "ciphertext": "opaque"}}
+    first.remember_held("!r", "S", 12.5, event)
+    first.remember_held("!r", "S", 11.0, dict(event, event_id="$d"))
+    await first.flush()
+    await first.store.close()
+    again = engine(tmp_path, server)
+    await again.start()
+    assert [(row["event"]["event_id"], row["held_at"]) for row in again.held_events()] == [
+        ("$d", 11.0), ("$e", 12.5)]
+    assert again.held_events()[1] == {"room_id": "!r", "session_id": "S", "held_at": 12.5,
+                                      "event": event}
+    again.forget_held(event)
+    await again.flush()
+    await again.store.close()
+    third = engine(tmp_path, server)
+    await third.start()
+    assert [row["event"]["event_id"] for row in third.held_events()] == ["$d"]
+    await third.store.close()

@@ -134,6 +134,7 @@ class MatrixAdapter(PlatformAdapter):
         self.hold_seconds = float(extra.get("undecryptable_wait_s") or HOLD_UNDECRYPTABLE_S)
         self.crypto: MatrixCrypto | None = None
         self._held: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
+        self._recheck_held = False
         self._noticed: dict[str, float] = {}
         self._unencrypted_warned: set[str] = set()
         self._turn_replies: dict[str, dict[str, Any]] = {}
@@ -302,9 +303,20 @@ class MatrixAdapter(PlatformAdapter):
         except BaseException:
             await store.close()
             raise
+        self._adopt_crypto(crypto)
+        self.log.info("Matrix encryption is {mode}: device {device_id}, {keys} room keys held, "
+                      "{waiting} events waiting for a room key", mode=self.e2ee_mode,
+                      device_id=self.device_id, keys=crypto.room_key_count,
+                      waiting=sum(len(events) for events in self._held.values()))
+
+    def _adopt_crypto(self, crypto: MatrixCrypto) -> None:
+        """Use C{crypto}, and take back the events its store held for a missing room key."""
         self.crypto = crypto
-        self.log.info("Matrix encryption is {mode}: device {device_id}, {keys} room keys held",
-                      mode=self.e2ee_mode, device_id=self.device_id, keys=crypto.room_key_count)
+        self._recheck_held = True
+        self._held = {}
+        for row in crypto.held_events():
+            self._held.setdefault((row["room_id"], row["session_id"]), []).append(
+                (row["held_at"], row["event"]))
 
     async def _deliver(self, batch: dict[str, Any]) -> None:
         self._state = "connected"
@@ -315,6 +327,10 @@ class MatrixAdapter(PlatformAdapter):
             await self.crypto.flush()  # keys first: the server will not resend them
         await self._handle_batch(batch, replay=self._since is None)
         if self.crypto is not None:
+            if self._recheck_held:
+                # Keys that came just before a restart cut the retry short.
+                self._recheck_held = False
+                arrived |= {ref for ref in self._held if self.crypto.has_room_key(*ref)}
             arrived |= await self.crypto.recover(set(self._held))
             await self._retry_held(arrived)
             await self._request_held_keys()
@@ -512,11 +528,12 @@ class MatrixAdapter(PlatformAdapter):
                 if event is not None:
                     await self.deliver_inbound(event)
 
-    async def _decrypted(self, room_id: str, raw: Any) -> dict[str, Any] | None:
+    async def _decrypted(self, room_id: str, raw: Any, held_at: float | None = None
+                         ) -> dict[str, Any] | None:
         """
         The event to hand on: decrypted when it was encrypted, None when it cannot be (yet:
-        then it is held until its room key arrives) or when C{required} mode refuses an
-        unencrypted room.
+        then it is held until its room key arrives, keeping C{held_at} when it was held
+        before) or when C{required} mode refuses an unencrypted room.
         """
         if not isinstance(raw, dict) or raw.get("sender") == self.user_id:
             return raw
@@ -542,17 +559,32 @@ class MatrixAdapter(PlatformAdapter):
         try:
             return await self.crypto.decrypt_room_event(room_id, raw)
         except MissingRoomKey as e:
-            self._hold(room_id, e.session_id, raw)
+            self._hold(room_id, e.session_id, raw, held_at)
         except DecryptionFailed as e:
             self.log.warn("Matrix: cannot decrypt {event} in {room}: {error}",
                           event=raw.get("event_id"), room=room_id, error=str(e))
         return None
 
-    def _hold(self, room_id: str, session_id: str, raw: dict[str, Any]) -> None:
+    def _hold(self, room_id: str, session_id: str, raw: dict[str, Any],
+              held_at: float | None = None) -> None:
+        """
+        Keep C{raw} until its room key arrives: in memory and in the crypto store (written
+        with the batch's other crypto changes, before its sync token), at most
+        L{MAX_HELD_EVENTS}, the oldest session's events dropped first.
+        """
+        if any(held.get("event_id") == raw.get("event_id")
+               for _, held in self._held.get((room_id, session_id), ())):
+            return  # redelivered while held
         if sum(len(v) for v in self._held.values()) >= MAX_HELD_EVENTS:
             oldest = min(self._held, key=lambda ref: self._held[ref][0][0])
-            self._held.pop(oldest)
-        self._held.setdefault((room_id, session_id), []).append((self.clock.seconds(), raw))
+            for _, dropped in self._held.pop(oldest):
+                self.crypto.forget_held(dropped)
+            self.log.warn("Matrix: too many events waiting for room keys; dropped those of "
+                          "session {session} in {room}", session=oldest[1], room=oldest[0])
+        # A retry that still lacks the key (index too low) keeps its age, so it expires.
+        now = self.clock.seconds() if held_at is None else held_at
+        self._held.setdefault((room_id, session_id), []).append((now, raw))
+        self.crypto.remember_held(room_id, session_id, now, raw)
         self.log.info("Matrix: holding {event} in {room} until its room key arrives",
                       event=raw.get("event_id"), room=room_id)
 
@@ -568,9 +600,10 @@ class MatrixAdapter(PlatformAdapter):
 
     async def _retry_held(self, arrived: set[tuple[str, str]]) -> None:
         for ref in arrived:
-            for _, raw in self._held.pop(ref, []):
+            for held_at, raw in self._held.pop(ref, []):
+                self.crypto.forget_held(raw)
                 event = None
-                decrypted = await self._decrypted(ref[0], raw)
+                decrypted = await self._decrypted(ref[0], raw, held_at)
                 if decrypted is not None:
                     event = self._to_event(ref[0], decrypted)
                 if event is not None:
@@ -585,6 +618,8 @@ class MatrixAdapter(PlatformAdapter):
             if withheld is None and now - first < self.hold_seconds:
                 continue
             events = self._held.pop(ref)
+            for _, raw in events:
+                self.crypto.forget_held(raw)
             room_id = ref[0]
             self.log.warn("Matrix: gave up on {count} undecryptable event(s) in {room} "
                           "({why})", count=len(events), room=room_id,

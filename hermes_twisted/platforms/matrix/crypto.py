@@ -122,6 +122,9 @@ class MatrixCrypto:
         self._to_backup: list[dict[str, Any]] = []
         self._asked_backup: set[tuple[str, str]] = set()
         self._requests: dict[tuple[str, str], str] = {}  # room key requests we sent
+        #: Events held for a missing room key, as the store keeps them (event id -> row),
+        #: so a restart before the key comes still decrypts them.
+        self._held_rows: dict[str, dict[str, Any]] = {}
 
     # -- keys and identity ------------------------------------------------------------------
 
@@ -192,6 +195,15 @@ class MatrixCrypto:
                                    for d, k in json.loads(value).items()}
         for room, value in data.get("rooms", {}).items():
             self._rooms[room] = json.loads(value)
+        for event_id, value in data.get("held", {}).items():
+            try:
+                row = json.loads(value)
+                self._held_rows[event_id] = {"room_id": str(row["room_id"]),
+                                             "session_id": str(row["session_id"]),
+                                             "held_at": float(row["held_at"]),
+                                             "event": dict(row["event"])}
+            except (ValueError, KeyError, TypeError):
+                self._dirty[("held", event_id)] = None  # unreadable: drop it
 
     async def _query_own_keys(self) -> dict[str, Any] | None:
         reply = await self._call("POST", "/keys/query",
@@ -633,6 +645,30 @@ class MatrixCrypto:
         messages = {user: {"*": content} for user in users if isinstance(user, str)}
         await self._call("PUT", f"/sendToDevice/{kind}/hermes-{self._txn}-"
                                 f"{int(self.clock.seconds() * 1000)}", {"messages": messages})
+
+    # -- events held for a missing room key ---------------------------------------------
+
+    def held_events(self) -> list[dict[str, Any]]:
+        """The held events the store kept, oldest first: C{room_id, session_id, held_at, event}."""
+        return sorted(self._held_rows.values(), key=lambda row: row["held_at"])
+
+    def remember_held(self, room_id: str, session_id: str, held_at: float,
+                      event: dict[str, Any]) -> None:
+        """Keep a held (still encrypted) event in the store, written by the next L{flush}."""
+        event_id = str(event.get("event_id"))
+        row = {"room_id": room_id, "session_id": session_id, "held_at": held_at,
+               "event": event}
+        self._held_rows[event_id] = row
+        self._dirty[("held", event_id)] = json.dumps(row)
+
+    def forget_held(self, event: dict[str, Any]) -> None:
+        """The held event was decrypted or given up: remove it at the next L{flush}."""
+        event_id = str(event.get("event_id"))
+        if self._held_rows.pop(event_id, None) is not None:
+            self._dirty[("held", event_id)] = None
+
+    def has_room_key(self, room_id: str, session_id: str) -> bool:
+        return (room_id, session_id) in self._inbound
 
     def withheld_code(self, room_id: str, session_id: str) -> str | None:
         return self._withheld.get((room_id, session_id))
