@@ -6,7 +6,7 @@ import os
 import pytest
 import pytest_twisted
 import vodozemac
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 
 from hermes_twisted.platforms.matrix.attachments import (
@@ -103,8 +103,9 @@ class FakeKeyServer:
 
 def engine(tmp_path, server, secret=None):
     store = CryptoStore(str(tmp_path / "store"), secret=secret, run_in_thread=maybeDeferred)
+    # The engine gives the reactor a turn between costly steps; a test Clock never turns.
     return MatrixCrypto(user_id="@bot:localhost", device_id="DEV", store=store,
-                        call=server.call, clock=Clock())
+                        call=server.call, clock=Clock(), pause=lambda: succeed(None))
 
 
 @pytest_twisted.ensureDeferred

@@ -43,6 +43,7 @@ MEGOLM = "m.megolm.v1.aes-sha2"
 DEFAULT_ROTATION_MS = 604_800_000
 DEFAULT_ROTATION_MSGS = 100
 MAX_OLM_SESSIONS_PER_DEVICE = 4
+KEYS_PER_STEP = 5  # one-time keys generated or signed per reactor turn
 
 Call = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -231,8 +232,13 @@ class MatrixCrypto:
         """
         target = self.account.max_number_of_one_time_keys // 2
         count = target if one_time is None else max(0, target - one_time)
-        if count:
-            self.account.generate_one_time_keys(count)
+        # Generating and signing a key costs tens of microseconds each; the binding holds
+        # the GIL, so a thread would not free the reactor: give it turns between chunks.
+        while count > 0:
+            self.account.generate_one_time_keys(min(count, KEYS_PER_STEP))
+            count -= KEYS_PER_STEP
+            if count > 0:
+                await self._pause()
         if fallback is None and device_keys or fallback:
             self.account.generate_fallback_key()
         self._mark_account()
@@ -240,8 +246,11 @@ class MatrixCrypto:
         body: dict[str, Any] = {}
         if device_keys:
             body["device_keys"] = self.device_keys()
-        otks = {f"signed_curve25519:{kid}": self._sign({"key": key.to_base64()})
-                for kid, key in self.account.one_time_keys.items()}
+        otks = {}
+        for number, (kid, key) in enumerate(self.account.one_time_keys.items()):
+            if number and number % KEYS_PER_STEP == 0:
+                await self._pause()
+            otks[f"signed_curve25519:{kid}"] = self._sign({"key": key.to_base64()})
         if otks:
             body["one_time_keys"] = otks
         fallbacks = {f"signed_curve25519:{kid}": self._sign({"key": key.to_base64(),
@@ -288,8 +297,8 @@ class MatrixCrypto:
         dirty, self._dirty = self._dirty, {}
         changes = []
         for number, ((kind, key), value) in enumerate(dirty.items()):
-            if number and number % 8 == 0:
-                await self._pause()
+            if number and number % 4 == 0:
+                await self._pause()  # an account pickle alone is a few hundred microseconds
             changes.append((kind, key, value() if callable(value) else value))
         await self.store.write(changes)
 
@@ -538,8 +547,8 @@ class MatrixCrypto:
             known = self._devices.get(user, {})
             fresh: dict[str, Device] = {}
             for number, (device_id, keys) in enumerate(found.items()):
-                if number and number % 4 == 0:
-                    await self._pause()
+                if number:
+                    await self._pause()  # a signature check and more per device
                 device = self._valid_device(user, device_id, keys)
                 if device is None:
                     continue
@@ -748,9 +757,8 @@ class MatrixCrypto:
         key = {"algorithm": MEGOLM, "room_id": room_id, "session_id": out.session.session_id,
                "session_key": out.session.session_key.to_base64()}
         messages: dict[str, dict[str, Any]] = {}
-        for number, device in enumerate(targets):
-            if number:
-                await self._pause()
+        for device in targets:
+            await self._pause()  # also before the first: the last session setup precedes it
             sessions = self._olm.get(device.curve25519)
             if not sessions:
                 continue  # no one-time key could be claimed: it cannot get this session
@@ -776,9 +784,11 @@ class MatrixCrypto:
         reply = await self._call("POST", "/keys/claim", {"one_time_keys": query,
                                                          "timeout": 10000})
         claimed = reply.get("one_time_keys") or {}
-        for number, device in enumerate(missing):
-            if number:
-                await self._pause()
+        for device in missing:
+            # Each device costs a signature check and an Olm session setup (a few hundred
+            # microseconds): a turn of its own, also the first, which would otherwise add
+            # to the work before the claim.
+            await self._pause()
             keys = (claimed.get(device.user_id) or {}).get(device.device_id) or {}
             for key_id, otk in keys.items():
                 try:
