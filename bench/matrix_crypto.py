@@ -94,8 +94,9 @@ class Homeserver:
         if path.startswith("/sendToDevice/"):
             self.to_device += sum(len(v) for v in body["messages"].values())
             return {}
-        if path.endswith("/joined_members"):
-            return {"joined": {BOT: {}, PEER: {}}}
+        if path.endswith("/members"):
+            return {"chunk": [{"type": "m.room.member", "state_key": user,
+                               "content": {"membership": "join"}} for user in (BOT, PEER)]}
         raise AssertionError(path)
 
 

@@ -75,11 +75,16 @@ def test_rotation_rules():
     assert not needs_rotation(out, 100.999, max_ms=1000, max_msgs=2)
 
 
+def member(user, membership="join"):
+    return {"type": "m.room.member", "state_key": user, "content": {"membership": membership}}
+
+
 class FakeKeyServer:
     """Just enough of /keys for one device: query, upload, nothing else."""
 
     def __init__(self):
         self.device_keys, self.otks, self.fallback, self.uploads = None, {}, {}, 0
+        self.members = [("@bot:localhost", "join")]
 
     async def call(self, method, path, body=None, query=None, **_):
         if path == "/keys/query":
@@ -96,8 +101,9 @@ class FakeKeyServer:
         if path.startswith("/sendToDevice/"):
             self.to_device = getattr(self, "to_device", []) + [(path.split("/")[2], body)]
             return {}
-        if path.endswith("/joined_members"):
-            return {"joined": {"@bot:localhost": {}}}
+        if path.endswith("/members"):
+            self.member_queries = getattr(self, "member_queries", []) + [query]
+            return {"chunk": [member(user, state) for user, state in self.members]}
         raise AssertionError(f"unexpected {method} {path}")
 
 
@@ -269,3 +275,34 @@ async def test_held_events_are_kept_in_the_store(tmp_path):
     await third.start()
     assert [row["event"]["event_id"] for row in third.held_events()] == ["$d"]
     await third.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_room_keys_go_to_invited_members_unless_history_is_joined_only(tmp_path):
+    server = FakeKeyServer()
+    server.members = [("@bot:localhost", "join"), ("@alice:localhost", "join"),
+                      ("@bob:localhost", "invite"), ("@eve:localhost", "ban")]
+    bot = engine(tmp_path, server)
+    await bot.start()
+    room = "!r:localhost"
+    # Element's DM: history visible to members since they were invited ("shared").
+    assert await bot._recipients(room) == {"@bot:localhost", "@alice:localhost",
+                                           "@bob:localhost"}
+    assert server.member_queries == [{"not_membership": "leave"}]
+    # A room whose history is for joined members only: invitees wait until they join.
+    await bot.receive_sync({"rooms": {"join": {room: {"state": {"events": [{
+        "type": "m.room.history_visibility", "state_key": "",
+        "content": {"history_visibility": "joined"}}]}}}}})
+    assert await bot._recipients(room) == {"@bot:localhost", "@alice:localhost"}
+    # The invitee joins: the members are read again.
+    server.members[2] = ("@bob:localhost", "join")
+    await bot.receive_sync({"rooms": {"join": {room: {"timeline": {"events": [
+        dict(member("@bob:localhost"), sender="@bob:localhost")]}}}}})
+    assert "@bob:localhost" in await bot._recipients(room)
+    await bot.flush()
+    await bot.store.close()
+    again = engine(tmp_path, server)  # the visibility is kept across a restart
+    await again.start()
+    server.members[2] = ("@bob:localhost", "invite")
+    assert "@bob:localhost" not in await again._recipients(room)
+    await again.store.close()

@@ -125,6 +125,37 @@ async def test_encrypted_dm_round_trip_restart_and_second_device(synapse, tmp_pa
             await second.close()
 
 
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_an_invited_member_reads_the_first_reply_after_joining(synapse, tmp_path):
+    """Element's rule: history is shared with invitees, so the bot shares the room key too."""
+    require_nio()
+    home = tmp_path / "home"
+    home.mkdir()
+    alice = NioUser(reactor, synapse.url, "alice", USERS["alice"], str(tmp_path / "alice"))
+    bob = NioUser(reactor, synapse.url, "bob", USERS["bob"], str(tmp_path / "bob"))
+    adapter, _ = e2ee_adapter(synapse, home)
+    try:
+        await alice.login()
+        await bob.login()  # bob's device keys are on the server before he is invited
+        await started(adapter)
+        room = (await alice.do("create_dm", invite=BOT))["room_id"]
+        await alice.do("wait_joined", room=room, user=BOT)
+        await alice.do("invite", room=room, user="@bob:localhost")
+        await alice.do("send_text", room=room, body="before bob joined")
+        found = await alice.do("wait_message", room=room, sender=BOT,
+                               contains="Echo:** before bob joined")
+        no_undecryptable(found["events"])
+        await bob.do("join", room=room)
+        found = await bob.do("wait_message", room=room, sender=BOT,
+                             contains="Echo:** before bob joined")
+        no_undecryptable(found["events"])
+    finally:
+        await adapter.stopService()
+        await alice.close()
+        await bob.close()
+
+
 class Completions:
     """A fake Hermes API server: records each request body and answers 'Echo: <text>'."""
 

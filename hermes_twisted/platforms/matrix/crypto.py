@@ -111,6 +111,7 @@ class MatrixCrypto:
         self._outdated: set[str] = set()
         self._rooms: dict[str, dict[str, Any]] = {}  # room -> m.room.encryption content
         self._members: dict[str, set[str]] = {}
+        self._visibility: dict[str, str] = {}  # room -> m.room.history_visibility
         self._seen_index: dict[tuple[str, int], str] = {}
         self._withheld: dict[tuple[str, str], str] = {}
         self._dirty: dict[tuple[str, str], Any] = {}
@@ -196,6 +197,7 @@ class MatrixCrypto:
                                    for d, k in json.loads(value).items()}
         for room, value in data.get("rooms", {}).items():
             self._rooms[room] = json.loads(value)
+        self._visibility.update(data.get("visibility", {}))
         for event_id, value in data.get("held", {}).items():
             try:
                 row = json.loads(value)
@@ -354,6 +356,12 @@ class MatrixCrypto:
             if content.get("algorithm") == MEGOLM and self._rooms.get(room_id) != content:
                 self._rooms[room_id] = dict(content)  # sticky: never unset once seen
                 self._dirty[("rooms", room_id)] = json.dumps(content)
+        elif event.get("type") == "m.room.history_visibility" and event.get("state_key") == "":
+            visibility = str(content.get("history_visibility") or "shared")
+            if self._visibility.get(room_id) != visibility:
+                self._visibility[room_id] = visibility
+                self._dirty[("visibility", room_id)] = visibility
+                self._members.pop(room_id, None)
         elif event.get("type") == "m.room.member":
             self._members.pop(room_id, None)  # re-read the members on the next send
             if content.get("membership") in ("leave", "ban"):
@@ -699,7 +707,7 @@ class MatrixCrypto:
 
     async def _encrypt(self, room_id: str, event_type: str, content: dict[str, Any]
                        ) -> dict[str, Any]:
-        members = await self._joined_members(room_id)
+        members = await self._recipients(room_id)
         await self._update_devices(members)
         out = self._current_outbound(room_id)
         await self._share(room_id, out, members)
@@ -729,11 +737,22 @@ class MatrixCrypto:
                           self.curve25519, self.ed25519)
         return out
 
-    async def _joined_members(self, room_id: str) -> set[str]:
+    async def _recipients(self, room_id: str) -> set[str]:
+        """
+        Who gets the room's key: the joined members, and the invited ones unless the room's
+        history visibility is C{joined} (Element's rule: in a DM, whose visibility is
+        C{shared}, the invitee reads the first reply once it joins).  Re-read after every
+        membership change.
+        """
         members = self._members.get(room_id)
         if members is None:
-            reply = await self._call("GET", f"/rooms/{quote(room_id, safe='')}/joined_members")
-            members = set((reply.get("joined") or {}).keys())
+            reply = await self._call("GET", f"/rooms/{quote(room_id, safe='')}/members",
+                                     query={"not_membership": "leave"})
+            wanted = {"join"} if self._visibility.get(room_id) == "joined" \
+                else {"join", "invite"}
+            members = {event.get("state_key") for event in reply.get("chunk") or []
+                       if isinstance(event, dict) and isinstance(event.get("state_key"), str)
+                       and (event.get("content") or {}).get("membership") in wanted}
             self._members[room_id] = members
         return members
 
