@@ -22,7 +22,12 @@ from hermes_twisted.platforms.matrix.crypto import (
     needs_rotation,
 )
 from hermes_twisted.platforms.matrix.cryptostore import CryptoStore, StoreLocked
-from hermes_twisted.platforms.matrix.encoding import b64encode, urlsafe_b64encode
+from hermes_twisted.platforms.matrix.encoding import (
+    b64decode,
+    b64encode,
+    signable,
+    urlsafe_b64encode,
+)
 
 # NIST SP 800-38A, F.5.5 CTR-AES256.Encrypt, blocks 1 and 2.
 NIST_KEY = bytes.fromhex("603deb1015ca71be2b73aef0857d77811f352c073b6108d72d9810a30914dff4")
@@ -305,4 +310,115 @@ async def test_room_keys_go_to_invited_members_unless_history_is_joined_only(tmp
     await again.start()
     server.members[2] = ("@bob:localhost", "invite")
     assert "@bob:localhost" not in await again._recipients(room)
+    await again.store.close()
+
+
+class PeerKeyServer(FakeKeyServer):
+    """FakeKeyServer plus alice with real Olm devices (keys served, one-time keys claimed)."""
+
+    def __init__(self, *device_ids):
+        super().__init__()
+        self.alice = {d: vodozemac.Account() for d in device_ids}
+        for account in self.alice.values():
+            account.generate_one_time_keys(5)
+        self.members.append(("@alice:localhost", "join"))
+
+    def device(self, device_id):
+        account = self.alice[device_id]
+        obj = {"user_id": "@alice:localhost", "device_id": device_id,
+               "algorithms": ["m.olm.v1.curve25519-aes-sha2", "m.megolm.v1.aes-sha2"],
+               "keys": {f"curve25519:{device_id}": account.curve25519_key.to_base64(),
+                        f"ed25519:{device_id}": account.ed25519_key.to_base64()}}
+        obj["signatures"] = {"@alice:localhost": {
+            f"ed25519:{device_id}": account.sign(signable(obj)).to_base64()}}
+        return obj
+
+    async def call(self, method, path, body=None, query=None, **kw):
+        if path == "/keys/query" and "@alice:localhost" in body["device_keys"]:
+            reply = await super().call(method, path, {"device_keys": {"@bot:localhost": []}})
+            reply["device_keys"]["@alice:localhost"] = {d: self.device(d) for d in self.alice}
+            return reply
+        if path == "/keys/claim":
+            out = {}
+            for device_id in body["one_time_keys"].get("@alice:localhost", {}):
+                account = self.alice[device_id]
+                kid, key = next(iter(account.one_time_keys.items()))
+                otk = {"key": key.to_base64()}
+                otk["signatures"] = {"@alice:localhost": {
+                    f"ed25519:{device_id}": account.sign(signable(otk)).to_base64()}}
+                account.mark_keys_as_published()
+                out[device_id] = {f"signed_curve25519:{kid}": otk}
+            return {"one_time_keys": {"@alice:localhost": out}}
+        return await super().call(method, path, body, query, **kw)
+
+    def olm_to(self, device_id, bot):
+        """The last Olm message to alice's device, decrypted there: (type, content)."""
+        for kind, body in reversed(getattr(self, "to_device", [])):
+            message = body["messages"].get("@alice:localhost", {}).get(device_id)
+            if kind == "m.room.encrypted" and message:
+                part = message["ciphertext"][self.alice[device_id].curve25519_key.to_base64()]
+                olm = vodozemac.AnyOlmMessage.from_parts(part["type"], b64decode(part["body"]))
+                sessions = getattr(self, "sessions", {})
+                self.sessions = sessions
+                if device_id not in sessions:
+                    result = self.alice[device_id].create_inbound_session(
+                        bot.account.curve25519_key, olm.to_pre_key())
+                    sessions[device_id], plaintext = result
+                else:
+                    plaintext = sessions[device_id].decrypt(olm)
+                payload = json.loads(plaintext)
+                return payload["type"], payload["content"]
+        return None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_device_that_lost_our_room_key_gets_it_again_from_its_index(tmp_path):
+    server = PeerKeyServer("PHONE", "LAPTOP")
+    bot = engine(tmp_path, server)
+    await bot.start()
+    room = "!r:localhost"
+    await bot.receive_sync({"rooms": {"join": {room: {"state": {"events": [{
+        "type": "m.room.encryption", "state_key": "",
+        "content": {"algorithm": "m.megolm.v1.aes-sha2"}}]}}}}})
+    sent = [await bot.encrypt(room, "m.room.message", {"msgtype": "m.text", "body": f"n{i}"})
+            for i in range(2)]
+    kind, key = server.olm_to("PHONE", bot)
+    assert kind == "m.room_key" and key["session_id"] == sent[0]["session_id"]
+    session_id = key["session_id"]
+    # LAPTOP lost the to-device message; it asks, and gets the key from index 0 (where it
+    # was given), forwarded, as a device it was shared with.
+    server.to_device = []
+    server.sessions = {}
+
+    def request(user, device, sid=session_id):
+        return {"type": "m.room_key_request", "sender": user, "content": {
+            "action": "request", "requesting_device_id": device, "request_id": "r1",
+            "body": {"algorithm": "m.megolm.v1.aes-sha2", "room_id": room,
+                     "session_id": sid, "sender_key": bot.curve25519}}}
+
+    await bot.receive_sync({"to_device": {"events": [request("@alice:localhost", "LAPTOP")]}})
+    kind, forwarded = server.olm_to("LAPTOP", bot)
+    assert kind == "m.forwarded_room_key"
+    assert forwarded["session_id"] == session_id and forwarded["sender_key"] == bot.curve25519
+    inbound = vodozemac.InboundGroupSession.import_session(
+        vodozemac.ExportedSessionKey(forwarded["session_key"]))
+    assert inbound.first_known_index == 0
+    plain = inbound.decrypt(vodozemac.MegolmMessage.from_base64(sent[1]["ciphertext"]))
+    assert json.loads(plain.plaintext)["content"]["body"] == "n1"
+    # Nobody else gets it: a device it was never shared with, another user, a session that
+    # is not ours, a cancellation.
+    server.to_device = []
+    await bot.receive_sync({"to_device": {"events": [
+        request("@eve:localhost", "EVIL"), request("@alice:localhost", "LAPTOP", "other"),
+        dict(request("@alice:localhost", "LAPTOP"), content={
+            "action": "request_cancellation", "requesting_device_id": "LAPTOP",
+            "request_id": "r1"})]}})
+    assert server.to_device == []
+    await bot.flush()
+    await bot.store.close()
+    # After a restart the bot still knows whom it gave the session to, and from where.
+    again = engine(tmp_path, server)
+    await again.start()
+    assert again._given[session_id] == {("@alice:localhost", "PHONE"): 0,
+                                        ("@alice:localhost", "LAPTOP"): 0}
     await again.store.close()

@@ -44,6 +44,7 @@ DEFAULT_ROTATION_MS = 604_800_000
 DEFAULT_ROTATION_MSGS = 100
 MAX_OLM_SESSIONS_PER_DEVICE = 4
 KEYS_PER_STEP = 5  # one-time keys generated or signed per reactor turn
+MAX_REMEMBERED_SESSIONS = 1000  # our Megolm sessions whose recipients are remembered
 
 Call = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -124,6 +125,9 @@ class MatrixCrypto:
         self._to_backup: list[dict[str, Any]] = []
         self._asked_backup: set[tuple[str, str]] = set()
         self._requests: dict[tuple[str, str], str] = {}  # room key requests we sent
+        #: For each Megolm session we created: the index at which each device got it, so a
+        #: device that lost the key can be given it again, from that index on, not earlier.
+        self._given: dict[str, dict[tuple[str, str], int]] = {}
         #: Events held for a missing room key, as the store keeps them (event id -> row),
         #: so a restart before the key comes still decrypts them.
         self._held_rows: dict[str, dict[str, Any]] = {}
@@ -198,6 +202,8 @@ class MatrixCrypto:
         for room, value in data.get("rooms", {}).items():
             self._rooms[room] = json.loads(value)
         self._visibility.update(data.get("visibility", {}))
+        for session_id, value in data.get("given", {}).items():
+            self._given[session_id] = {(u, d): int(i) for u, d, i in json.loads(value)}
         for event_id, value in data.get("held", {}).items():
             try:
                 row = json.loads(value)
@@ -383,6 +389,9 @@ class MatrixCrypto:
         if kind == "m.room_key.withheld":
             self._withheld[(content.get("room_id"), content.get("session_id"))] = str(
                 content.get("code"))
+            return set()
+        if kind == "m.room_key_request":
+            await self._answer_key_request(sender, content)
             return set()
         if kind != "m.room.encrypted" or content.get("algorithm") != OLM:
             return set()
@@ -647,6 +656,60 @@ class MatrixCrypto:
         await self._send_to_device("m.room_key_request", body, {event.get("sender"),
                                                                  self.user_id})
 
+    async def _answer_key_request(self, sender: Any, content: dict[str, Any]) -> None:
+        """
+        Answer another device's C{m.room_key_request} by the documented policy: only for a
+        Megolm session this device created, and only to a device it was shared with (from the
+        index that device was given, never earlier), or to another device of the bot's own
+        account (trusted as any device is under the trust setting).  Anything else is
+        ignored: requests for other senders' sessions go to those senders.
+        """
+        if content.get("action") != "request":
+            return  # a cancellation: requests are answered at once, nothing is pending
+        body = content.get("body") if isinstance(content.get("body"), dict) else {}
+        room_id, session_id = body.get("room_id"), body.get("session_id")
+        requester = content.get("requesting_device_id")
+        if not isinstance(sender, str) or not isinstance(requester, str):
+            return
+        if sender == self.user_id and requester == self.device_id:
+            return  # our own request, echoed to our own devices
+        entry = self._inbound.get((room_id, session_id))
+        if entry is None or entry.sender_key != self.curve25519:
+            return
+        given = self._given.get(str(session_id), {}).get((sender, requester))
+        if given is None and not (sender == self.user_id and self._may_receive(sender)):
+            self.log.info("Matrix: not sharing room key {session} with {user} {device}: it "
+                          "was never shared with that device", session=session_id,
+                          user=sender, device=requester)
+            return
+        device = self._devices.get(sender, {}).get(requester)
+        if device is None:
+            self._outdated.add(sender)
+            await self._update_devices({sender})
+            device = self._devices.get(sender, {}).get(requester)
+        if device is None:
+            return
+        await self._ensure_olm_sessions([device])
+        sessions = self._olm.get(device.curve25519)
+        if not sessions:
+            return
+        index = max(entry.session.first_known_index, given or 0)
+        forwarded = {"algorithm": MEGOLM, "room_id": room_id, "session_id": session_id,
+                     "sender_key": entry.sender_key,
+                     "sender_claimed_ed25519_key": entry.ed25519,
+                     "forwarding_curve25519_key_chain": [],
+                     "session_key": entry.session.export_at(index).to_base64()}
+        message = self._olm_encrypt(sessions[0], device, "m.forwarded_room_key", forwarded)
+        self._mark_olm(device.curve25519)
+        await self.flush()
+        self._txn += 1
+        await self._call("PUT", f"/sendToDevice/m.room.encrypted/hermes-fwd-"
+                                f"{int(self.clock.seconds() * 1000)}-{self._txn}",
+                         {"messages": {sender: {requester: message}}})
+        self.log.info("Matrix: shared room key {session} again with {user} {device} from "
+                      "index {index}", session=session_id, user=sender, device=requester,
+                      index=index)
+
     async def cancel_requests(self, arrived: set[tuple[str, str]]) -> None:
         """Tell the devices we asked that the keys in C{arrived} came (C{request_cancellation})."""
         for ref in arrived:
@@ -775,6 +838,7 @@ class MatrixCrypto:
         await self._ensure_olm_sessions(targets)
         key = {"algorithm": MEGOLM, "room_id": room_id, "session_id": out.session.session_id,
                "session_key": out.session.session_key.to_base64()}
+        index = out.session.message_index
         messages: dict[str, dict[str, Any]] = {}
         for device in targets:
             await self._pause()  # also before the first: the last session setup precedes it
@@ -790,8 +854,16 @@ class MatrixCrypto:
         self._txn += 1
         txn = f"hermes-keys-{int(self.clock.seconds() * 1000)}-{self._txn}"
         await self._call("PUT", f"/sendToDevice/m.room.encrypted/{txn}", {"messages": messages})
+        session_id = out.session.session_id
+        given = self._given.setdefault(session_id, {})
         for user, devices in messages.items():
             out.shared.update((user, d) for d in devices)
+            for device_id in devices:
+                given.setdefault((user, device_id), index)
+        self._dirty[("given", session_id)] = lambda: json.dumps(
+            [[u, d, i] for (u, d), i in self._given.get(session_id, {}).items()])
+        while len(self._given) > MAX_REMEMBERED_SESSIONS:
+            self._dirty[("given", self._given.pop(next(iter(self._given))))] = None
 
     async def _ensure_olm_sessions(self, devices: list[Device]) -> None:
         missing = [d for d in devices if not self._olm.get(d.curve25519)]
