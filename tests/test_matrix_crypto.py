@@ -9,6 +9,7 @@ import vodozemac
 from twisted.internet.defer import maybeDeferred, succeed
 from twisted.internet.task import Clock
 
+from hermes_twisted.platforms.matrix.adapter import MatrixError
 from hermes_twisted.platforms.matrix.attachments import (
     AttachmentError,
     decrypt_attachment,
@@ -95,7 +96,25 @@ class FakeKeyServer:
         if path == "/keys/query":
             user = next(iter(body["device_keys"]))
             found = {self.device_keys["device_id"]: self.device_keys} if self.device_keys else {}
-            return {"device_keys": {user: found}}
+            reply = {"device_keys": {user: found}}
+            for usage in ("master", "self_signing"):
+                if f"{usage}_key" in getattr(self, "cross", {}):
+                    reply[f"{usage}_keys"] = {user: self.cross[f"{usage}_key"]}
+            return reply
+        if path == "/keys/device_signing/upload":
+            self.cross = body
+            return {}
+        if path == "/keys/signatures/upload":
+            self.signed = getattr(self, "signed", []) + [body]
+            for user, devices in body.items():
+                for signed in devices.values():
+                    self.device_keys["signatures"][user].update(signed["signatures"][user])
+            return {"failures": {}}
+        if path.startswith("/user/") and "/account_data/" in path:
+            found = getattr(self, "account_data", {}).get(path.rsplit("/", 1)[1])
+            if found is None:
+                raise MatrixError(404, {"errcode": "M_NOT_FOUND"})
+            return found
         if path == "/keys/upload":
             self.uploads += 1
             if "device_keys" in body:
@@ -422,3 +441,95 @@ async def test_a_device_that_lost_our_room_key_gets_it_again_from_its_index(tmp_
     assert again._given[session_id] == {("@alice:localhost", "PHONE"): 0,
                                         ("@alice:localhost", "LAPTOP"): 0}
     await again.store.close()
+
+
+def verify(public_b64, obj, signature_b64):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    Ed25519PublicKey.from_public_bytes(b64decode(public_b64)).verify(
+        b64decode(signature_b64), signable(obj))  # raises when wrong
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_bot_cross_signs_its_device_and_keeps_the_keys(tmp_path):
+    server = FakeKeyServer()
+    bot = engine(tmp_path, server)
+    await bot.start()
+    assert bot.cross_signing.state == "signed"
+    master = list(server.cross["master_key"]["keys"].values())[0]
+    ssk_obj = server.cross["self_signing_key"]
+    ssk = list(ssk_obj["keys"].values())[0]
+    assert server.cross["master_key"]["keys"] == {f"ed25519:{master}": master}  # unpadded id
+    assert "=" not in master and ssk_obj["usage"] == ["self_signing"]
+    verify(master, ssk_obj, ssk_obj["signatures"]["@bot:localhost"][f"ed25519:{master}"])
+    device = server.device_keys
+    verify(ssk, device, device["signatures"]["@bot:localhost"][f"ed25519:{ssk}"])
+    await bot.store.close()
+    # A restart: the identity and the signature are there, nothing is published again.
+    uploads = len(server.signed)
+    again = engine(tmp_path, server)
+    await again.start()
+    assert again.cross_signing.state == "signed" and len(server.signed) == uploads
+    assert again.cross_signing.seeds == bot.cross_signing.seeds  # sealed in the store
+    with open(again.store.path, "rb") as f:
+        assert b64encode(bot.cross_signing.seeds["self_signing"]).encode() not in f.read()
+    await again.store.close()
+
+
+def ssss_secret(key, name, plaintext):
+    """What Element writes to secret storage (m.secret_storage.v1.aes-hmac-sha2)."""
+    import hashlib
+    import hmac
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    okm = HKDF(algorithm=hashes.SHA256(), length=64, salt=b"\x00" * 32,
+               info=name.encode()).derive(key)
+    iv = bytearray(os.urandom(16))
+    iv[8] &= 0x7F
+    encryptor = Cipher(algorithms.AES(okm[:32]), modes.CTR(bytes(iv))).encryptor()
+    ciphertext = encryptor.update(plaintext.encode()) + encryptor.finalize()
+    return {"iv": b64encode(bytes(iv)), "ciphertext": b64encode(ciphertext),
+            "mac": b64encode(hmac.new(okm[32:], ciphertext, hashlib.sha256).digest())}
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_identity_made_in_element_is_used_through_the_recovery_key(tmp_path):
+    from hermes_twisted.platforms.matrix.crosssigning import key_object, public_key, sign
+
+    seeds = {usage: os.urandom(32) for usage in ("master", "self_signing")}
+    recovery = os.urandom(32)
+
+    def element_server():
+        server = FakeKeyServer()
+        server.cross = {"master_key": key_object("@bot:localhost", "master", seeds["master"]),
+                        "self_signing_key": sign(seeds["master"], key_object(
+                            "@bot:localhost", "self_signing", seeds["self_signing"]),
+                            "@bot:localhost")}
+        return server
+
+    # Without the recovery key the device cannot be signed: it says so and carries on.
+    server = element_server()
+    bot = engine(tmp_path / "a", server)
+    await bot.start()
+    assert bot.cross_signing.state == "no_identity_access"
+    assert not hasattr(server, "signed") and server.cross["master_key"]["keys"]  # untouched
+    await bot.store.close()
+    # With it, the self-signing key comes from secret storage and signs the device.
+    server = element_server()
+    server.account_data = {
+        "m.secret_storage.default_key": {"key": "KEYID"},
+        "m.cross_signing.self_signing": {"encrypted": {"KEYID": ssss_secret(
+            recovery, "m.cross_signing.self_signing", b64encode(seeds["self_signing"]))}}}
+    store = CryptoStore(str(tmp_path / "b"), run_in_thread=maybeDeferred)
+    bot = MatrixCrypto(user_id="@bot:localhost", device_id="DEV", store=store,
+                       call=server.call, clock=Clock(), pause=lambda: succeed(None),
+                       recovery_key=recovery)
+    await bot.start()
+    assert bot.cross_signing.state == "signed"
+    ssk = public_key(seeds["self_signing"])
+    verify(ssk, server.device_keys,
+           server.device_keys["signatures"]["@bot:localhost"][f"ed25519:{ssk}"])
+    await bot.store.close()

@@ -156,6 +156,41 @@ async def test_an_invited_member_reads_the_first_reply_after_joining(synapse, tm
         await bob.close()
 
 
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_the_device_is_cross_signed_and_a_lost_store_says_what_to_do(synapse, tmp_path):
+    """A fresh account (carol, used by no other test) gets a cross-signing identity."""
+    carol = "@carol:localhost"
+
+    def adapter_in(home):
+        home.mkdir()
+        adapter, _ = e2ee_adapter(synapse, home, user_id="carol", password=USERS["carol"])
+        return adapter
+
+    adapter = adapter_in(tmp_path / "first")
+    try:
+        await started(adapter)
+        assert adapter.crypto.cross_signing.state == "signed"
+        keys = await adapter._call("POST", "/keys/query", {"device_keys": {carol: []}})
+        ssk = list(keys["self_signing_keys"][carol]["keys"].values())[0]
+        assert keys["master_keys"][carol]["usage"] == ["master"]
+        assert f"ed25519:{ssk}" in keys["device_keys"][carol][adapter.device_id][
+            "signatures"][carol]
+    finally:
+        await adapter.stopService()
+    # The volume is lost: a new device, which cannot reach the identity without the
+    # recovery key, and says so (it still runs, unsigned).
+    adapter = adapter_in(tmp_path / "second")
+    try:
+        await started(adapter)
+        assert adapter.crypto.cross_signing.state == "no_identity_access"
+        keys = await adapter._call("POST", "/keys/query", {"device_keys": {carol: []}})
+        assert f"ed25519:{ssk}" not in keys["device_keys"][carol][adapter.device_id][
+            "signatures"][carol]
+    finally:
+        await adapter.stopService()
+
+
 class Completions:
     """A fake Hermes API server: records each request body and answers 'Echo: <text>'."""
 

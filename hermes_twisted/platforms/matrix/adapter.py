@@ -283,7 +283,11 @@ class MatrixAdapter(PlatformAdapter):
             return
         store = CryptoStore(store_directory(self._state_dir, self.user_id, self.device_id),
                             secret=self._store_key, run_in_thread=self._run_in_thread)
-        from hermes_twisted.platforms.matrix.backup import KeyBackup, RecoveryKeyError
+        from hermes_twisted.platforms.matrix.backup import (
+            KeyBackup,
+            RecoveryKeyError,
+            decode_recovery_key,
+        )
         try:
             backup = KeyBackup(self._recovery_key, self._call) if self._recovery_key else None
         except RecoveryKeyError as e:
@@ -291,7 +295,9 @@ class MatrixAdapter(PlatformAdapter):
         crypto = MatrixCrypto(user_id=self.user_id, device_id=self.device_id, store=store,
                               call=self._call, clock=self.clock, trust=self.e2ee_trust,
                               allowed=lambda user: is_allowed(user, self._allowlist()),
-                              backup=backup)
+                              backup=backup,
+                              recovery_key=(decode_recovery_key(self._recovery_key)
+                                            if self._recovery_key else None))
         try:
             await crypto.start()
         except RecoveryKeyError as e:
@@ -304,9 +310,11 @@ class MatrixAdapter(PlatformAdapter):
             await store.close()
             raise
         self._adopt_crypto(crypto)
-        self.log.info("Matrix encryption is {mode}: device {device_id}, {keys} room keys held, "
-                      "{waiting} events waiting for a room key", mode=self.e2ee_mode,
-                      device_id=self.device_id, keys=crypto.room_key_count,
+        self.log.info("Matrix encryption is {mode}: device {device_id} (cross-signing: "
+                      "{signed}), {keys} room keys held, {waiting} events waiting for a room "
+                      "key", mode=self.e2ee_mode, device_id=self.device_id,
+                      signed=crypto.cross_signing.state if crypto.cross_signing else "off",
+                      keys=crypto.room_key_count,
                       waiting=sum(len(events) for events in self._held.values()))
 
     def _adopt_crypto(self, crypto: MatrixCrypto) -> None:

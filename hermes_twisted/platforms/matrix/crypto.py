@@ -35,6 +35,7 @@ from twisted.internet.defer import CancelledError, DeferredLock
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from hermes_twisted.platforms.matrix.crosssigning import CrossSigning, seal, unseal
 from hermes_twisted.platforms.matrix.cryptostore import CryptoStore
 from hermes_twisted.platforms.matrix.encoding import b64decode, b64encode, canonical_json, signable
 
@@ -98,8 +99,11 @@ class MatrixCrypto:
     def __init__(self, *, user_id: str, device_id: str, store: CryptoStore, call: Call,
                  clock: Any, trust: str = "tofu",
                  allowed: Callable[[str], bool] = lambda user: True,
-                 backup: Any = None, pause: Callable[[], Any] | None = None) -> None:
+                 backup: Any = None, pause: Callable[[], Any] | None = None,
+                 recovery_key: bytes | None = None) -> None:
         self.user_id, self.device_id = user_id, device_id
+        self._recovery_key = recovery_key  # opens secret storage (cross-signing keys)
+        self.cross_signing: CrossSigning | None = None
         self.store, self._call, self.clock = store, call, clock
         self.trust = trust
         self._allowed = allowed
@@ -157,12 +161,34 @@ class MatrixCrypto:
         """
         self._pickle_key, data = await self.store.open()
         await self._start_account(data)
+        await self._cross_sign(data.get("cross_signing", {}).get("seeds"))
         if self.backup is not None:
             await self.backup.open(self.user_id, self._sign)
             restored = self._import_backup(await self.backup.download())
             await self.flush()
             self.log.info("Matrix key backup {version}: {count} room keys restored",
                           version=self.backup.version, count=len(restored))
+
+    async def _cross_sign(self, sealed: str | None) -> None:
+        """Sign this device with the account's self-signing key (L{CrossSigning}); never fails
+        for a refusal or an error of the homeserver (the device then stays unsigned)."""
+        seeds = unseal(self._pickle_key, sealed) if sealed else {}
+
+        async def save(new: dict[str, bytes]) -> None:
+            self._dirty[("cross_signing", "seeds")] = seal(self._pickle_key, new)
+            await self.flush()
+
+        self.cross_signing = CrossSigning(self.user_id, self.device_id, self._call,
+                                          recovery_key=self._recovery_key, seeds=seeds,
+                                          save=save)
+        try:
+            await self.cross_signing.ensure(self.device_keys())
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.cross_signing.state = "error"
+            self.log.warn("Matrix: cross-signing the device failed ({error}); it stays "
+                          "'not verified by its owner' until the next start", error=repr(e))
 
     async def _start_account(self, data: dict[str, dict[str, str]]) -> None:
         mine = await self._query_own_keys()
