@@ -316,7 +316,9 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _pvar("matrix", "MATRIX_RECOVERY_KEY", "recovery_key",
           "Recovery key (base58, as Element shows it): secret storage key or key backup key. "
           "Room keys are backed up to the account's server-side key backup and restored "
-          "from it, so a lost crypto store does not lose the history.",
+          "from it, so a lost crypto store does not lose the history; with a secret storage "
+          "key the bot also signs its device with the account's cross-signing identity. "
+          "Checked at start (a typo is a usage error).",
           "Matrix recovery key", type="secret"),
     _pvar("matrix", "MATRIX_E2EE_TRUST", "e2ee_trust",
           "Which devices get room keys: tofu (every device of every member, each device's "
