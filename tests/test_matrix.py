@@ -694,3 +694,23 @@ def test_a_key_that_came_before_the_restart_releases_the_held_event(tmp_path):
     done(adapter._deliver(batch("s1", room="!r:localhost")))
     assert [e.text for e in sink.events] == ["first"] and crypto.held_rows == {}
     adapter.stopService()
+
+
+def test_the_held_events_bound_holds_in_the_store_too(tmp_path, monkeypatch):
+    import hermes_twisted.platforms.matrix.adapter as matrix_adapter
+
+    monkeypatch.setattr(matrix_adapter, "MAX_HELD_EVENTS", 2)
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    crypto = ScriptedCrypto()
+    adapter._start_crypto = lambda: succeed(adapter._adopt_crypto(crypto))
+    adapter.startService()
+    adapter._since = "s0"
+    for number, session in enumerate(("S1", "S2", "S3")):
+        clock.advance(1)
+        done(adapter._deliver(batch(f"s{number + 1}", events=[
+            encrypted(f"${session}", session, "text")])))
+    assert set(crypto.held_rows) == {"$S2", "$S3"}  # the oldest session's event went
+    assert set(adapter._held) == {("!r:localhost", "S2"), ("!r:localhost", "S3")}
+    adapter.stopService()
