@@ -290,14 +290,13 @@ class MatrixAdapter(PlatformAdapter):
         )
         try:
             backup = KeyBackup(self._recovery_key, self._call) if self._recovery_key else None
+            recovery = decode_recovery_key(self._recovery_key) if self._recovery_key else None
         except RecoveryKeyError as e:
             raise MatrixFatal(f"MATRIX_RECOVERY_KEY: {e}") from None
         crypto = MatrixCrypto(user_id=self.user_id, device_id=self.device_id, store=store,
                               call=self._call, clock=self.clock, trust=self.e2ee_trust,
                               allowed=lambda user: is_allowed(user, self._allowlist()),
-                              backup=backup,
-                              recovery_key=(decode_recovery_key(self._recovery_key)
-                                            if self._recovery_key else None))
+                              backup=backup, recovery_key=recovery)
         try:
             await crypto.start()
         except RecoveryKeyError as e:
