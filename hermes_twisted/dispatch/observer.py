@@ -16,7 +16,7 @@ from typing import Protocol
 OUTCOMES = ("ok", "error", "stale", "cancelled")
 
 #: What a currency guard refused.
-STALE_KINDS = ("final", "delta", "progress")
+STALE_KINDS = ("final", "delta", "progress", "transcript")
 
 
 class TurnObserver(Protocol):
