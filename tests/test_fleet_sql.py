@@ -12,7 +12,7 @@ import pytest_twisted
 from hermes_twisted.fleet.fencing import StaleWrite
 from hermes_twisted.fleet.inbox import MAX_ATTEMPTS
 from hermes_twisted.fleet.member import STANDBY_POLL
-from tests.fleet_support import KEY, fleet, query, until  # noqa: F401
+from tests.fleet_support import KEY, query, until
 
 ROW = ("s1", "assistant", "hello", 1.0, None)
 
@@ -192,7 +192,7 @@ async def test_an_event_no_instance_can_finish_is_given_up(fleet):
         member.poll(renew=False)  # idle and no renewal due: no query at all
         assert not member._polling
         member.poll(renew=True)
-        await until(lambda: not member._polling, what="poll")
+        await until(lambda m=member: not m._polling, what="poll")
     assert len(taken) == MAX_ATTEMPTS - 1  # admission was the first attempt
     assert query(fleet.url, "SELECT completed_at IS NOT NULL, attempts FROM inbound") == [
         (True, MAX_ATTEMPTS + 1)]
