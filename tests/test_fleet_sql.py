@@ -208,3 +208,40 @@ async def test_a_restart_under_the_same_instance_id_picks_up_its_open_events(fle
     assert await again.pending_inbound() == [("relay:buf-3", {"v": 1, "text": "x"})]
     other = await fleet.member("gw-2")
     assert await other.pending_inbound() == []
+
+
+# -- renewal and self-fencing --------------------------------------------------------------
+
+async def _tick(member, seconds):
+    member.clock.advance(seconds)
+    await until(lambda: not member._polling, what="the poll")
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_that_renews_keeps_its_run(fleet):
+    a = await fleet.member("a")
+    a.startService()
+    await a.begin_turn(KEY)
+    revoked = []
+    a.on_revoked = lambda key, reason: revoked.append(reason)
+    for _ in range(20):  # 40 s of polls, renewing every 5 s
+        await _tick(a, a.settings.safety_poll)
+    assert revoked == []
+    assert query(fleet.url, "SELECT lease_until > now() + interval '5 seconds'"
+                            " FROM fleet_session") == [(True,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_owner_that_cannot_renew_fences_itself_before_its_lease_lapses(fleet):
+    a = await fleet.member("a")
+    a.startService()
+    await a.begin_turn(KEY)
+    revoked = []
+    a.on_revoked = lambda key, reason: revoked.append(reason)
+    await a.store.close()  # the database is out of reach from now on
+    for _ in range(4):
+        await _tick(a, 2.0)
+    assert revoked == []  # 8 s without a renewal: still inside self_fence_after
+    await _tick(a, 2.0)
+    assert revoked == ["self_fenced"]
+    assert a.turns == {}

@@ -5,9 +5,10 @@ The fleet bus: one LISTEN connection per instance on the C{hermes_fleet} channel
 
 The connection is made in a thread (connecting blocks), then handed to the reactor: its
 socket is registered as an C{IReadDescriptor}, and each readable event consumes the input
-and drains the notifications without blocking.  psycopg's C{fileno()} raises once the
-connection is lost, and the reactor asks for it again when the reader is removed, so the
-descriptor remembers it and answers -1 after a loss.
+and drains the notifications without blocking.  The reactor watches a duplicate of the
+socket's descriptor that this module owns: when the server drops the connection, libpq
+closes its own descriptor at once, and an epoll reactor can only unregister a descriptor
+that is still open; the duplicate is closed only after the reader was removed.
 
 Notifications are hints, never the source of truth: they are lost while the connection is
 down.  So after every (re)connect L{FleetBus} calls C{on_connected}, and the member re-reads
@@ -18,6 +19,7 @@ re-made with exponential backoff (L{hermes_twisted.net.reconnect.exponential_del
 from __future__ import annotations
 
 import json
+import os
 from typing import Any, Callable
 
 from twisted.application.service import Service
@@ -38,7 +40,7 @@ class _Reader:
     def __init__(self, conn: Any, bus: FleetBus) -> None:
         self.conn = conn
         self._bus = bus
-        self._fd = conn.fileno()
+        self._fd = os.dup(conn.fileno())
 
     def fileno(self) -> int:
         return self._fd
@@ -53,7 +55,6 @@ class _Reader:
         try:
             pgconn.consume_input()
         except psycopg.OperationalError as e:
-            self._fd = -1
             self._bus._lost(self, str(e))
             return
         while True:
@@ -63,8 +64,17 @@ class _Reader:
             self._bus._received(note.extra)
 
     def connectionLost(self, reason: Failure) -> None:
-        self._fd = -1
         self._bus._lost(self, reason.getErrorMessage())
+
+    def close(self) -> None:
+        """Close the connection and our descriptor (after the reactor stopped watching)."""
+        fd, self._fd = self._fd, -1
+        try:
+            self.conn.close()
+        except Exception:
+            pass  # a broken connection may fail to close; it is gone either way
+        if fd != -1:
+            os.close(fd)
 
 
 class FleetBus(Service):
@@ -179,10 +189,7 @@ class FleetBus(Service):
         if reader is None:
             return
         self._reactor.removeReader(reader)
-        try:
-            reader.conn.close()
-        except Exception:
-            pass  # a broken connection may fail to close; it is gone either way
+        reader.close()
 
     def _received(self, payload: str) -> None:
         self.received += 1
