@@ -193,6 +193,7 @@ def build_service(config: Any, reactor: Any):
     store_service.setServiceParent(top)
     fleet = make_fleet(config, store, reactor)
     if fleet is not None:
+        fleet.observer = metrics
         # After the store: it stops (releasing its leases) before the store closes.
         fleet.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)

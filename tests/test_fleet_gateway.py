@@ -27,9 +27,11 @@ from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.fleet.bus import FleetBus
 from hermes_twisted.fleet.member import FleetMember
 from hermes_twisted.model import MessageEvent, Platform, SessionSource
+from hermes_twisted.ops.metrics import GatewayMetrics
 from tests.fakes.gateway_kit import ChatAdapter, consumer_factory
 from tests.fakes.memory_upstream import MemoryUpstream
 from tests.fleet_support import query, until
+from tests.test_ops_metrics import value
 
 _ids = itertools.count(1)
 
@@ -62,8 +64,10 @@ class Node:
                             application_name=f"hermes-bus {self.name}")
         self.bus.setServiceParent(self.fleet)
         self.fleet.startService()
+        self.metrics = GatewayMetrics(self.clock)
+        self.fleet.observer = self.metrics
         self.gateway = Gateway(self.config, store=self.store, upstream=self.upstream,
-                               clock=self.clock, fleet=self.fleet,
+                               clock=self.clock, fleet=self.fleet, observer=self.metrics,
                                consumer_factory=consumer_factory(self.consumers))
         self.gateway.add_adapter(self.adapter)
         self.gateway.startService()
@@ -123,9 +127,34 @@ async def test_stop_on_another_instance_cancels_the_run_where_it_runs(pair):
     await until(lambda: running.cancelled, what="the remote cancel")
     await until(lambda: b.adapter.texts == [STOPPED], what="b's reply")
     assert a.fleet.revoked == 1
+    assert value(a.metrics, "hermes_fleet_revocations_total", reason="stop") == 1
+    assert value(a.metrics, "hermes_interrupts_total", source="fleet_bus",
+                 outcome="cancelled") == 1
+    assert value(a.metrics, "hermes_fleet_notify_lag_seconds_count") >= 1
     running.finish("too late")  # a stubborn upstream: nothing of it may show or be stored
     assert a.adapter.texts == []
     assert query(a.url, "SELECT count(*) FROM messages") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_taken_over_owners_late_answer_is_neither_sent_nor_stored(pair):
+    a, b = pair
+    a.say("question")
+    await until(lambda: turns(a) == 1, what="a's turn")
+    frozen = a.upstream.last
+    # a freezes: its lease lapses by the database clock, b takes the session over.
+    query(a.url, "UPDATE fleet_session SET lease_until = now() - interval '1 second'")
+    b.say("are you there?")
+    await until(lambda: turns(b) == 1, what="b's takeover")
+    b.upstream.last.finish("b answers")
+    await until(lambda: b.adapter.texts == ["b answers"], what="b's answer")
+    # a wakes up before any poll noticed: its final answer fails the SQL re-check.
+    frozen.finish("a's late answer")
+    await until(lambda: value(a.metrics, "hermes_stale_outputs_dropped_total",
+                              kind="final") == 1, what="the fenced final")
+    assert a.adapter.texts == []
+    assert [r[0] for r in query(a.url, "SELECT content FROM messages ORDER BY id")] == [
+        "are you there?", "b answers"]
 
 
 @pytest_twisted.ensureDeferred

@@ -340,7 +340,7 @@ class Gateway(Service):
         (C{reason} "stop": queued input goes too, as for a local /stop), or its lease was
         lost or could not be renewed (the queued input waits for the next lease).
         """
-        handle = self.interrupt_and_clear(key, interrupts.STOP, "remote_interrupt",
+        handle = self.interrupt_and_clear(key, interrupts.STOP, "fleet",
                                           drop_queue=reason == "stop")
         if handle is None:
             return

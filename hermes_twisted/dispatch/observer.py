@@ -32,7 +32,7 @@ class TurnObserver(Protocol):
     def interrupted(self, invalidation: str, had_run: bool) -> None:
         """
         A stop-like request (C{invalidation}: stop_command, new_command, remote_interrupt,
-        gateway_shutdown) arrived; C{had_run} says whether a run was cancelled.
+        gateway_shutdown, fleet) arrived; C{had_run} says whether a run was cancelled.
         """
 
 

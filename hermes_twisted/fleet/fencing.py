@@ -33,11 +33,12 @@ class Bumped:
     lease_live: bool
 
 
-def bump(conn: Any, key: str, reason: str, me: str) -> Bumped | None:
+def bump(conn: Any, key: str, reason: str, me: str, at: float = 0.0) -> Bumped | None:
     """
     Advance C{key}'s generation (/stop, /new) and tell the fleet in the same transaction:
     the bump alone fences the running turn, the notification makes its owner cancel now.
-    Returns None when the session never ran anywhere (nothing to fence).
+    Returns None when the session never ran anywhere (nothing to fence).  C{at} (the
+    sender's clock) lets receivers measure how late notifications arrive.
     """
     row = conn.execute(
         "UPDATE fleet_session SET generation = generation + 1, updated_at = now()"
@@ -46,7 +47,8 @@ def bump(conn: Any, key: str, reason: str, me: str) -> Bumped | None:
     if row is None:
         return None
     bumped = Bumped(int(row[0]), row[1], bool(row[2]))
-    notify(conn, {"t": "stop", "k": key, "g": bumped.generation, "by": me, "r": reason})
+    notify(conn, {"t": "stop", "k": key, "g": bumped.generation, "by": me, "r": reason,
+                  "at": at})
     return bumped
 
 

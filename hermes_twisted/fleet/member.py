@@ -27,7 +27,7 @@ L{REVOKE_REASONS}; events taken over from a dead instance through C{on_takeover(
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 from twisted.application.service import MultiService
 from twisted.internet.defer import CancelledError, Deferred, fail
@@ -40,6 +40,32 @@ from hermes_twisted.fleet.fencing import StaleWrite
 
 #: Why a running turn was taken away from this instance.
 REVOKE_REASONS = ("stop", "lease_lost", "self_fenced")
+#: How one round of lease renewal went (per round; "lost" once per session lost).
+RENEWAL_OUTCOMES = ("ok", "lost", "error")
+
+
+class FleetObserver(Protocol):
+    """What a member tells the ops metrics; every method returns at once, never raises."""
+
+    def lease_renewal(self, outcome: str) -> None:
+        """A renewal round ended: one of L{RENEWAL_OUTCOMES}."""
+
+    def notify_lag(self, seconds: float) -> None:
+        """A notification arrived C{seconds} after its sender sent it (by the two clocks)."""
+
+    def revoked(self, reason: str) -> None:
+        """A run here was taken away, for one of L{REVOKE_REASONS}."""
+
+
+class NullFleetObserver:
+    def lease_renewal(self, outcome: str) -> None:
+        pass
+
+    def notify_lag(self, seconds: float) -> None:
+        pass
+
+    def revoked(self, reason: str) -> None:
+        pass
 #: Seconds between retries while another instance owns a session (with no notification).
 STANDBY_POLL = 1.0
 
@@ -65,6 +91,7 @@ class FleetMember(MultiService):
         self.clock = clock
         self.on_revoked: Callable[[str, str], None] = lambda key, reason: None
         self.on_takeover: Callable[[list[tuple[str, Any]]], None] = lambda rows: None
+        self.observer: FleetObserver = NullFleetObserver()
         #: The generation of the turn running here, per session key.
         self.turns: dict[str, int] = {}
         #: When the last successful acquire or renewal of each running session was sent.
@@ -268,7 +295,8 @@ class FleetMember(MultiService):
         None when C{key} never ran.  Fails with L{StoreError}.  Cancelling before the write
         reaches the database thread withdraws it.
         """
-        return self._submit(lambda conn: fencing.bump(conn, key, reason, self.me))
+        at = self.clock.seconds()
+        return self._submit(lambda conn: fencing.bump(conn, key, reason, self.me, at))
 
     # -- inbox -----------------------------------------------------------------------------
 
@@ -314,6 +342,9 @@ class FleetMember(MultiService):
         kind, key = message.get("t"), message.get("k")
         if not isinstance(key, str):
             return
+        sent = message.get("at")
+        if isinstance(sent, (int, float)):
+            self._observe("notify_lag", max(0.0, self.clock.seconds() - sent))
         if kind == "stop":
             generation = message.get("g")
             running = self.turns.get(key)
@@ -383,13 +414,19 @@ class FleetMember(MultiService):
 
         def polled(result: tuple[dict[str, int], list[tuple[str, Any]]]) -> None:
             owned, taken = result
+            lost = 0
             for key, generation in snapshot.items():
                 if self.turns.get(key) != generation:
                     continue  # ended, or a newer turn started meanwhile
                 if owned.get(key) != generation:
+                    lost += 1
                     self._revoke(key, "lease_lost")
                 elif renew:
                     self._renewed_at[key] = max(self._renewed_at.get(key, sent), sent)
+            if renew:
+                for _ in range(lost):
+                    self._observe("lease_renewal", "lost")
+                self._observe("lease_renewal", "ok")
             if taken:
                 self.log.info("Took over {n} inbound events whose claim expired", n=len(taken))
                 self.on_takeover(taken)
@@ -397,6 +434,8 @@ class FleetMember(MultiService):
         def done(result: Any) -> None:
             self._polling = False
             if isinstance(result, Failure) and not result.check(CancelledError):
+                if renew:
+                    self._observe("lease_renewal", "error")
                 self.log.warn("Fleet poll failed: {error}", error=result.getErrorMessage())
 
         d.addCallback(polled)
@@ -417,6 +456,7 @@ class FleetMember(MultiService):
         self.turns.pop(key, None)
         self._renewed_at.pop(key, None)
         self.revoked += 1
+        self._observe("revoked", reason)
         if reason != "lease_lost":
             # Still ours (a /stop bumps without taking the lease): free it for the next turn
             # at once; whatever the cancelled run still tries is fenced by the bump.
@@ -425,3 +465,9 @@ class FleetMember(MultiService):
             self.on_revoked(key, reason)
         except Exception:
             self.log.failure("Revoking the run of {key} failed", key=key)
+
+    def _observe(self, what: str, *args: Any) -> None:
+        try:
+            getattr(self.observer, what)(*args)
+        except Exception:
+            self.log.failure("Fleet observer failed on {what}", what=what)
