@@ -189,11 +189,14 @@ async def test_new_on_another_instance_starts_a_fresh_session_everywhere(pair):
     old_id = a.upstream.last.request.session_id
     b.say("/new")
     await until(lambda: b.adapter.texts, what="b's reply")
+    # /new bumped the generation, never reset it: the next turn's is higher still.
+    assert query(a.url, "SELECT generation FROM fleet_session") == [(2,)]
     a.say("two")
     await until(lambda: turns(a) == 2, what="a's second turn")
     request = a.upstream.last.request
     assert request.session_id != old_id
     assert request.history == []
+    assert query(a.url, "SELECT generation FROM fleet_session") == [(3,)]
     a.upstream.last.finish("fresh")
     await until(lambda: "fresh" in a.adapter.texts, what="a's answer")
 

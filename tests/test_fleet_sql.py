@@ -245,3 +245,18 @@ async def test_an_owner_that_cannot_renew_fences_itself_before_its_lease_lapses(
     await _tick(a, 2.0)
     assert revoked == ["self_fenced"]
     assert a.turns == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_turn_start_waiting_when_the_member_stops_fails_instead_of_hanging(fleet):
+    from twisted.internet.defer import CancelledError
+
+    a, b = await fleet.member("a"), await fleet.member("b")
+    await a.begin_turn(KEY)
+    b.startService()
+    waiting = b.begin_turn(KEY)
+    await until(lambda: KEY in b._waiters, what="b waiting")
+    await b.stopService()
+    with pytest.raises(CancelledError):
+        await waiting
+    assert b._beginning == {}

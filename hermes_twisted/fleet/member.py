@@ -181,6 +181,9 @@ class FleetMember(MultiService):
         result = Deferred(cancel)
 
         def attempt() -> None:
+            for call in timer:  # woken by a notification before the poll was due
+                if call.active():
+                    call.cancel()
             timer.clear()
             sent[:] = [self.clock.seconds()]
             op = self._submit(lambda conn: self._acquire(conn, key, dedupe_key))
@@ -199,7 +202,9 @@ class FleetMember(MultiService):
                 wait = Deferred(lambda w: self._unwait(key, w))
                 self._waiters.setdefault(key, []).append(wait)
                 pending[:] = [wait]
-                wait.addCallbacks(lambda _: attempt(), lambda f: f.trap(CancelledError))
+                # A wait cancelled by this turn start's own cancel ends quietly (the result
+                # has failed already); one cancelled by the member stopping fails it.
+                wait.addCallbacks(lambda _: attempt(), failed)
                 timer.append(self.clock.callLater(STANDBY_POLL, self._wake, key))
                 return
             self.turns[key] = outcome
