@@ -68,6 +68,9 @@ class NullFleetObserver:
         pass
 #: Seconds between retries while another instance owns a session (with no notification).
 STANDBY_POLL = 1.0
+#: How often a transaction PostgreSQL aborted to break a deadlock is tried again.
+RETRIES = 3
+_RETRYABLE = ("DeadlockDetected", "SerializationFailure")
 
 Row = tuple[str, str, str, float, "str | None"]
 
@@ -137,8 +140,39 @@ class FleetMember(MultiService):
         return done.addCallback(lambda _: d)
 
     def _submit(self, work: Callable[[Any], Any]) -> Deferred:
+        """
+        Run C{work} in its own savepoint of the store's next transaction.  Two instances'
+        transactions may lock the same session rows in opposite orders; PostgreSQL then
+        aborts one of them (deadlock, serialization failure), which is retried here up to
+        L{RETRIES} times, as Synapse does.  Fires with C{work}'s result; fails with its
+        error.  Cancelling withdraws it if it has not reached the database thread.
+        """
         writer = self.store.writer
-        return writer.when_open(lambda: writer.submit(work))
+        current: list[Deferred] = []
+        result = Deferred(lambda _: current and current[0].cancel())
+
+        def attempt(tries: int) -> None:
+            d = writer.when_open(lambda: writer.submit(work))
+            current[:] = [d]
+            d.addCallbacks(done, lambda f: retry(f, tries))
+
+        def done(value: Any) -> None:
+            if not result.called:
+                result.callback(value)
+
+        def retry(failure: Failure, tries: int) -> None:
+            if result.called:
+                return
+            cause = getattr(failure.value, "__cause__", None)
+            if tries < RETRIES and type(cause).__name__ in _RETRYABLE:
+                self.log.info("Retrying a fleet transaction: {error}",
+                              error=failure.getErrorMessage())
+                attempt(tries + 1)
+                return
+            result.errback(failure)
+
+        attempt(0)
+        return result
 
     def _log_failure(self, failure: Failure, message: str) -> None:
         # The database being away is an expected state of a fleet (leases then lapse by
