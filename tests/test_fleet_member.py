@@ -104,6 +104,7 @@ def test_a_stop_for_a_newer_generation_revokes_the_run(message):
     {"t": "stop", "k": "k1", "g": "7"},      # malformed
     {"t": "stop", "g": 7},
     {"t": "work", "k": "k1"},
+    {"t": "stop", "k": "k1", "g": 7, "by": "me"},  # our own: applied before it was sent
 ])
 def test_other_notifications_are_only_hints(message):
     m = member()

@@ -340,6 +340,8 @@ class Gateway(Service):
         (C{reason} "stop": queued input goes too, as for a local /stop), or its lease was
         lost or could not be renewed (the queued input waits for the next lease).
         """
+        if self.current_run(key) is None:
+            return  # ended meanwhile: nothing to take away, nothing to count
         handle = self.interrupt_and_clear(key, interrupts.STOP, "fleet",
                                           drop_queue=reason == "stop")
         if handle is None:

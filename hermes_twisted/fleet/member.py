@@ -384,7 +384,8 @@ class FleetMember(MultiService):
         sent = message.get("at")
         if isinstance(sent, (int, float)):
             self._observe("notify_lag", max(0.0, self.clock.seconds() - sent))
-        if kind == "stop":
+        if kind == "stop" and message.get("by") != self.me:
+            # Our own stops were applied here before they were sent.
             generation = message.get("g")
             running = self.turns.get(key)
             if running is not None and isinstance(generation, int) and running < generation:
