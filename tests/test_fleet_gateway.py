@@ -229,3 +229,17 @@ async def test_the_bus_reconnects_after_its_connection_is_killed(pair):
     await until(lambda: turns(a) == 1, what="a's turn")
     b.say("/stop")
     await until(lambda: a.upstream.last.cancelled, what="the cancel")
+
+
+@pytest_twisted.ensureDeferred
+async def test_undo_on_another_instance_takes_back_the_exchange_the_owner_wrote(pair):
+    a, b = pair
+    a.say("a question")
+    await until(lambda: turns(a) == 1, what="a's turn")
+    a.upstream.last.finish("an answer")
+    await until(lambda: query(a.url, "SELECT count(*) FROM messages") == [(2,)],
+                what="a's rows")
+    b.say("/undo")
+    await until(lambda: b.adapter.texts, what="b's reply")
+    assert b.adapter.texts[0].startswith("↩️ Undone")
+    assert query(a.url, "SELECT count(*) FROM messages WHERE active = 1") == [(0,)]

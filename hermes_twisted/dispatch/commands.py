@@ -57,6 +57,10 @@ IDLE_ONLY = frozenset({"retry", "undo", "sethome", "set-home"})
 #: Put text in the session's queue (the gateway's lanes handle these, not L{CommandRouter}).
 QUEUEING = frozenset({"queue", "q", "steer"})
 
+#: Commands that read the session's cached routing entry: in a fleet another instance may
+#: have changed it (a turn, /new), so the gateway re-reads it before running them.
+READS_SESSION = frozenset({"new", "reset", "status", "retry", "undo"})
+
 #: Every command name (and alias) the 0.19.0 gateway resolves (platforms.md §5).
 RESOLVABLE = HANDLED | frozenset("""
     approve deny whoami retry undo title resume sessions branch fork compress compact rollback

@@ -210,6 +210,9 @@ class Gateway(Service):
         key = self.session_key_for(event)
         dedupe_key = event.metadata.get("dedupe_key") if event.metadata else None
         if is_authorized(self.config, adapter, event):
+            command = commands.parse(event)
+            if self.fleet is not None and command and command[0] in commands.READS_SESSION:
+                return self._refresh_then_admit(Inbound(adapter, event, key, dedupe_key, None))
             if not dedupe_key:
                 self._arrive(Inbound(adapter, event, key, None, True))
                 return succeed(None)
@@ -242,6 +245,34 @@ class Gateway(Service):
             return None
 
         d.addCallbacks(checked, check_failed)
+        return d
+
+    def _refresh_then_admit(self, inbound: Inbound) -> Deferred:
+        """
+        In a fleet: re-read C{inbound}'s session entry (another instance may have run a
+        turn or /new meanwhile), then admit it.  The event holds its place in the lane
+        meanwhile.  Fires with None once admitted; never fails but for cancellation.
+        """
+        self._arrive(inbound)
+        d = maybeDeferred(self.store.reload, inbound.key)
+
+        def admit(_: Any) -> Any:
+            if inbound.dedupe_key:
+                return self._record(inbound)
+            self._admitted(inbound, True)
+            return None
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(CancelledError):
+                self._admitted(inbound, False)
+                self._turn_finished(inbound.adapter, inbound.event, inbound.key, False)
+                return failure
+            self.log.warn("Could not re-read the session of {key} ({error}); the command "
+                          "uses what this instance knows", key=inbound.key,
+                          error=failure.getErrorMessage())
+            return admit(None)
+
+        d.addCallbacks(admit, failed)
         return d
 
     def _refuse(self, adapter: Any, event: MessageEvent, key: str) -> Deferred:
