@@ -142,7 +142,8 @@ async def test_a_taken_over_owners_late_answer_is_neither_sent_nor_stored(pair):
     a.say("question")
     await until(lambda: turns(a) == 1, what="a's turn")
     frozen = a.upstream.last
-    # a freezes: its lease lapses by the database clock, b takes the session over.
+    # a freezes (it hears nothing): its lease lapses by the database clock, b takes over.
+    a.bus.stopService()
     query(a.url, "UPDATE fleet_session SET lease_until = now() - interval '1 second'")
     b.say("are you there?")
     await until(lambda: turns(b) == 1, what="b's takeover")
@@ -243,3 +244,16 @@ async def test_undo_on_another_instance_takes_back_the_exchange_the_owner_wrote(
     await until(lambda: b.adapter.texts, what="b's reply")
     assert b.adapter.texts[0].startswith("↩️ Undone")
     assert query(a.url, "SELECT count(*) FROM messages WHERE active = 1") == [(0,)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slow_owner_hears_of_the_takeover_and_cancels_at_once(pair):
+    a, b = pair
+    a.say("question")
+    await until(lambda: turns(a) == 1, what="a's turn")
+    slow = a.upstream.last
+    query(a.url, "UPDATE fleet_session SET lease_until = now() - interval '1 second'")
+    b.say("are you there?")
+    await until(lambda: turns(b) == 1, what="b's takeover")
+    await until(lambda: slow.cancelled, what="a's cancel")
+    assert value(a.metrics, "hermes_fleet_revocations_total", reason="lease_lost") == 1

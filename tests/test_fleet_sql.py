@@ -260,3 +260,18 @@ async def test_a_turn_start_waiting_when_the_member_stops_fails_instead_of_hangi
     with pytest.raises(CancelledError):
         await waiting
     assert b._beginning == {}
+
+
+@pytest_twisted.ensureDeferred
+async def test_completed_events_are_forgotten_after_the_retention(fleet, monkeypatch):
+    from hermes_twisted.fleet import inbox
+
+    monkeypatch.setattr(inbox, "PRUNE_EVERY", 2)
+    a = await fleet.member("a")
+    a.inbound_retention = 50.0
+    await a.admit_inbound("relay", "relay:old", KEY, {"v": 1})
+    assert await a.complete_inbound("relay:old")  # at 0 s
+    a.clock.advance(100)
+    await a.admit_inbound("relay", "relay:new", KEY, {"v": 1})
+    assert await a.complete_inbound("relay:new")  # the second completion sweeps
+    assert query(fleet.url, "SELECT dedupe_key FROM inbound") == [("relay:new",)]

@@ -23,6 +23,8 @@ from typing import Any
 MAX_ATTEMPTS = 3
 #: Expired claims taken per sweep (the rest wait for the next one).
 SWEEP_BATCH = 50
+#: Completions between sweeps of completed rows older than the retention.
+PRUNE_EVERY = 1000
 
 
 def admit(conn: Any, platform: str, dedupe_key: str, session_key: str, payload: str,
@@ -101,4 +103,10 @@ def hand_back(conn: Any, me: str) -> int:
     """End every open claim of C{me} now (a clean stop): other instances take them over."""
     cursor = conn.execute("UPDATE inbound SET claim_until = now() WHERE claimed_by = ?"
                           " AND completed_at IS NULL", (me,))
+    return cursor.rowcount
+
+
+def prune(conn: Any, before: float) -> int:
+    """Forget events completed before C{before} (their dedupe window is over)."""
+    cursor = conn.execute("DELETE FROM inbound WHERE completed_at < ?", (before,))
     return cursor.rowcount

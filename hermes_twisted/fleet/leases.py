@@ -14,20 +14,25 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 
-def acquire(conn: Any, key: str, me: str, ttl: float) -> int | None:
+def acquire(conn: Any, key: str, me: str, ttl: float) -> tuple[int, str | None] | None:
     """
     Take C{key}'s lease for C{ttl} seconds and bump its generation, if it is free, expired
-    or already ours.  Returns the new generation, or None while another live instance owns
+    or already ours.  Returns the new generation and the previous owner (another instance
+    when this is a takeover of an expired lease), or None while another live instance owns
     the session.
     """
     conn.execute("INSERT INTO fleet_session (session_key) VALUES (?) ON CONFLICT DO NOTHING",
                  (key,))
     row = conn.execute(
-        "UPDATE fleet_session SET generation = generation + 1, owner_instance = ?,"
+        # The previous owner, as of the statement's snapshot (a FOR UPDATE here would see
+        # the row this very statement updates, and return nothing).
+        "WITH before AS (SELECT owner_instance FROM fleet_session WHERE session_key = ?)"
+        " UPDATE fleet_session SET generation = generation + 1, owner_instance = ?,"
         " lease_until = now() + make_interval(secs => ?), updated_at = now()"
         " WHERE session_key = ? AND (owner_instance IS NULL OR owner_instance = ?"
-        " OR lease_until < now()) RETURNING generation", (me, ttl, key, me)).fetchone()
-    return int(row[0]) if row else None
+        " OR lease_until < now()) RETURNING generation, (SELECT owner_instance FROM before)",
+        (key, me, ttl, key, me)).fetchone()
+    return (int(row[0]), row[1]) if row else None
 
 
 def renew(conn: Any, keys: Sequence[str], me: str, ttl: float) -> dict[str, int]:

@@ -95,6 +95,9 @@ class FleetMember(MultiService):
         self.on_revoked: Callable[[str, str], None] = lambda key, reason: None
         self.on_takeover: Callable[[list[tuple[str, Any]]], None] = lambda rows: None
         self.observer: FleetObserver = NullFleetObserver()
+        #: Seconds a completed inbox row is kept, so a late redelivery is still recognised.
+        self.inbound_retention = getattr(store, "inbound_retention", 7 * 86400.0)
+        self._completions = 0
         #: The generation of the turn running here, per session key.
         self.turns: dict[str, int] = {}
         #: When the last successful acquire or renewal of each running session was sent.
@@ -262,7 +265,16 @@ class FleetMember(MultiService):
     def _acquire(self, conn: Any, key: str, dedupe_key: str | None) -> int | str | None:
         if dedupe_key and not inbox.still_claimed(conn, dedupe_key, self.me):
             return "lost"
-        return leases.acquire(conn, key, self.me, self.settings.lease_ttl)
+        taken = leases.acquire(conn, key, self.me, self.settings.lease_ttl)
+        if taken is None:
+            return None
+        generation, previous = taken
+        if previous is not None and previous != self.me:
+            # A takeover of an expired lease: if the old owner is only slow, not dead, it
+            # cancels at once instead of at its next renewal (its writes are fenced anyway).
+            fencing.notify(conn, {"t": "stop", "k": key, "g": generation, "by": self.me,
+                                  "r": "takeover", "at": self.clock.seconds()})
+        return generation
 
     def _unwait(self, key: str, waiter: Deferred) -> None:
         waiters = self._waiters.get(key, [])
@@ -362,7 +374,16 @@ class FleetMember(MultiService):
         it was not ours (taken over) or already done.  Fails with L{StoreError}.
         """
         at = self.clock.seconds()
-        return self._submit(lambda conn: inbox.complete(conn, dedupe_key, at, self.me))
+        self._completions += 1
+        sweep = self._completions % inbox.PRUNE_EVERY == 0
+
+        def work(conn: Any) -> bool:
+            done = inbox.complete(conn, dedupe_key, at, self.me)
+            if sweep:
+                inbox.prune(conn, at - self.inbound_retention)
+            return done
+
+        return self._submit(work)
 
     def pending_inbound(self) -> Deferred:
         """
@@ -389,7 +410,9 @@ class FleetMember(MultiService):
             generation = message.get("g")
             running = self.turns.get(key)
             if running is not None and isinstance(generation, int) and running < generation:
-                self._revoke(key, "stop")
+                # Taken over (our lease had lapsed): the session is another's now, and what
+                # waits in our lane waits for the lease again; a /stop drops it.
+                self._revoke(key, "lease_lost" if message.get("r") == "takeover" else "stop")
         elif kind == "released":
             self._wake(key)
 

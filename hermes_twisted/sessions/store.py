@@ -60,6 +60,8 @@ class DatabaseSessionStore:
         self._policy_for = reset_policy_for
         self._tz = tz
         self._retention = inbound_retention
+        #: Seconds completed inbound rows are kept for de-duplication.
+        self.inbound_retention = inbound_retention
         self._writer = StoreWriter(database, reactor=reactor)
         self._entries: dict[str, SessionEntry] = {}
         self._completions = 0
