@@ -177,9 +177,13 @@ class FleetBus(Service):
         self._retry = self._reactor.callLater(delay, self._connect)
 
     def _lost(self, reader: _Reader, why: str) -> None:
+        # Called from the reactor's doRead: nothing may escape into the reactor.
         if reader is not self._reader:
             return
-        self._drop()
+        try:
+            self._drop()
+        except Exception:
+            self.log.failure("Dropping the lost fleet bus connection failed")
         if self.running:
             self._schedule(f"connection lost: {why}")
 

@@ -285,8 +285,12 @@ class FleetMember(MultiService):
 
     def _wake(self, key: str) -> None:
         """Retry every turn start waiting for C{key} (released, or a poll is due)."""
+        # Also a reactor callback (the standby poll): nothing may escape into the reactor.
         for waiter in self._waiters.pop(key, []):
-            waiter.callback(None)
+            try:
+                waiter.callback(None)
+            except Exception:
+                self.log.failure("Retrying a turn start for {key} failed", key=key)
 
     def end_turn(self, key: str, generation: int | None) -> None:
         """C{key}'s turn at C{generation} ended here: release the lease now (never fails)."""
