@@ -323,6 +323,7 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
         unauthorized_dm_behavior=behaviour,
         max_concurrent_runs=layers.get("gateway.api_server.max_concurrent_runs"),
         shutdown_timeout=layers.get("gateway.shutdown_timeout"),
+        media_max_bytes=layers.get("gateway.media.max_bytes"),
     )
     if layers.unused:
         log.warn("{source}: keys not used by this daemon (ignored): {keys}",

@@ -181,6 +181,8 @@ class GatewayConfig:
     unauthorized_dm_behavior: str | None = None  # pair | ignore; None: decided per platform
     max_concurrent_runs: int = 10  # gateway.api_server.max_concurrent_runs
     shutdown_timeout: float = 4.0
+    #: Largest user image passed upstream (GATEWAY_MEDIA_MAX_BYTES, gateway.media.max_bytes).
+    media_max_bytes: int = 10 * 1024 * 1024
 
     def enabled_platforms(self) -> list[PlatformSettings]:
         return [p for p in self.platforms.values() if p.enabled]

@@ -161,7 +161,13 @@ class Gateway(Service):
                 self.log.warn("Cannot replay {dedupe_key}: no adapter {name}",
                               dedupe_key=dedupe_key, name=payload.get("adapter"))
                 continue
-            event = event_from_payload(payload, dedupe_key)
+            try:
+                event = event_from_payload(payload, dedupe_key,
+                                           getattr(adapter, "media_fetcher", None))
+            except Exception:
+                self.log.failure("Cannot replay {dedupe_key}: unreadable payload",
+                                 dedupe_key=dedupe_key)
+                continue
             self.log.info("Replaying admitted message {dedupe_key}", dedupe_key=dedupe_key)
             self._arrive(Inbound(adapter, event, self.session_key_for(event), dedupe_key, True))
 

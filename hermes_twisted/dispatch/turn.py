@@ -28,7 +28,12 @@ from hermes_twisted.dispatch.typing_loop import TypingLoop
 from hermes_twisted.fleet.fencing import StaleWrite
 from hermes_twisted.sessions.reset import policy_for, reset_notice
 from hermes_twisted.upstream import TurnRequest
-from hermes_twisted.upstream.media import prepare_media, transcript_text, with_notes
+from hermes_twisted.upstream.media import (
+    prepare_media,
+    transcript_text,
+    user_notice,
+    with_notes,
+)
 
 log = Logger()
 
@@ -134,9 +139,13 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
         if not handle.is_current():
             return
         carried = [{"role": "user", "content": e.text} for e in handle.carried if e.text]
-        images, notes = await prepare_media(event.media) if event.media else ([], [])
+        images, notes, refused = (await prepare_media(event.media, gw.config.media_max_bytes)
+                                  if event.media else ([], [], []))
         if not handle.is_current():
             return
+        notice = user_notice(refused)
+        if notice:
+            gw.reply(adapter, event, notice)
         request = TurnRequest(message=with_notes(event.text, notes),
                               session_id=entry.session_id, session_key=key,
                               context_prompt=build_context_prompt(event),

@@ -237,6 +237,14 @@ class PlatformAdapter(MultiService):
         """Fires with a dict holding at least C{name} and C{type} (dm/group/channel)."""
         return succeed({"name": chat_id, "type": "dm"})
 
+    def media_fetcher(self, ref: dict[str, Any]) -> Callable[[int], Deferred] | None:
+        """
+        For an attachment replayed from the store's inbox after a restart: the C{fetch(cap)}
+        of the L{MediaPart} whose C{ref} this adapter set, or None when the platform cannot
+        fetch it again (the user is then told the image was lost).  Must not raise.
+        """
+        return None
+
     def push_delta(self, chat_id: str, text: str) -> None:
         """Only for C{wants_raw_deltas} adapters: forward one reply delta now.  Must not raise."""
 
