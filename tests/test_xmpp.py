@@ -42,8 +42,9 @@ def parse(xml: str) -> domish.Element:
 class Bot:
     """An adapter whose stream is a StringTransport, logged in by hand."""
 
-    def __init__(self, **extra: Any) -> None:
+    def __init__(self, now: float = 0.0, **extra: Any) -> None:
         self.clock = MemoryReactorClock()
+        self.clock.advance(now)
         settings = PlatformSettings(name="xmpp", enabled=True, extra={
             "jid": "hermes@example.org", "password": "pw", "rooms": ROOM, **extra})
         self.adapter = XMPPAdapter(settings, reactor=self.clock)
@@ -277,6 +278,75 @@ def test_unacknowledged_stanzas_are_resent_on_resume():
     # The resumed session is still in its rooms: no rejoin, and sends to them work.
     assert f"to='{ROOM}/hermes'" not in bot.written()
     assert bot.adapter.send(ROOM, "back").result.success
+    bot.drop()
+
+
+#: 2027-01-15T08:00:00Z and a bit: the daemon starts in the middle of a second.
+START = 1_800_000_000.6
+
+
+def delayed(stamp: str, by: str) -> str:
+    return f"<delay xmlns='{stanzas.NS_DELAY}' from='{by}' stamp='{stamp}'/>"
+
+
+def resumed_bot(now: float = START) -> Bot:
+    """A bot whose link dropped after one handled stanza, reconnected and resuming."""
+    bot = Bot(now=now)
+    bot.login()
+    bot.joined()
+    bot.feed(f"<enabled xmlns='{NS_SM}' id='sess-1' resume='true'/>")
+    bot.feed(chat("before", stanza_id="s0"))
+    bot.drop()
+    bot.connect()
+    bot.xs.initializers = [bot.xs.initializers[-1]]  # TLS and SASL done: resume
+    bot.xs.dataReceived(b"<stream:stream xmlns='jabber:client' "
+                        b"xmlns:stream='http://etherx.jabber.org/streams' from='example.org' "
+                        b"id='s2' version='1.0'><stream:features>"
+                        b"<sm xmlns='urn:xmpp:sm:3'/></stream:features>")
+    assert f"<resume xmlns='{NS_SM}' previd='sess-1' h='1'/>" in bot.written()
+    return bot
+
+
+def test_a_message_held_during_the_drop_is_answered_after_the_resume():
+    # Regression (the resume flake): Prosody resends what it queued for the hibernating
+    # session with a <delay/> stamped in whole seconds.  A message held within the second
+    # the daemon started was taken for offline storage from before the start and dropped,
+    # although the resume succeeded and acknowledged it.  It arrives in the same read as
+    # <resumed/>, as it does from Prosody.
+    bot = resumed_bot()
+    bot.xs.dataReceived(
+        f"<resumed xmlns='{NS_SM}' previd='sess-1' h='0'/>".encode()
+        + chat("while away", stanza_id="s1",
+               extra=delayed("2027-01-15T08:00:00Z", "hermes@example.org")).encode()
+        + f"<r xmlns='{NS_SM}'/>".encode())
+    assert bot.xs.resumed and bot.adapter.connected_stream is bot.xs
+    assert bot.sink.texts() == ["before", "while away"]
+    assert f"<a xmlns='{NS_SM}' h='2'/>" in bot.written()
+    bot.drop()
+
+
+def test_held_messages_count_on_a_resumed_stream_whatever_the_server_clock_says():
+    # Our clock ahead of the server's: the stamps of held stanzas are "before" our start.
+    bot = resumed_bot(now=START + 5)
+    bot.feed(f"<resumed xmlns='{NS_SM}' previd='sess-1' h='0'/>")
+    bot.feed(chat("held", stanza_id="s1",
+                  extra=delayed("2027-01-15T08:00:00Z", "hermes@example.org")))
+    # A room message our server held for the session is live; room history is not.
+    bot.feed(groupchat("hermes: held in the room", stanza_id="g1",
+                       extra=delayed("2027-01-15T08:00:00Z", "hermes@example.org")))
+    bot.feed(groupchat("hermes: history", stanza_id="g2",
+                       extra=delayed("2027-01-15T08:00:00Z", ROOM)))
+    assert bot.sink.texts() == ["before", "held", "held in the room"]
+    bot.drop()
+
+
+def test_offline_storage_from_before_the_start_is_not_answered_on_a_new_session():
+    bot = Bot(now=START)
+    bot.login()
+    bot.feed(chat("old", stanza_id="s1", extra=delayed("2027-01-15T07:59:59Z", "example.org")))
+    bot.feed(chat("same second", stanza_id="s2",
+                  extra=delayed("2027-01-15T08:00:00Z", "example.org")))
+    assert bot.sink.texts() == ["same second"]
     bot.drop()
 
 

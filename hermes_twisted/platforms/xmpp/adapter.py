@@ -146,7 +146,9 @@ class XMPPAdapter(PlatformAdapter):
         self._login_timer: Any = None
         self._stopping = False
         self._last_problem: str | None = None
-        self._started_at = datetime.now(timezone.utc)
+        # XEP-0082 stamps often have whole seconds only: a message held within the second
+        # we started must not look older than our start.
+        self._started_at = datetime.fromtimestamp(int(reactor.seconds()), timezone.utc)
         self._connector: ClientService | None = None
         self._problem = self._config_problem()
         if self._problem is None:
@@ -548,7 +550,7 @@ class XMPPAdapter(PlatformAdapter):
         if kind == "groupchat":
             if room is None or not sender.resource or msg.has_subject:
                 return
-            if msg.delayed is not None:
+            if msg.delayed is not None and not self._held_by_our_server(msg):
                 return  # room history
             if sender.resource == room.nick or (msg.origin_id and msg.origin_id in self._sent):
                 return  # our own message, reflected
@@ -562,8 +564,12 @@ class XMPPAdapter(PlatformAdapter):
         else:
             if bare == self.own_bare:
                 return  # another resource of ours (we enable no carbons)
-            if msg.delayed is not None and msg.delayed < self._started_at:
-                return  # offline storage from before we started
+            if (msg.delayed is not None and msg.delayed < self._started_at
+                    and not self._on_resumed_stream()):
+                self.log.info("XMPP: message from {sender} stamped {stamp}, before the start, "
+                              "ignored (offline storage)", sender=sender.full(),
+                              stamp=msg.delayed.isoformat())
+                return
             text = msg.body.strip()
             if bare in self.rooms:  # a private message through a room
                 user_id = chat_id = sender.full()
@@ -596,6 +602,20 @@ class XMPPAdapter(PlatformAdapter):
         )
         admitted = self.deliver_inbound(event)
         admitted.addErrback(self._delivery_failed, message_id)
+
+    def _on_resumed_stream(self) -> bool:
+        # A resumed XEP-0198 session gets no offline storage: what arrives on it with a
+        # <delay/> is what the server held for this session while the link was down, and
+        # the stamp (the server's clock, often whole seconds) says nothing about our start.
+        xs = self._connection
+        return xs is not None and xs.resumed
+
+    def _held_by_our_server(self, msg: stanzas.Inbound) -> bool:
+        # Room history is stamped by the room (XEP-0045 §7.2.15); a stanza our own server
+        # queued for a hibernating session (XEP-0198) is stamped by our account or domain.
+        assert self.jid is not None
+        return (self._on_resumed_stream()
+                and msg.delayed_by in (self.own_bare, self.jid.host))
 
     def _delivery_failed(self, failure: Failure, message_id: str) -> None:
         if failure.check(CancelledError):
