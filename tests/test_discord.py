@@ -20,7 +20,11 @@ from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, Stre
 from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.net.body import BodyTooLarge
 from hermes_twisted.net.reconnect import SessionBackoff
-from hermes_twisted.platforms.discord.adapter import DiscordAdapter
+from hermes_twisted.platforms.discord.adapter import (
+    NO_ANSWER_TEXT,
+    REFUSED_TEXT,
+    DiscordAdapter,
+)
 from hermes_twisted.platforms.discord.gateway import intents_for
 from hermes_twisted.platforms.discord.rest import DiscordHTTPError
 from tests.fakes.memory_store import MemoryStore
@@ -39,6 +43,7 @@ from tests.servers.discord import (
 pytestmark = pytest.mark.integration
 
 ALICE = user_object("1100000000000000500", "alice")
+BOB = user_object("1100000000000000600", "bob")  # not in the allowlist
 
 
 def settings_for(fake: FakeDiscord, **extra) -> PlatformSettings:
@@ -242,6 +247,61 @@ async def test_an_interaction_is_deferred_then_answered_by_editing_the_response(
         assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]
         assert record["original"]["content"] == "echo: what time is it"
         assert not fake.sent_messages(CHANNEL_ID)  # nothing public
+
+
+def callbacks_posted(fake: FakeDiscord) -> list[str]:
+    return [path for method, path, _ in fake.requests
+            if method == "POST" and path.startswith("/interactions/")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_slash_command_gets_a_private_refusal_not_endless_thinking():
+    async with discord_gateway() as (fake, gateway, adapter, upstream):
+        fake.add_member(GUILD_ID, BOB)
+        interaction = fake.interaction("ask", BOB, options=[
+            {"name": "prompt", "type": 3, "value": "let me in"}])
+        record = fake.interactions[interaction["token"]]
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the refusal")
+        assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]  # private
+        assert record["original"]["content"] == REFUSED_TEXT
+        assert not upstream.turns and not fake.sent_messages()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slash_ask_stopped_before_any_output_is_resolved_too():
+    async with discord_gateway(streaming=True, auto_reply=None) as (fake, gateway, adapter,
+                                                                   upstream):
+        asked = fake.interaction("ask", ALICE, channel_id=FREE_CHANNEL_ID, options=[
+            {"name": "prompt", "type": 3, "value": "think forever"}])
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        stop = fake.interaction("stop", ALICE, channel_id=FREE_CHANNEL_ID)
+        await eventually(lambda: turn.cancelled, what="the upstream closed")
+        ask_record = fake.interactions[asked["token"]]
+        stop_record = fake.interactions[stop["token"]]
+        await eventually(lambda: ask_record["original"] and ask_record["original"].get("edits")
+                         and stop_record["original"] and stop_record["original"].get("edits"),
+                         what="both responses resolved")
+        assert ask_record["original"]["content"] == NO_ANSWER_TEXT
+        assert stop_record["original"]["content"] != NO_ANSWER_TEXT  # the /stop reply
+        assert not adapter._answering_interaction(FREE_CHANNEL_ID)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_interaction_is_acknowledged_and_run_once():
+    async with discord_gateway() as (fake, gateway, adapter, upstream):
+        fake.replay_all_on_resume = True
+        interaction = fake.interaction("ask", ALICE, options=[
+            {"name": "prompt", "type": 3, "value": "once please"}])
+        record = fake.interactions[interaction["token"]]
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the answer")
+        fake.close_connections(4000)
+        await eventually(lambda: fake.resumes and adapter.session.ready, what="the resume")
+        await deferLater(reactor, 0.2, lambda: None)  # room for a second run
+        assert len(callbacks_posted(fake)) == 1
+        assert [t.request.message for t in upstream.turns] == ["once please"]
+        assert record["original"]["content"] == "echo: once please"
 
 
 @pytest_twisted.ensureDeferred

@@ -35,6 +35,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import (
+    InboundOutcome,
     MediaPart,
     MessageEvent,
     MessageType,
@@ -79,6 +80,11 @@ INTERACTION_LIFETIME = 14 * 60.0
 EPHEMERAL = 64
 #: Edits wait at most this long for a 429; a send waits up to a minute.
 EDIT_MAX_WAIT = 2.0
+#: What a slash command's private response says when the gateway answered nothing else.
+REFUSED_TEXT = "You are not allowed to use the agent here."
+NO_ANSWER_TEXT = "This request ended without an answer."
+DONE_TEXT = "Done."
+UNAVAILABLE_TEXT = "The agent is not available right now; try again later."
 THREAD_EXISTS = 160004
 MAX_THREADS_REMEMBERED = 5000
 #: An attachment download: this long for the response to start, then for its body.
@@ -97,6 +103,8 @@ class Interaction:
     #: A command (/stop, /new, /status) is done once answered; /ask when its turn ended.
     runs_a_turn: bool = False
     finished: bool = False
+    #: The deferred-response callback in flight: the response exists once it is done.
+    ack: Deferred | None = None
 
     @property
     def original_id(self) -> str:
@@ -441,6 +449,30 @@ class DiscordAdapter(PlatformAdapter):
                          message_id=message_id)
         return None
 
+    def on_inbound_finished(self, event: MessageEvent, session_key: str, delivered: bool,
+                            outcome: str = InboundOutcome.HANDLED) -> None:
+        try:
+            self._resolve_interaction(event, delivered, outcome)
+        except Exception:
+            self.log.failure("discord: while resolving the response to {message_id}",
+                             message_id=event.message_id)
+        super().on_inbound_finished(event, session_key, delivered, outcome)
+
+    def _resolve_interaction(self, event: MessageEvent, delivered: bool, outcome: str) -> None:
+        # A slash command the gateway answered nothing for (refused, dropped by the busy
+        # policy, a run that sent nothing) must not show "thinking" until its token dies.
+        message_id = event.message_id or ""
+        if not message_id.startswith("interaction:") or outcome == InboundOutcome.DUPLICATE:
+            return
+        record = self._interactions.get(message_id.split(":", 1)[1])
+        if record is None or record.answered:
+            return
+        if outcome == InboundOutcome.REFUSED:
+            text = REFUSED_TEXT
+        else:
+            text = DONE_TEXT if delivered else NO_ANSWER_TEXT
+        self._answer_interaction(record, text)
+
     def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
         for record in self._interactions.values():
             if record.chat_id == chat_id and record.answered:
@@ -468,9 +500,16 @@ class DiscordAdapter(PlatformAdapter):
     def _interaction(self, data: Any) -> None:
         if not isinstance(data, dict) or data.get("type") != 2:
             return
+        if str(data.get("id")) in self._interactions:
+            # A RESUME replayed it: acknowledged and handed to the gateway already.
+            self.log.info("discord: interaction {id} replayed; ignored", id=data.get("id"))
+            return
         command = data.get("data") if isinstance(data.get("data"), dict) else {}
         name = str(command.get("name") or "")
         if name not in ("ask", "stop", "new", "status"):
+            # Another integration's command (sync keeps commands that are not ours): say so
+            # rather than let Discord report that the application did not respond.
+            self._reply_at_once(data, f"/{name} is not handled by this agent.")
             return
         member = data.get("member") if isinstance(data.get("member"), dict) else {}
         user = member.get("user") or data.get("user") or {}
@@ -480,6 +519,8 @@ class DiscordAdapter(PlatformAdapter):
         record = Interaction(str(data.get("id")), str(data.get("token")),
                              str(data.get("application_id") or self.application_id or ""),
                              channel_id, self.reactor.seconds())
+        self._forget_expired_interactions()
+        self._interactions[record.interaction_id] = record
         # Acknowledge first: Discord allows 3 s, and admission may wait on the store.
         ack = self._track(self.rest.request(
             "POST", "/interactions/{interaction_id}/{token}/callback", major=record.token,
@@ -487,6 +528,7 @@ class DiscordAdapter(PlatformAdapter):
             query={"with_response": "true"}, max_wait=2.0,
             interaction_id=record.interaction_id, token=record.token))
         ack.addErrback(self._quiet, "interaction acknowledgement")
+        record.ack = ack
         record.runs_a_turn = name == "ask"
         if name == "ask":
             options = {o.get("name"): o.get("value") for o in command.get("options") or ()
@@ -495,6 +537,10 @@ class DiscordAdapter(PlatformAdapter):
         else:
             text = f"/{name}"
         if not text:
+            self._answer_interaction(record, "Nothing to ask: the prompt is empty.")
+            return
+        if self._sink is None:
+            self._answer_interaction(record, UNAVAILABLE_TEXT)
             return
         ctype = channel.get("type")
         if ctype is None:
@@ -518,15 +564,27 @@ class DiscordAdapter(PlatformAdapter):
             thread_id=channel_id if in_thread else None, scope_id=guild_id,
             parent_chat_id=parent if in_thread else None, message_id=record.original_id,
             role_authorized=role_ok, is_bot=bool(user.get("bot")))
-        self._forget_expired_interactions()
-        self._interactions[record.interaction_id] = record
         event = MessageEvent(text=text, source=source, message_id=record.original_id,
                              message_type=MessageType.COMMAND if text.startswith("/")
                              else MessageType.TEXT,
                              metadata={"dedupe_key": f"discord:interaction:"
                                                      f"{record.interaction_id}"})
         d = self.deliver_inbound(event)
-        d.addErrback(self._inbound_failed, record.original_id)
+        d.addErrback(self._interaction_not_admitted, record)
+
+    def _interaction_not_admitted(self, failure: Any, record: Interaction) -> None:
+        # No on_inbound_finished comes for an event the gateway never admitted.
+        if not record.answered:
+            self._answer_interaction(record, UNAVAILABLE_TEXT)
+        self._inbound_failed(failure, record.original_id)
+
+    def _reply_at_once(self, data: dict[str, Any], text: str) -> None:
+        d = self._track(self.rest.request(
+            "POST", "/interactions/{interaction_id}/{token}/callback",
+            major=str(data.get("token")),
+            json_body={"type": 4, "data": {"content": text, "flags": EPHEMERAL}},
+            max_wait=2.0, interaction_id=str(data.get("id")), token=str(data.get("token"))))
+        d.addErrback(self._quiet, "interaction answer")
 
     def _forget_expired_interactions(self) -> None:
         now = self.reactor.seconds()
@@ -552,14 +610,34 @@ class DiscordAdapter(PlatformAdapter):
                    for r in self._interactions.values())
 
     def _answer_interaction(self, record: Interaction, text: str) -> None:
+        record.answered = record.finished = True
         d = self._track(self._webhook_edit(record, "@original", text))
         d.addErrback(self._quiet, "interaction answer")
 
     def _webhook_edit(self, record: Interaction, message: str, text: str) -> Deferred:
-        return self.rest.request(
+        # The original response exists once the deferred callback is through: an edit sent
+        # beside it (a refusal decided at once) could reach Discord first and find nothing.
+        d = self._acknowledged(record) if message == "@original" else succeed(None)
+        return d.addCallback(lambda _: self.rest.request(
             "PATCH", "/webhooks/{application_id}/{token}/messages/{message}",
             major=record.token, json_body={"content": text}, max_wait=EDIT_MAX_WAIT,
-            application_id=record.application_id, token=record.token, message=message)
+            application_id=record.application_id, token=record.token, message=message))
+
+    @staticmethod
+    def _acknowledged(record: Interaction) -> Deferred:
+        """Fires with None once C{record}'s callback request is done (either way)."""
+        ack = record.ack
+        if ack is None or ack.called:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+
+        def done(result: Any) -> Any:
+            if not waiter.called:  # a cancelled waiter has fired already
+                waiter.callback(None)
+            return result
+
+        ack.addBoth(done)
+        return waiter
 
     # -- outbound -----------------------------------------------------------------------------
 
