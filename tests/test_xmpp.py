@@ -7,6 +7,7 @@ timeout, and the config checks.  The real-server tests are in L{tests.test_xmpp_
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -18,7 +19,8 @@ from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 from hermes_twisted.config.errors import ConfigError
-from hermes_twisted.config.settings import PlatformSettings
+from hermes_twisted.config.settings import PlatformSettings, StreamingSettings
+from hermes_twisted.delivery.consumer import StreamConsumer
 from hermes_twisted.platforms.xmpp import adapter as xmpp_adapter
 from hermes_twisted.platforms.xmpp import stanzas
 from hermes_twisted.platforms.xmpp.adapter import XMPPAdapter
@@ -48,6 +50,9 @@ class Bot:
         settings = PlatformSettings(name="xmpp", enabled=True, extra={
             "jid": "hermes@example.org", "password": "pw", "rooms": ROOM, **extra})
         self.adapter = XMPPAdapter(settings, reactor=self.clock)
+        # Alice's phone is known to show corrections, so her messages are handed on at once;
+        # the disco#info exchange itself has tests of its own.
+        self.adapter._corrections.remember("alice@example.org/phone", True)
         self.sink = RecordingSink()
         self.adapter.attach(self.sink)
         self.factory = XMPPStreamFactory(self.adapter, JID("hermes@example.org/hermes"), "pw",
@@ -377,6 +382,102 @@ def test_a_failed_resume_binds_a_new_session():
     bot.drop()  # the bind request was never answered
     assert d.called
     d.addErrback(lambda f: f.trap(ConnectionLost))
+
+
+# -- XEP-0308 support of 1:1 peers ---------------------------------------------------------------
+
+
+def disco_request(written: str, to: str) -> str:
+    """The id of the disco#info request to C{to} in C{written}."""
+    found = re.search(rf"<iq [^>]*to='{re.escape(to)}'[^>]*>"
+                      rf"<query xmlns='{re.escape(stanzas.NS_DISCO_INFO)}'/></iq>", written)
+    assert found is not None, written
+    return re.search(r"id='([^']+)'", found.group(0)).group(1)
+
+
+def disco_result(iq_id: str, sender: str, *features: str) -> str:
+    listed = "".join(f"<feature var='{f}'/>" for f in features)
+    return (f"<iq type='result' id='{iq_id}' from='{sender}' to='hermes@example.org/hermes'>"
+            f"<query xmlns='{stanzas.NS_DISCO_INFO}'>{listed}</query></iq>")
+
+
+def stream_reply(bot: Bot, chat_id: str) -> None:
+    """A streamed reply "Hello there, world" delivered by the real consumer."""
+    consumer = StreamConsumer(bot.adapter, chat_id, clock=bot.clock, is_current=lambda: True,
+                              settings=StreamingSettings(enabled=True, edit_interval=1.0,
+                                                         buffer_threshold=1))
+    consumer.on_delta("Hello there, ")
+    bot.clock.advance(1.0)
+    consumer.on_delta("world")
+    bot.clock.advance(1.0)
+    done = consumer.finish("Hello there, world")
+    bot.clock.advance(1.0)
+    assert done.called
+
+
+def test_a_new_peer_is_asked_about_corrections_before_its_messages_go_on():
+    bot = Bot()
+    bot.login()
+    bot.written()
+    bob = "bob@example.org/laptop"
+    bot.feed(chat("one", sender=bob, stanza_id="b1"))
+    bot.feed(chat("two", sender=bob, stanza_id="b2"))
+    written = bot.written()
+    iq_id = disco_request(written, bob)
+    assert written.count(stanzas.NS_DISCO_INFO) == 1  # asked once for both
+    assert bot.sink.events == []  # held until the answer: the run asks can_edit at its start
+    bot.feed(disco_result(iq_id, bob, stanzas.NS_CHATSTATES, stanzas.NS_CORRECT))
+    assert bot.sink.texts() == ["one", "two"]  # in their order
+    assert bot.adapter.can_edit("bob@example.org")
+    bot.feed(chat("three", sender=bob, stanza_id="b3"))
+    assert stanzas.NS_DISCO_INFO not in bot.written()  # cached per full JID
+    assert bot.sink.texts() == ["one", "two", "three"]
+    stream_reply(bot, "bob@example.org")
+    bodies = re.findall(r"<body>([^<]*)</body>", bot.written())
+    assert bodies[-1] == "Hello there, world" and len(bodies) > 1
+    bot.drop()
+
+
+@pytest.mark.parametrize("answer", ["no-feature", "error", "silence"])
+def test_a_peer_without_corrections_gets_one_final_message(answer):
+    bot = Bot()
+    bot.login()
+    bot.written()
+    carol = "carol@example.org/old-client"
+    bot.feed(chat("hi", sender=carol, stanza_id="c1"))
+    iq_id = disco_request(bot.written(), carol)
+    if answer == "no-feature":
+        bot.feed(disco_result(iq_id, carol, stanzas.NS_DISCO_INFO))
+    elif answer == "error":
+        bot.feed(f"<iq type='error' id='{iq_id}' from='{carol}'><error type='cancel'>"
+                 f"<service-unavailable xmlns='{stanzas.NS_STANZAS}'/></error></iq>")
+    else:
+        bot.clock.advance(xmpp_adapter.DISCO_TIMEOUT)
+    assert bot.sink.texts() == ["hi"]
+    assert bot.adapter._corrections[carol] is False  # asked once, remembered
+    assert not bot.adapter.can_edit("carol@example.org")
+    stream_reply(bot, "carol@example.org")
+    written = bot.written()
+    assert re.findall(r"<body>([^<]*)</body>", written) == ["Hello there, world"]
+    assert stanzas.NS_CORRECT not in written
+    bot.drop()
+
+
+def test_a_dropped_link_releases_held_messages_and_asks_again_later():
+    bot = Bot()
+    bot.login()
+    bot.written()
+    dave = "dave@example.org/pc"
+    bot.feed(chat("hi", sender=dave, stanza_id="d1"))
+    bot.drop()
+    assert bot.sink.texts() == ["hi"]  # not held forever
+    assert not bot.adapter.can_edit("dave@example.org")
+    assert dave not in bot.adapter._corrections  # unknown, not "no"
+    assert bot.clock.getDelayedCalls() == []  # the disco timeout went with the stream
+
+
+def test_rooms_always_stream_by_corrections():
+    assert Bot().adapter.can_edit(ROOM)
 
 
 # -- IQs, outbound, timers -----------------------------------------------------------------------

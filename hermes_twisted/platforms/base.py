@@ -171,6 +171,14 @@ class PlatformAdapter(MultiService):
         """
         return int(self.max_message_length or 0), self.len_fn
 
+    def can_edit(self, chat_id: str) -> bool:
+        """
+        Whether a reply in C{chat_id} may stream by editing one message (asked as each reply
+        starts, with C{supports_edit} true).  One platform has one answer; XMPP asks each
+        peer whether its client shows corrections.
+        """
+        return self.supports_edit
+
     @property
     def status(self) -> str:
         """The operator line of L{platform_status} (the chat C{/status} shows it)."""

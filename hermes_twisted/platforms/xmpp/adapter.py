@@ -61,7 +61,10 @@ RESOURCE = "hermes"
 #: Longest body in UTF-8 bytes; XML escaping can grow it fivefold, and servers cap stanzas
 #: at 64-256 KiB (§4.6).
 MAX_BODY_BYTES = 10000
-_MEMORY = 2048  # sent message ids and seen stanza ids remembered
+_MEMORY = 2048  # sent message ids, seen stanza ids and peers' corrections remembered
+#: Seconds a 1:1 peer has to answer our disco#info before its message is handed on anyway
+#: (and answered without corrections).
+DISCO_TIMEOUT = 5.0
 
 
 def _as_list(value: Any) -> list[str]:
@@ -141,6 +144,8 @@ class XMPPAdapter(PlatformAdapter):
         self._peers: dict[str, str] = {}  # bare JID -> full JID last heard from
         self._sent = _Bounded()  # our message id -> (to, type, chat_id)
         self._seen = _Bounded()  # dedupe keys of handled inbound messages
+        self._corrections = _Bounded()  # full JID -> its client shows XEP-0308 corrections
+        self._disco_waiting: dict[str, list[Deferred]] = {}  # full JID -> held messages
         self._typing: set[str] = set()
         self._keepalive: LoopingCall | None = None
         self._login_timer: Any = None
@@ -600,8 +605,73 @@ class XMPPAdapter(PlatformAdapter):
             raw_message={"from": sender.full(), "type": kind, "body": msg.body},
             metadata={"dedupe_key": f"xmpp:{dedupe}"} if dedupe else {},
         )
-        admitted = self.deliver_inbound(event)
+        # A 1:1 reply streams by corrections only to a client that shows them; the run
+        # decides how to deliver as it starts, so the message waits for the peer's answer.
+        known = self._corrections_known(sender.full()) if kind != "groupchat" else None
+        if known is None:
+            admitted = self.deliver_inbound(event)
+        else:
+            admitted = known.addCallback(lambda _: self.deliver_inbound(event))
         admitted.addErrback(self._delivery_failed, message_id)
+
+    # -- XEP-0308 support of 1:1 peers (XEP-0030) --------------------------------------------
+
+    def _corrections_known(self, full_jid: str) -> Deferred:
+        """
+        Fires with None once we know whether C{full_jid}'s client shows corrections: at once
+        when cached, else after its disco#info answer (or its error, or L{DISCO_TIMEOUT}).
+        Never fails.  Messages from one peer are released in their order of arrival.
+        """
+        if full_jid in self._corrections:
+            self._corrections.move_to_end(full_jid)
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        waiting = self._disco_waiting.get(full_jid)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        xs = self._xs
+        if xs is None:
+            return succeed(None)  # not logged in: nothing to ask with, no correction
+        self._disco_waiting[full_jid] = [waiter]
+        iq = xmlstream.IQ(xs, "get")
+        iq.addElement((stanzas.NS_DISCO_INFO, "query"))
+        iq.timeout = DISCO_TIMEOUT
+        asked = iq.send(to=full_jid)
+        asked.addCallbacks(self._disco_answered, self._disco_failed,
+                           callbackArgs=(full_jid,), errbackArgs=(full_jid,))
+        asked.addBoth(self._release_waiting, full_jid)
+        return waiter
+
+    def _disco_answered(self, result: domish.Element, full_jid: str) -> None:
+        query = stanzas.child(result, stanzas.NS_DISCO_INFO, "query")
+        features = {f.getAttribute("var") for f in query.elements(stanzas.NS_DISCO_INFO,
+                                                                   "feature")} \
+            if query is not None else set()
+        shows = stanzas.NS_CORRECT in features
+        self._corrections.remember(full_jid, shows)
+        self.log.info("XMPP: {jid} {does} show message corrections", jid=full_jid,
+                      does="does" if shows else "does not")
+
+    def _disco_failed(self, failure: Failure, full_jid: str) -> None:
+        if failure.check(error.StanzaError, xmlstream.TimeoutError):
+            # A client that does not answer disco#info is not one to stream corrections to.
+            self._corrections.remember(full_jid, False)
+            self.log.info("XMPP: {jid} did not answer disco#info ({error}); answering it "
+                          "without corrections", jid=full_jid,
+                          error=failure.getErrorMessage() or failure.type.__name__)
+        # The stream went away: ask again on the next message.
+
+    def _release_waiting(self, _: Any, full_jid: str) -> None:
+        for waiter in self._disco_waiting.pop(full_jid, []):
+            waiter.callback(None)
+
+    def can_edit(self, chat_id: str) -> bool:
+        """Rooms: yes.  A 1:1 chat: when the full JID last heard from showed XEP-0308."""
+        kind, to, _ = self._route(chat_id)
+        if kind == "groupchat":
+            return True
+        return bool(self._corrections.get(to, False))
 
     def _on_resumed_stream(self) -> bool:
         # A resumed XEP-0198 session gets no offline storage: what arrives on it with a
