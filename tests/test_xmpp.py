@@ -476,6 +476,22 @@ def test_a_dropped_link_releases_held_messages_and_asks_again_later():
     assert bot.clock.getDelayedCalls() == []  # the disco timeout went with the stream
 
 
+def test_available_once_the_server_reflects_our_presence():
+    # The integration tests wait for this before a user writes: until then a message to
+    # the bot's bare JID bounces.
+    bot = Bot()
+    bot.login()
+    assert not bot.adapter.available
+    bot.feed("<presence from='hermes@example.org/laptop'/>")  # another resource of ours
+    assert not bot.adapter.available
+    bot.feed("<presence from='hermes@example.org/hermes'/>")
+    assert bot.adapter.available
+    bot.drop()
+    bot.login()  # a new session (not resumed) announces itself again
+    assert not bot.adapter.available
+    bot.drop()
+
+
 def test_rooms_always_stream_by_corrections():
     assert Bot().adapter.can_edit(ROOM)
 

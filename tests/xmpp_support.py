@@ -147,8 +147,11 @@ async def start_user(server: Prosody, name: str, *, corrections: bool = True) ->
 
 
 async def connected(adapter: XMPPAdapter, timeout: float = TIMEOUT) -> None:
-    await eventually(lambda: adapter.status == "connected", timeout,
-                     f"the bot to log in (status: {adapter.status})")
+    # Logged in is not enough: until Prosody has taken the bot's presence, a message to its
+    # bare JID bounces (no available resource, no offline storage) -- the flake of tests
+    # whose user wrote the moment the bot was "connected", seen under load.
+    await eventually(lambda: adapter.status == "connected" and adapter.available, timeout,
+                     f"the bot to log in and be available (status: {adapter.status})")
 
 
 async def in_rooms(adapter: XMPPAdapter, timeout: float = TIMEOUT) -> None:

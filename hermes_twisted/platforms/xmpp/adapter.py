@@ -147,6 +147,9 @@ class XMPPAdapter(PlatformAdapter):
         self._corrections = _Bounded()  # full JID -> its client shows XEP-0308 corrections
         self._disco_waiting: dict[str, list[Deferred]] = {}  # full JID -> held messages
         self._typing: set[str] = set()
+        #: The server has taken our available presence (RFC 6121 §4.2.2 reflects it to us):
+        #: from then on a message to our bare JID reaches us instead of bouncing.
+        self.available = False
         self._keepalive: LoopingCall | None = None
         self._login_timer: Any = None
         self._stopping = False
@@ -320,6 +323,7 @@ class XMPPAdapter(PlatformAdapter):
             return
         self.log.info("XMPP logged in as {jid}", jid=xs.authenticator.jid.full())
         self._typing.clear()
+        self.available = False  # a new session: until our presence comes back
         if (NS_SM, "sm") in xs.features:
             enable = domish.Element((NS_SM, "enable"))
             enable["resume"] = "true"
@@ -449,6 +453,10 @@ class XMPPAdapter(PlatformAdapter):
             return
         kind = element.getAttribute("type")
         room = self.rooms.get(sender.userhost())
+        xs = self._connection
+        if xs is not None and sender.full() == xs.authenticator.jid.full():
+            self.available = kind is None
+            return
         if room is None:
             if kind == "subscribe":
                 self._answer_subscription(sender)
