@@ -23,6 +23,7 @@ from hermes_twisted.net.reconnect import SessionBackoff
 from hermes_twisted.platforms.discord.adapter import (
     NO_ANSWER_TEXT,
     REFUSED_TEXT,
+    STOP_BUTTON_ID,
     DiscordAdapter,
 )
 from hermes_twisted.platforms.discord.gateway import intents_for
@@ -302,6 +303,64 @@ async def test_a_replayed_interaction_is_acknowledged_and_run_once():
         assert len(callbacks_posted(fake)) == 1
         assert [t.request.message for t in upstream.turns] == ["once please"]
         assert record["original"]["content"] == "echo: once please"
+
+
+def stop_buttons(message: dict) -> list[str]:
+    return [b["custom_id"] for row in message.get("components") or ()
+            for b in row["components"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stop_button_on_a_streaming_answer_stops_it_and_goes_away():
+    async with discord_gateway(streaming=True, auto_reply=None) as (fake, gateway, adapter,
+                                                                   upstream):
+        fake.user_message(FREE_CHANNEL_ID, ALICE, "write a long story")
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        turn.delta("Once upon a time ")
+        [answer] = await eventually(lambda: fake.sent_messages(FREE_CHANNEL_ID),
+                                    what="the streamed message")
+        turn.delta("there was a bot ")
+        await eventually(lambda: stop_buttons(answer) == [STOP_BUTTON_ID],
+                         what="the stop button")
+        click = fake.click(answer, ALICE, STOP_BUTTON_ID)
+        await eventually(lambda: turn.cancelled, what="the upstream closed")
+        record = fake.interactions[click["token"]]
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the private answer to the click")
+        assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]
+        assert record["original"]["content"] not in (NO_ANSWER_TEXT, REFUSED_TEXT)
+        await eventually(lambda: answer["components"] == [], what="the button removed")
+        assert len(fake.sent_messages(FREE_CHANNEL_ID)) == 1  # nothing public
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_answer_loses_its_stop_button_slash_responses_too():
+    async with discord_gateway(streaming=True, auto_reply=None) as (fake, gateway, adapter,
+                                                                   upstream):
+        fake.user_message(FREE_CHANNEL_ID, ALICE, "a short story")
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        turn.delta("Once upon a time ")
+        [answer] = await eventually(lambda: fake.sent_messages(FREE_CHANNEL_ID),
+                                    what="the streamed message")
+        turn.delta("there was a bot ")
+        await eventually(lambda: stop_buttons(answer), what="the stop button")
+        turn.finish("Once upon a time there was a bot. The end.")
+        await eventually(lambda: answer["content"].endswith("The end."), what="the final text")
+        assert answer["components"] == []
+        interaction = fake.interaction("ask", ALICE, channel_id=FREE_CHANNEL_ID, options=[
+            {"name": "prompt", "type": 3, "value": "another"}])
+        turn = await eventually(lambda: len(upstream.turns) == 2 and upstream.last,
+                                what="the second turn")
+        record = fake.interactions[interaction["token"]]
+        turn.delta("Twice upon a time ")
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the streamed response")
+        turn.delta("there were two bots ")
+        await eventually(lambda: stop_buttons(record["original"]), what="its stop button")
+        turn.finish("Twice upon a time there were two bots.")
+        await eventually(lambda: record["original"]["content"].endswith("two bots."),
+                         what="the final response")
+        assert record["original"]["components"] == []
 
 
 @pytest_twisted.ensureDeferred

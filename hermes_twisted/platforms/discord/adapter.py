@@ -85,6 +85,11 @@ REFUSED_TEXT = "You are not allowed to use the agent here."
 NO_ANSWER_TEXT = "This request ended without an answer."
 DONE_TEXT = "Done."
 UNAVAILABLE_TEXT = "The agent is not available right now; try again later."
+#: The button on a streaming answer: a click is /stop in that channel by the one who clicks.
+STOP_BUTTON_ID = "hermes:stop"
+STOP_BUTTON = [{"type": 1, "components": [
+    {"type": 2, "style": 4, "label": "Stop", "custom_id": STOP_BUTTON_ID}]}]
+MAX_REPLIES_REMEMBERED = 5000
 THREAD_EXISTS = 160004
 MAX_THREADS_REMEMBERED = 5000
 #: An attachment download: this long for the response to start, then for its body.
@@ -165,6 +170,10 @@ class DiscordAdapter(PlatformAdapter):
         self._joined_threads: dict[str, None] = {}
         self._interactions: dict[str, Interaction] = {}
         self._followups: dict[str, str] = {}
+        #: First message of each answer -> the message it answers (for its /stop button).
+        self._answers_to: dict[str, str | None] = {}
+        #: Messages showing a /stop button -> (chat id, the message they answer).
+        self._stop_buttons: dict[str, tuple[str, str | None]] = {}
         self._pending_reactions: dict[str, tuple[str, str]] = {}
         self._ready_waiters: list[Deferred] = []
         self._nonces = itertools.count(1)
@@ -453,6 +462,7 @@ class DiscordAdapter(PlatformAdapter):
                             outcome: str = InboundOutcome.HANDLED) -> None:
         try:
             self._resolve_interaction(event, delivered, outcome)
+            self._remove_stop_buttons(event)
         except Exception:
             self.log.failure("discord: while resolving the response to {message_id}",
                              message_id=event.message_id)
@@ -472,6 +482,17 @@ class DiscordAdapter(PlatformAdapter):
         else:
             text = DONE_TEXT if delivered else NO_ANSWER_TEXT
         self._answer_interaction(record, text)
+
+    def _remove_stop_buttons(self, event: MessageEvent) -> None:
+        # A finished answer edits its button away; one that was stopped or fell back to new
+        # messages still shows it.  The thread's first answer replies to nothing.
+        for message_id, (chat_id, answers) in list(self._stop_buttons.items()):
+            if (answers == event.message_id if event.message_id else
+                    answers is None and chat_id == event.source.chat_id):
+                del self._stop_buttons[message_id]
+                d = self._track(Deferred.fromCoroutine(
+                    self._edit_one(chat_id, message_id, None, components=[])))
+                d.addErrback(self._quiet, "removing a stop button")
 
     def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
         for record in self._interactions.values():
@@ -498,8 +519,14 @@ class DiscordAdapter(PlatformAdapter):
     # -- interactions -------------------------------------------------------------------------
 
     def _interaction(self, data: Any) -> None:
-        if not isinstance(data, dict) or data.get("type") != 2:
+        if not isinstance(data, dict) or data.get("type") not in (2, 3):
             return
+        if data.get("type") == 3:
+            # A message component: our /stop button runs as /stop would, typed there.
+            custom_id = (data.get("data") or {}).get("custom_id")
+            if custom_id != STOP_BUTTON_ID:
+                return
+            data = {**data, "data": {"name": "stop", "type": 1}}
         if str(data.get("id")) in self._interactions:
             # A RESUME replayed it: acknowledged and handed to the gateway already.
             self.log.info("discord: interaction {id} replayed; ignored", id=data.get("id"))
@@ -614,14 +641,16 @@ class DiscordAdapter(PlatformAdapter):
         d = self._track(self._webhook_edit(record, "@original", text))
         d.addErrback(self._quiet, "interaction answer")
 
-    def _webhook_edit(self, record: Interaction, message: str, text: str) -> Deferred:
+    def _webhook_edit(self, record: Interaction, message: str, text: str | None,
+                      components: list[Any] | None = None) -> Deferred:
         # The original response exists once the deferred callback is through: an edit sent
         # beside it (a refusal decided at once) could reach Discord first and find nothing.
         d = self._acknowledged(record) if message == "@original" else succeed(None)
         return d.addCallback(lambda _: self.rest.request(
             "PATCH", "/webhooks/{application_id}/{token}/messages/{message}",
-            major=record.token, json_body={"content": text}, max_wait=EDIT_MAX_WAIT,
-            application_id=record.application_id, token=record.token, message=message))
+            major=record.token, json_body=_edit_body(text, components),
+            max_wait=EDIT_MAX_WAIT, application_id=record.application_id, token=record.token,
+            message=message))
 
     @staticmethod
     def _acknowledged(record: Interaction) -> Deferred:
@@ -698,6 +727,10 @@ class DiscordAdapter(PlatformAdapter):
                     result.message_id = sent[-1]
                     result.continuation_message_ids = tuple(sent[:-1])
                 return result
+            if not sent:
+                self._answers_to[message_id] = reply_to
+                while len(self._answers_to) > MAX_REPLIES_REMEMBERED:
+                    self._answers_to.pop(next(iter(self._answers_to)))
             sent.append(message_id)
         return SendResult(True, message_id=sent[-1], continuation_message_ids=tuple(sent[:-1]))
 
@@ -738,8 +771,15 @@ class DiscordAdapter(PlatformAdapter):
             return SendResult.failed("empty message", kind="unknown")
         chunks = split_message(content)
         first = chunks[0] if finalize else content[:MAX_MESSAGE_LENGTH]
+        # A streaming answer shows a Stop button; its final edit takes it away.
+        components: list[Any] | None = None
+        if not finalize and message_id in self._answers_to:
+            components = STOP_BUTTON
+            self._stop_buttons[message_id] = (chat_id, self._answers_to[message_id])
+        elif finalize and self._stop_buttons.pop(message_id, None) is not None:
+            components = []
         try:
-            await self._edit_one(chat_id, message_id, first)
+            await self._edit_one(chat_id, message_id, first, components=components)
         except CancelledError:
             raise
         except DiscordHTTPError as e:
@@ -763,22 +803,23 @@ class DiscordAdapter(PlatformAdapter):
             sent.append(result.message_id or "")
         return SendResult(True, message_id=sent[-1], continuation_message_ids=tuple(sent[:-1]))
 
-    async def _edit_one(self, chat_id: str, message_id: str, text: str) -> None:
+    async def _edit_one(self, chat_id: str, message_id: str, text: str | None, *,
+                        components: list[Any] | None = None) -> None:
         if message_id.startswith("interaction:"):
             record = self._interactions.get(message_id.split(":", 1)[1])
             if record is None:
                 raise DiscordHTTPError(404, "interaction expired", 10062)
-            await self._webhook_edit(record, "@original", text)
+            await self._webhook_edit(record, "@original", text, components)
             return
         if message_id in self._followups:
             record = self._interactions.get(self._followups[message_id])
             if record is not None:
-                await self._webhook_edit(record, message_id, text)
+                await self._webhook_edit(record, message_id, text, components)
                 return
         await self.rest.request(
             "PATCH", "/channels/{channel_id}/messages/{message_id}", major=chat_id,
-            json_body={"content": text}, max_wait=EDIT_MAX_WAIT, channel_id=chat_id,
-            message_id=message_id)
+            json_body=_edit_body(text, components), max_wait=EDIT_MAX_WAIT,
+            channel_id=chat_id, message_id=message_id)
 
     def send_typing(self, chat_id: str, metadata: dict[str, Any] | None = None) -> Deferred:
         """
@@ -801,6 +842,15 @@ class DiscordAdapter(PlatformAdapter):
         # The contract knows dm/group/channel: a guild channel or thread is a group.
         chat_type = "dm" if kind is None or kind in (DM, GROUP_DM) else "group"
         return succeed({"name": info.get("name") or chat_id, "type": chat_type})
+
+
+def _edit_body(text: str | None, components: list[Any] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if text is not None:
+        body["content"] = text
+    if components is not None:
+        body["components"] = components
+    return body
 
 
 def _flag(value: Any, default: bool) -> bool:
