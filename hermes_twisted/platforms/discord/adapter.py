@@ -771,9 +771,11 @@ class DiscordAdapter(PlatformAdapter):
             return SendResult.failed("empty message", kind="unknown")
         chunks = split_message(content)
         first = chunks[0] if finalize else content[:MAX_MESSAGE_LENGTH]
-        # A streaming answer shows a Stop button; its final edit takes it away.
+        # A streaming answer shows a Stop button from its first edit (later edits leave it:
+        # a PATCH without components keeps them); its final edit takes it away.
         components: list[Any] | None = None
-        if not finalize and message_id in self._answers_to:
+        if (not finalize and message_id in self._answers_to
+                and message_id not in self._stop_buttons):
             components = STOP_BUTTON
             self._stop_buttons[message_id] = (chat_id, self._answers_to[message_id])
         elif finalize and self._stop_buttons.pop(message_id, None) is not None:

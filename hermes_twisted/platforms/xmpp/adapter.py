@@ -653,9 +653,9 @@ class XMPPAdapter(PlatformAdapter):
 
     def _disco_answered(self, result: domish.Element, full_jid: str) -> None:
         query = stanzas.child(result, stanzas.NS_DISCO_INFO, "query")
-        features = {f.getAttribute("var") for f in query.elements(stanzas.NS_DISCO_INFO,
-                                                                   "feature")} \
-            if query is not None else set()
+        features = set() if query is None else {
+            feature.getAttribute("var")
+            for feature in query.elements(stanzas.NS_DISCO_INFO, "feature")}
         shows = stanzas.NS_CORRECT in features
         self._corrections.remember(full_jid, shows)
         self.log.info("XMPP: {jid} {does} show message corrections", jid=full_jid,
@@ -670,7 +670,9 @@ class XMPPAdapter(PlatformAdapter):
                           error=failure.getErrorMessage() or failure.type.__name__)
         # The stream went away: ask again on the next message.
 
-    def _release_waiting(self, _: Any, full_jid: str) -> None:
+    def _release_waiting(self, result: Any, full_jid: str) -> None:
+        if isinstance(result, Failure):  # a bug above; the messages go on regardless
+            self.log.failure("XMPP: while reading {jid}'s disco#info", result, jid=full_jid)
         for waiter in self._disco_waiting.pop(full_jid, []):
             waiter.callback(None)
 
