@@ -16,7 +16,12 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import deferLater
 
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, StreamingSettings
+from hermes_twisted.config.settings import (
+    DisplaySettings,
+    GatewayConfig,
+    PlatformSettings,
+    StreamingSettings,
+)
 from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.net.body import BodyTooLarge
 from hermes_twisted.net.reconnect import SessionBackoff
@@ -56,7 +61,8 @@ def settings_for(fake: FakeDiscord, **extra) -> PlatformSettings:
 
 @contextlib.asynccontextmanager
 async def discord_gateway(*, streaming: bool = False, auto_reply=lambda r: f"echo: {r.message}",
-                          fake: FakeDiscord | None = None, **extra):
+                          fake: FakeDiscord | None = None, busy_input_mode: str = "interrupt",
+                          **extra):
     fake = fake or FakeDiscord(reactor)
     await fake.start()
     fake.add_member(GUILD_ID, ALICE)
@@ -64,7 +70,8 @@ async def discord_gateway(*, streaming: bool = False, auto_reply=lambda r: f"ech
     config = GatewayConfig(
         hermes_home="/nonexistent", db_path=":memory:", platforms={"discord": settings},
         streaming=StreamingSettings(enabled=streaming, transport="edit", edit_interval=0.05,
-                                    buffer_threshold=1))
+                                    buffer_threshold=1),
+        display=DisplaySettings(busy_input_mode=busy_input_mode))
     upstream = MemoryUpstream(clock=reactor, auto_reply=auto_reply)
     gateway = Gateway(config, store=MemoryStore(reactor), upstream=upstream, clock=reactor)
     adapter = DiscordAdapter(settings, reactor=reactor, gateway_config=config,
@@ -286,6 +293,34 @@ async def test_a_slash_ask_stopped_before_any_output_is_resolved_too():
         assert ask_record["original"]["content"] == NO_ANSWER_TEXT
         assert stop_record["original"]["content"] != NO_ANSWER_TEXT  # the /stop reply
         assert not adapter._answering_interaction(FREE_CHANNEL_ID)
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_slash_commands_cleared_by_new_are_all_resolved():
+    async with discord_gateway(auto_reply=None, busy_input_mode="queue") as (
+            fake, gateway, adapter, upstream):
+        def ask(prompt: str) -> dict:
+            sent = fake.interaction("ask", ALICE, channel_id=FREE_CHANNEL_ID, options=[
+                {"name": "prompt", "type": 3, "value": prompt}])
+            return fake.interactions[sent["token"]]
+
+        running = ask("one")
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        acked = ask("two")  # queued, with the busy acknowledgement as its answer
+        await eventually(lambda: acked["original"] and acked["original"].get("edits"),
+                         what="the queue acknowledgement")
+        silent = ask("three")  # queued; the acknowledgement is rate-limited
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not (silent["original"] or {}).get("edits")
+        reset = fake.interaction("new", ALICE, channel_id=FREE_CHANNEL_ID)
+        await eventually(lambda: turn.cancelled, what="the run interrupted")
+        records = [running, acked, silent, fake.interactions[reset["token"]]]
+        await eventually(lambda: all(r["original"] and r["original"].get("edits")
+                                     for r in records), what="every response resolved")
+        assert silent["original"]["content"] == NO_ANSWER_TEXT
+        assert running["original"]["content"] == NO_ANSWER_TEXT  # stopped before output
+        assert not adapter._answering_interaction(FREE_CHANNEL_ID)
+        assert len(upstream.turns) == 1  # the queue was cleared, not run
 
 
 @pytest_twisted.ensureDeferred
