@@ -828,7 +828,7 @@ class FakeDiscord:
             return 404, {"message": "Unknown Channel", "code": 10003}
         body = body or {}
         content = body.get("content") or ""
-        error = self._too_long(content)
+        error = self._too_long(content) or self._bad_components(body)
         if error:
             return error
         if not content and not body.get("embeds"):
@@ -847,6 +847,7 @@ class FakeDiscord:
         message = self.message_object(channel, self.bot, content, kind=kind,
                                       reference=reference)
         message["nonce"] = body.get("nonce")
+        message["components"] = body.get("components") or []
         self.messages[message["id"]] = message
         if self.on_bot_message is not None:
             self.on_bot_message(message)
