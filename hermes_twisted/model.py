@@ -85,6 +85,17 @@ class InterruptReason:
     GATEWAY_RESTART = "Gateway restarting"
 
 
+class InboundOutcome:
+    """
+    How the gateway finished one inbound event, told to its adapter
+    (C{PlatformAdapter.on_inbound_finished}).
+    """
+
+    HANDLED = "handled"  # run, answered as a command, folded, or dropped by the busy policy
+    REFUSED = "refused"  # the sender may not use the agent there (allowlist, pairing)
+    DUPLICATE = "duplicate"  # a redelivery of an event already admitted
+
+
 class MessageType(str, enum.Enum):
     TEXT = "text"
     LOCATION = "location"

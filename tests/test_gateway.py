@@ -42,7 +42,7 @@ from __future__ import annotations
 from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.dispatch import interrupts
 from hermes_twisted.dispatch.gateway import Gateway
-from hermes_twisted.model import MessageEvent, Platform, SessionSource
+from hermes_twisted.model import InboundOutcome, MessageEvent, Platform, SessionSource
 from tests.fakes.gateway_kit import ChatAdapter, Kit
 
 
@@ -437,6 +437,24 @@ def test_on_turn_finished_once_per_inbound_event():
     kit.say("stopped")
     kit.say("/stop")
     assert [f[2] for f in kit.adapter.finished] == [True, True, False, True]
+
+
+def test_on_inbound_finished_names_the_event_and_how_it_ended():
+    # A Discord slash command resolves its private response by event, so the adapter must
+    # learn which event ended and whether it was refused or a redelivery.
+    kit = Kit(allow_all=False, allowed_users=("u1",))
+    ended: list = []
+    kit.adapter.on_inbound_finished = lambda event, key, delivered, outcome: ended.append(
+        (event.text, delivered, outcome))
+    kit.say("/status")
+    kit.say("hello", user_id="stranger")
+    kit.say("first", dedupe_key="k1")
+    kit.upstream.last.finish("answer")
+    kit.say("first", dedupe_key="k1")  # redelivered
+    assert ended == [("/status", True, InboundOutcome.HANDLED),
+                     ("hello", False, InboundOutcome.REFUSED),
+                     ("first", True, InboundOutcome.HANDLED),
+                     ("first", False, InboundOutcome.DUPLICATE)]
 
 
 def test_200_sessions_run_in_parallel():
