@@ -31,15 +31,18 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT)]
 
-import treq  # noqa: E402
+import treq.client  # noqa: E402
 from autobahn.twisted.websocket import (  # noqa: E402
     WebSocketClientFactory,
     WebSocketClientProtocol,
     connectWS,
 )
 from twisted.internet.defer import CancelledError, Deferred  # noqa: E402
+from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
 from twisted.internet.protocol import Protocol  # noqa: E402
-from twisted.web.client import HTTPConnectionPool, _HTTP11ClientFactory  # noqa: E402
+from twisted.web.client import Agent, HTTPConnectionPool, _HTTP11ClientFactory  # noqa: E402
+from twisted.web.iweb import IAgentEndpointFactory  # noqa: E402
+from zope.interface import implementer  # noqa: E402
 
 from hermes_twisted.relay.auth import authorization_headers  # noqa: E402
 from hermes_twisted.relay.wire import encode_frame  # noqa: E402
@@ -51,6 +54,17 @@ class _QuietFactory(_HTTP11ClientFactory):
 
 class QuietPool(HTTPConnectionPool):
     _factory = _QuietFactory
+
+
+@implementer(IAgentEndpointFactory)
+class DirectEndpoints:
+    """The upstream is an IPv4 literal in the bench: dial it without a resolver hop."""
+
+    def __init__(self, reactor: Any) -> None:
+        self.reactor = reactor
+
+    def endpointForURI(self, uri: Any) -> Any:
+        return TCP4ClientEndpoint(self.reactor, uri.host.decode(), uri.port)
 
 
 HEADERS = {b"Content-Type": [b"application/json"], b"Accept": [b"text/event-stream"]}
@@ -120,8 +134,8 @@ class FloorProtocol(WebSocketClientProtocol):
             return
         body = json.dumps({"model": "hermes-agent", "stream": True,
                            "messages": [{"role": "user", "content": text}]}).encode()
-        d = treq.request("POST", self.factory.completions, data=body, headers=HEADERS,
-                         pool=self.factory.pool, unbuffered=True, reactor=self.factory.reactor)
+        d = self.factory.http.request("POST", self.factory.completions, data=body,
+                                      headers=HEADERS, unbuffered=True)
         d.addCallback(self._read)
         d.addCallback(self._reply, chat, platform)
         d.addErrback(lambda f: f.trap(CancelledError))
@@ -166,6 +180,8 @@ def main() -> None:
     # may be reused, so a turn never pays a new TCP connect when one is idle.
     factory.pool = QuietPool(reactor, persistent=True)
     factory.pool.maxPersistentPerHost = 1024
+    factory.http = treq.client.HTTPClient(
+        Agent.usingEndpointFactory(reactor, DirectEndpoints(reactor), pool=factory.pool))
     connectWS(factory)
     reactor.run()
 

@@ -402,10 +402,25 @@ def test_typing_indicator_respects_platform_setting():
     assert kit.adapter.typing == []
 
 
+def test_a_turn_answered_within_the_typing_delay_shows_no_typing():
+    kit = Kit()
+    kit.say("hello")
+    kit.clock.advance(0.4)
+    kit.upstream.last.finish("answer")
+    kit.clock.advance(10)
+    assert "typing" not in kit.adapter.typing
+
+
+def test_typing_starts_at_once_with_no_typing_delay():
+    kit = Kit(typing_delay=0)
+    kit.say("hello")
+    assert kit.adapter.typing == ["typing"]
+
+
 def test_typing_refreshes_during_a_run_and_stops_on_cancel():
     kit = Kit()
     kit.say("hello")
-    kit.clock.pump([2, 2, 2])
+    kit.clock.pump([0.5, 2, 2, 2])  # display.typing_delay, then every typing_interval
     assert kit.adapter.typing == ["typing"] * 4
     kit.say("/stop")
     kit.clock.advance(10)
@@ -487,7 +502,8 @@ def test_typing_of_a_run_gone_stale_stops_at_its_next_tick():
     kit.say("hello")
     kit.gateway.generations.bump(kit.key(), "test")
     kit.clock.pump([2, 2])
-    assert kit.adapter.typing == ["typing", "stop"]
+    # Gone stale before its first tick (display.typing_delay): it never showed typing.
+    assert kit.adapter.typing == ["stop"]
     kit.upstream.last.finish("stale")
 
 

@@ -108,6 +108,7 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
             handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
                                        interval=getattr(adapter, "typing_interval", None)
                                        or gw.config.display.typing_interval,
+                                       delay=gw.config.display.typing_delay,
                                        metadata=thread_metadata(event),
                                        is_current=is_current)
             handle.typing.start()
