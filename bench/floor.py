@@ -182,6 +182,15 @@ def main() -> None:
     factory.pool.maxPersistentPerHost = 1024
     factory.http = treq.client.HTTPClient(
         Agent.usingEndpointFactory(reactor, DirectEndpoints(reactor), pool=factory.pool))
+    if env.get("FLOOR_CPROFILE"):  # for bench/e2e_breakdown.py
+        import cProfile
+
+        profiler = cProfile.Profile()
+        # From 1 s after start-up (the e2e load starts 2 s after the handshake), so imports
+        # and service start-up stay out of the profile.
+        reactor.callWhenRunning(reactor.callLater, 1.0, profiler.enable)
+        reactor.addSystemEventTrigger("before", "shutdown", lambda: (
+            profiler.disable(), profiler.dump_stats(env["FLOOR_CPROFILE"])))
     connectWS(factory)
     reactor.run()
 
