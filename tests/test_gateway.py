@@ -522,3 +522,29 @@ def test_message_while_the_complete_answer_is_being_sent_waits_silently():
     kit.adapter.release_sends()
     assert len(kit.upstream.turns) == 2
     assert kit.store.rows(kit.key())[:2] == [("user", "first"), ("assistant", "first answer")]
+
+
+def test_the_transcript_read_goes_down_with_the_session_touch():
+    # Both reach the store before either answers, so a database store serves them in one
+    # commit instead of two in a row (issue 19: inbound -> upstream request latency).
+    kit = Kit()
+    kit.store.hold("get_or_create")
+    kit.store.hold("load_transcript")
+    kit.say("hello")
+    assert len(kit.store.held["get_or_create"]) == 1
+    assert len(kit.store.held["load_transcript"]) == 1
+    kit.store.held["get_or_create"][0].callback(None)
+    assert not kit.upstream.turns
+    kit.store.held["load_transcript"][0].callback(None)
+    assert kit.upstream.last.request.message.endswith("hello")
+
+
+def test_a_turn_stopped_while_the_session_loads_withdraws_its_transcript_read():
+    kit = Kit()
+    kit.store.hold("get_or_create")
+    kit.store.hold("load_transcript")
+    kit.say("hello")
+    read = kit.store.held["load_transcript"][0]
+    kit.say("/stop")
+    assert read.called  # cancelled, and its CancelledError consumed (no logged error)
+    assert not kit.upstream.turns
