@@ -39,10 +39,14 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
                                                       "hermes_twisted/platforms/",
                                                       "hermes_twisted/model")),
     ("relay frames (autobahn, relay/)", ("autobahn/", "txaio/", "hermes_twisted/relay/",
-                                         "bench/floor.py:onMessage", "_nvx")),
+                                         "floor.py:onMessage", "floor.py:inbound",
+                                         "floor.py:_reply", "_nvx")),
     ("upstream client (treq, twisted.web, upstream/)", ("treq/", "twisted/web/", "hyperlink/",
                                                          "hermes_twisted/upstream/",
-                                                         "hermes_twisted/net/", "idna/")),
+                                                         "hermes_twisted/net/", "idna/",
+                                                         "floor.py:dataReceived",
+                                                         "floor.py:_read", "floor.py:__init__",
+                                                         "floor.py:connectionLost")),
     ("logging", ("twisted/logger/", "string.py", "twisted/python/log")),
     ("metrics (prometheus, ops/)", ("prometheus_client/", "hermes_twisted/ops/")),
     ("Deferreds and coroutines", ("twisted/internet/defer.py", "twisted/python/failure")),
@@ -66,10 +70,14 @@ def part_of(func: tuple[str, int, str]) -> str:
     return "other (builtins, stdlib)"
 
 
-def breakdown(path: str) -> tuple[dict[str, float], float]:
-    """Self seconds per part (JSON charged to its callers), and the profiled total."""
+def breakdown(path: str) -> tuple[dict[str, float], float, dict[str, int]]:
+    """Self seconds per part (JSON charged to its callers), the profiled total, and the
+    function calls per part (which, unlike times, do not depend on the machine's load)."""
     stats: Any = pstats.Stats(path).stats
     parts: dict[str, float] = defaultdict(float)
+    calls: dict[str, int] = defaultdict(int)
+    for func, (_cc, nc, _tt, _ct, _callers) in stats.items():
+        calls[part_of(func)] += nc
     json_funcs = {f for f in stats if any(j in f[0] for j in JSON_ENTRY)}
     for func, (_cc, _nc, tt, _ct, _callers) in stats.items():
         if func in json_funcs or func[2] in ("<method 'poll' of 'select.epoll' objects>",):
@@ -83,7 +91,7 @@ def breakdown(path: str) -> tuple[dict[str, float], float]:
             if caller not in json_funcs:
                 parts[part_of(caller)] += ct
     total = sum(v for k, v in parts.items() if not k.startswith("start-up"))
-    return dict(parts), total
+    return dict(parts), total, dict(calls)
 
 
 def main() -> None:
@@ -96,25 +104,29 @@ def main() -> None:
     args = p.parse_args()
     columns = []
     for i, path in enumerate(args.profiles):
-        parts, total = breakdown(path)
+        parts, total, calls = breakdown(path)
         scale = 1.0
         if args.cpu_ms and i < len(args.cpu_ms):
             scale = args.cpu_ms[i] / 1000 * args.messages / total
-        columns.append((path, parts, total, scale))
+        columns.append((path, parts, total, scale, calls))
     names = [name for name, _ in PARTS] + ["other (builtins, stdlib)"]
-    print("| part | " + " | ".join(f"{c[0]} µs/msg (share)" for c in columns) + " |")
+    n = args.messages
+    print("| part | " + " | ".join(f"{c[0]}: µs/msg (share), calls/msg" for c in columns)
+          + " |")
     print("|---|" + "---|" * len(columns))
     for name in names:
         if name.startswith("start-up"):
             continue
         cells = []
-        for _path, parts, total, scale in columns:
+        for _path, parts, total, scale, calls in columns:
             value = parts.get(name, 0.0)
-            cells.append(f"{value * scale / args.messages * 1e6:.0f} ({value / total:.0%})")
+            cells.append(f"{value * scale / n * 1e6:.0f} ({value / total:.0%}), "
+                         f"{calls.get(name, 0) / n:.0f}")
         print(f"| {name} | " + " | ".join(cells) + " |")
     print("| **total** | " + " | ".join(
-        f"{total * scale / args.messages * 1e6:.0f}" for _p, _parts, total, scale in columns)
-        + " |")
+        f"{total * scale / n * 1e6:.0f}, "
+        f"{sum(v for k, v in calls.items() if not k.startswith('start-up')) / n:.0f}"
+        for _p, _parts, total, scale, calls in columns) + " |")
 
 
 if __name__ == "__main__":
