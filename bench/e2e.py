@@ -273,8 +273,11 @@ async def run_load(reactor: Any, args: argparse.Namespace, load: str) -> dict[st
     relay_url = (await with_timeout(reactor, connector.wait("listening"), 30,
                                     "connector"))["url"]
     home = Path(tempfile.mkdtemp(prefix=f"hermes-e2e-{load}-"))
-    if args.streaming:
-        (home / "config.yaml").write_text("streaming:\n  enabled: true\n")
+    config = "streaming:\n  enabled: true\n" if args.streaming else ""
+    if args.config_yaml and "floor.py" not in args.gateway_cmd:
+        config += args.config_yaml.replace("\\n", "\n") + "\n"
+    if config:
+        (home / "config.yaml").write_text(config)
     logfile = home / "gateway.log"
     cmd = args.gateway_cmd.format(python=shlex.quote(sys.executable), logfile=logfile,
                                   home=home, repo=ROOT, load=load)
@@ -641,6 +644,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --floor: rounds per load (the order alternates each round)")
     p.add_argument("--streaming", action="store_true",
                    help="write streaming.enabled: true to the gateway's config.yaml")
+    p.add_argument("--config-yaml", default="", metavar="YAML",
+                   help="more config.yaml for the gateway (not the floor), \\n for newlines, "
+                        "e.g. 'display:\\n  typing_delay: 0' to measure one feature's cost")
     p.add_argument("--messages", type=int, default=500, help="load a: messages")
     p.add_argument("--chats", type=int, default=50, help="load a: chats")
     p.add_argument("--deltas", type=int, default=20, help="load a: deltas per reply")
