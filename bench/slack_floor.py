@@ -74,7 +74,11 @@ class SlackFloor(Service):
                               unbuffered=True)
         d.addCallback(self._read)
         d.addCallback(self._post, channel)
-        d.addErrback(lambda f: f.trap(CancelledError))
+        d.addErrback(self._failed)
+
+    def _failed(self, failure: Any) -> Any:
+        # The orchestrator stops us right after the last reply, maybe before its response.
+        return None if failure.check(CancelledError) or not self.running else failure
 
     def _read(self, response: Any) -> Deferred[str]:
         reply = SSEReply()
