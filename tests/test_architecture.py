@@ -31,12 +31,15 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "session-keys": frozenset({"model", "config"}),
     # Pairing's files are shared by the daemon (dispatch) and the admin command (cli).
     "pairing": frozenset({"config"}),
+    # The fleet (several processes on one PostgreSQL store) works on the store's database
+    # thread; the gateway calls it, never the other way round (it reports by callbacks).
+    "fleet": frozenset({"model", "config", "net", "sessions"}),
     "dispatch": frozenset({"model", "config", "net", "contract", "delivery", "sessions",
-                           "session-keys", "upstream", "pairing"}),
+                           "session-keys", "upstream", "pairing", "fleet"}),
     # The operations surface observes every layer (metrics, probes, the status page) but
     # sees adapters only through the contract; only the top imports it, so no circle.
     "ops": frozenset({"model", "config", "net", "contract", "sessions", "session-keys",
-                      "upstream", "delivery", "dispatch"}),
+                      "upstream", "delivery", "dispatch", "fleet"}),
     "top": frozenset({"*"}),
 }
 
