@@ -548,3 +548,20 @@ def test_a_turn_stopped_while_the_session_loads_withdraws_its_transcript_read():
     kit.say("/stop")
     assert read.called  # cancelled, and its CancelledError consumed (no logged error)
     assert not kit.upstream.turns
+
+
+def test_a_running_turn_keeps_no_fired_store_read_in_its_frame():
+    # One execute_turn frame lives per open stream: a fired read kept there would hold the
+    # whole transcript for the length of the stream.
+    import gc
+
+    kit = Kit()
+    kit.say("hello")
+    assert kit.upstream.turns  # the turn is running, waiting for the upstream
+    frames = [o.cr_frame for o in gc.get_objects()
+              if type(o).__name__ == "coroutine" and o.cr_code.co_name == "execute_turn"
+              and o.cr_frame is not None]
+    assert frames
+    for frame in frames:
+        assert not {"entry_d", "history_d", "history"} & set(frame.f_locals)
+    kit.upstream.last.finish("answer")

@@ -144,6 +144,8 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
             history = await gw.store.load_transcript(entry.session_id)
         else:
             history = await history_d[1]
+        # Not kept in this frame for the length of the stream: the fired reads hold results.
+        del entry_d, history_d
         if not handle.is_current():
             return
         carried = [{"role": "user", "content": e.text} for e in handle.carried if e.text]
