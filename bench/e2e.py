@@ -13,6 +13,7 @@ trio is started for every load, so each load's idle RSS, ready time and peak RSS
     python bench/e2e.py --load b --streams 100 --hold 6 --interval 2
     python bench/e2e.py --load c --reps 5 --out bench/results/quick.json
     python bench/e2e.py --gateway-cmd 'hermes gateway run'      # another gateway
+    python bench/e2e.py --floor --rounds 3       # us and bench/floor.py, alternating; ratios
 
 Figures (all timestamps on CLOCK_MONOTONIC, which is system-wide on Linux, see
 C{e2e_common.now}):
