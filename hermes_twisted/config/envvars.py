@@ -637,6 +637,9 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               "value (true, all, new, verbose): yes.", "flag", False),
     ConfigKey("display.typing_interval", "Seconds between typing notifications.", "float", 2.0,
               minimum=0.1, ours=True),
+    ConfigKey("display.typing_delay", "Seconds a turn runs before the first typing "
+              "notification; a turn answered sooner shows none. 0: at once.", "float", 0.5,
+              minimum=0, ours=True),
     ConfigKey("display.busy_ack_interval", "Least seconds between two \"still working\" "
               "acknowledgements in one chat.", "float", 30.0, minimum=0, ours=True),
     # adapter tuning (ours)

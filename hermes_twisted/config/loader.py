@@ -261,6 +261,7 @@ def _display(layers: ConfigLayers) -> DisplaySettings:
         busy_input_mode=layers.get("display.busy_input_mode"),
         tool_progress=layers.get("display.tool_progress"),
         typing_interval=layers.get("display.typing_interval"),
+        typing_delay=layers.get("display.typing_delay"),
         busy_ack_interval=layers.get("display.busy_ack_interval"),
         busy_queue_cap=layers.get("display.busy_queue_cap"),
         busy_queue_drop=layers.get("display.busy_queue_drop"),

@@ -43,6 +43,8 @@ class DisplaySettings:
     busy_input_mode: str = "interrupt"  # interrupt | queue | steer | collect
     tool_progress: bool = False
     typing_interval: float = 2.0
+    #: A turn answered sooner than this never shows "typing…" (one request fewer per turn).
+    typing_delay: float = 0.5
     busy_ack_interval: float = 30.0
     busy_queue_cap: int = 20  # messages waiting per session, at most
     busy_queue_drop: str = "old"  # old | new | summarize
