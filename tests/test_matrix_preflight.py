@@ -11,7 +11,7 @@ from twisted.python import usage
 from hermes_twisted import cli, tap
 from hermes_twisted.config.loader import load_config
 from hermes_twisted.platforms.matrix.preflight import WHOAMI_PATH, check_matrix
-from tests.servers.matrix_whoami import WhoamiServer, closed_port
+from tests.servers.matrix_whoami import WhoamiServer, closed_port, self_signed_pem
 
 TOKEN = "syt_preflight_S3CRET_token"
 USER = "@bot:example.org"
@@ -122,6 +122,27 @@ def test_a_homeserver_that_never_answers_is_a_warning_after_the_timeout(homeserv
     check_matrix(config.platforms["matrix"], timeout=0.2, warn=warnings.append)
     assert len(warnings) == 1 and "no answer in time" in warnings[0]
     assert len(server.requests) == 1
+
+
+def test_https_is_verified_and_an_untrusted_certificate_is_only_a_warning(
+        tmp_path, monkeypatch, homeserver, capsys):
+    server = homeserver(200, {"user_id": USER}, certfile=self_signed_pem(str(tmp_path / "hs.pem")))
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    options = parse(tmp_path, monkeypatch, matrix_env(server.url))
+    assert options.gateway_config is not None
+    err = capsys.readouterr().err
+    assert "WARNING" in err and "CERTIFICATE_VERIFY_FAILED" in err
+    assert server.requests == []  # the token was never sent to the unverified server
+
+
+def test_https_trusts_what_ssl_cert_file_names(tmp_path, monkeypatch, homeserver):
+    pem = self_signed_pem(str(tmp_path / "hs.pem"))
+    server = homeserver(200, {"user_id": USER}, certfile=pem)
+    monkeypatch.setenv("SSL_CERT_FILE", pem)
+    with pytest.raises(usage.UsageError, match="MATRIX_DEVICE_ID"):
+        parse(tmp_path, monkeypatch, matrix_env(server.url))
+    assert server.requests == [(WHOAMI_PATH, f"Bearer {TOKEN}")]
 
 
 @pytest.mark.parametrize("env", [
