@@ -44,14 +44,18 @@ def _environ(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, 
 
 
 def check_config(args: argparse.Namespace, environ: Mapping[str, str], out: TextIO) -> int:
-    """Load and validate the configuration exactly as the daemon does at start."""
+    """
+    Load and validate the configuration exactly as the daemon does at start, including the
+    platforms' pre-flight checks that ask their server (Matrix's whoami).
+    """
     from hermes_twisted.config.loader import ConfigError, load_config
-    from hermes_twisted.tap import describe
+    from hermes_twisted.tap import check_platforms, describe
 
     if args.config and not os.path.isfile(args.config):
         raise UsageError(f"--config: no such file: {args.config}")
     try:
         config = load_config(args.config, _environ(args, environ))
+        check_platforms(config)
     except ConfigError as e:
         raise UsageError(f"configuration error: {e}") from None
     out.write(f"configuration OK: {describe(config)}\n")
@@ -62,8 +66,9 @@ def register_check_config(commands: Any) -> None:
     check = commands.add_parser(
         "check-config", help="validate the configuration as the daemon would, and exit",
         description="Load config.yaml, $HERMES_HOME/.env and the environment exactly as "
-                    "'twistd hermes-gateway' does; print one summary line, or the usage error "
-                    "naming the key (exit 2).")
+                    "'twistd hermes-gateway' does, with the same start-time checks (Matrix with "
+                    "encryption and a token asks the homeserver for the token's device); print "
+                    "one summary line, or the usage error naming the key (exit 2).")
     check.add_argument("--config", "-c", help="YAML configuration file "
                        "(default: $HERMES_HOME/config.yaml when it exists)")
     check.add_argument("--hermes-home", help="Hermes home (default: $HERMES_HOME, else ~/.hermes)")

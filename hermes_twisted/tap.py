@@ -76,6 +76,10 @@ class Options(usage.Options):
             raise usage.UsageError(f"cannot create {config.hermes_home}: {e.strerror}")
         except StoreError as e:
             raise usage.UsageError(f"session store: {e}")
+        try:
+            check_platforms(config)
+        except ConfigError as e:
+            raise usage.UsageError(f"configuration error: {e}")
         self.gateway_config = config
 
 
@@ -107,6 +111,20 @@ def check_store(config: Any) -> None:
         from hermes_twisted.sessions.sqlite import check_database
 
         check_database(config.db_path)
+
+
+def check_platforms(config: Any) -> None:
+    """
+    The pre-flight checks of the enabled platforms that need an answer from their server (a
+    blocking request each, before the reactor runs): today Matrix's whoami, when encryption
+    needs the access token's device.  Raises L{ConfigError} naming the key; a server that
+    does not answer is a warning on stderr, and the platform checks again when it connects.
+    """
+    for settings in config.enabled_platforms():
+        if settings.name == "matrix":
+            from hermes_twisted.platforms.matrix.preflight import check_matrix
+
+            check_matrix(settings)
 
 
 def make_store(config: Any, reactor: Any) -> Any:

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from tests.daemon import ROOT, Daemon, clean_env, run_twistd
+from tests.servers.matrix_whoami import WhoamiServer, closed_port
 
 pytestmark = pytest.mark.integration
 
@@ -90,3 +91,47 @@ def test_a_matrix_setting_that_cannot_work_stops_twistd_naming_the_key(tmp_path,
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert check.returncode == 2, check.stdout + check.stderr
     assert named in check.stderr and "Traceback" not in check.stderr
+
+
+PREFLIGHT_TOKEN = "syt_preflight_S3CRET_token"
+
+
+@pytest.mark.parametrize("status, body, named", [
+    (200, {"user_id": "@bot:example.org"}, "MATRIX_DEVICE_ID: encryption needs this device's id"),
+    (401, {"errcode": "M_UNKNOWN_TOKEN", "error": "Invalid access token passed."},
+     "MATRIX_ACCESS_TOKEN: the homeserver rejected the access token (M_UNKNOWN_TOKEN)"),
+])
+def test_a_matrix_token_the_homeserver_says_cannot_work_stops_twistd(tmp_path, status, body,
+                                                                      named):
+    server = WhoamiServer(status, body).start()
+    try:
+        env = clean_env(tmp_path, MATRIX_HOMESERVER=server.url,
+                        MATRIX_ACCESS_TOKEN=PREFLIGHT_TOKEN, MATRIX_ENCRYPTION="true")
+        result = run_twistd(tmp_path, env, [])
+    finally:
+        server.stop()
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output  # twistd's exit status for a usage error
+    assert named in output
+    assert "Traceback" not in output and PREFLIGHT_TOKEN not in output
+    assert len(server.requests) == 1
+    assert not (tmp_path / "gateway.log").exists() or "started" not in (
+        tmp_path / "gateway.log").read_text()
+
+
+def test_an_unreachable_matrix_homeserver_warns_and_the_daemon_starts(tmp_path):
+    env = clean_env(tmp_path, MATRIX_HOMESERVER=f"http://127.0.0.1:{closed_port()}",
+                    MATRIX_ACCESS_TOKEN=PREFLIGHT_TOKEN, MATRIX_ENCRYPTION="true")
+    daemon = Daemon(tmp_path, env)
+    try:
+        daemon.wait_for_log("hermes-gateway started")
+        # The runtime path is still in charge: the adapter keeps trying the homeserver.
+        daemon.wait_for_log("Matrix homeserver unreachable")
+        daemon.terminate(timeout=5.0)
+        output = daemon.proc.stdout.read().decode(errors="replace")
+    finally:
+        daemon.kill()
+    warnings = [line for line in output.splitlines() if "WARNING" in line]
+    assert len(warnings) == 1, output
+    assert warnings[0].startswith("hermes-gateway: WARNING: Matrix: could not ask ")
+    assert PREFLIGHT_TOKEN not in output + daemon.log()

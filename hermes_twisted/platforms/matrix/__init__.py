@@ -11,5 +11,6 @@ encryption on vodozemac.
   backup.py       server-side key backup and the recovery key
   crosssigning.py the account's cross-signing identity and the device's signature
   attachments.py  encrypted attachments (AES-CTR, SHA-256)
+  preflight.py    the start-time whoami check (blocking, before the reactor runs)
   encoding.py     canonical JSON and unpadded base64
 """

@@ -1,0 +1,103 @@
+"""
+A homeserver that only answers C{GET /_matrix/client/v3/account/whoami}, the way it is told
+to: a real HTTP server on 127.0.0.1 (the standard library's, in a thread), for the start-time
+Matrix pre-flight, which runs before any reactor does.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+class WhoamiServer:
+    """
+    Answers whoami with C{status} and the JSON C{body}; with C{hang} it accepts the request
+    and never answers (until L{stop}); with C{certfile} (a PEM of certificate and key) it
+    speaks HTTPS.  C{requests} records (path, Authorization header).
+    """
+
+    def __init__(self, status: int = 200, body: Any = None, *, hang: bool = False,
+                 certfile: str | None = None) -> None:
+        self.status, self.body, self.hang = status, body, hang
+        self.requests: list[tuple[str, str | None]] = []
+        self._release = threading.Event()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                server.requests.append((self.path, self.headers.get("Authorization")))
+                if server.hang:
+                    server._release.wait(30)
+                    return
+                payload = json.dumps(server.body).encode() if server.body is not None else b""
+                self.send_response(server.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args: Any) -> None:
+                pass  # quiet: pytest shows stderr of failing tests
+
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._httpd.daemon_threads = True
+        scheme = "http"
+        if certfile:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(certfile)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
+                                        daemon=True)
+
+    def start(self) -> WhoamiServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        self._thread.join(10)
+
+
+def closed_port() -> int:
+    """A 127.0.0.1 port nothing listens on (bound, then closed): an unreachable homeserver."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def self_signed_pem(path: str) -> str:
+    """Write a certificate for 127.0.0.1 (and its key) that no system trusts; returns path."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.SubjectAlternativeName(
+                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+            .sign(key, hashes.SHA256()))
+    with open(path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption()))
+    return path
