@@ -31,12 +31,15 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "session-keys": frozenset({"model", "config"}),
     # Pairing's files are shared by the daemon (dispatch) and the admin command (cli).
     "pairing": frozenset({"config"}),
+    # The fleet coordinates instances through the store's database; identity leases start
+    # and stop adapters, which it sees only through the contract.
+    "fleet": frozenset({"model", "config", "sessions", "session-keys", "contract"}),
     "dispatch": frozenset({"model", "config", "net", "contract", "delivery", "sessions",
-                           "session-keys", "upstream", "pairing"}),
+                           "session-keys", "upstream", "pairing", "fleet"}),
     # The operations surface observes every layer (metrics, probes, the status page) but
     # sees adapters only through the contract; only the top imports it, so no circle.
     "ops": frozenset({"model", "config", "net", "contract", "sessions", "session-keys",
-                      "upstream", "delivery", "dispatch"}),
+                      "upstream", "delivery", "dispatch", "fleet"}),
     "top": frozenset({"*"}),
 }
 

@@ -155,6 +155,8 @@ def sample(var):
     if var.type == "int":
         low = int(var.minimum or 0)
         return str(low + 1 if var.default != low + 1 else low + 2)
+    if var.type == "float":
+        return str(float(var.minimum or 0) + 1.5)
     if var.type == "enum":
         return next(c for c in var.choices if c != var.default)
     return {

@@ -136,6 +136,14 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "This process's name in a fleet sharing one PostgreSQL store (default: host name "
          "and pid).", "Gateway instance id", yaml_key="gateway.instance_id", advanced=True,
          ours=True),
+    _var("GATEWAY_IDENTITY_LEASE_TTL",
+         "Seconds a fleet instance holds the identity lease of a single-owner platform (IRC "
+         "nick, Matrix device, Telegram poller, mailbox, XMPP JID, Discord bot) without "
+         "renewing it; renewed every third of it, and the holder disconnects by itself after "
+         "two thirds without a renewal. A standby takes over within about this time after a "
+         "crash. Only with GATEWAY_DATABASE_URL.", "Identity lease TTL (seconds)",
+         category="setting", type="float", default=15.0, minimum=1,
+         yaml_key="gateway.identity_lease_ttl", advanced=True, ours=True),
     # -- proxy mode (proxy.md 1.1, 4) -----------------------------------------------------
     _var("GATEWAY_PROXY_URL",
          "URL of a remote Hermes API server to forward messages to. The gateway then does "
@@ -803,7 +811,7 @@ in its block (`platforms.api_server.port` or `gateway.api_server.port`), as Herm
 
 _GROUPS = [
     ("Daemon", lambda v: v.name in ("HERMES_HOME", "HERMES_GATEWAY_DB", "GATEWAY_DATABASE_URL",
-                                    "GATEWAY_INSTANCE_ID")),
+                                    "GATEWAY_INSTANCE_ID", "GATEWAY_IDENTITY_LEASE_TTL")),
     ("Proxy mode (the remote Hermes API server)",
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_") or v.name == "HERMES_SCALE_TO_ZERO"),

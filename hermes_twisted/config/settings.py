@@ -141,6 +141,8 @@ class GatewayConfig:
     database_url: str | None = None
     #: This process's name in a fleet (GATEWAY_INSTANCE_ID; default host name and pid).
     instance_id: str = ""
+    #: Seconds of a single-owner platform's identity lease (GATEWAY_IDENTITY_LEASE_TTL).
+    identity_lease_ttl: float = 15.0
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     platforms: Mapping[str, PlatformSettings] = field(default_factory=_frozen)
