@@ -232,10 +232,15 @@ async def test_check_and_open_refuse_a_newer_schema(db):
     await s.open()
     await s.close()
     if isinstance(db, PostgresLocation):
+        from hermes_twisted.sessions import postgres
+
+        # The two stores number their schemas independently.
+        newer = postgres.SCHEMA_VERSION + 1
         query(db, "UPDATE store_version SET version = version + 1")
     else:
-        query(db, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}.*newer"):
+        newer = SCHEMA_VERSION + 1
+        query(db, f"PRAGMA user_version = {newer}")
+    with pytest.raises(StoreError, match=f"schema version {newer}.*newer"):
         check_store(db)
     with pytest.raises(StoreError, match="newer"):
         await make_store(db).open()
