@@ -220,6 +220,7 @@ class PostgresSessionStore(DatabaseSessionStore):
     """
 
     _inbound_order = "seq"
+    _shared = True
 
     def __init__(self, url: str, *, instance_id: str = "", **kwargs: Any) -> None:
         name = f"hermes-gateway {instance_id}".strip()[:63]
