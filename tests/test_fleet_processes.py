@@ -37,6 +37,7 @@ def upstream():
 
 @pytest.fixture
 def irc_server(tmp_path):
+    (tmp_path / "irc").mkdir()
     try:
         server = start_miniircd(tmp_path / "irc")
     except RuntimeError as e:
@@ -183,6 +184,7 @@ async def test_postgresql_restarted_under_load_instances_self_fence_and_carry_on
                             what="turns after the restart")
     finally:
         load.stop()
+    print(f"PostgreSQL restart under load: {load.ok} turns answered, {load.failed} refused")
     assert any("self-fencing" in i.log() for i in fleet if i.name == holder)
     assert await deferToThread(irc_nick_present, irc_server.port, NICK)
     for instance in fleet:
@@ -196,20 +198,20 @@ class _Load(threading.Thread):
         super().__init__(daemon=True)
         self.fleet = fleet
         self.ok = self.failed = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self):
         n = 0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             instance = self.fleet[n % len(self.fleet.instances)]
             try:
                 instance.chat(f"load {n}", f"load-{n % 5}", timeout=20)
                 self.ok += 1
             except Exception:
                 self.failed += 1
-                self._stop.wait(0.2)
+                self._halt.wait(0.2)
             n += 1
 
     def stop(self):
-        self._stop.set()
+        self._halt.set()
         self.join(30)
