@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import time
@@ -193,7 +194,8 @@ class Fleet:
 
 def irc_nick_present(port: int, nick: str, timeout: float = 5.0) -> bool:
     """Ask the IRC server (C{ISON}) whether C{nick} is connected, as a separate client."""
-    probe = f"probe{os.getpid() % 10000}{int(time.monotonic() * 1000) % 10000}"
+    # Short: ngircd allows 9 characters by default.
+    probe = f"p{random.randrange(10**7):07d}"
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         s.sendall(f"NICK {probe}\r\nUSER {probe} 0 * :probe\r\n".encode())
         buffer = b""
