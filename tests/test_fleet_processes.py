@@ -108,6 +108,29 @@ async def test_an_irc_identity_is_held_once_and_fails_over_after_sigkill(
     await deferToThread(_still_one_holder, fleet, 2 * TTL)
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_irc_holder_is_replaced_and_disconnects_when_it_wakes(
+        postgres_url, fleet_of, irc_server):
+    fleet = fleet_of(postgres_url, irc=irc_server, nick=NICK)
+    await deferToThread(fleet.start)
+    await deferToThread(wait_until, lambda: len(fleet.holders("irc")) == 1, 30,
+                        what="one IRC holder")
+    (holder,) = fleet.holders("irc")
+    frozen = next(i for i in fleet if i.name == holder)
+    frozen.pause()  # its connection (and nick) stay open on the server
+    await deferToThread(wait_until, lambda: len(fleet.holders("irc")) == 1, TTL + 10,
+                        what="a standby took over")
+    (successor,) = fleet.holders("irc")
+    assert successor != holder
+    frozen.resume()
+    # Awake, it finds its lease gone (or its renewal overdue) and disconnects by itself.
+    await deferToThread(wait_until, lambda: frozen.platform_state("irc") == "dormant", 10,
+                        what="the woken holder stood down")
+    assert "self-fencing" in frozen.log()
+    assert fleet.holders("irc") == [successor]
+    await deferToThread(_still_one_holder, fleet, TTL)
+
+
 def _still_one_holder(fleet, seconds):
     import time
 

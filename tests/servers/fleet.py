@@ -62,6 +62,8 @@ class Instance:
         self.api_port = api_port
         self.ops_port = ops_port
         self.daemon: Daemon | None = None
+        #: SIGSTOPped: its ops listener cannot answer, so nobody asks it.
+        self.paused = False
 
     @property
     def pid(self) -> int:
@@ -93,9 +95,11 @@ class Instance:
 
     def pause(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
+        self.paused = True
 
     def resume(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
+        self.paused = False
 
     def stop(self, timeout: float = 30.0) -> None:
         if self.alive:
@@ -186,7 +190,7 @@ class Fleet:
     def holders(self, platform: str) -> list[str]:
         """Names of the live instances on which C{platform} is connected."""
         return [i.name for i in self.instances
-                if i.alive and i.platform_state(platform) == "connected"]
+                if i.alive and not i.paused and i.platform_state(platform) == "connected"]
 
     def logs(self) -> str:
         return "\n".join(f"===== {i.name}\n{i.log()[-6000:]}" for i in self.instances)
