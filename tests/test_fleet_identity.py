@@ -335,3 +335,65 @@ def test_with_postgresql_single_owner_platforms_are_gated_and_multi_ingress_ones
 def test_with_sqlite_every_platform_runs_as_before(tmp_path):
     names = [s.name for s in wired(tmp_path)]
     assert "platform.irc" in names and not any(n.startswith("fleet.") for n in names)
+
+
+# -- the adapters' identities and cursors ------------------------------------------------------
+
+
+def adapter_of(name, token=None, **extra):
+    from hermes_twisted.platforms import adapter_class
+
+    settings = PlatformSettings(name=name, enabled=True, token=token, extra=extra)
+    return adapter_class(name)(settings, reactor=Clock())
+
+
+def test_single_owner_platforms_name_an_identity_without_their_secret():
+    telegram = adapter_of("telegram", token="123456:telegram-secret")
+    discord = adapter_of("discord", token="discord-secret-token")
+    irc = adapter_of("irc", server="IRC.example", port=6697, nickname="Hermes",
+                     server_password="irc-secret")
+    email = adapter_of("email", address="Bot@Example.org", imap_host="imap.example.org",
+                       password="mail-secret")
+    for adapter, secret in ((telegram, "telegram-secret"), (discord, "discord-secret"),
+                            (irc, "irc-secret"), (email, "mail-secret")):
+        identity = adapter.fleet_identity()
+        assert identity and secret not in identity
+    assert irc.fleet_identity() == "irc.example:6697:hermes"
+    assert email.fleet_identity() == "imap.example.org:bot@example.org"
+    # The same bot configured on two instances is the same identity.
+    assert telegram.fleet_identity() == \
+        adapter_of("telegram", token="123456:telegram-secret").fleet_identity()
+
+
+def test_multi_ingress_platforms_run_everywhere():
+    api = adapter_of("api_server", key="0123456789abcdef-key")
+    assert api.fleet_identity() is None
+
+
+def test_telegram_resumes_from_the_fleets_offset_never_backwards():
+    telegram = adapter_of("telegram", token="123456:x")
+    assert telegram.resume_cursor() is None
+    telegram.restore_cursor({"offset": 42})
+    assert telegram.offset == 42 and telegram.resume_cursor() == {"offset": 42}
+    telegram.restore_cursor({"offset": 40})
+    assert telegram.offset == 42
+
+
+def test_matrix_prefers_the_fleets_next_batch_over_its_own_file():
+    matrix = adapter_of("matrix", homeserver="https://hs.example", user_id="@bot:hs.example",
+                        access_token="syt_secret", device_id="DEV")
+    assert "syt_secret" not in matrix.fleet_identity()
+    assert matrix._resume_from("s-file") == "s-file"
+    matrix.restore_cursor({"next_batch": "s-fleet"})
+    assert matrix._resume_from("s-file") == "s-fleet"
+
+
+def test_email_resumes_from_the_further_cursor_of_the_same_mailbox():
+    from hermes_twisted.platforms.email.adapter import newer_cursor
+    from hermes_twisted.platforms.email.cursor import Cursor
+
+    assert newer_cursor(None, Cursor(7, 10)) == Cursor(7, 10)
+    assert newer_cursor(Cursor(7, 12), Cursor(7, 10)) == Cursor(7, 12)
+    assert newer_cursor(Cursor(7, 9), Cursor(7, 10)) == Cursor(7, 10)
+    assert newer_cursor(Cursor(6, 99), Cursor(7, 10)) == Cursor(7, 10)  # mailbox rebuilt
+    assert newer_cursor(Cursor(7, 9), None) == Cursor(7, 9)
