@@ -9,6 +9,7 @@ The packages, in the order a message flows through them:
   upstream/    the Hermes API server a turn runs on (proxy mode, SSE)
   delivery/    streamed answers into chat messages: consumer, layout, pacing, splitting
   sessions/    session keys and the durable store
+  fleet/       several processes on one PostgreSQL store: leases, fencing, the shared inbox
 
 and below them all: config/ (the frozen settings), net/ (HTTP and reconnect plumbing) and
 model.py (the platform-neutral message model).  At the top: tap.py (the twistd command

@@ -124,6 +124,23 @@ def make_store(config: Any, reactor: Any) -> Any:
     return SQLiteSessionStore(config.db_path, reactor=reactor, reset_policy_for=policy_for)
 
 
+def make_fleet(config: Any, store: Any, reactor: Any) -> Any:
+    """
+    With a PostgreSQL store, this process's L{FleetMember} (with its LISTEN connection as a
+    child service); None with the embedded SQLite store, which runs alone.
+    """
+    if not config.database_url:
+        return None
+    from hermes_twisted.fleet.bus import FleetBus
+    from hermes_twisted.fleet.member import FleetMember
+
+    member = FleetMember(store, config.fleet, instance_id=config.instance_id, clock=reactor)
+    FleetBus(config.database_url, reactor=reactor, on_message=member.on_message,
+             on_connected=member.on_bus_connected,
+             application_name=f"hermes-bus {config.instance_id}").setServiceParent(member)
+    return member
+
+
 def makeService(options: Options, reactor: Any = None):
     """Build the service tree from validated options; no I/O happens here."""
     if reactor is None:
@@ -174,6 +191,11 @@ def build_service(config: Any, reactor: Any):
     store_service = StoreService(store)
     store_service.setName("sessions")
     store_service.setServiceParent(top)
+    fleet = make_fleet(config, store, reactor)
+    if fleet is not None:
+        fleet.observer = metrics
+        # After the store: it stops (releasing its leases) before the store closes.
+        fleet.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
     leases = None
@@ -185,7 +207,7 @@ def build_service(config: Any, reactor: Any):
         leases.setServiceParent(top)
     gateway = Gateway(config, store=store,
                       upstream=MeteredUpstream(upstream, metrics, reactor, ops.upstream_outcome),
-                      clock=reactor, observer=metrics,
+                      clock=reactor, observer=metrics, fleet=fleet,
                       pairing=PairingGate(PairingStore(config.hermes_home), reactor=reactor))
     ops.gateway = gateway
     for settings in config.enabled_platforms():
@@ -206,7 +228,7 @@ def build_service(config: Any, reactor: Any):
             # A single-owner platform in a fleet: connected only while this instance holds
             # its identity lease; dormant (standby) otherwise.
             IdentityGate(adapter, leases, identity=identity, clock=reactor,
-                         timing=LeaseTiming(config.identity_lease_ttl)).setServiceParent(top)
+                         timing=LeaseTiming(config.fleet.identity_lease_ttl)).setServiceParent(top)
     gateway.setServiceParent(top)
     # Last child: started means everything started; stopping it is the first step of shutdown.
     LifecycleMarker(ops, notifier).setServiceParent(top)

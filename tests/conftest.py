@@ -11,7 +11,7 @@ from twisted.logger import globalLogPublisher
 
 # Real-server fixtures (session-scoped, started on first use, bound to 127.0.0.1).
 pytest_plugins = ["tests.servers.synapse", "tests.servers.postgres", "tests.servers.dovecot",
-                  "tests.store_support"]
+                  "tests.store_support", "tests.fleet_support"]
 
 
 @pytest.fixture(autouse=True)

@@ -31,9 +31,10 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "session-keys": frozenset({"model", "config"}),
     # Pairing's files are shared by the daemon (dispatch) and the admin command (cli).
     "pairing": frozenset({"config"}),
-    # The fleet coordinates instances through the store's database; identity leases start
-    # and stop adapters, which it sees only through the contract.
-    "fleet": frozenset({"model", "config", "sessions", "session-keys", "contract"}),
+    # The fleet (several processes on one PostgreSQL store) works on the store's database
+    # thread; the gateway calls it, never the other way round (it reports by callbacks).
+    # Identity leases start and stop adapters, which it sees only through the contract.
+    "fleet": frozenset({"model", "config", "net", "sessions", "contract"}),
     "dispatch": frozenset({"model", "config", "net", "contract", "delivery", "sessions",
                            "session-keys", "upstream", "pairing", "fleet"}),
     # The operations surface observes every layer (metrics, probes, the status page) but

@@ -156,7 +156,8 @@ def sample(var):
         low = int(var.minimum or 0)
         return str(low + 1 if var.default != low + 1 else low + 2)
     if var.type == "float":
-        return str(float(var.minimum or 0) + 1.5)
+        # Near the default, so settings checked against one another stay consistent.
+        return str(float(var.default) * 1.2 if var.default else float(var.minimum or 0) + 1.5)
     if var.type == "enum":
         return next(c for c in var.choices if c != var.default)
     return {

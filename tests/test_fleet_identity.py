@@ -323,7 +323,7 @@ def wired(tmp_path, **env):
 def test_with_postgresql_single_owner_platforms_are_gated_and_multi_ingress_ones_are_not(
         tmp_path):
     top = wired(tmp_path, GATEWAY_DATABASE_URL="postgresql://gw@db.example/hermes",
-                GATEWAY_IDENTITY_LEASE_TTL="6")
+                GATEWAY_FLEET_IDENTITY_LEASE_TTL="6")
     names = [s.name for s in top]
     assert "fleet.identity.irc" in names and "platform.irc" not in names
     assert "platform.api_server" in names

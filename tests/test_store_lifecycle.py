@@ -234,7 +234,7 @@ async def test_check_and_open_refuse_a_newer_schema(db):
     if isinstance(db, PostgresLocation):
         from hermes_twisted.sessions import postgres
 
-        # The two stores number their schemas independently.
+        # The PostgreSQL schema has steps of its own (the fleet's), so its own number.
         newer = postgres.SCHEMA_VERSION + 1
         query(db, "UPDATE store_version SET version = version + 1")
     else:

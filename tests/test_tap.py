@@ -138,6 +138,21 @@ def test_a_database_url_selects_the_postgresql_store(tmp_path, monkeypatch, post
     store = top.getServiceNamed("sessions").store
     assert isinstance(store, PostgresSessionStore)
     assert "as gw-a" in tap.describe(options.gateway_config)
+    # The fleet member starts after the store (so it stops before it), with its bus, and
+    # the gateway calls it.
+    names = [service.name for service in top]
+    assert names.index("fleet") == names.index("sessions") + 1
+    fleet = top.getServiceNamed("fleet")
+    assert fleet.me == "gw-a" and fleet.store is store
+    assert fleet.getServiceNamed("fleet.bus") is not None
+    assert top.getServiceNamed("gateway").fleet is fleet
+
+
+def test_the_sqlite_store_runs_without_a_fleet(tmp_path, monkeypatch):
+    options = parse([], tmp_path, monkeypatch, {"GATEWAY_PROXY_URL": "http://agent:8642"})
+    top = tap.makeService(options, reactor=MemoryReactorClock())
+    assert "fleet" not in [service.name for service in top]
+    assert top.getServiceNamed("gateway").fleet is None
 
 
 def test_an_unreachable_database_is_a_usage_error_without_the_password(tmp_path, monkeypatch):

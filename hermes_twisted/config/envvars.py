@@ -136,14 +136,43 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "This process's name in a fleet sharing one PostgreSQL store (default: host name "
          "and pid).", "Gateway instance id", yaml_key="gateway.instance_id", advanced=True,
          ours=True),
-    _var("GATEWAY_IDENTITY_LEASE_TTL",
+    _var("GATEWAY_FLEET_LEASE_TTL",
+         "Seconds a session lease lasts without renewal, timed by the PostgreSQL server's "
+         "clock: a crashed instance's sessions are taken over after at most this long. Must "
+         "exceed GATEWAY_FLEET_SELF_FENCE_AFTER.", "Fleet session lease TTL (seconds)",
+         category="setting", type="float", yaml_key="gateway.fleet.lease_ttl", default=15.0,
+         minimum=0.1, advanced=True, ours=True),
+    _var("GATEWAY_FLEET_LEASE_RENEW",
+         "Seconds between renewals of this instance's session leases and inbox claims.",
+         "Fleet lease renewal interval (seconds)", category="setting", type="float",
+         yaml_key="gateway.fleet.lease_renew", default=5.0, minimum=0.1, advanced=True,
+         ours=True),
+    _var("GATEWAY_FLEET_SELF_FENCE_AFTER",
+         "Seconds without a successful renewal (PostgreSQL unreachable) after which an "
+         "instance cancels its own runs: it stops before another instance can take over. "
+         "Must exceed GATEWAY_FLEET_LEASE_RENEW.", "Fleet self-fence deadline (seconds)",
+         category="setting", type="float", yaml_key="gateway.fleet.self_fence_after",
+         default=10.0, minimum=0.1, advanced=True, ours=True),
+    _var("GATEWAY_FLEET_SAFETY_POLL",
+         "Seconds between re-reads of the generations of this instance's running sessions, "
+         "so a /stop whose notification was lost still cancels the run.",
+         "Fleet safety poll (seconds)", category="setting", type="float",
+         yaml_key="gateway.fleet.safety_poll", default=2.0, minimum=0.05, advanced=True,
+         ours=True),
+    _var("GATEWAY_FLEET_CLAIM_TTL",
+         "Seconds an inbox claim lasts without renewal: a message claimed by an instance "
+         "that died is run by another one after this long.", "Fleet inbox claim TTL (seconds)",
+         category="setting", type="float", yaml_key="gateway.fleet.claim_ttl", default=30.0,
+         minimum=1, advanced=True, ours=True),
+    _var("GATEWAY_FLEET_IDENTITY_LEASE_TTL",
          "Seconds a fleet instance holds the identity lease of a single-owner platform (IRC "
          "nick, Matrix device, Telegram poller, mailbox, XMPP JID, Discord bot) without "
-         "renewing it; renewed every third of it, and the holder disconnects by itself after "
-         "two thirds without a renewal. A standby takes over within about this time after a "
-         "crash. Only with GATEWAY_DATABASE_URL.", "Identity lease TTL (seconds)",
-         category="setting", type="float", default=15.0, minimum=1,
-         yaml_key="gateway.identity_lease_ttl", advanced=True, ours=True),
+         "renewing it, timed by the PostgreSQL server's clock; renewed every third of it, and "
+         "the holder disconnects by itself after two thirds without a renewal. A standby "
+         "takes over within about this time after a crash.",
+         "Fleet identity lease TTL (seconds)", category="setting", type="float",
+         yaml_key="gateway.fleet.identity_lease_ttl", default=15.0, minimum=1, advanced=True,
+         ours=True),
     # -- proxy mode (proxy.md 1.1, 4) -----------------------------------------------------
     _var("GATEWAY_PROXY_URL",
          "URL of a remote Hermes API server to forward messages to. The gateway then does "
@@ -811,7 +840,8 @@ in its block (`platforms.api_server.port` or `gateway.api_server.port`), as Herm
 
 _GROUPS = [
     ("Daemon", lambda v: v.name in ("HERMES_HOME", "HERMES_GATEWAY_DB", "GATEWAY_DATABASE_URL",
-                                    "GATEWAY_INSTANCE_ID", "GATEWAY_IDENTITY_LEASE_TTL")),
+                                    "GATEWAY_INSTANCE_ID")
+                     or v.name.startswith("GATEWAY_FLEET_")),
     ("Proxy mode (the remote Hermes API server)",
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_") or v.name == "HERMES_SCALE_TO_ZERO"),

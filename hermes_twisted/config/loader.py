@@ -33,6 +33,7 @@ from hermes_twisted.config.redaction import REDACTED, redacted_yaml
 from hermes_twisted.config.relay_urls import relay_dial_url, relay_http_base, relay_http_url
 from hermes_twisted.config.settings import (
     DisplaySettings,
+    FleetSettings,
     GatewayConfig,
     OpsSettings,
     PlatformSettings,
@@ -69,6 +70,26 @@ def _database_url(layers: ConfigLayers) -> str | None:
 
 def _instance_id(layers: ConfigLayers) -> str:
     return layers.get("gateway.instance_id", "") or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _fleet(layers: ConfigLayers) -> FleetSettings:
+    fleet = FleetSettings(
+        lease_ttl=layers.get("gateway.fleet.lease_ttl"),
+        lease_renew=layers.get("gateway.fleet.lease_renew"),
+        self_fence_after=layers.get("gateway.fleet.self_fence_after"),
+        safety_poll=layers.get("gateway.fleet.safety_poll"),
+        claim_ttl=layers.get("gateway.fleet.claim_ttl"),
+        identity_lease_ttl=layers.get("gateway.fleet.identity_lease_ttl"),
+    )
+    # A lease must outlive the owner's own deadline, which must outlive a renewal period:
+    # otherwise a healthy owner fences itself, or a takeover overlaps a live owner.
+    if not fleet.lease_renew < fleet.self_fence_after:
+        raise ConfigError("gateway.fleet.self_fence_after", f"must be longer than "
+                          f"gateway.fleet.lease_renew ({fleet.lease_renew:g} s)")
+    if not fleet.self_fence_after < fleet.lease_ttl:
+        raise ConfigError("gateway.fleet.lease_ttl", f"must be longer than "
+                          f"gateway.fleet.self_fence_after ({fleet.self_fence_after:g} s)")
+    return fleet
 
 
 def _upstream(layers: ConfigLayers) -> UpstreamSettings:
@@ -286,7 +307,7 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
         db_path=_db_path(layers),
         database_url=_database_url(layers),
         instance_id=_instance_id(layers),
-        identity_lease_ttl=layers.get("gateway.identity_lease_ttl"),
+        fleet=_fleet(layers),
         upstream=upstream,
         relay=relay,
         platforms=MappingProxyType(platforms),

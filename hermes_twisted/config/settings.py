@@ -97,6 +97,30 @@ class RelaySettings:
 
 
 @dataclass(frozen=True)
+class FleetSettings:
+    """
+    Session leases and fencing of a fleet sharing one PostgreSQL store (docs/fleet.md).
+    Every duration is in seconds; lease expiry is timed by the database server's clock.
+    """
+
+    #: How long a session lease lasts without renewal (gateway.fleet.lease_ttl).
+    lease_ttl: float = 15.0
+    #: How often an owner renews its leases and inbox claims (gateway.fleet.lease_renew).
+    lease_renew: float = 5.0
+    #: An owner that has not renewed for this long stops acting on its own
+    #: (gateway.fleet.self_fence_after); below lease_ttl, so it stops before a takeover.
+    self_fence_after: float = 10.0
+    #: How often running sessions' generations are re-read, for lost notifications
+    #: (gateway.fleet.safety_poll).
+    safety_poll: float = 2.0
+    #: How long an inbox claim lasts without renewal (gateway.fleet.claim_ttl).
+    claim_ttl: float = 30.0
+    #: How long a single-owner platform's identity lease lasts without renewal
+    #: (gateway.fleet.identity_lease_ttl); renewal and self-fencing derive from it.
+    identity_lease_ttl: float = 15.0
+
+
+@dataclass(frozen=True)
 class OpsSettings:
     """The ops listener: probes, metrics and the status page (docs/operations.md)."""
 
@@ -141,8 +165,8 @@ class GatewayConfig:
     database_url: str | None = None
     #: This process's name in a fleet (GATEWAY_INSTANCE_ID; default host name and pid).
     instance_id: str = ""
-    #: Seconds of a single-owner platform's identity lease (GATEWAY_IDENTITY_LEASE_TTL).
-    identity_lease_ttl: float = 15.0
+    #: Leases and fencing when several processes share the PostgreSQL store.
+    fleet: FleetSettings = field(default_factory=FleetSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     relay: RelaySettings = field(default_factory=RelaySettings)
     platforms: Mapping[str, PlatformSettings] = field(default_factory=_frozen)

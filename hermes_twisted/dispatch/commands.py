@@ -57,6 +57,10 @@ IDLE_ONLY = frozenset({"retry", "undo", "sethome", "set-home"})
 #: Put text in the session's queue (the gateway's lanes handle these, not L{CommandRouter}).
 QUEUEING = frozenset({"queue", "q", "steer"})
 
+#: Commands that read the session's cached routing entry: in a fleet another instance may
+#: have changed it (a turn, /new), so the gateway re-reads it before running them.
+READS_SESSION = frozenset({"new", "reset", "status", "retry", "undo"})
+
 #: Every command name (and alias) the 0.19.0 gateway resolves (platforms.md §5).
 RESOLVABLE = HANDLED | frozenset("""
     approve deny whoami retry undo title resume sessions branch fork compress compact rollback
@@ -156,7 +160,17 @@ class CommandRouter:
         # Everything up to cancel() is synchronous (generations.md §6): the old run is stale
         # and its typing stopped before our reply is sent, and cancelled right after.
         gw = self.gateway
+        # First, so the bump reaches another instance's run as soon as possible.
+        remote = gw.stop_fleetwide(key, "stop_command")
         handle = gw.interrupt_and_clear(key, interrupts.STOP, "stop_command")
+        if handle is None and gw.fleet is not None:
+            gw.stop_platform_typing(adapter, event.source.chat_id)
+
+            def answer(bumped: Any) -> Deferred:
+                elsewhere = bumped is not None and bumped.lease_live
+                return gw.reply(adapter, event, STOPPED if elsewhere else NO_ACTIVE_TASK)
+
+            return remote.addCallback(answer)
         if handle is None:
             gw.stop_platform_typing(adapter, event.source.chat_id)
             return gw.reply(adapter, event, NO_ACTIVE_TASK)
@@ -168,6 +182,7 @@ class CommandRouter:
 
     def cmd_new(self, adapter: Any, event: MessageEvent, key: str, args: str) -> Deferred:
         gw = self.gateway
+        gw.stop_fleetwide(key, "new_command")
         handle = gw.interrupt_and_clear(key, interrupts.RESET, "new_command")
         gw.generations.bump(key, "session_reset")
         # New turns of this key wait until the store handed out the new session id, so a

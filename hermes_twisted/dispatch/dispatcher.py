@@ -33,6 +33,8 @@ class Dispatcher(Protocol):
     callbacks: PostDeliveryCallbacks
     #: Told about runs, stale outputs and interrupts (L{observer.TurnObserver}).
     observer: Any
+    #: The L{hermes_twisted.fleet.member.FleetMember} of a fleet on PostgreSQL, else None.
+    fleet: Any
 
     def reply(self, adapter: Any, event: MessageEvent, text: str) -> Deferred:
         """Send C{text} to C{event}'s chat.  Fires with the SendResult (or None); never fails."""
@@ -58,6 +60,10 @@ class Dispatcher(Protocol):
     def interrupt_and_clear(self, key: str, reason: str, invalidation: str, *,
                             drop_queue: bool = True) -> RunHandle | None:
         """Make C{key}'s run stale and release its lane; the interrupted handle, or None."""
+
+    def stop_fleetwide(self, key: str, invalidation: str) -> Deferred:
+        """Fence C{key}'s run on whichever instance runs it; fires with a
+        L{hermes_twisted.fleet.fencing.Bumped} or None (no fleet, or never ran)."""
 
     def hold_lane(self, key: str) -> Callable[[], None]:
         """Keep C{key} from starting runs until the returned release is called."""

@@ -93,6 +93,9 @@ class Gateway(Service):
         a sender the allowlists deny is denied).
     @param run_in_thread: C{f(fn, *args) -> Deferred} for file work; by default the
         threadpool of C{clock} (the reactor).
+    @param fleet: a L{hermes_twisted.fleet.member.FleetMember} when several processes share
+        a PostgreSQL store: turns then take the session lease, transcript writes are
+        fenced, /stop and /new reach every instance, and the inbox is fleet-wide.
     """
 
     log = Logger()
@@ -102,8 +105,12 @@ class Gateway(Service):
                  consumer_factory: Callable[..., Any] | None = None,
                  pairing: Any = None,
                  run_in_thread: Callable[..., Deferred] | None = None,
-                 observer: TurnObserver | None = None) -> None:
+                 observer: TurnObserver | None = None, fleet: Any = None) -> None:
         self.config = config
+        self.fleet = fleet
+        if fleet is not None:
+            fleet.on_revoked = self._revoked
+            fleet.on_takeover = self._replay
         self.pairing = pairing
         self._thread_runner = run_in_thread
         self.observer: TurnObserver = observer if observer is not None else NullObserver()
@@ -143,7 +150,7 @@ class Gateway(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        d = maybeDeferred(self.store.pending_inbound)
+        d = maybeDeferred((self.fleet if self.fleet is not None else self.store).pending_inbound)
         d.addCallback(self._replay)
         d.addErrback(lambda f: self.log.failure("Replaying admitted messages failed", f))
 
@@ -203,6 +210,9 @@ class Gateway(Service):
         key = self.session_key_for(event)
         dedupe_key = event.metadata.get("dedupe_key") if event.metadata else None
         if is_authorized(self.config, adapter, event):
+            command = commands.parse(event)
+            if self.fleet is not None and command and command[0] in commands.READS_SESSION:
+                return self._refresh_then_admit(Inbound(adapter, event, key, dedupe_key, None))
             if not dedupe_key:
                 self._arrive(Inbound(adapter, event, key, None, True))
                 return succeed(None)
@@ -237,6 +247,34 @@ class Gateway(Service):
         d.addCallbacks(checked, check_failed)
         return d
 
+    def _refresh_then_admit(self, inbound: Inbound) -> Deferred:
+        """
+        In a fleet: re-read C{inbound}'s session entry (another instance may have run a
+        turn or /new meanwhile), then admit it.  The event holds its place in the lane
+        meanwhile.  Fires with None once admitted; never fails but for cancellation.
+        """
+        self._arrive(inbound)
+        d = maybeDeferred(self.store.reload, inbound.key)
+
+        def admit(_: Any) -> Any:
+            if inbound.dedupe_key:
+                return self._record(inbound)
+            self._admitted(inbound, True)
+            return None
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(CancelledError):
+                self._admitted(inbound, False)
+                self._turn_finished(inbound.adapter, inbound.event, inbound.key, False)
+                return failure
+            self.log.warn("Could not re-read the session of {key} ({error}); the command "
+                          "uses what this instance knows", key=inbound.key,
+                          error=failure.getErrorMessage())
+            return admit(None)
+
+        d.addCallbacks(admit, failed)
+        return d
+
     def _refuse(self, adapter: Any, event: MessageEvent, key: str) -> Deferred:
         """
         An unauthorized sender: logged, and in a direct message with behaviour C{pair} given
@@ -265,8 +303,12 @@ class Gateway(Service):
         """Record C{inbound} in the store's inbox; fires once admitted (or dropped)."""
         adapter, event, key, dedupe_key = (inbound.adapter, inbound.event, inbound.key,
                                            inbound.dedupe_key)
-        d = maybeDeferred(self.store.admit_inbound, dedupe_key,
-                          payload_for(adapter.settings.name, event))
+        if self.fleet is not None:
+            d = maybeDeferred(self.fleet.admit_inbound, adapter.settings.name, dedupe_key, key,
+                              payload_for(adapter.settings.name, event))
+        else:
+            d = maybeDeferred(self.store.admit_inbound, dedupe_key,
+                              payload_for(adapter.settings.name, event))
 
         def admitted(is_new: bool) -> None:
             if not is_new:
@@ -295,11 +337,49 @@ class Gateway(Service):
         Interrupt exactly C{session_key}'s run (a remote /stop, an API client gone) for
         C{reason}; no reply is sent.  True if a run was interrupted.
         """
+        self.stop_fleetwide(session_key, "remote_interrupt")
         handle = self.interrupt_and_clear(session_key, reason, "remote_interrupt")
         if handle is None:
             return False
         handle.cancel()
         return True
+
+    def stop_fleetwide(self, key: str, invalidation: str) -> Deferred:
+        """
+        In a fleet: bump C{key}'s generation in the database and notify every instance, so
+        its run stops wherever it runs.  Fires with the
+        L{hermes_twisted.fleet.fencing.Bumped} (who held a live lease), or None without a
+        fleet, when the session never ran, or when the write failed (logged: a remote run
+        then goes on).  Never fails.  Cancelling before the write reaches the database
+        withdraws it.
+        """
+        if self.fleet is None:
+            return succeed(None)
+        d = maybeDeferred(self.fleet.stop, key, invalidation)
+
+        def failed(failure: Failure) -> Any:
+            if failure.check(CancelledError):
+                return failure
+            self.log.failure("Fleet-wide stop of {key} failed", failure, key=key)
+            return None
+
+        return d.addErrback(failed)
+
+    def _revoked(self, key: str, reason: str) -> None:
+        """
+        The fleet took C{key}'s run away from this instance: a /stop or /new elsewhere
+        (C{reason} "stop": queued input goes too, as for a local /stop), or its lease was
+        lost or could not be renewed (the queued input waits for the next lease).
+        """
+        if self.current_run(key) is None:
+            return  # ended meanwhile: nothing to take away, nothing to count
+        handle = self.interrupt_and_clear(key, interrupts.STOP, "fleet",
+                                          drop_queue=reason == "stop")
+        if handle is None:
+            return
+        self.log.info("Run of {key} cancelled by the fleet ({reason})", key=key, reason=reason)
+        handle.cancel()
+        self.notify_interrupted(handle, interrupts.STOP)
 
     # -- what commands use ------------------------------------------------------------------
 
@@ -589,6 +669,8 @@ class Gateway(Service):
         handle.stop_siblings()
         self.callbacks.pop(handle.session_key, handle.generation)  # own leftovers, never fired
         self._runs.discard(handle)
+        if self.fleet is not None:
+            self.fleet.end_turn(handle.session_key, handle.fence)
         self._observe("run_finished", handle.adapter.settings.name, _outcome(result, handle),
                       self.clock.seconds() - handle.started_at)
         if handle.interrupt_reason != interrupts.GATEWAY_SHUTDOWN:
@@ -657,7 +739,7 @@ class Gateway(Service):
     def _complete(self, dedupe_key: str | None) -> None:
         if not dedupe_key:
             return
-        d = maybeDeferred(self.store.complete_inbound, dedupe_key)
+        d = maybeDeferred((self.fleet if self.fleet is not None else self.store).complete_inbound, dedupe_key)
         d.addErrback(lambda f: self.log.failure("complete_inbound({k}) failed", f, k=dedupe_key))
 
 

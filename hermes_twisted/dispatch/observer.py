@@ -16,7 +16,7 @@ from typing import Protocol
 OUTCOMES = ("ok", "error", "stale", "cancelled")
 
 #: What a currency guard refused.
-STALE_KINDS = ("final", "delta", "progress")
+STALE_KINDS = ("final", "delta", "progress", "transcript")
 
 
 class TurnObserver(Protocol):
@@ -32,7 +32,7 @@ class TurnObserver(Protocol):
     def interrupted(self, invalidation: str, had_run: bool) -> None:
         """
         A stop-like request (C{invalidation}: stop_command, new_command, remote_interrupt,
-        gateway_shutdown) arrived; C{had_run} says whether a run was cancelled.
+        gateway_shutdown, fleet) arrived; C{had_run} says whether a run was cancelled.
         """
 
 

@@ -73,7 +73,7 @@ class RunHandle:
     __slots__ = ("session_key", "generation", "_generations", "adapter", "event", "chat_id",
                  "started_at", "dedupe_key", "phase", "session_id", "interrupt_reason",
                  "delivered", "carried", "deferred", "typing", "consumer", "after_delivery",
-                 "folded", "outcome")
+                 "folded", "outcome", "fence")
 
     def __init__(self, *, session_key: str, generation: int, generations: Generations,
                  adapter: Any, event: Any, started_at: float,
@@ -103,6 +103,9 @@ class RunHandle:
         #: missed); each is completed with the run.  A shared empty tuple when there are none
         #: (one per open stream: no list allocated for the common case).
         self.folded: Sequence[Any] = ()
+        #: The session's fleet-wide generation while this run owns its lease (a fleet on
+        #: PostgreSQL only): the fencing token its transcript writes name.
+        self.fence: int | None = None
 
     def is_current(self) -> bool:
         """False once the run was interrupted or a newer generation claimed its session."""

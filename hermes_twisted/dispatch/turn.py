@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from hermes_twisted.dispatch.dispatcher import Dispatcher
 from hermes_twisted.dispatch.runs import RunHandle
 from hermes_twisted.dispatch.typing_loop import TypingLoop
+from hermes_twisted.fleet.fencing import StaleWrite
 from hermes_twisted.sessions.reset import policy_for, reset_notice
 from hermes_twisted.upstream import TurnRequest
 from hermes_twisted.upstream.media import prepare_media, transcript_text, with_notes
@@ -112,6 +113,16 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
                                        is_current=is_current)
             handle.typing.start()
 
+        if gw.fleet is not None:
+            # The session lease, with a fresh generation that fences every earlier holder;
+            # this waits while another instance runs the session's turn.
+            handle.fence = await gw.fleet.begin_turn(key, handle.dedupe_key)
+            if handle.fence is None:
+                log.info("Not running {key}: another instance took its message over", key=key)
+                handle.outcome = "stale"
+                return
+            if not handle.is_current():
+                return
         entry = await gw.store.get_or_create(key, event.source)
         handle.session_id = entry.session_id
         if entry.was_auto_reset and handle.is_current():
@@ -142,9 +153,10 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
         del request
         result = await running
 
-        if not handle.is_current():
+        if not handle.is_current() or (handle.fence is not None and not await
+                                        gw.fleet.confirm(key, handle.fence)):
             log.info("Discarding stale result for {key}: generation {gen} is no longer current",
-                     key=key, gen=handle.generation)
+                     key=key, gen=handle.fence or handle.generation)
             handle.outcome = "stale"
             gw.observer.stale_output_dropped("final")
             return
@@ -165,7 +177,9 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
             log.info("Reply for {key} was not delivered: {error}", key=key, error=report.error)
         if not handle.is_current():
             return
-        if final:
+        if final and handle.fence is not None:
+            await _append_fenced(gw, handle, entry.session_id, final, message_ids)
+        elif final:
             # Both rows are issued together, under one currency check; a failed write is
             # logged, never turned into an error reply (the user already has the answer).
             rows = [
@@ -194,6 +208,29 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
         handle.outcome = "error"
         if handle.is_current():
             gw.reply(handle.adapter, handle.event, ERROR_NOTICE)
+
+
+async def _append_fenced(gw: Dispatcher, handle: RunHandle, session_id: str, final: str,
+                         message_ids: tuple[str, ...]) -> None:
+    """
+    The turn's transcript rows in one fenced write: committed only while this instance
+    still owns the session at the turn's generation, else nothing of it is written and the
+    refusal is counted as a stale output.
+    """
+    event, at = handle.event, gw.clock.seconds()
+    rows = [(session_id, "user", e.text, at, e.message_id) for e in handle.carried if e.text]
+    rows.append((session_id, "user", transcript_text(event.text, event.media), at,
+                 event.message_id))
+    rows.append((session_id, "assistant", final, at, message_ids[0] if message_ids else None))
+    try:
+        await gw.fleet.append_rows(handle.session_key, handle.fence, rows)
+    except StaleWrite:
+        handle.outcome = "stale"
+        gw.observer.stale_output_dropped("transcript")
+    except CancelledError:
+        raise
+    except Exception:
+        log.failure("Transcript write failed for {key}", key=handle.session_key)
 
 
 def _transcript_failed(failure: Any, key: str) -> Any:

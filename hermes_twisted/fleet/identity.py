@@ -53,7 +53,7 @@ FLEET_CHANNEL = "hermes_fleet"
 @dataclass(frozen=True)
 class LeaseTiming:
     """
-    The lease clock, all derived from one operator setting, the TTL (GATEWAY_IDENTITY_LEASE_TTL,
+    The lease clock, all derived from one operator setting, the TTL (GATEWAY_FLEET_IDENTITY_LEASE_TTL,
     default 15 s as in scale-out.md §7): renew every third of it, self-fence after two
     thirds without a successful renewal, poll as a standby at most every second.
     """

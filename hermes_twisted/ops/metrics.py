@@ -27,6 +27,7 @@ import twisted
 from hermes_twisted import __version__
 from hermes_twisted.config.envvars import SUPPORTED_PLATFORMS
 from hermes_twisted.dispatch.observer import OUTCOMES, STALE_KINDS
+from hermes_twisted.fleet.member import RENEWAL_OUTCOMES, REVOKE_REASONS
 from hermes_twisted.platforms.base import PlatformAdapter, PlatformState, PlatformStatus
 
 # Series ending in _created double the storage of every counter and say little (Synapse).
@@ -37,7 +38,8 @@ SEND_OPS = ("send", "edit", "typing")
 SEND_OUTCOMES = ("ok", "error", "timeout", "rate_limited")
 AGENT_OUTCOMES = ("ok", "error", "cancelled", "timeout", "connect_error")
 INTERRUPT_SOURCES = {"stop_command": "command", "new_command": "command",
-                     "remote_interrupt": "remote", "gateway_shutdown": "shutdown"}
+                     "remote_interrupt": "remote", "gateway_shutdown": "shutdown",
+                     "fleet": "fleet_bus"}
 GATEWAY_STATES = ("starting", "running", "stopping")
 API_ROUTES = ("chat_completions", "models", "health", "other")
 
@@ -155,6 +157,17 @@ class GatewayMetrics:
 
         self.api_requests = Counter("hermes_api_requests_total", "API server responses.",
                                     ["route", "code"], registry=r)
+
+        # A fleet on PostgreSQL (docs/fleet.md); they stay at 0 with the SQLite store.
+        self.fleet_renewals = Counter("hermes_fleet_lease_renewals_total", "Rounds of "
+                                      "session lease renewal, by outcome (lost: per session "
+                                      "taken over).", ["outcome"], registry=r)
+        self.fleet_notify_lag = Histogram("hermes_fleet_notify_lag_seconds", "Fleet "
+                                          "notification receipt minus its sending.",
+                                          buckets=LAG_BUCKETS, registry=r)
+        self.fleet_revocations = Counter("hermes_fleet_revocations_total", "Runs here taken "
+                                         "away by the fleet, by reason.", ["reason"],
+                                         registry=r)
         # process_resident_memory_bytes, process_open_fds, ... (the soak reads them).
         prometheus_client.ProcessCollector(registry=r)
         prometheus_client.PlatformCollector(registry=r)
@@ -166,6 +179,10 @@ class GatewayMetrics:
         # Known label combinations start at 0, so rate() and absence alerts work at once.
         for kind in STALE_KINDS:
             self.stale_dropped.labels(kind)
+        for outcome in RENEWAL_OUTCOMES:
+            self.fleet_renewals.labels(outcome)
+        for reason in REVOKE_REASONS:
+            self.fleet_revocations.labels(reason)
         for outcome in AGENT_OUTCOMES:
             self.agent_requests.labels(outcome)
         for state in GATEWAY_STATES:
@@ -243,6 +260,17 @@ class GatewayMetrics:
     def interrupted(self, invalidation: str, had_run: bool) -> None:
         source = INTERRUPT_SOURCES.get(invalidation, "other")
         self.interrupts.labels(source, "cancelled" if had_run else "no_run").inc()
+
+    # -- the fleet observer (fleet.member.FleetObserver) ----------------------------------------
+
+    def lease_renewal(self, outcome: str) -> None:
+        self.fleet_renewals.labels(closed(outcome, RENEWAL_OUTCOMES)).inc()
+
+    def notify_lag(self, seconds: float) -> None:
+        self.fleet_notify_lag.observe(max(0.0, seconds))
+
+    def revoked(self, reason: str) -> None:
+        self.fleet_revocations.labels(closed(reason, REVOKE_REASONS)).inc()
 
     # -- upstream -----------------------------------------------------------------------------
 

@@ -61,6 +61,35 @@ def _v2_titles_and_undo(conn: Any) -> None:
     conn.execute(f"ALTER TABLE {SCHEMA}.messages ADD COLUMN active INTEGER NOT NULL DEFAULT 1")
 
 
+_V3_FLEET = (
+    # One row per session key: the fencing token (generation, never reset) and the lease.
+    f"""CREATE TABLE {SCHEMA}.fleet_session (session_key TEXT PRIMARY KEY,
+         generation BIGINT NOT NULL DEFAULT 0, owner_instance TEXT,
+         lease_until TIMESTAMPTZ, updated_at TIMESTAMPTZ NOT NULL DEFAULT now())""",
+    f"""CREATE INDEX fleet_session_by_owner ON {SCHEMA}.fleet_session (owner_instance)
+         WHERE owner_instance IS NOT NULL""",
+    # The inbox becomes fleet-wide: unique per (platform, dedupe_key), claimed with expiry.
+    f"ALTER TABLE {SCHEMA}.inbound ADD COLUMN platform TEXT NOT NULL DEFAULT ''",
+    f"ALTER TABLE {SCHEMA}.inbound ADD COLUMN session_key TEXT",
+    f"ALTER TABLE {SCHEMA}.inbound ADD COLUMN claimed_by TEXT",
+    f"ALTER TABLE {SCHEMA}.inbound ADD COLUMN claim_until TIMESTAMPTZ",
+    f"ALTER TABLE {SCHEMA}.inbound ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0",
+    f"ALTER TABLE {SCHEMA}.inbound DROP CONSTRAINT inbound_pkey",
+    f"ALTER TABLE {SCHEMA}.inbound ADD PRIMARY KEY (seq)",
+    f"CREATE UNIQUE INDEX inbound_dedupe ON {SCHEMA}.inbound (platform, dedupe_key)",
+    f"""CREATE INDEX inbound_claims ON {SCHEMA}.inbound (claim_until, seq)
+         WHERE completed_at IS NULL""",
+    # Which generation wrote a transcript row (fenced writes record it; NULL before).
+    f"ALTER TABLE {SCHEMA}.messages ADD COLUMN generation BIGINT",
+)
+
+
+def _v3_fleet_sessions(conn: Any) -> None:
+    """The fleet: session generations and leases, a claimable fleet-wide inbox."""
+    for statement in _V3_FLEET:
+        conn.execute(statement)
+
+
 def _v4_identity_leases(conn: Any) -> None:
     """
     Identity leases of the fleet (L{hermes_twisted.fleet.identity}): one row per single-owner
@@ -77,7 +106,8 @@ def _v4_identity_leases(conn: Any) -> None:
 
 #: MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction with the
 #: version bump.  Append steps; never edit a released one.
-MIGRATIONS: list[Callable[[Any], None]] = [_create_v1, _v2_titles_and_undo, _v4_identity_leases]
+MIGRATIONS: list[Callable[[Any], None]] = [_create_v1, _v2_titles_and_undo, _v3_fleet_sessions,
+                                           _v4_identity_leases]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 

@@ -65,6 +65,8 @@ class DatabaseSessionStore:
         self._policy_for = reset_policy_for
         self._tz = tz
         self._retention = inbound_retention
+        #: Seconds completed inbound rows are kept for de-duplication.
+        self.inbound_retention = inbound_retention
         self._writer = StoreWriter(database, reactor=reactor)
         self._entries: dict[str, SessionEntry] = {}
         self._completions = 0
@@ -112,6 +114,27 @@ class DatabaseSessionStore:
     def peek(self, session_key: str) -> SessionEntry | None:
         """The cached entry of C{session_key}, without I/O (None if unknown)."""
         return self._entries.get(session_key)
+
+    def reload(self, session_key: str) -> Deferred:
+        """
+        Re-read C{session_key}'s routing from the database into the cache, for a store
+        that other processes write too (a fleet: another instance may have run /new).
+        Fires with the L{SessionEntry} now cached, or None when the key is unknown.  Fails
+        with L{StoreError}.  Cancelling before the read starts withdraws it.
+        """
+        def work(conn: Any) -> SessionEntry | None:
+            row = conn.execute(
+                "SELECT r.session_key, r.session_id, COALESCE(s.started_at, r.updated_at),"
+                " r.updated_at, s.title FROM routing r LEFT JOIN sessions s"
+                " ON s.id = r.session_id WHERE r.session_key = ?", (session_key,)).fetchone()
+            return SessionEntry(*row[:4], title=row[4]) if row else None
+
+        def adopt(entry: SessionEntry | None) -> SessionEntry | None:
+            if entry is not None:
+                self._entries[session_key] = entry
+            return entry
+
+        return self._writer.when_open(lambda: self._writer.submit(work).addCallback(adopt))
 
     def get_or_create(self, session_key: str, source: SessionSource,
                       now: float | None = None) -> Deferred:
@@ -306,7 +329,7 @@ class DatabaseSessionStore:
 
         def work(conn: Any) -> bool:
             cursor = conn.execute("INSERT INTO inbound (dedupe_key, payload, admitted_at)"
-                                  " VALUES (?, ?, ?) ON CONFLICT (dedupe_key) DO NOTHING",
+                                  " VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                                   (dedupe_key, encoded, at))
             return cursor.rowcount == 1
 

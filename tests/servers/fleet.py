@@ -158,7 +158,7 @@ class Fleet:
             home = base / name
             env = clean_env(
                 home, GATEWAY_DATABASE_URL=database_url, GATEWAY_INSTANCE_ID=name,
-                GATEWAY_IDENTITY_LEASE_TTL=str(ttl), GATEWAY_PROXY_URL=upstream_url,
+                GATEWAY_FLEET_IDENTITY_LEASE_TTL=str(ttl), GATEWAY_PROXY_URL=upstream_url,
                 GATEWAY_OPS_LISTEN=f"tcp:{ops_port}:interface=127.0.0.1",
                 API_SERVER_ENABLED="true", API_SERVER_KEY=API_KEY,
                 API_SERVER_PORT=str(api_port), GATEWAY_ALLOW_ALL_USERS="true")
