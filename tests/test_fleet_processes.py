@@ -165,6 +165,79 @@ async def test_sigkill_of_the_instance_running_a_turn_loses_no_completed_turn(
     assert not any("late" in content for _, content in history)
 
 
+@pytest_twisted.ensureDeferred
+async def test_stop_on_one_instance_cancels_the_run_on_another(postgres_url, fleet_of, upstream):
+    fleet = fleet_of(postgres_url)
+    await deferToThread(fleet.start)
+    upstream.queue(Script(deltas=["late"] * 400, delay=0.05))  # 20 s unless stopped
+    seen = upstream.when_request()
+    outcome = []
+    client = threading.Thread(target=_chat_recording, args=(fleet[0], "long", "stop-s", outcome))
+    client.start()
+    await seen
+    gone = upstream.when_disconnected()
+    stopped = await deferToThread(fleet[1].chat, "/stop", "stop-s")
+    assert "Stopped" in stopped
+    await gone  # gw-1 closed its upstream connection: the run is cancelled there
+    await deferToThread(client.join, 30)
+    assert outcome and not _answered_with(outcome[0], "late")
+    # The session carries on, from any instance, without the cancelled answer.
+    assert await deferToThread(fleet[2].chat, "next", "stop-s") == "Hello fleet"
+    assert not any("late" in content for _, content in turns_seen(upstream)[-1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_frozen_owners_late_answer_is_fenced_and_never_shown(
+        postgres_url, fleet_of, upstream):
+    fleet = fleet_of(postgres_url)
+    await deferToThread(fleet.start)
+    assert await deferToThread(fleet[0].chat, "first", "frozen-s") == "Hello fleet"
+    # gw-1 runs a turn whose answer comes 2 s later; gw-1 freezes meanwhile.
+    upstream.queue(Script(deltas=["late"] * 20, delay=0.1))
+    seen = upstream.when_request()
+    outcome = []
+    client = threading.Thread(target=_chat_recording,
+                              args=(fleet[0], "second", "frozen-s", outcome, 60))
+    client.start()
+    await seen
+    fleet[0].pause()
+    # Past gw-1's lease, gw-2 takes the session over and answers.
+    reply = await deferToThread(fleet[1].chat, "third", "frozen-s", 60)
+    assert reply == "Hello fleet"
+    await deferToThread(_sleep, 2.5)  # the late answer is now waiting in gw-1's socket
+    fleet[0].resume()
+    await deferToThread(client.join, 60)
+    print(f"frozen owner: its client got {outcome}")
+    assert outcome, "gw-1's client got no response at all"
+    assert not _answered_with(outcome[0], "late"), outcome[0]
+    # Nothing of the stale run reached the transcript either.
+    assert await deferToThread(fleet[2].chat, "fourth", "frozen-s") == "Hello fleet"
+    history = turns_seen(upstream)[-1]
+    assert ("user", "first") in history and ("user", "third") in history
+    assert not any("late" in content for _, content in history)
+
+
+def _sleep(seconds):
+    import time
+
+    time.sleep(seconds)
+
+
+def _chat_recording(instance, text, session, outcome, timeout=30):
+    import urllib.error
+
+    try:
+        outcome.append(("ok", instance.chat(text, session, timeout=timeout)))
+    except urllib.error.HTTPError as e:
+        outcome.append(("http", e.code, e.read().decode(errors="replace")))
+    except Exception as e:
+        outcome.append(("error", repr(e)))
+
+
+def _answered_with(outcome, text):
+    return outcome[0] == "ok" and text in outcome[1]
+
+
 def _chat_expecting_failure(instance, text, session, failed):
     try:
         instance.chat(text, session, timeout=30)

@@ -161,7 +161,12 @@ class Fleet:
                 GATEWAY_FLEET_IDENTITY_LEASE_TTL=str(ttl), GATEWAY_PROXY_URL=upstream_url,
                 GATEWAY_OPS_LISTEN=f"tcp:{ops_port}:interface=127.0.0.1",
                 API_SERVER_ENABLED="true", API_SERVER_KEY=API_KEY,
-                API_SERVER_PORT=str(api_port), GATEWAY_ALLOW_ALL_USERS="true")
+                API_SERVER_PORT=str(api_port), GATEWAY_ALLOW_ALL_USERS="true",
+                # Session leases on the identity lease's seconds-scale clock.
+                GATEWAY_FLEET_LEASE_TTL=str(ttl), GATEWAY_FLEET_LEASE_RENEW=str(ttl / 3),
+                GATEWAY_FLEET_SELF_FENCE_AFTER=str(ttl * 2 / 3),
+                GATEWAY_FLEET_SAFETY_POLL=str(min(2.0, ttl / 6)),
+                GATEWAY_FLEET_CLAIM_TTL=str(max(1.0, ttl * 2)))
             if irc is not None:
                 env.update(IRC_SERVER="127.0.0.1", IRC_PORT=str(irc.port), IRC_USE_TLS="false",
                            IRC_NICKNAME=nick, IRC_CHANNEL="#fleet", IRC_ALLOW_ALL_USERS="true")
