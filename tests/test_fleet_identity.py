@@ -397,3 +397,59 @@ def test_email_resumes_from_the_further_cursor_of_the_same_mailbox():
     assert newer_cursor(Cursor(7, 9), Cursor(7, 10)) == Cursor(7, 10)
     assert newer_cursor(Cursor(6, 99), Cursor(7, 10)) == Cursor(7, 10)  # mailbox rebuilt
     assert newer_cursor(Cursor(7, 9), None) == Cursor(7, 9)
+
+
+# -- a Telegram poller handed over between two instances (real PostgreSQL, fake Bot API) --------
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_standby_telegram_poller_takes_over_from_the_saved_offset(postgres_url):
+    from twisted.internet.task import deferLater
+
+    from hermes_twisted.platforms.telegram.adapter import TelegramAdapter
+    from tests.fakes.telegram_api import FakeTelegramAPI
+    from tests.test_telegram import RecordingSink, make_settings, wait_until
+
+    fake = FakeTelegramAPI(reactor)
+    base_url = await fake.start()
+    timing = LeaseTiming(ttl=1.5)
+    gates, sinks, stores = [], [], []
+    for name in ("gw-a", "gw-b"):
+        adapter = TelegramAdapter(make_settings(base_url), reactor=reactor, poll_timeout=30)
+        sink = RecordingSink()
+        adapter.attach(sink)
+        store = IdentityLeaseStore(postgres_url, name, reactor=reactor)
+        gates.append(IdentityGate(adapter, store, identity=adapter.fleet_identity(),
+                                  timing=timing, clock=reactor))
+        sinks.append(sink)
+        stores.append(store)
+    a, b = gates
+    try:
+        a.startService()
+        await wait_until(lambda: fake.held_polls == 1)
+        b.startService()
+        await wait_until(lambda: b.adapter.platform_status.state is PlatformState.DORMANT
+                         and "gw-a holds" in (b.adapter.platform_status.detail or ""))
+        ids = [fake.push_update({"message": fake.message(5, f"m{i}")}) for i in range(3)]
+        await wait_until(lambda: len(sinks[0].events) == 3)
+        await wait_until(lambda: a._saved_cursor == {"offset": ids[-1] + 1})
+        # gw-a dies: no more renewals, no release, its polls end.
+        a._cancel_timers()
+        a.phase = "crashed"
+        await a.adapter.stopService()
+        polls_before = len(fake.calls_of("getUpdates"))
+        pushed_meanwhile = fake.push_update({"message": fake.message(5, "while nobody polls")})
+        await wait_until(lambda: b.phase == "holding", timeout=10)
+        await wait_until(lambda: len(sinks[1].events) == 1)
+        first_poll_of_b = fake.calls_of("getUpdates")[polls_before]
+        assert first_poll_of_b.get("offset") == ids[-1] + 1  # the saved cursor
+        assert [e.text for e in sinks[1].events] == ["while nobody polls"]  # no replay, no skip
+        assert b.epoch == a.epoch + 1
+        await deferLater(reactor, 0.2, lambda: None)
+        assert len(sinks[1].events) == 1 and len(sinks[0].events) == 3
+        assert pushed_meanwhile == ids[-1] + 1
+    finally:
+        await b.stopService()
+        for store in stores:
+            await store.close()
+        await fake.stop()
