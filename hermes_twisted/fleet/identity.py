@@ -379,7 +379,7 @@ class IdentityGate(Service):
             return
         if isinstance(result, HeldElsewhere):
             holder = result.owner or "nobody"
-            self._standby(f"standby: {holder} holds the identity "
+            self._standby(f"{holder} holds the identity "
                           f"(lease {max(0.0, result.seconds_left):.0f}s left)")
             self._later(self._poll_delay(), self._try_acquire)
             return
@@ -407,7 +407,7 @@ class IdentityGate(Service):
             return
         self.log.warn("{platform}: cannot reach the lease table ({error}); standing by",
                       platform=self.platform, error=failure.getErrorMessage())
-        self._standby("standby: the fleet database is unreachable")
+        self._standby("the fleet database is unreachable")
         self._later(self._poll_delay(), self._try_acquire)
 
     def _standby(self, detail: str) -> None:
@@ -531,7 +531,7 @@ class IdentityGate(Service):
                 return
             self.phase = "standby"
             self.epoch = None
-            self._standby(f"standby: self-fenced ({why})")
+            self._standby(f"self-fenced: {why}")
             self._later(self._poll_delay(), self._try_acquire)
 
         d.addCallback(stopped)

@@ -51,7 +51,8 @@ class PlatformStatus:
     """One platform's current state, as its adapter last reported it."""
 
     state: PlatformState = PlatformState.STOPPED
-    #: For DISABLED/FAILED: a code from L{DISABLED_REASONS}; otherwise None.
+    #: For DISABLED/FAILED: a code from L{DISABLED_REASONS}; C{standby} for a DORMANT
+    #: single-owner platform whose identity another fleet instance holds; otherwise None.
     reason: str | None = None
     #: Human detail for the log and the chat /status (no secret, no message text).
     detail: str | None = None
