@@ -227,8 +227,10 @@ def build_service(config: Any, reactor: Any):
 
             # A single-owner platform in a fleet: connected only while this instance holds
             # its identity lease; dormant (standby) otherwise.
-            IdentityGate(adapter, leases, identity=identity, clock=reactor,
-                         timing=LeaseTiming(config.fleet.identity_lease_ttl)).setServiceParent(top)
+            gate = IdentityGate(adapter, leases, identity=identity, clock=reactor,
+                                timing=LeaseTiming(config.fleet.identity_lease_ttl))
+            metrics.watch_identity(settings.name, gate.holding)
+            gate.setServiceParent(top)
     gateway.setServiceParent(top)
     # Last child: started means everything started; stopping it is the first step of shutdown.
     LifecycleMarker(ops, notifier).setServiceParent(top)

@@ -330,6 +330,12 @@ def test_with_postgresql_single_owner_platforms_are_gated_and_multi_ingress_ones
     assert names.index("fleet.identity_leases") < names.index("fleet.identity.irc")
     gate = top.getServiceNamed("fleet.identity.irc")
     assert gate.timing.ttl == 6.0 and gate.adapter.name == "platform.irc"
+    metrics = top.getServiceNamed("ops").ops.metrics
+    owned = lambda: metrics.registry.get_sample_value(  # noqa: E731
+        "hermes_fleet_owned_identities", {"platform": "irc"})
+    assert owned() == 0.0
+    gate.phase = "holding"
+    assert owned() == 1.0
 
 
 def test_with_sqlite_every_platform_runs_as_before(tmp_path):

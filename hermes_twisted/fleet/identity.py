@@ -333,6 +333,10 @@ class IdentityGate(Service):
         self._saved_cursor: dict[str, Any] | None = None
         self._cursor_saving = False
 
+    def holding(self) -> bool:
+        """Whether this instance holds the identity now (the platform may still be connecting)."""
+        return self.phase == "holding"
+
     # -- service -------------------------------------------------------------------------------
 
     def startService(self) -> None:
