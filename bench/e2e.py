@@ -13,6 +13,7 @@ trio is started for every load, so each load's idle RSS, ready time and peak RSS
     python bench/e2e.py --load b --streams 100 --hold 6 --interval 2
     python bench/e2e.py --load c --reps 5 --out bench/results/quick.json
     python bench/e2e.py --gateway-cmd 'hermes gateway run'      # another gateway
+    python bench/e2e.py --floor --rounds 3       # us and bench/floor.py, alternating; ratios
 
 Figures (all timestamps on CLOCK_MONOTONIC, which is system-wide on Linux, see
 C{e2e_common.now}):
@@ -60,6 +61,7 @@ from twisted.internet.protocol import ProcessProtocol  # noqa: E402
 GATEWAY_ID, SECRET = "gw-bench", "bench-secret-0123456789"
 DEFAULT_GATEWAY_CMD = ("{python} -c 'from twisted.scripts.twistd import run; run()' "
                        "-n --pidfile= --logfile={logfile} hermes-gateway")
+FLOOR_CMD = "{python} {repo}/bench/floor.py"
 _CLEAN_PREFIXES = ("GATEWAY_", "IRC_", "MATRIX_", "TELEGRAM_", "API_SERVER_", "HERMES_",
                    "SESSION_", "DISCORD_", "SLACK_")
 TARGETS = {
@@ -77,6 +79,13 @@ TARGETS = {
 def cpu_seconds(pid: int) -> float:
     """utime + stime of C{pid} (its own threads, not its children)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reactor_thread_cpu_seconds(pid: int) -> float:
+    """utime + stime of C{pid}'s main thread (the reactor's); the rest of L{cpu_seconds} is
+    the thread pool's (store commits and fsync, DNS, file work)."""
+    fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -265,8 +274,11 @@ async def run_load(reactor: Any, args: argparse.Namespace, load: str) -> dict[st
     relay_url = (await with_timeout(reactor, connector.wait("listening"), 30,
                                     "connector"))["url"]
     home = Path(tempfile.mkdtemp(prefix=f"hermes-e2e-{load}-"))
-    if args.streaming:
-        (home / "config.yaml").write_text("streaming:\n  enabled: true\n")
+    config = "streaming:\n  enabled: true\n" if args.streaming else ""
+    if args.config_yaml and "floor.py" not in args.gateway_cmd:
+        config += args.config_yaml.replace("\\n", "\n") + "\n"
+    if config:
+        (home / "config.yaml").write_text(config)
     logfile = home / "gateway.log"
     cmd = args.gateway_cmd.format(python=shlex.quote(sys.executable), logfile=logfile,
                                   home=home, repo=ROOT, load=load)
@@ -301,6 +313,7 @@ async def run_load(reactor: Any, args: argparse.Namespace, load: str) -> dict[st
         figures["loadavg_before"] = Path("/proc/loadavg").read_text().split()[0]
         busy0, wait0 = (machine_busy(),), run_queue_wait(pid)
         cpu0, t0 = cpu_seconds(pid), now()
+        main0 = reactor_thread_cpu_seconds(pid)
         if load == "a":
             connector.send(cmd="a", messages=args.messages, chats=args.chats,
                            deltas=args.deltas, size=args.delta_chars, gap=args.gap)
@@ -329,6 +342,8 @@ async def run_load(reactor: Any, args: argparse.Namespace, load: str) -> dict[st
             raise RuntimeError(result["error"])
         cpu = cpu_seconds(pid) - cpu0
         wall = now() - t0
+        figures["cpu_s_reactor_thread"] = round(reactor_thread_cpu_seconds(pid) - main0, 3)
+        figures["cpu_s_other_threads"] = round(cpu - figures["cpu_s_reactor_thread"], 3)
         # The machine has few cores: a saturated driver would show up as gateway latency.
         helper_cpu = {c.name: round(cpu_seconds(c.transport.pid) - helpers0[c.name], 3)
                       for c in (connector, upstream)}
@@ -482,7 +497,103 @@ def print_report(figures: dict[str, dict[str, Any]]) -> None:
         print(f"  {key:28} {value!s:>10}   target {TARGETS[key]:8} {meets(value, TARGETS[key])}")
 
 
+# -- against the floor (issue 19) -------------------------------------------------------------
+
+#: (figure, how to read it, issue 19 target for us / floor); "per" figures are better low.
+FLOOR_FIGURES = {
+    "a": [("cpu_ms_per_message", "<= 1.5"), ("messages_per_s", ">= 0.67"),
+          ("cpu_s_reactor_thread", ""), ("cpu_s_other_threads", ""),
+          ("latency_p50_ms", ""), ("latency_p99_ms", "<= 1.5"),
+          ("inbound_to_upstream_request_p50_ms", ""), ("upstream_done_to_final_p50_ms", "")],
+    "b": [("rss_kb_per_stream", "<= 1.2"), ("all_open_after_first_push_ms", "<= 1.5"),
+          ("cpu_s_to_open", ""), ("final_after_done_p99_ms", "")],
+    "c": [("slow.stop_to_upstream_closed_p50_ms", ""),
+          ("silent.stop_to_upstream_closed_p50_ms", "")],
+}
+
+
+def figure(run: dict[str, Any], name: str) -> Any:
+    value: Any = run
+    for key in name.split("."):
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def ratio(us: Any, floor: Any) -> float | None:
+    if not isinstance(us, (int, float)) or not isinstance(floor, (int, float)) or not floor:
+        return None
+    return round(us / floor, 2)
+
+
+def median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    if not values:
+        return None
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else round((values[mid - 1] + values[mid]) / 2, 3)
+
+
+async def main_floor(reactor: Any, args: argparse.Namespace) -> None:
+    """
+    Every load C{--rounds} times with our gateway and with C{bench/floor.py}, alternating
+    which goes first, so both see the same machine; the ratios are taken within a round.
+    """
+    ours, floor_cmd = args.gateway_cmd, FLOOR_CMD
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for load in [x.strip() for x in args.load.split(",") if x.strip()]:
+        for n in range(args.rounds):
+            pair: dict[str, Any] = {}
+            order = [("gateway", ours), ("floor", floor_cmd)]
+            for who, cmd in order if n % 2 == 0 else order[::-1]:
+                print(f"-- load {load}, round {n + 1}, {who} ...", file=sys.stderr, flush=True)
+                args.gateway_cmd = cmd
+                pair[who] = await run_load(reactor, args, load)
+            args.gateway_cmd = ours
+            runs.setdefault(load, []).append(pair)
+    summary = print_floor_report(runs)
+    if args.out:
+        doc = {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+               "commit": source_version(), "machine": machine(), "args": vars(args),
+               "runs": runs, "ratios": summary}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+
+
+def print_floor_report(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Prints, per load and figure, us / floor / ratio for each round and the median ratio;
+    returns the medians with their targets."""
+    summary: dict[str, Any] = {}
+    for load, pairs in runs.items():
+        print(f"\n== load {load}: gateway vs floor, {len(pairs)} round(s)")
+        for pair in pairs:
+            g, f = pair["gateway"], pair["floor"]
+            print(f"   round: load avg {g.get('loadavg_before')} / {f.get('loadavg_before')}, "
+                  f"other jobs {g.get('other_cpu_s')} / {f.get('other_cpu_s')} CPU s, reactor "
+                  f"waited {g.get('gateway_run_queue_wait_s')} / "
+                  f"{f.get('gateway_run_queue_wait_s')} s for a CPU; idle RSS "
+                  f"{g.get('idle_rss_mb')} / {f.get('idle_rss_mb')} MB")
+        for name, target in FLOOR_FIGURES.get(load, []):
+            cells = []
+            ratios = []
+            for pair in pairs:
+                us, fl = figure(pair["gateway"], name), figure(pair["floor"], name)
+                r = ratio(us, fl)
+                ratios.append(r)
+                cells.append(f"{us}/{fl}={r}")
+            med = median([r for r in ratios if r is not None])
+            verdict = meets(med, target) if target else ""
+            summary[f"{load}.{name}"] = {"ratios": ratios, "median": med, "target": target,
+                                         "met": verdict or None}
+            print(f"  {name:40} {'  '.join(cells)}   median ratio {med}"
+                  + (f"  target {target}: {verdict}" if target else ""))
+    return summary
+
+
 async def main(reactor: Any, args: argparse.Namespace) -> None:
+    if args.floor:
+        await main_floor(reactor, args)
+        return
     figures: dict[str, dict[str, Any]] = {}
     for load in [x.strip() for x in args.load.split(",") if x.strip()]:
         print(f"-- load {load} ...", file=sys.stderr, flush=True)
@@ -527,8 +638,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="shell command starting the gateway; {python} {logfile} {home} {repo} "
                         "{load} are substituted; the Hermes env vars (GATEWAY_PROXY_URL, "
                         "GATEWAY_RELAY_URL/ID/SECRET/PLATFORMS, HERMES_HOME) are set")
+    p.add_argument("--floor", action="store_true",
+                   help="run every load with the gateway and with bench/floor.py (the I/O "
+                        "floor), alternating, --rounds times, and print the ratios us/floor")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --floor: rounds per load (the order alternates each round)")
     p.add_argument("--streaming", action="store_true",
                    help="write streaming.enabled: true to the gateway's config.yaml")
+    p.add_argument("--config-yaml", default="", metavar="YAML",
+                   help="more config.yaml for the gateway (not the floor), \\n for newlines, "
+                        "e.g. 'display:\\n  typing_delay: 0' to measure one feature's cost")
     p.add_argument("--messages", type=int, default=500, help="load a: messages")
     p.add_argument("--chats", type=int, default=50, help="load a: chats")
     p.add_argument("--deltas", type=int, default=20, help="load a: deltas per reply")

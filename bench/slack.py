@@ -7,6 +7,7 @@ subprocesses on 127.0.0.1, so the CPU and peak RSS printed are the gateway's own
 
     python bench/slack.py [--messages 500] [--chats 50] [--deltas 20] [--streaming]
         [--no-native-streaming]
+    python bench/slack.py --floor    # the same load against bench/slack_floor.py (issue 19)
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from twisted.application.service import MultiService  # noqa: E402
 from twisted.internet.defer import Deferred  # noqa: E402
@@ -138,7 +139,13 @@ async def main(reactor, args: argparse.Namespace) -> None:
         allow_all_users=True,
         max_concurrent_runs=max(10, args.chats),
     )
-    top = build_gateway(reactor, config)
+    if args.floor:
+        from slack_floor import SlackFloor
+
+        top = MultiService()
+        SlackFloor(reactor, api_base, APP_TOKEN, BOT_TOKEN, upstream_url).setServiceParent(top)
+    else:
+        top = build_gateway(reactor, config)
     cpu, wall = time.process_time(), time.perf_counter()
     stub_cpu, fake_cpu = process_cpu(stub_t.pid), process_cpu(fake_t.pid)
     top.startService()
@@ -155,7 +162,7 @@ async def main(reactor, args: argparse.Namespace) -> None:
         await fake.ended
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     n = figures["messages"]
-    print(f"slack e2e: {n} messages over {figures['chats']} chats, {args.deltas} deltas each, "
+    print(f"{'slack floor' if args.floor else 'slack e2e'}: {n} messages over {figures['chats']} chats, {args.deltas} deltas each, "
           f"streaming {'on' if args.streaming else 'off'}")
     print(f"  {figures['messages_per_s']} messages/s; latency p50 {figures['p50_ms']} ms, "
           f"p99 {figures['p99_ms']} ms, max {figures['max_ms']} ms; "
@@ -177,6 +184,9 @@ if __name__ == "__main__":
                         help="the workspace lacks chat.startStream: stream by chat.update")
     parser.add_argument("--gap", type=float, default=0.05,
                         help="seconds a chat waits after a reply before its next message")
+    parser.add_argument("--floor", action="store_true",
+                        help="run bench/slack_floor.py (the minimal Slack client) instead of "
+                             "the gateway, for the ratio")
     parser.add_argument("--verbose", action="store_true", help="log at info level")
     args = parser.parse_args()
     react(lambda reactor: Deferred.fromCoroutine(main(reactor, args)))

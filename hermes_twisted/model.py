@@ -85,6 +85,17 @@ class InterruptReason:
     GATEWAY_RESTART = "Gateway restarting"
 
 
+class InboundOutcome:
+    """
+    How the gateway finished one inbound event, told to its adapter
+    (C{PlatformAdapter.on_inbound_finished}).
+    """
+
+    HANDLED = "handled"  # run, answered as a command, folded, or dropped by the busy policy
+    REFUSED = "refused"  # the sender may not use the agent there (allowlist, pairing)
+    DUPLICATE = "duplicate"  # a redelivery of an event already admitted
+
+
 class MessageType(str, enum.Enum):
     TEXT = "text"
     LOCATION = "location"
@@ -228,6 +239,26 @@ class MediaPart:
     size: int | None = None  # as the sender declared it, when known
     data: bytes | None = field(default=None, repr=False)
     fetch: Any = field(default=None, repr=False)
+    #: A JSON-safe reference from which the platform can fetch the file again after a
+    #: restart (L{PlatformAdapter.media_fetcher}); never bytes, never a key.  None: the
+    #: part cannot outlive the process.
+    ref: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stored form (the store's inbox): the description and the reference."""
+        return {"kind": self.kind, "mime_type": self.mime_type, "file_name": self.file_name,
+                "size": self.size, "ref": self.ref}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MediaPart:
+        """The part L{to_dict} stored, without a fetcher yet."""
+        size = data.get("size")
+        ref = data.get("ref")
+        return cls(kind=str(data.get("kind") or "file"),
+                   mime_type=str(data.get("mime_type") or "application/octet-stream"),
+                   file_name=data.get("file_name") or None,
+                   size=size if isinstance(size, int) else None,
+                   ref=ref if isinstance(ref, dict) else None)
 
     def placeholder(self) -> str:
         """How the transcript remembers the part: its kind and name, never its bytes."""

@@ -293,13 +293,14 @@ async def test_the_end_of_an_answered_turn_leaves_the_next_request_open(server):
     second = treq.post(server.url + "/v1/chat/completions", body(text="two"),
                        headers=auth(**{"X-Hermes-Session-Id": "quick"}))
     await _until(lambda: len(server.sink.events) == 2)
-    server.on_turn_finished("quick", "k", delivered=True)  # the first turn's end
+    first_event, second_event = server.sink.events
+    server.on_inbound_finished(first_event, "k", delivered=True)  # the first turn's end
     server.send("quick", "answer two", metadata={"final": True})
     response = await second
     assert response.code == 200
     answer = json.loads(await response.content())
     assert answer["choices"][0]["message"]["content"] == "answer two"
-    server.on_turn_finished("quick", "k", delivered=True)  # the second's: nothing open
+    server.on_inbound_finished(second_event, "k", delivered=True)  # the second's: nothing open
 
 
 @pytest_twisted.ensureDeferred

@@ -323,6 +323,16 @@ ERRORS = [
      "TELEGRAM_BOT_TOKEN: required when Telegram is enabled"),
     ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
           "MATRIX_E2EE_MODE": "mandatory"}, "MATRIX_E2EE_MODE: expected one of off, optional"),
+    ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
+          "MATRIX_RECOVERY_KEY": "EsTc 0OIl"}, "MATRIX_RECOVERY_KEY: the recovery key has a "
+                                               "character outside base58"),
+    ({}, {"MATRIX_HOMESERVER": "https://m.example", "MATRIX_ACCESS_TOKEN": "t",
+          "MATRIX_RECOVERY_KEY": "EsTc 1234 5678"}, "MATRIX_RECOVERY_KEY: not a Matrix recovery "
+                                                    "key (wrong length or header)"),
+    ({"platforms": {"matrix": {"enabled": True, "extra": {
+        "homeserver": "https://m.example", "access_token": "t",
+        "recovery_key": "EsSz ykH7 LCZx 7Cae cmKD wcmY JRXi Ybtu 8iQ3 t8Ez nRwK pUY2"}}}}, {},
+     "MATRIX_RECOVERY_KEY: the recovery key's parity check failed"),
     ({}, {"API_SERVER_ENABLED": "true"}, "API_SERVER_KEY: the API server needs a key of at "
                                          "least 16 characters"),
     ({}, {"API_SERVER_KEY": "short"}, "API_SERVER_KEY: the API server needs a key"),
@@ -832,6 +842,12 @@ def as_valid_secret(name, secret):
     """C{secret} in the form the variable C{name} must have (a URL holds it as its password)."""
     if name == "GATEWAY_DATABASE_URL":
         return f"postgresql://gw:{secret}@db.example/hermes"
+    if name == "MATRIX_RECOVERY_KEY":  # checked at load: only base58 of a real key passes
+        import hashlib
+
+        from hermes_twisted.config.recovery_key import encode_recovery_key
+
+        return encode_recovery_key(hashlib.sha256(secret.encode()).digest())
     return secret
 
 
@@ -855,6 +871,7 @@ def test_redacted_yaml_hides_every_secret():
         "gateway": {"relay_wake_url": "https://user:S3CRET-url-password@wake.example/w"}}
     text = redacted_yaml(load(doc, env))
     assert "S3CRET" not in text, [line for line in text.splitlines() if "S3CRET" in line]
+    assert secrets["MATRIX_RECOVERY_KEY"].split()[2] not in text
     assert REDACTED in text
     for visible in ("http://agent.example:8642", "gw-visible", "irc.example", "9001",
                     "wss://connector.example/relay", "wake.example"):
@@ -949,7 +966,8 @@ def test_no_secret_reaches_a_log_line(tmp_path):
     finally:
         globalLogPublisher.removeObserver(observer)
     assert events, "expected warnings"
-    leaked = [e for e in events if "S3CRET-" in e or "S3CRET{" in e]
+    leaked = [e for e in events if "S3CRET-" in e or "S3CRET{" in e
+              or secrets["MATRIX_RECOVERY_KEY"].split()[2] in e]
     assert leaked == []
 
 

@@ -3,9 +3,12 @@ The real daemon, as users start it: `twistd -n hermes-gateway`.  These tests cov
 process can show: plugin discovery, usage errors before daemonizing, logging, SIGTERM.
 """
 
+import subprocess
+import sys
+
 import pytest
 
-from tests.daemon import Daemon, clean_env, run_twistd
+from tests.daemon import ROOT, Daemon, clean_env, run_twistd
 
 pytestmark = pytest.mark.integration
 
@@ -60,3 +63,30 @@ def test_sample_config_starts(tmp_path):
         daemon.terminate(timeout=5.0)
     finally:
         daemon.kill()
+
+
+MATRIX_ENV = {"MATRIX_HOMESERVER": "http://127.0.0.1:9", "MATRIX_ACCESS_TOKEN": "syt_token",
+              "MATRIX_ENCRYPTION": "true"}
+
+
+@pytest.mark.parametrize("setting, value, named", [
+    ("MATRIX_RECOVERY_KEY", "EsSz ykH7 LCZx 7Cae cmKD wcmY JRXi Ybtu 8iQ3 t8Ez nRwK pUY2",
+     "MATRIX_RECOVERY_KEY: the recovery key's parity check failed"),
+    ("MATRIX_RECOVERY_KEY", "not-a-key", "MATRIX_RECOVERY_KEY: the recovery key has a character"),
+    ("MATRIX_E2EE_MODE", "mandatory", "MATRIX_E2EE_MODE: expected one of off, optional"),
+])
+def test_a_matrix_setting_that_cannot_work_stops_twistd_naming_the_key(tmp_path, setting,
+                                                                        value, named):
+    result = run_twistd(tmp_path, clean_env(tmp_path, **MATRIX_ENV, **{setting: value}), [])
+    output = result.stdout + result.stderr
+    # twistd's own exit status for a usage error is 1; the admin command says 2 (below).
+    assert result.returncode != 0
+    assert named in output
+    assert "Traceback" not in output
+    assert "pUY2" not in output  # a recovery key is a secret: never echoed
+    check = subprocess.run([sys.executable, "-c", "import sys; from hermes_twisted.cli import "
+                            "main; sys.exit(main(['check-config']))"],
+                           env=clean_env(tmp_path, **MATRIX_ENV, **{setting: value}),
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert check.returncode == 2, check.stdout + check.stderr
+    assert named in check.stderr and "Traceback" not in check.stderr

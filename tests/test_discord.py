@@ -16,11 +16,21 @@ from twisted.internet.defer import CancelledError
 from twisted.internet.error import ConnectionClosed
 from twisted.internet.task import deferLater
 
-from hermes_twisted.config.settings import GatewayConfig, PlatformSettings, StreamingSettings
+from hermes_twisted.config.settings import (
+    DisplaySettings,
+    GatewayConfig,
+    PlatformSettings,
+    StreamingSettings,
+)
 from hermes_twisted.dispatch.gateway import Gateway
 from hermes_twisted.net.body import BodyTooLarge
 from hermes_twisted.net.reconnect import SessionBackoff
-from hermes_twisted.platforms.discord.adapter import DiscordAdapter
+from hermes_twisted.platforms.discord.adapter import (
+    NO_ANSWER_TEXT,
+    REFUSED_TEXT,
+    STOP_BUTTON_ID,
+    DiscordAdapter,
+)
 from hermes_twisted.platforms.discord.gateway import intents_for
 from hermes_twisted.platforms.discord.rest import DiscordHTTPError
 from tests.fakes.memory_store import MemoryStore
@@ -39,6 +49,7 @@ from tests.servers.discord import (
 pytestmark = pytest.mark.integration
 
 ALICE = user_object("1100000000000000500", "alice")
+BOB = user_object("1100000000000000600", "bob")  # not in the allowlist
 
 
 def settings_for(fake: FakeDiscord, **extra) -> PlatformSettings:
@@ -50,7 +61,8 @@ def settings_for(fake: FakeDiscord, **extra) -> PlatformSettings:
 
 @contextlib.asynccontextmanager
 async def discord_gateway(*, streaming: bool = False, auto_reply=lambda r: f"echo: {r.message}",
-                          fake: FakeDiscord | None = None, **extra):
+                          fake: FakeDiscord | None = None, busy_input_mode: str = "interrupt",
+                          **extra):
     fake = fake or FakeDiscord(reactor)
     await fake.start()
     fake.add_member(GUILD_ID, ALICE)
@@ -58,7 +70,8 @@ async def discord_gateway(*, streaming: bool = False, auto_reply=lambda r: f"ech
     config = GatewayConfig(
         hermes_home="/nonexistent", db_path=":memory:", platforms={"discord": settings},
         streaming=StreamingSettings(enabled=streaming, transport="edit", edit_interval=0.05,
-                                    buffer_threshold=1))
+                                    buffer_threshold=1),
+        display=DisplaySettings(busy_input_mode=busy_input_mode))
     upstream = MemoryUpstream(clock=reactor, auto_reply=auto_reply)
     gateway = Gateway(config, store=MemoryStore(reactor), upstream=upstream, clock=reactor)
     adapter = DiscordAdapter(settings, reactor=reactor, gateway_config=config,
@@ -242,6 +255,147 @@ async def test_an_interaction_is_deferred_then_answered_by_editing_the_response(
         assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]
         assert record["original"]["content"] == "echo: what time is it"
         assert not fake.sent_messages(CHANNEL_ID)  # nothing public
+
+
+def callbacks_posted(fake: FakeDiscord) -> list[str]:
+    return [path for method, path, _ in fake.requests
+            if method == "POST" and path.startswith("/interactions/")]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_refused_slash_command_gets_a_private_refusal_not_endless_thinking():
+    async with discord_gateway() as (fake, gateway, adapter, upstream):
+        fake.add_member(GUILD_ID, BOB)
+        interaction = fake.interaction("ask", BOB, options=[
+            {"name": "prompt", "type": 3, "value": "let me in"}])
+        record = fake.interactions[interaction["token"]]
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the refusal")
+        assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]  # private
+        assert record["original"]["content"] == REFUSED_TEXT
+        assert not upstream.turns and not fake.sent_messages()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_slash_ask_stopped_before_any_output_is_resolved_too():
+    async with discord_gateway(streaming=True, auto_reply=None) as (fake, gateway, adapter,
+                                                                   upstream):
+        asked = fake.interaction("ask", ALICE, channel_id=FREE_CHANNEL_ID, options=[
+            {"name": "prompt", "type": 3, "value": "think forever"}])
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        stop = fake.interaction("stop", ALICE, channel_id=FREE_CHANNEL_ID)
+        await eventually(lambda: turn.cancelled, what="the upstream closed")
+        ask_record = fake.interactions[asked["token"]]
+        stop_record = fake.interactions[stop["token"]]
+        await eventually(lambda: ask_record["original"] and ask_record["original"].get("edits")
+                         and stop_record["original"] and stop_record["original"].get("edits"),
+                         what="both responses resolved")
+        assert ask_record["original"]["content"] == NO_ANSWER_TEXT
+        assert stop_record["original"]["content"] != NO_ANSWER_TEXT  # the /stop reply
+        assert not adapter._answering_interaction(FREE_CHANNEL_ID)
+
+
+@pytest_twisted.ensureDeferred
+async def test_queued_slash_commands_cleared_by_new_are_all_resolved():
+    async with discord_gateway(auto_reply=None, busy_input_mode="queue") as (
+            fake, gateway, adapter, upstream):
+        def ask(prompt: str) -> dict:
+            sent = fake.interaction("ask", ALICE, channel_id=FREE_CHANNEL_ID, options=[
+                {"name": "prompt", "type": 3, "value": prompt}])
+            return fake.interactions[sent["token"]]
+
+        running = ask("one")
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        acked = ask("two")  # queued, with the busy acknowledgement as its answer
+        await eventually(lambda: acked["original"] and acked["original"].get("edits"),
+                         what="the queue acknowledgement")
+        silent = ask("three")  # queued; the acknowledgement is rate-limited
+        await deferLater(reactor, 0.2, lambda: None)
+        assert not (silent["original"] or {}).get("edits")
+        reset = fake.interaction("new", ALICE, channel_id=FREE_CHANNEL_ID)
+        await eventually(lambda: turn.cancelled, what="the run interrupted")
+        records = [running, acked, silent, fake.interactions[reset["token"]]]
+        await eventually(lambda: all(r["original"] and r["original"].get("edits")
+                                     for r in records), what="every response resolved")
+        assert silent["original"]["content"] == NO_ANSWER_TEXT
+        assert running["original"]["content"] == NO_ANSWER_TEXT  # stopped before output
+        assert not adapter._answering_interaction(FREE_CHANNEL_ID)
+        assert len(upstream.turns) == 1  # the queue was cleared, not run
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_replayed_interaction_is_acknowledged_and_run_once():
+    async with discord_gateway() as (fake, gateway, adapter, upstream):
+        fake.replay_all_on_resume = True
+        interaction = fake.interaction("ask", ALICE, options=[
+            {"name": "prompt", "type": 3, "value": "once please"}])
+        record = fake.interactions[interaction["token"]]
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the answer")
+        fake.close_connections(4000)
+        await eventually(lambda: fake.resumes and adapter.session.ready, what="the resume")
+        await deferLater(reactor, 0.2, lambda: None)  # room for a second run
+        assert len(callbacks_posted(fake)) == 1
+        assert [t.request.message for t in upstream.turns] == ["once please"]
+        assert record["original"]["content"] == "echo: once please"
+
+
+def stop_buttons(message: dict) -> list[str]:
+    return [b["custom_id"] for row in message.get("components") or ()
+            for b in row["components"]]
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_stop_button_on_a_streaming_answer_stops_it_and_goes_away():
+    async with discord_gateway(streaming=True, auto_reply=None) as (fake, gateway, adapter,
+                                                                   upstream):
+        fake.user_message(FREE_CHANNEL_ID, ALICE, "write a long story")
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        turn.delta("Once upon a time ")
+        [answer] = await eventually(lambda: fake.sent_messages(FREE_CHANNEL_ID),
+                                    what="the streamed message")
+        turn.delta("there was a bot ")
+        await eventually(lambda: stop_buttons(answer) == [STOP_BUTTON_ID],
+                         what="the stop button")
+        click = fake.click(answer, ALICE, STOP_BUTTON_ID)
+        await eventually(lambda: turn.cancelled, what="the upstream closed")
+        record = fake.interactions[click["token"]]
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the private answer to the click")
+        assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]
+        assert record["original"]["content"] not in (NO_ANSWER_TEXT, REFUSED_TEXT)
+        await eventually(lambda: answer["components"] == [], what="the button removed")
+        assert len(fake.sent_messages(FREE_CHANNEL_ID)) == 1  # nothing public
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_finished_answer_loses_its_stop_button_slash_responses_too():
+    async with discord_gateway(streaming=True, auto_reply=None) as (fake, gateway, adapter,
+                                                                   upstream):
+        fake.user_message(FREE_CHANNEL_ID, ALICE, "a short story")
+        turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        turn.delta("Once upon a time ")
+        [answer] = await eventually(lambda: fake.sent_messages(FREE_CHANNEL_ID),
+                                    what="the streamed message")
+        turn.delta("there was a bot ")
+        await eventually(lambda: stop_buttons(answer), what="the stop button")
+        turn.finish("Once upon a time there was a bot. The end.")
+        await eventually(lambda: answer["content"].endswith("The end."), what="the final text")
+        assert answer["components"] == []
+        interaction = fake.interaction("ask", ALICE, channel_id=FREE_CHANNEL_ID, options=[
+            {"name": "prompt", "type": 3, "value": "another"}])
+        turn = await eventually(lambda: len(upstream.turns) == 2 and upstream.last,
+                                what="the second turn")
+        record = fake.interactions[interaction["token"]]
+        turn.delta("Twice upon a time ")
+        await eventually(lambda: record["original"] and record["original"].get("edits"),
+                         what="the streamed response")
+        turn.delta("there were two bots ")
+        await eventually(lambda: stop_buttons(record["original"]), what="its stop button")
+        turn.finish("Twice upon a time there were two bots.")
+        await eventually(lambda: record["original"]["content"].endswith("two bots."),
+                         what="the final response")
+        assert record["original"]["components"] == []
 
 
 @pytest_twisted.ensureDeferred

@@ -121,6 +121,21 @@ async def test_discord_py_connects_talks_resumes_and_answers_an_interaction():
         assert record["callbacks"] == [{"type": 5, "data": {"flags": 64}}]
         assert record["original"]["content"] == "done"
         assert [m["content"] for m in record["followups"]] == ["more"]
+
+        # Buttons: what discord.py sends is what the fake stores, and its click reaches the
+        # view (the shape the adapter's Stop button relies on).
+        fake.user_message(CHANNEL_ID, alice, "a button please")
+        await until(fake, bot, lambda: len(bot.saw("sent")) == 3)
+        with_button = fake.sent_messages(CHANNEL_ID)[-1]
+        assert [b["custom_id"] for row in with_button["components"]
+                for b in row["components"]] == ["hermes:stop"]
+        click = fake.click(with_button, alice, "hermes:stop")
+        await until(fake, bot, lambda: bot.saw("click_done"))
+        assert bot.saw("clicked")[0]["user"] == alice["id"]
+        clicked = fake.interactions[click["token"]]
+        assert clicked["callbacks"] == [{"type": 5, "data": {"flags": 64}}]
+        assert clicked["original"]["content"] == "stopped"
+        assert with_button["components"] == []
         assert len(fake.identifies) == 1
     finally:
         if bot.ended.called is False:

@@ -20,6 +20,7 @@ from twisted.internet.threads import deferToThread
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.platforms.email.adapter import EmailAdapter
 from tests.relay_support import RecordingSink, eventually
+from tests.servers import dovecot
 
 pytestmark = pytest.mark.integration
 
@@ -307,3 +308,38 @@ async def test_a_mail_becomes_one_threaded_reply_through_the_gateway(mail_system
         await upstream.stopService()
         await store.close()
         await port.stopListening()
+
+
+# -- the fixture's Dovecot 2.4 dialect, as text ---------------------------------------------------
+# The machines these tests run on here are Debian 12 (Dovecot 2.3): the 2.4 branch of the
+# fixture cannot be started, so what can be checked without the binary is checked here.
+
+
+@pytest.mark.parametrize("reported, written", [
+    ("2.4.1", "2.4.1"), ("2.4.1-4", "2.4.1"), ("2.4.0", "2.4.0"), ("2.4.2", "2.4.1"),
+])
+def test_dovecot_24_config_names_a_version_the_binary_accepts(tmp_path, reported, written):
+    text = dovecot.dovecot_config(reported, tmp_path, 1143, 1993, 1024)
+    lines = text.splitlines()
+    # 2.4 refuses a file whose first setting is not dovecot_config_version.
+    assert lines[0] == f"dovecot_config_version = {written}"
+    assert lines[1] == f"dovecot_storage_version = {written}"
+
+
+def test_dovecot_24_config_uses_no_23_setting(tmp_path):
+    text = dovecot.dovecot_config("2.4.1", tmp_path, 1143, 1993, 1024)
+    for old in ("mail_location", "disable_plaintext_auth", "ssl_cert =", "ssl_key =",
+                "protocol lmtp", "  driver =", "  args =", "%d", "%n"):
+        assert old not in text, old
+    for new in ("auth_allow_cleartext = yes", f"ssl_server_cert_file = {tmp_path}/cert.pem",
+                "mail_driver = maildir", "%{user | domain}/%{user | username}",
+                f"passwd_file_path = {tmp_path}/users", "namespace inbox {",
+                "port = 1143", "port = 1993", "port = 1024"):
+        assert new in text, new
+    assert text.count("{") - text.count("%{") == text.count("}") - text.count("%{")
+
+
+def test_dovecot_23_config_is_the_debian_12_dialect(tmp_path):
+    text = dovecot.dovecot_config("2.3.19.1", tmp_path, 1143, 1993, 1024)
+    assert "dovecot_config_version" not in text
+    assert f"mail_location = maildir:{tmp_path}/mail/%d/%n/Maildir" in text

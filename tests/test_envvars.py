@@ -24,6 +24,7 @@ from hermes_twisted.config.envvars import (
     SUPPORTED_PLATFORMS as SUPPORTED,
 )
 from hermes_twisted.config.loader import build_config
+from hermes_twisted.config.recovery_key import encode_recovery_key
 from hermes_twisted.platforms import ADAPTERS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +143,8 @@ COMPANIONS = {
     "xmpp": {"XMPP_JID": "bot@xmpp.example", "XMPP_PASSWORD": "pw"},
 }
 #: Values whose shape the loader checks beyond their type.
-SAMPLES = {"XMPP_JID": "sample@xmpp.example"}
+SAMPLES = {"XMPP_JID": "sample@xmpp.example",
+           "MATRIX_RECOVERY_KEY": encode_recovery_key(bytes(range(32)))}
 
 
 def sample(var):
@@ -155,11 +157,10 @@ def sample(var):
     if var.type == "int":
         low = int(var.minimum or 0)
         return str(low + 1 if var.default != low + 1 else low + 2)
-    if var.type == "float":
-        # Near the default, so settings checked against one another stay consistent.
-        return str(float(var.default) * 1.2 if var.default else float(var.minimum or 0) + 1.5)
     if var.type == "enum":
         return next(c for c in var.choices if c != var.default)
+    if var.type == "float":  # a little above the default keeps related bounds in order
+        return str(float(var.default or 1.0) * 1.1)
     return {
         "str": "sample-value", "secret": "sample-secret-0123456789",
         "url": "https://sample.example", "relay_url": "https://sample.example",

@@ -275,3 +275,18 @@ async def test_completed_events_are_forgotten_after_the_retention(fleet, monkeyp
     await a.admit_inbound("relay", "relay:new", KEY, {"v": 1})
     assert await a.complete_inbound("relay:new")  # the second completion sweeps
     assert query(fleet.url, "SELECT dedupe_key FROM inbound") == [("relay:new",)]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_turn_start_cancelled_after_taking_the_lease_gives_it_back(fleet):
+    from twisted.internet.defer import Deferred
+
+    a = await fleet.member("a")
+    a.store.reload = lambda key: Deferred()  # the routing re-read is slow
+    starting = a.begin_turn(KEY)
+    await until(lambda: KEY in a.turns, what="the lease")
+    starting.cancel()
+    starting.addErrback(lambda f: None)
+    assert a.turns == {} and a._beginning == {}
+    await until(lambda: query(fleet.url, "SELECT owner_instance FROM fleet_session")
+                == [(None,)], what="the release")

@@ -42,7 +42,7 @@ from __future__ import annotations
 from hermes_twisted.config.settings import PlatformSettings
 from hermes_twisted.dispatch import interrupts
 from hermes_twisted.dispatch.gateway import Gateway
-from hermes_twisted.model import MessageEvent, Platform, SessionSource
+from hermes_twisted.model import InboundOutcome, MessageEvent, Platform, SessionSource
 from tests.fakes.gateway_kit import ChatAdapter, Kit
 
 
@@ -402,10 +402,25 @@ def test_typing_indicator_respects_platform_setting():
     assert kit.adapter.typing == []
 
 
+def test_a_turn_answered_within_the_typing_delay_shows_no_typing():
+    kit = Kit()
+    kit.say("hello")
+    kit.clock.advance(0.4)
+    kit.upstream.last.finish("answer")
+    kit.clock.advance(10)
+    assert "typing" not in kit.adapter.typing
+
+
+def test_typing_starts_at_once_with_no_typing_delay():
+    kit = Kit(typing_delay=0)
+    kit.say("hello")
+    assert kit.adapter.typing == ["typing"]
+
+
 def test_typing_refreshes_during_a_run_and_stops_on_cancel():
     kit = Kit()
     kit.say("hello")
-    kit.clock.pump([2, 2, 2])
+    kit.clock.pump([0.5, 2, 2, 2])  # display.typing_delay, then every typing_interval
     assert kit.adapter.typing == ["typing"] * 4
     kit.say("/stop")
     kit.clock.advance(10)
@@ -437,6 +452,24 @@ def test_on_turn_finished_once_per_inbound_event():
     kit.say("stopped")
     kit.say("/stop")
     assert [f[2] for f in kit.adapter.finished] == [True, True, False, True]
+
+
+def test_on_inbound_finished_names_the_event_and_how_it_ended():
+    # A Discord slash command resolves its private response by event, so the adapter must
+    # learn which event ended and whether it was refused or a redelivery.
+    kit = Kit(allow_all=False, allowed_users=("u1",))
+    ended: list = []
+    kit.adapter.on_inbound_finished = lambda event, key, delivered, outcome: ended.append(
+        (event.text, delivered, outcome))
+    kit.say("/status")
+    kit.say("hello", user_id="stranger")
+    kit.say("first", dedupe_key="k1")
+    kit.upstream.last.finish("answer")
+    kit.say("first", dedupe_key="k1")  # redelivered
+    assert ended == [("/status", True, InboundOutcome.HANDLED),
+                     ("hello", False, InboundOutcome.REFUSED),
+                     ("first", True, InboundOutcome.HANDLED),
+                     ("first", False, InboundOutcome.DUPLICATE)]
 
 
 def test_200_sessions_run_in_parallel():
@@ -487,7 +520,8 @@ def test_typing_of_a_run_gone_stale_stops_at_its_next_tick():
     kit.say("hello")
     kit.gateway.generations.bump(kit.key(), "test")
     kit.clock.pump([2, 2])
-    assert kit.adapter.typing == ["typing", "stop"]
+    # Gone stale before its first tick (display.typing_delay): it never showed typing.
+    assert kit.adapter.typing == ["stop"]
     kit.upstream.last.finish("stale")
 
 
@@ -506,3 +540,46 @@ def test_message_while_the_complete_answer_is_being_sent_waits_silently():
     kit.adapter.release_sends()
     assert len(kit.upstream.turns) == 2
     assert kit.store.rows(kit.key())[:2] == [("user", "first"), ("assistant", "first answer")]
+
+
+def test_the_transcript_read_goes_down_with_the_session_touch():
+    # Both reach the store before either answers, so a database store serves them in one
+    # commit instead of two in a row (issue 19: inbound -> upstream request latency).
+    kit = Kit()
+    kit.store.hold("get_or_create")
+    kit.store.hold("load_transcript")
+    kit.say("hello")
+    assert len(kit.store.held["get_or_create"]) == 1
+    assert len(kit.store.held["load_transcript"]) == 1
+    kit.store.held["get_or_create"][0].callback(None)
+    assert not kit.upstream.turns
+    kit.store.held["load_transcript"][0].callback(None)
+    assert kit.upstream.last.request.message.endswith("hello")
+
+
+def test_a_turn_stopped_while_the_session_loads_withdraws_its_transcript_read():
+    kit = Kit()
+    kit.store.hold("get_or_create")
+    kit.store.hold("load_transcript")
+    kit.say("hello")
+    read = kit.store.held["load_transcript"][0]
+    kit.say("/stop")
+    assert read.called  # cancelled, and its CancelledError consumed (no logged error)
+    assert not kit.upstream.turns
+
+
+def test_a_running_turn_keeps_no_fired_store_read_in_its_frame():
+    # One execute_turn frame lives per open stream: a fired read kept there would hold the
+    # whole transcript for the length of the stream.
+    import gc
+
+    kit = Kit()
+    kit.say("hello")
+    assert kit.upstream.turns  # the turn is running, waiting for the upstream
+    frames = [o.cr_frame for o in gc.get_objects()
+              if type(o).__name__ == "coroutine" and o.cr_code.co_name == "execute_turn"
+              and o.cr_frame is not None]
+    assert frames
+    for frame in frames:
+        assert not {"entry_d", "history_d", "history"} & set(frame.f_locals)
+    kit.upstream.last.finish("answer")

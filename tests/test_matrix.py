@@ -4,12 +4,13 @@ import json
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
+from hermes_twisted.platforms.base import PlatformState
 from hermes_twisted.platforms.matrix.adapter import MatrixAdapter
 from hermes_twisted.platforms.matrix.format import markdown_to_html
 
@@ -18,7 +19,8 @@ ME = "@bot:localhost"
 
 class FakeResponse:
     def __init__(self, code, body):
-        self.code, self.phrase, self._body = code, b"X", json.dumps(body).encode()
+        self.code, self.phrase = code, b"X"
+        self._body = body if isinstance(body, bytes) else json.dumps(body).encode()
         self.original = self
 
     def deliverBody(self, protocol):
@@ -43,7 +45,8 @@ class ScriptedHomeserver:
         self.answers.setdefault((method, prefix), []).append((code, body))
 
     def request(self, method, url, headers=None, params=None, json=None):
-        path = url.split("/_matrix/client/v3", 1)[1]
+        path = url.split("/_matrix/client/v3", 1)[1] if "/client/v3" in url else \
+            url.split("http://hs", 1)[1]
         self.requests.append((method, path, params, json))
         for (m, prefix), queue in self.answers.items():
             if m == method and path.startswith(prefix) and queue:
@@ -448,7 +451,7 @@ class ScriptedCrypto:
         from hermes_twisted.platforms.matrix.cryptostore import CryptoStore
 
         self.keys, self.arrive, self.withheld = set(), set(), {}
-        self.encrypted = []
+        self.encrypted, self.held_rows = [], {}
         self.store = CryptoStore("/nonexistent", run_in_thread=maybeDeferred)
         self.store.close = lambda: succeed(None)
 
@@ -473,6 +476,20 @@ class ScriptedCrypto:
 
     def withheld_code(self, room_id, session_id):
         return self.withheld.get((room_id, session_id))
+
+    # The store's held events: a dict that outlives the instance when a test shares it.
+    def held_events(self):
+        return sorted(self.held_rows.values(), key=lambda row: row["held_at"])
+
+    def remember_held(self, room_id, session_id, held_at, event):
+        self.held_rows[event["event_id"]] = {"room_id": room_id, "session_id": session_id,
+                                             "held_at": held_at, "event": event}
+
+    def forget_held(self, event):
+        self.held_rows.pop(event["event_id"], None)
+
+    def has_room_key(self, room_id, session_id):
+        return (room_id, session_id) in self.keys
 
     async def recover(self, refs):
         self.asked = getattr(self, "asked", set()) | set(refs)
@@ -587,5 +604,113 @@ def test_encryption_without_a_known_device_is_refused_naming_the_key(tmp_path):
     hs.answer("GET", "/account/whoami", 200, {"user_id": ME})  # an old token: no device
     adapter, _ = make_adapter(tmp_path, hs, clock, e2ee_mode="required")
     adapter.startService()
-    assert adapter.status.startswith("disabled: MATRIX_DEVICE_ID")
+    assert adapter.status.startswith("disabled: invalid_config (MATRIX_DEVICE_ID: ")
+    status = adapter.platform_status
+    assert status.state is PlatformState.DISABLED and status.reason == "invalid_config"
+    assert status.detail.startswith("MATRIX_DEVICE_ID: ")
+    assert [r[:2] for r in hs.requests] == [("GET", "/account/whoami")]  # no retry, no sync
+    adapter.stopService()
+
+
+def test_a_replayed_attachment_is_fetched_again_from_its_event_after_login(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    fetch = adapter.media_fetcher({"room_id": "!r:localhost", "event_id": "$img"})
+    got = []
+    fetch(1000).addCallback(got.append)
+    assert hs.requests == [] and got == []  # not before the adapter has logged in
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    hs.answer("GET", "/rooms/%21r%3Alocalhost/event/%24img", 200, {
+        "type": "m.room.message", "event_id": "$img", "sender": "@alice:localhost",
+        "content": {"msgtype": "m.image", "body": "cat.png", "url": "mxc://localhost/abc",
+                    "info": {"mimetype": "image/png", "size": 3}}})
+    hs.answer("GET", "/_matrix/client/v1/media/download/localhost/abc", 200, b"PNG")
+    adapter.startService()
+    assert got == [b"PNG"]
+    assert [r[1] for r in hs.requests[1:3]] == ["/rooms/%21r%3Alocalhost/event/%24img",
+                                                 "/_matrix/client/v1/media/download/localhost/abc"]
+    adapter.stopService()
+
+
+def test_a_fetch_waiting_for_login_is_cancelled_by_stop(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    adapter.startService()  # whoami is left unanswered
+    failures = []
+    adapter.media_fetcher({"room_id": "!r", "event_id": "$e"})(10).addErrback(failures.append)
+    adapter.stopService()
+    assert failures and failures[0].check(CancelledError)
+    assert adapter.media_fetcher({"room_id": 5}) is None
+
+
+def test_held_events_survive_a_restart_and_keep_their_age(tmp_path):
+    room = "!r:localhost"
+    store_rows = {}  # what the crypto store keeps across the restart
+
+    def start(clock):
+        hs = ScriptedHomeserver()
+        hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+        adapter, sink = make_adapter(tmp_path, hs, clock)
+        crypto = ScriptedCrypto()
+        crypto.held_rows = store_rows
+        adapter._start_crypto = lambda: succeed(adapter._adopt_crypto(crypto))
+        adapter.startService()
+        adapter._since = "s0"
+        return adapter, sink, crypto, hs
+
+    clock = Clock()
+    adapter, sink, crypto, _ = start(clock)
+    done(adapter._deliver(batch("s1", room=room, events=[encrypted("$a", "S1", "first"),
+                                                         encrypted("$b", "S2", "second")])))
+    assert sink.events == [] and set(store_rows) == {"$a", "$b"}
+    adapter.stopService()
+    # The restart: the key of S1 arrives in the first sync, S2's never does.
+    clock.advance(10)
+    adapter, sink, crypto, hs = start(clock)
+    assert set(adapter._held) == {(room, "S1"), (room, "S2")}
+    crypto.arrive = {(room, "S1")}
+    done(adapter._deliver(batch("s2", room=room)))
+    assert [e.text for e in sink.events] == ["first"]
+    assert set(store_rows) == {"$b"}
+    # The notice comes after the hold time counted from the first hold, not the restart.
+    hs.answer("PUT", "/rooms/%21r%3Alocalhost/send/", 200, {"event_id": "$n"})
+    clock.advance(adapter.hold_seconds - 10 + 1)
+    done(adapter._deliver(batch("s3", room=room)))
+    assert "couldn't decrypt" in crypto.encrypted[0][2]["body"]
+    assert store_rows == {} and adapter._held == {}
+    adapter.stopService()
+
+
+def test_a_key_that_came_before_the_restart_releases_the_held_event(tmp_path):
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, sink = make_adapter(tmp_path, hs, clock)
+    crypto = ScriptedCrypto()
+    crypto.remember_held("!r:localhost", "S1", 0.0, encrypted("$a", "S1", "first"))
+    crypto.keys.add(("!r:localhost", "S1"))  # stored, but the retry never ran
+    adapter._start_crypto = lambda: succeed(adapter._adopt_crypto(crypto))
+    adapter.startService()
+    adapter._since = "s0"
+    done(adapter._deliver(batch("s1", room="!r:localhost")))
+    assert [e.text for e in sink.events] == ["first"] and crypto.held_rows == {}
+    adapter.stopService()
+
+
+def test_the_held_events_bound_holds_in_the_store_too(tmp_path, monkeypatch):
+    import hermes_twisted.platforms.matrix.adapter as matrix_adapter
+
+    monkeypatch.setattr(matrix_adapter, "MAX_HELD_EVENTS", 2)
+    hs, clock = ScriptedHomeserver(), Clock()
+    hs.answer("GET", "/account/whoami", 200, {"user_id": ME, "device_id": "DEV"})
+    adapter, _ = make_adapter(tmp_path, hs, clock)
+    crypto = ScriptedCrypto()
+    adapter._start_crypto = lambda: succeed(adapter._adopt_crypto(crypto))
+    adapter.startService()
+    adapter._since = "s0"
+    for number, session in enumerate(("S1", "S2", "S3")):
+        clock.advance(1)
+        done(adapter._deliver(batch(f"s{number + 1}", events=[
+            encrypted(f"${session}", session, "text")])))
+    assert set(crypto.held_rows) == {"$S2", "$S3"}  # the oldest session's event went
+    assert set(adapter._held) == {("!r:localhost", "S2"), ("!r:localhost", "S3")}
     adapter.stopService()

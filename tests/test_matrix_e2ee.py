@@ -125,6 +125,72 @@ async def test_encrypted_dm_round_trip_restart_and_second_device(synapse, tmp_pa
             await second.close()
 
 
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_an_invited_member_reads_the_first_reply_after_joining(synapse, tmp_path):
+    """Element's rule: history is shared with invitees, so the bot shares the room key too."""
+    require_nio()
+    home = tmp_path / "home"
+    home.mkdir()
+    alice = NioUser(reactor, synapse.url, "alice", USERS["alice"], str(tmp_path / "alice"))
+    bob = NioUser(reactor, synapse.url, "bob", USERS["bob"], str(tmp_path / "bob"))
+    adapter, _ = e2ee_adapter(synapse, home)
+    try:
+        await alice.login()
+        await bob.login()  # bob's device keys are on the server before he is invited
+        await started(adapter)
+        room = (await alice.do("create_dm", invite=BOT))["room_id"]
+        await alice.do("wait_joined", room=room, user=BOT)
+        await alice.do("invite", room=room, user="@bob:localhost")
+        await alice.do("send_text", room=room, body="before bob joined")
+        found = await alice.do("wait_message", room=room, sender=BOT,
+                               contains="Echo:** before bob joined")
+        no_undecryptable(found["events"])
+        await bob.do("join", room=room)
+        found = await bob.do("wait_message", room=room, sender=BOT,
+                             contains="Echo:** before bob joined")
+        no_undecryptable(found["events"])
+    finally:
+        await adapter.stopService()
+        await alice.close()
+        await bob.close()
+
+
+@pytest.mark.integration
+@pytest_twisted.ensureDeferred
+async def test_the_device_is_cross_signed_and_a_lost_store_says_what_to_do(synapse, tmp_path):
+    """A fresh account (carol, used by no other test) gets a cross-signing identity."""
+    carol = "@carol:localhost"
+
+    def adapter_in(home):
+        home.mkdir()
+        adapter, _ = e2ee_adapter(synapse, home, user_id="carol", password=USERS["carol"])
+        return adapter
+
+    adapter = adapter_in(tmp_path / "first")
+    try:
+        await started(adapter)
+        assert adapter.crypto.cross_signing.state == "signed"
+        keys = await adapter._call("POST", "/keys/query", {"device_keys": {carol: []}})
+        ssk = list(keys["self_signing_keys"][carol]["keys"].values())[0]
+        assert keys["master_keys"][carol]["usage"] == ["master"]
+        assert f"ed25519:{ssk}" in keys["device_keys"][carol][adapter.device_id][
+            "signatures"][carol]
+    finally:
+        await adapter.stopService()
+    # The volume is lost: a new device, which cannot reach the identity without the
+    # recovery key, and says so (it still runs, unsigned).
+    adapter = adapter_in(tmp_path / "second")
+    try:
+        await started(adapter)
+        assert adapter.crypto.cross_signing.state == "no_identity_access"
+        keys = await adapter._call("POST", "/keys/query", {"device_keys": {carol: []}})
+        assert f"ed25519:{ssk}" not in keys["device_keys"][carol][adapter.device_id][
+            "signatures"][carol]
+    finally:
+        await adapter.stopService()
+
+
 class Completions:
     """A fake Hermes API server: records each request body and answers 'Echo: <text>'."""
 
@@ -200,8 +266,8 @@ async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tm
         room = (await alice.do("create_dm", invite=BOT))["room_id"]
         await alice.do("wait_joined", room=room, user=BOT)
         image = b"\x89PNG\r\n\x1a\n" + os.urandom(3000)
-        await alice.do("send_image", room=room, data=base64.b64encode(image).decode(),
-                       mimetype="image/png", filename="photo.png")
+        sent = await alice.do("send_image", room=room, data=base64.b64encode(image).decode(),
+                              mimetype="image/png", filename="photo.png")
         found = await alice.do("wait_message", room=room, sender=BOT, contains="Echo:")
         no_undecryptable(found["events"])
         user_message = upstream_server.bodies[-1]["messages"][-1]
@@ -219,6 +285,10 @@ async def test_encrypted_image_reaches_the_upstream_and_stop_answers(synapse, tm
                 break
             await deferLater(reactor, 0.05, lambda: None)
         assert rows[0]["content"] == "[image: photo.png]"
+        # What an inbox replay after a restart does with the stored reference: fetch the
+        # event again, decrypt it with the stored room key, download and decrypt the file.
+        again = adapter.media_fetcher({"room_id": room, "event_id": sent["event_id"]})
+        assert await again(config.media_max_bytes) == image
 
         # An image the agent links in its reply arrives as an encrypted image.
         await alice.do("send_text", room=room, body="draw")

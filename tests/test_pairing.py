@@ -20,6 +20,7 @@ from twisted.internet.defer import maybeDeferred
 
 from hermes_twisted.cli import main
 from hermes_twisted.dispatch.pairing import PAIRING_CODE, TOO_MANY_REQUESTS, PairingGate
+from hermes_twisted.model import InboundOutcome
 from hermes_twisted.pairing import store as pairing
 from hermes_twisted.pairing.store import PairingStore
 from tests.fakes.gateway_kit import Kit
@@ -228,6 +229,19 @@ def test_unknown_dm_sender_gets_a_code_and_an_approval_lets_them_in(tmp_path, ca
     assert run(["pairing", "revoke", "telegram", "u1"], tmp_path, capsys)[0] == 0
     kit.say("again")
     assert len(kit.upstream.turns) == 1
+
+
+def test_a_refusal_with_a_code_finishes_after_the_code_is_sent(tmp_path, clock):
+    # An adapter answering the event itself (a Discord slash command's private response)
+    # must see the code go out before it learns the event was refused.
+    kit, _ = _kit(tmp_path, clock)
+    order: list = []
+    send = kit.adapter.send
+    kit.adapter.send = lambda *a, **kw: (order.append("code sent"), send(*a, **kw))[1]
+    kit.adapter.on_inbound_finished = lambda event, key, delivered, outcome: order.append(
+        outcome)
+    kit.say("hello?")
+    assert order == ["code sent", InboundOutcome.REFUSED]
 
 
 def test_group_messages_of_unknown_senders_get_no_code(tmp_path, clock):

@@ -66,6 +66,8 @@ async def test_relay_chats_get_streaming_edits_and_typing_on_their_own_identity(
     async with relayed_gateway(streaming=True) as (stub, gateway, adapter, upstream):
         stub.push_inbound(inbound_event("hello", "c1", scope_id="g1"))
         turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        # A turn that outlasts display.typing_delay shows typing.
+        await eventually(lambda: outbound(stub, "typing"), what="typing")
         turn.delta("Streaming a reply ")
         await eventually(lambda: outbound(stub, "send"), what="the first streamed send")
         await deferLater(reactor, 0.1, lambda: None)

@@ -147,6 +147,8 @@ async def test_streamed_reply_by_chat_update(fake):
     async with slack_gateway(fake, streaming=True) as (gateway, adapter, upstream):
         fake.push_message("stream please", channel="D1")
         turn = await eventually(lambda: upstream.turns and upstream.last, what="the turn")
+        # A turn that outlasts display.typing_delay shows the status line.
+        await eventually(lambda: fake.statuses, what="the status line")
         turn.delta("Hello ")
         await eventually(lambda: fake.messages_in("D1"), what="the preview")
         turn.delta("**world**")

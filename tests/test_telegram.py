@@ -606,7 +606,7 @@ async def test_photos_and_documents_become_media_parts_fetched_on_demand(fake) -
         first, second = sink.events
         assert first.text == "what is this?" and first.message_type.value == "photo"
         assert second.text == "" and second.media[0].kind == "file"
-        images, notes = await prepare_media(first.media + second.media)
+        images, notes, _ = await prepare_media(first.media + second.media)
         assert images == ["data:image/jpeg;base64," + base64.b64encode(
             b"\xff\xd8 jpeg bytes").decode()]
         assert notes == ["[The user attached a file: r.pdf (application/pdf, 4.0 KB)]"]

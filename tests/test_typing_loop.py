@@ -135,3 +135,28 @@ def test_a_tick_of_a_stale_run_sends_nothing_and_stops_the_indicator():
     clock.advance(2.0)
     assert platform.calls == ["typing", "stop"]
     assert clock.getDelayedCalls() == []
+
+
+def test_first_typing_waits_for_the_delay_then_keeps_the_interval_grid():
+    clock, adapter = Clock(), Platform()
+    loop = TypingLoop(adapter, "c1", clock=clock, interval=2.0, delay=0.5)
+    loop.start()
+    assert adapter.calls == []
+    clock.advance(0.5)
+    assert adapter.calls == ["typing"]
+    clock.pump([2, 2])
+    assert adapter.calls == ["typing"] * 3
+    loop.stop()
+    clock.advance(10)
+    assert adapter.calls == ["typing"] * 3 + ["stop"]
+
+
+def test_a_loop_stopped_within_its_delay_never_sends_typing():
+    clock, adapter = Clock(), Platform()
+    loop = TypingLoop(adapter, "c1", clock=clock, interval=2.0, delay=0.5)
+    loop.start()
+    clock.advance(0.4)
+    loop.stop()
+    clock.advance(10)
+    assert adapter.calls == ["stop"]
+    assert not clock.getDelayedCalls()

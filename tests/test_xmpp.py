@@ -7,6 +7,7 @@ timeout, and the config checks.  The real-server tests are in L{tests.test_xmpp_
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
@@ -18,7 +19,8 @@ from twisted.words.protocols.jabber.jid import JID
 from twisted.words.xish import domish
 
 from hermes_twisted.config.errors import ConfigError
-from hermes_twisted.config.settings import PlatformSettings
+from hermes_twisted.config.settings import PlatformSettings, StreamingSettings
+from hermes_twisted.delivery.consumer import StreamConsumer
 from hermes_twisted.platforms.xmpp import adapter as xmpp_adapter
 from hermes_twisted.platforms.xmpp import stanzas
 from hermes_twisted.platforms.xmpp.adapter import XMPPAdapter
@@ -42,11 +44,15 @@ def parse(xml: str) -> domish.Element:
 class Bot:
     """An adapter whose stream is a StringTransport, logged in by hand."""
 
-    def __init__(self, **extra: Any) -> None:
+    def __init__(self, now: float = 0.0, **extra: Any) -> None:
         self.clock = MemoryReactorClock()
+        self.clock.advance(now)
         settings = PlatformSettings(name="xmpp", enabled=True, extra={
             "jid": "hermes@example.org", "password": "pw", "rooms": ROOM, **extra})
         self.adapter = XMPPAdapter(settings, reactor=self.clock)
+        # Alice's phone is known to show corrections, so her messages are handed on at once;
+        # the disco#info exchange itself has tests of its own.
+        self.adapter._corrections.remember("alice@example.org/phone", True)
         self.sink = RecordingSink()
         self.adapter.attach(self.sink)
         self.factory = XMPPStreamFactory(self.adapter, JID("hermes@example.org/hermes"), "pw",
@@ -280,6 +286,75 @@ def test_unacknowledged_stanzas_are_resent_on_resume():
     bot.drop()
 
 
+#: 2027-01-15T08:00:00Z and a bit: the daemon starts in the middle of a second.
+START = 1_800_000_000.6
+
+
+def delayed(stamp: str, by: str) -> str:
+    return f"<delay xmlns='{stanzas.NS_DELAY}' from='{by}' stamp='{stamp}'/>"
+
+
+def resumed_bot(now: float = START) -> Bot:
+    """A bot whose link dropped after one handled stanza, reconnected and resuming."""
+    bot = Bot(now=now)
+    bot.login()
+    bot.joined()
+    bot.feed(f"<enabled xmlns='{NS_SM}' id='sess-1' resume='true'/>")
+    bot.feed(chat("before", stanza_id="s0"))
+    bot.drop()
+    bot.connect()
+    bot.xs.initializers = [bot.xs.initializers[-1]]  # TLS and SASL done: resume
+    bot.xs.dataReceived(b"<stream:stream xmlns='jabber:client' "
+                        b"xmlns:stream='http://etherx.jabber.org/streams' from='example.org' "
+                        b"id='s2' version='1.0'><stream:features>"
+                        b"<sm xmlns='urn:xmpp:sm:3'/></stream:features>")
+    assert f"<resume xmlns='{NS_SM}' previd='sess-1' h='1'/>" in bot.written()
+    return bot
+
+
+def test_a_message_held_during_the_drop_is_answered_after_the_resume():
+    # Regression (the resume flake): Prosody resends what it queued for the hibernating
+    # session with a <delay/> stamped in whole seconds.  A message held within the second
+    # the daemon started was taken for offline storage from before the start and dropped,
+    # although the resume succeeded and acknowledged it.  It arrives in the same read as
+    # <resumed/>, as it does from Prosody.
+    bot = resumed_bot()
+    bot.xs.dataReceived(
+        f"<resumed xmlns='{NS_SM}' previd='sess-1' h='0'/>".encode()
+        + chat("while away", stanza_id="s1",
+               extra=delayed("2027-01-15T08:00:00Z", "hermes@example.org")).encode()
+        + f"<r xmlns='{NS_SM}'/>".encode())
+    assert bot.xs.resumed and bot.adapter.connected_stream is bot.xs
+    assert bot.sink.texts() == ["before", "while away"]
+    assert f"<a xmlns='{NS_SM}' h='2'/>" in bot.written()
+    bot.drop()
+
+
+def test_held_messages_count_on_a_resumed_stream_whatever_the_server_clock_says():
+    # Our clock ahead of the server's: the stamps of held stanzas are "before" our start.
+    bot = resumed_bot(now=START + 5)
+    bot.feed(f"<resumed xmlns='{NS_SM}' previd='sess-1' h='0'/>")
+    bot.feed(chat("held", stanza_id="s1",
+                  extra=delayed("2027-01-15T08:00:00Z", "hermes@example.org")))
+    # A room message our server held for the session is live; room history is not.
+    bot.feed(groupchat("hermes: held in the room", stanza_id="g1",
+                       extra=delayed("2027-01-15T08:00:00Z", "hermes@example.org")))
+    bot.feed(groupchat("hermes: history", stanza_id="g2",
+                       extra=delayed("2027-01-15T08:00:00Z", ROOM)))
+    assert bot.sink.texts() == ["before", "held", "held in the room"]
+    bot.drop()
+
+
+def test_offline_storage_from_before_the_start_is_not_answered_on_a_new_session():
+    bot = Bot(now=START)
+    bot.login()
+    bot.feed(chat("old", stanza_id="s1", extra=delayed("2027-01-15T07:59:59Z", "example.org")))
+    bot.feed(chat("same second", stanza_id="s2",
+                  extra=delayed("2027-01-15T08:00:00Z", "example.org")))
+    assert bot.sink.texts() == ["same second"]
+    bot.drop()
+
+
 def test_a_resume_cut_short_by_the_link_fails_the_login_quietly():
     bot = Bot()
     bot.login()
@@ -307,6 +382,118 @@ def test_a_failed_resume_binds_a_new_session():
     bot.drop()  # the bind request was never answered
     assert d.called
     d.addErrback(lambda f: f.trap(ConnectionLost))
+
+
+# -- XEP-0308 support of 1:1 peers ---------------------------------------------------------------
+
+
+def disco_request(written: str, to: str) -> str:
+    """The id of the disco#info request to C{to} in C{written}."""
+    found = re.search(rf"<iq [^>]*to='{re.escape(to)}'[^>]*>"
+                      rf"<query xmlns='{re.escape(stanzas.NS_DISCO_INFO)}'/></iq>", written)
+    assert found is not None, written
+    return re.search(r"id='([^']+)'", found.group(0)).group(1)
+
+
+def disco_result(iq_id: str, sender: str, *features: str) -> str:
+    listed = "".join(f"<feature var='{f}'/>" for f in features)
+    return (f"<iq type='result' id='{iq_id}' from='{sender}' to='hermes@example.org/hermes'>"
+            f"<query xmlns='{stanzas.NS_DISCO_INFO}'>{listed}</query></iq>")
+
+
+def stream_reply(bot: Bot, chat_id: str) -> None:
+    """A streamed reply "Hello there, world" delivered by the real consumer."""
+    consumer = StreamConsumer(bot.adapter, chat_id, clock=bot.clock, is_current=lambda: True,
+                              settings=StreamingSettings(enabled=True, edit_interval=1.0,
+                                                         buffer_threshold=1))
+    consumer.on_delta("Hello there, ")
+    bot.clock.advance(1.0)
+    consumer.on_delta("world")
+    bot.clock.advance(1.0)
+    done = consumer.finish("Hello there, world")
+    bot.clock.advance(1.0)
+    assert done.called
+
+
+def test_a_new_peer_is_asked_about_corrections_before_its_messages_go_on():
+    bot = Bot()
+    bot.login()
+    bot.written()
+    bob = "bob@example.org/laptop"
+    bot.feed(chat("one", sender=bob, stanza_id="b1"))
+    bot.feed(chat("two", sender=bob, stanza_id="b2"))
+    written = bot.written()
+    iq_id = disco_request(written, bob)
+    assert written.count(stanzas.NS_DISCO_INFO) == 1  # asked once for both
+    assert bot.sink.events == []  # held until the answer: the run asks can_edit at its start
+    bot.feed(disco_result(iq_id, bob, stanzas.NS_CHATSTATES, stanzas.NS_CORRECT))
+    assert bot.sink.texts() == ["one", "two"]  # in their order
+    assert bot.adapter.can_edit("bob@example.org")
+    bot.feed(chat("three", sender=bob, stanza_id="b3"))
+    assert stanzas.NS_DISCO_INFO not in bot.written()  # cached per full JID
+    assert bot.sink.texts() == ["one", "two", "three"]
+    stream_reply(bot, "bob@example.org")
+    bodies = re.findall(r"<body>([^<]*)</body>", bot.written())
+    assert bodies[-1] == "Hello there, world" and len(bodies) > 1
+    bot.drop()
+
+
+@pytest.mark.parametrize("answer", ["no-feature", "error", "silence"])
+def test_a_peer_without_corrections_gets_one_final_message(answer):
+    bot = Bot()
+    bot.login()
+    bot.written()
+    carol = "carol@example.org/old-client"
+    bot.feed(chat("hi", sender=carol, stanza_id="c1"))
+    iq_id = disco_request(bot.written(), carol)
+    if answer == "no-feature":
+        bot.feed(disco_result(iq_id, carol, stanzas.NS_DISCO_INFO))
+    elif answer == "error":
+        bot.feed(f"<iq type='error' id='{iq_id}' from='{carol}'><error type='cancel'>"
+                 f"<service-unavailable xmlns='{stanzas.NS_STANZAS}'/></error></iq>")
+    else:
+        bot.clock.advance(xmpp_adapter.DISCO_TIMEOUT)
+    assert bot.sink.texts() == ["hi"]
+    assert bot.adapter._corrections[carol] is False  # asked once, remembered
+    assert not bot.adapter.can_edit("carol@example.org")
+    stream_reply(bot, "carol@example.org")
+    written = bot.written()
+    assert re.findall(r"<body>([^<]*)</body>", written) == ["Hello there, world"]
+    assert stanzas.NS_CORRECT not in written
+    bot.drop()
+
+
+def test_a_dropped_link_releases_held_messages_and_asks_again_later():
+    bot = Bot()
+    bot.login()
+    bot.written()
+    dave = "dave@example.org/pc"
+    bot.feed(chat("hi", sender=dave, stanza_id="d1"))
+    bot.drop()
+    assert bot.sink.texts() == ["hi"]  # not held forever
+    assert not bot.adapter.can_edit("dave@example.org")
+    assert dave not in bot.adapter._corrections  # unknown, not "no"
+    assert bot.clock.getDelayedCalls() == []  # the disco timeout went with the stream
+
+
+def test_available_once_the_server_reflects_our_presence():
+    # The integration tests wait for this before a user writes: until then a message to
+    # the bot's bare JID bounces.
+    bot = Bot()
+    bot.login()
+    assert not bot.adapter.available
+    bot.feed("<presence from='hermes@example.org/laptop'/>")  # another resource of ours
+    assert not bot.adapter.available
+    bot.feed("<presence from='hermes@example.org/hermes'/>")
+    assert bot.adapter.available
+    bot.drop()
+    bot.login()  # a new session (not resumed) announces itself again
+    assert not bot.adapter.available
+    bot.drop()
+
+
+def test_rooms_always_stream_by_corrections():
+    assert Bot().adapter.can_edit(ROOM)
 
 
 # -- IQs, outbound, timers -----------------------------------------------------------------------

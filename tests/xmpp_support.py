@@ -46,8 +46,9 @@ def prosody_for(tmp_path_factory: Any, **kw: Any) -> Prosody:
 
 def make_adapter(server: Prosody, *, rooms: tuple[str, ...] = (), ca: bool = True,
                  password: str | None = None, direct_tls: bool = False,
+                 allowed: tuple[str, ...] = ("alice@localhost",),
                  **extra: Any) -> XMPPAdapter:
-    settings = PlatformSettings(name="xmpp", enabled=True, allowed_users=("alice@localhost",),
+    settings = PlatformSettings(name="xmpp", enabled=True, allowed_users=allowed,
                                 extra={
         "jid": server.jid("hermes"),
         "password": PASSWORDS["hermes"] if password is None else password,
@@ -132,21 +133,25 @@ class XMPPUser(ProcessProtocol):
             await self.ended
 
 
-async def start_user(server: Prosody, name: str) -> XMPPUser:
-    """A logged-in slixmpp user C{name}@localhost."""
+async def start_user(server: Prosody, name: str, *, corrections: bool = True) -> XMPPUser:
+    """A logged-in slixmpp user C{name}@localhost (its client shows XEP-0308 or not)."""
     user = XMPPUser(server.jid(name))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     real_reactor().spawnProcess(
         user, sys.executable,
         [sys.executable, "-m", "tests.servers.xmpp_user", server.jid(name), PASSWORDS[name],
-         "127.0.0.1", str(server.c2s_port), str(server.ca_file)], env=env, path=str(ROOT))
+         "127.0.0.1", str(server.c2s_port), str(server.ca_file)]
+        + ([] if corrections else ["--no-corrections"]), env=env, path=str(ROOT))
     await user.wait(lambda e: e["ev"] == "ready", f"{name} to log in")
     return user
 
 
 async def connected(adapter: XMPPAdapter, timeout: float = TIMEOUT) -> None:
-    await eventually(lambda: adapter.status == "connected", timeout,
-                     f"the bot to log in (status: {adapter.status})")
+    # Logged in is not enough: until Prosody has taken the bot's presence, a message to its
+    # bare JID bounces (no available resource, no offline storage) -- the flake of tests
+    # whose user wrote the moment the bot was "connected", seen under load.
+    await eventually(lambda: adapter.status == "connected" and adapter.available, timeout,
+                     f"the bot to log in and be available (status: {adapter.status})")
 
 
 async def in_rooms(adapter: XMPPAdapter, timeout: float = TIMEOUT) -> None:

@@ -10,6 +10,7 @@ one frozen L{hermes_twisted.config.settings.GatewayConfig}, once, before the rea
   envvars.py     the registry of env vars and YAML keys (renders docs/configuration.md)
   dotenv.py      C{$HERMES_HOME} and its C{.env}
   relay_urls.py  the relay's dial and HTTP URLs
+  recovery_key.py  the Matrix recovery key's text form (checked at start)
   redaction.py   C{--print-config} with every secret redacted
   errors.py      L{ConfigError}, the usage error naming the key
 

@@ -136,6 +136,12 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "This process's name in a fleet sharing one PostgreSQL store (default: host name "
          "and pid).", "Gateway instance id", yaml_key="gateway.instance_id", advanced=True,
          ours=True),
+    _var("GATEWAY_MEDIA_MAX_BYTES",
+         "Largest image a user may send that is passed to the agent (as an image_url part); "
+         "a larger one is not downloaded: the agent gets a text note and the user a short "
+         "notice. Applies to every platform.", "Largest image passed to the agent (bytes)",
+         type="int", yaml_key="gateway.media.max_bytes", default=10 * 1024 * 1024, minimum=1,
+         advanced=True, ours=True),
     _var("GATEWAY_FLEET_LEASE_TTL",
          "Seconds a session lease lasts without renewal, timed by the PostgreSQL server's "
          "clock: a crashed instance's sessions are taken over after at most this long. Must "
@@ -347,7 +353,9 @@ _ENV_VAR_LIST: list[EnvVar] = [
     _pvar("matrix", "MATRIX_RECOVERY_KEY", "recovery_key",
           "Recovery key (base58, as Element shows it): secret storage key or key backup key. "
           "Room keys are backed up to the account's server-side key backup and restored "
-          "from it, so a lost crypto store does not lose the history.",
+          "from it, so a lost crypto store does not lose the history; with a secret storage "
+          "key the bot also signs its device with the account's cross-signing identity. "
+          "Checked at start (a typo is a usage error).",
           "Matrix recovery key", type="secret"),
     _pvar("matrix", "MATRIX_E2EE_TRUST", "e2ee_trust",
           "Which devices get room keys: tofu (every device of every member, each device's "
@@ -638,6 +646,9 @@ _YAML_KEY_LIST: list[ConfigKey] = [
               "value (true, all, new, verbose): yes.", "flag", False),
     ConfigKey("display.typing_interval", "Seconds between typing notifications.", "float", 2.0,
               minimum=0.1, ours=True),
+    ConfigKey("display.typing_delay", "Seconds a turn runs before the first typing "
+              "notification; a turn answered sooner shows none. 0: at once.", "float", 0.5,
+              minimum=0, ours=True),
     ConfigKey("display.busy_ack_interval", "Least seconds between two \"still working\" "
               "acknowledgements in one chat.", "float", 30.0, minimum=0, ours=True),
     # adapter tuning (ours)
@@ -846,6 +857,7 @@ _GROUPS = [
      lambda v: v.name.startswith(("GATEWAY_PROXY_", "HERMES_PROXY_"))),
     ("Relay", lambda v: v.name.startswith("GATEWAY_RELAY_") or v.name == "HERMES_SCALE_TO_ZERO"),
     ("Operations", lambda v: v.name.startswith("GATEWAY_OPS_")),
+    ("Media", lambda v: v.name.startswith("GATEWAY_MEDIA_")),
     ("Access and sessions",
      lambda v: v.name.startswith(("GATEWAY_ALLOW", "SESSION_"))),
     ("IRC", lambda v: v.platform == "irc"),

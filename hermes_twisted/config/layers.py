@@ -129,7 +129,7 @@ class ConfigLayers:
             where = f"gateway.{key}"
             if key in _SHARED or key == "platforms" or key == "api_server":
                 continue  # handled elsewhere
-            if key in ("idp", "scale_to_zero", "ops", "fleet"):
+            if key in ("idp", "scale_to_zero", "ops", "fleet", "media"):
                 self._block(_mapping(value, where), where, where,
                             _known_leaves(f"gateway.{key}"))
             elif key in known:

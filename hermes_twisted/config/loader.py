@@ -262,6 +262,7 @@ def _display(layers: ConfigLayers) -> DisplaySettings:
         busy_input_mode=layers.get("display.busy_input_mode"),
         tool_progress=layers.get("display.tool_progress"),
         typing_interval=layers.get("display.typing_interval"),
+        typing_delay=layers.get("display.typing_delay"),
         busy_ack_interval=layers.get("display.busy_ack_interval"),
         busy_queue_cap=layers.get("display.busy_queue_cap"),
         busy_queue_drop=layers.get("display.busy_queue_drop"),
@@ -324,6 +325,7 @@ def build_config(document: Mapping[str, Any], environ: Mapping[str, str], *,
         unauthorized_dm_behavior=behaviour,
         max_concurrent_runs=layers.get("gateway.api_server.max_concurrent_runs"),
         shutdown_timeout=layers.get("gateway.shutdown_timeout"),
+        media_max_bytes=layers.get("gateway.media.max_bytes"),
     )
     if layers.unused:
         log.warn("{source}: keys not used by this daemon (ignored): {keys}",

@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from hermes_twisted.config.envvars import ENV_VARS, YAML_KEYS
 from hermes_twisted.config.errors import ConfigError
 from hermes_twisted.config.layers import ConfigLayers
+from hermes_twisted.config.recovery_key import RecoveryKeyError, decode_recovery_key
 from hermes_twisted.config.settings import PlatformSettings, RelaySettings
 from hermes_twisted.config.values import RawValue, convert, freeze
 
@@ -57,6 +58,13 @@ def _check_platform(layers: ConfigLayers, settings: PlatformSettings) -> None:
             raise ConfigError("MATRIX_ACCESS_TOKEN", "Matrix needs an access token, or "
                               "MATRIX_USER_ID and MATRIX_PASSWORD (or platforms.matrix.extra."
                               "access_token / user_id and password)")
+        recovery = extra.get("recovery_key")
+        if recovery not in (None, ""):
+            try:
+                decode_recovery_key(str(recovery))
+            except RecoveryKeyError as e:
+                raise ConfigError("MATRIX_RECOVERY_KEY", f"{e} (or fix platforms.matrix.extra."
+                                  "recovery_key)") from None
     elif name == "email":
         for key in ("password", "imap_host", "smtp_host"):
             _require(layers, "email", key, "email")

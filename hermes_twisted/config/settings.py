@@ -43,6 +43,8 @@ class DisplaySettings:
     busy_input_mode: str = "interrupt"  # interrupt | queue | steer | collect
     tool_progress: bool = False
     typing_interval: float = 2.0
+    #: A turn answered sooner than this never shows "typing…" (one request fewer per turn).
+    typing_delay: float = 0.5
     busy_ack_interval: float = 30.0
     busy_queue_cap: int = 20  # messages waiting per session, at most
     busy_queue_drop: str = "old"  # old | new | summarize
@@ -184,6 +186,8 @@ class GatewayConfig:
     unauthorized_dm_behavior: str | None = None  # pair | ignore; None: decided per platform
     max_concurrent_runs: int = 10  # gateway.api_server.max_concurrent_runs
     shutdown_timeout: float = 4.0
+    #: Largest user image passed upstream (GATEWAY_MEDIA_MAX_BYTES, gateway.media.max_bytes).
+    media_max_bytes: int = 10 * 1024 * 1024
 
     def enabled_platforms(self) -> list[PlatformSettings]:
         return [p for p in self.platforms.values() if p.enabled]

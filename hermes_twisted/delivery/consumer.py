@@ -6,15 +6,17 @@ The run engine feeds it upstream deltas (L{StreamConsumer.on_delta}) and finally
 authoritative reply text (L{StreamConsumer.finish}).  How the text reaches the chat depends
 on the adapter and the settings:
 
-  - B{edit} (streaming on, C{adapter.supports_edit}): the first message is sent once it shows
-    at least L{MIN_NEW_MESSAGE_CHARS} visible characters, then edited with the cursor at most
-    once per C{edit_interval} (all deltas in between coalesce into one edit), and edited a
-    last time without the cursor (C{finalize=True}).  A message about to outgrow the platform
-    is finalized at a newline and the text continues in a new message.  Flood errors double
-    the interval; three in a row, or any other edit error, switch to B{fallback}: no more
-    edits, and at the end only the part not yet shown is sent as new message(s).
-  - B{final} (streaming off, no edit support, or the first send failed): the whole reply at
-    the end, split with L{hermes_twisted.delivery.splitting.truncate_message} unless the adapter splits by itself.
+  - B{edit} (streaming on, C{adapter.supports_edit} and C{adapter.can_edit(chat_id)}): the
+    first message is sent once it shows at least L{MIN_NEW_MESSAGE_CHARS} visible characters,
+    then edited with the cursor at most once per C{edit_interval} (all deltas in between
+    coalesce into one edit), and edited a last time without the cursor (C{finalize=True}).
+    A message about to outgrow the platform is finalized at a newline and the text continues
+    in a new message.  Flood errors double the interval; three in a row, or any other edit
+    error, switch to B{fallback}: no more edits, and at the end only the part not yet shown
+    is sent as new message(s).
+  - B{final} (streaming off, no edit support in the chat, or the first send failed): the
+    whole reply at the end, split with
+    L{hermes_twisted.delivery.splitting.truncate_message} unless the adapter splits by itself.
   - B{raw} (C{adapter.wants_raw_deltas}): every delta goes to C{push_delta}, then one
     C{send} of the whole reply with C{metadata["final"] = True}.
 
@@ -92,7 +94,7 @@ class StreamConsumer:
         self._clock = clock
         if adapter.wants_raw_deltas:
             self._mode = _Mode.RAW
-        elif settings.active and adapter.supports_edit:
+        elif settings.active and adapter.supports_edit and adapter.can_edit(chat_id):
             self._mode = _Mode.EDIT
         else:
             self._mode = _Mode.FINAL

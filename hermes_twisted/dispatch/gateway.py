@@ -58,7 +58,7 @@ from hermes_twisted.dispatch.observer import NullObserver, TurnObserver
 from hermes_twisted.dispatch.runs import Generations, PostDeliveryCallbacks, RunHandle, fire_bounded
 from hermes_twisted.dispatch.turn import execute_turn, thread_metadata
 from hermes_twisted.dispatch.typing_loop import stop_platform_typing
-from hermes_twisted.model import MessageEvent
+from hermes_twisted.model import InboundOutcome, MessageEvent
 from hermes_twisted.sessions.keys import build_session_key
 
 ACK_INTERRUPT = "⚡ Interrupting current task ({elapsed} elapsed). I'll respond to your message shortly."
@@ -161,7 +161,13 @@ class Gateway(Service):
                 self.log.warn("Cannot replay {dedupe_key}: no adapter {name}",
                               dedupe_key=dedupe_key, name=payload.get("adapter"))
                 continue
-            event = event_from_payload(payload, dedupe_key)
+            try:
+                event = event_from_payload(payload, dedupe_key,
+                                           getattr(adapter, "media_fetcher", None))
+            except Exception:
+                self.log.failure("Cannot replay {dedupe_key}: unreadable payload",
+                                 dedupe_key=dedupe_key)
+                continue
             self.log.info("Replaying admitted message {dedupe_key}", dedupe_key=dedupe_key)
             self._arrive(Inbound(adapter, event, self.session_key_for(event), dedupe_key, True))
 
@@ -237,7 +243,7 @@ class Gateway(Service):
 
         def check_failed(failure: Any) -> Any:
             self._admitted(inbound, False)
-            self._turn_finished(adapter, event, key, False)
+            self._turn_finished(adapter, event, key, False, InboundOutcome.REFUSED)
             if failure.check(CancelledError):
                 return failure
             self.log.failure("Pairing check failed; message from {user} refused", failure,
@@ -281,9 +287,9 @@ class Gateway(Service):
         a pairing code.  Fires with None once the reply (if any) is sent; never fails.
         """
         log_denied(adapter, event)
-        self._turn_finished(adapter, event, key, False)
         if (self.pairing is None or event.source.chat_type != "dm" or not event.source.user_id
                 or event.internal or unauthorized_dm_behavior(self.config, adapter) != "pair"):
+            self._turn_finished(adapter, event, key, False, InboundOutcome.REFUSED)
             return succeed(None)
         d = self.pairing.code_reply(event.source.platform.value, event.source.user_id,
                                     event.source.user_name or "")
@@ -295,8 +301,15 @@ class Gateway(Service):
             if not failure.check(CancelledError):
                 self.log.failure("Could not issue a pairing code", failure)
 
+        def finished(result: Any) -> Any:
+            # After the code is sent, so an adapter answering the event itself (a Discord
+            # slash command's private response) shows the code, not a bare refusal.
+            self._turn_finished(adapter, event, key, False, InboundOutcome.REFUSED)
+            return result
+
         d.addCallback(send)
         d.addCallbacks(lambda _: None, failed)
+        d.addBoth(finished)
         return d
 
     def _record(self, inbound: Inbound) -> Deferred:
@@ -313,7 +326,7 @@ class Gateway(Service):
         def admitted(is_new: bool) -> None:
             if not is_new:
                 self.log.info("Redelivery of {dedupe_key} ignored", dedupe_key=dedupe_key)
-                self._turn_finished(adapter, event, key, False)
+                self._turn_finished(adapter, event, key, False, InboundOutcome.DUPLICATE)
             self._admitted(inbound, bool(is_new))
 
         def failed(failure: Any) -> Any:
@@ -722,11 +735,11 @@ class Gateway(Service):
             del self._lanes[key]
 
     def _turn_finished(self, adapter: Any, event: MessageEvent, key: str,
-                       delivered: bool) -> None:
+                       delivered: bool, outcome: str = InboundOutcome.HANDLED) -> None:
         # Every inbound event ends here exactly once (run, command, drop or refusal), so an
         # adapter holding a per-turn resource (an open API request) can always release it.
         try:
-            adapter.on_turn_finished(event.source.chat_id, key, bool(delivered))
+            adapter.on_inbound_finished(event, key, bool(delivered), outcome)
         except Exception:
             self.log.failure("on_turn_finished failed for {key}", key=key)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
 from hermes_twisted.dispatch.dispatcher import Dispatcher
@@ -28,7 +28,12 @@ from hermes_twisted.dispatch.typing_loop import TypingLoop
 from hermes_twisted.fleet.fencing import StaleWrite
 from hermes_twisted.sessions.reset import policy_for, reset_notice
 from hermes_twisted.upstream import TurnRequest
-from hermes_twisted.upstream.media import prepare_media, transcript_text, with_notes
+from hermes_twisted.upstream.media import (
+    prepare_media,
+    transcript_text,
+    user_notice,
+    with_notes,
+)
 
 log = Logger()
 
@@ -109,6 +114,7 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
             handle.typing = TypingLoop(adapter, handle.chat_id, clock=gw.clock,
                                        interval=getattr(adapter, "typing_interval", None)
                                        or gw.config.display.typing_interval,
+                                       delay=gw.config.display.typing_delay,
                                        metadata=thread_metadata(event),
                                        is_current=is_current)
             handle.typing.start()
@@ -123,20 +129,38 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
                 return
             if not handle.is_current():
                 return
-        entry = await gw.store.get_or_create(key, event.source)
+        # The transcript read goes down right behind the session's touch, so both usually
+        # share one commit of the store thread instead of waiting for two in a row.
+        entry_d = gw.store.get_or_create(key, event.source)
+        history_d = _read_ahead(gw.store, key)
+        try:
+            entry = await entry_d
+        except BaseException:
+            _drop(history_d)
+            raise
         handle.session_id = entry.session_id
         if entry.was_auto_reset and handle.is_current():
             notice = reset_notice(policy_for(gw.config, event.source), entry.auto_reset_reason,
                                   event.source.platform.value)
             if notice:
                 gw.reply(adapter, event, notice)
-        history = await gw.store.load_transcript(entry.session_id)
+        if history_d is None or history_d[0] != entry.session_id:
+            _drop(history_d)  # the session rotated under us: read the one we got
+            history = await gw.store.load_transcript(entry.session_id)
+        else:
+            history = await history_d[1]
+        # Not kept in this frame for the length of the stream: the fired reads hold results.
+        del entry_d, history_d
         if not handle.is_current():
             return
         carried = [{"role": "user", "content": e.text} for e in handle.carried if e.text]
-        images, notes = await prepare_media(event.media) if event.media else ([], [])
+        images, notes, refused = (await prepare_media(event.media, gw.config.media_max_bytes)
+                                  if event.media else ([], [], []))
         if not handle.is_current():
             return
+        notice = user_notice(refused)
+        if notice:
+            gw.reply(adapter, event, notice)
         request = TurnRequest(message=with_notes(event.text, notes),
                               session_id=entry.session_id, session_key=key,
                               context_prompt=build_context_prompt(event),
@@ -231,6 +255,22 @@ async def _append_fenced(gw: Dispatcher, handle: RunHandle, session_id: str, fin
         raise
     except Exception:
         log.failure("Transcript write failed for {key}", key=handle.session_key)
+
+
+def _read_ahead(store: Any, key: str) -> tuple[str, Deferred] | None:
+    """The transcript read of the session C{get_or_create} just made current (the store's
+    cache already shows it), or None when the store cannot tell without I/O."""
+    cached = store.peek(key)
+    if cached is None:
+        return None
+    return cached.session_id, store.load_transcript(cached.session_id)
+
+
+def _drop(read: tuple[str, Deferred] | None) -> None:
+    """Withdraw a read-ahead nobody will wait for; its failure, if any, is nobody's."""
+    if read is not None:
+        read[1].addErrback(lambda _: None)
+        read[1].cancel()
 
 
 def _transcript_failed(failure: Any, key: str) -> Any:

@@ -29,17 +29,18 @@ class TypingLoop:
     # One per running turn: slotted, and one DelayedCall rescheduled by each tick instead of
     # a LoopingCall (which adds an object and a Deferred per turn).  The tick times are the
     # LoopingCall's: C{start + k * interval}, skipping ticks that a busy reactor missed.
-    __slots__ = ("_adapter", "_is_current", "_chat_id", "_clock", "_interval", "_metadata",
-                 "_call", "_started_at", "_in_flight", "stopped", "ticks")
+    __slots__ = ("_adapter", "_is_current", "_chat_id", "_clock", "_interval", "_delay",
+                 "_metadata", "_call", "_started_at", "_in_flight", "stopped", "ticks")
 
     def __init__(self, adapter: Any, chat_id: str, *, clock: Any, interval: float = 2.0,
                  metadata: dict[str, Any] | None = None,
-                 is_current: Callable[[], bool] | None = None) -> None:
+                 is_current: Callable[[], bool] | None = None, delay: float = 0.0) -> None:
         self._adapter = adapter
         self._is_current = is_current
         self._chat_id = chat_id
         self._clock = clock
         self._interval = interval
+        self._delay = delay
         self._metadata = metadata
         self._call: Any = None
         self._started_at: float | None = None
@@ -48,13 +49,21 @@ class TypingLoop:
         self.ticks = 0
 
     def start(self) -> None:
-        """Send typing now and every C{interval} seconds until L{stop}."""
+        """
+        Send typing C{delay} seconds from now (at once when it is 0) and every C{interval}
+        seconds after that, until L{stop}.  A run stopped within C{delay} sends no typing: its
+        answer (or error) is what the user sees first.
+        """
         if self.stopped or self._started_at is not None:
             return
-        if self._interval < 0:
-            raise ValueError("interval must be >= 0")
-        self._started_at = self._clock.seconds()
-        self._tick()
+        if self._interval < 0 or self._delay < 0:
+            raise ValueError("interval and delay must be >= 0")
+        # The grid of ticks starts at the first one.
+        self._started_at = self._clock.seconds() + self._delay
+        if self._delay > 0:
+            self._call = self._clock.callLater(self._delay, self._tick)
+        else:
+            self._tick()
 
     def _tick(self) -> None:
         # A timer body: an exception escaping here would end the loop for good.

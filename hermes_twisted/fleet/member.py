@@ -197,13 +197,25 @@ class FleetMember(MultiService):
         pending: list[Deferred] = []
         timer: list[Any] = []
         sent: list[float] = []
+        acquired: list[int] = []
+        finished: list[bool] = []
 
         def finish() -> None:
+            if finished:
+                return
+            finished.append(True)
             left = self._beginning.get(key, 1) - 1
             if left:
                 self._beginning[key] = left
             else:
                 self._beginning.pop(key, None)
+
+        def give_back() -> None:
+            # The lease was taken but the turn will not run: forget it and release it.
+            if acquired and self.turns.get(key) == acquired[0]:
+                del self.turns[key]
+                self._renewed_at.pop(key, None)
+            self._release_if_idle(key)
 
         def cancel(_: Deferred) -> None:
             for d in pending:
@@ -213,7 +225,7 @@ class FleetMember(MultiService):
                     call.cancel()
             finish()
             # An acquire already on the database thread may still succeed: give it back.
-            self._release_if_idle(key)
+            give_back()
 
         result = Deferred(cancel)
 
@@ -244,6 +256,7 @@ class FleetMember(MultiService):
                 wait.addCallbacks(lambda _: attempt(), failed)
                 timer.append(self.clock.callLater(STANDBY_POLL, self._wake, key))
                 return
+            acquired.append(outcome)
             self.turns[key] = outcome
             self._renewed_at[key] = sent[0]
             finish()
@@ -257,6 +270,8 @@ class FleetMember(MultiService):
             if result.called:
                 return
             finish()
+            if acquired:
+                give_back()
             result.errback(failure)
 
         attempt()

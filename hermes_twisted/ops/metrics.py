@@ -70,6 +70,10 @@ class GatewayMetrics:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
         self.last_tick = clock.seconds()
+        #: Labelled children of the per-turn metrics, by (metric, labels): prometheus's
+        #: C{labels()} validates and locks on every call, several times per message.  The
+        #: label values are closed sets (L{closed}), so this stays small.
+        self._children: dict[tuple[Any, tuple[str, ...]], Any] = {}
 
         self.build_info = Gauge("hermes_build_info", "Versions of this process (value 1).",
                                 ["version", "twisted", "python"], registry=r)
@@ -241,11 +245,18 @@ class GatewayMetrics:
                 old.state is not PlatformState.RECONNECTING or old.attempt != new.attempt):
             self.platform_reconnects.labels(name).inc()
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (metric, labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def send_finished(self, platform: str, op: str, outcome: str, seconds: float) -> None:
         name = closed(platform, SUPPORTED_PLATFORMS)
         op = closed(op, SEND_OPS)
-        self.platform_sends.labels(name, op, closed(outcome, SEND_OUTCOMES)).inc()
-        self.platform_send_duration.labels(name, op).observe(seconds)
+        self._child(self.platform_sends, name, op, closed(outcome, SEND_OUTCOMES)).inc()
+        self._child(self.platform_send_duration, name, op).observe(seconds)
         if outcome == "rate_limited":
             self.platform_rate_limited.labels(name).inc()
 
@@ -253,15 +264,15 @@ class GatewayMetrics:
 
     def run_started(self, platform: str) -> None:
         name = closed(platform, SUPPORTED_PLATFORMS)
-        self.turns_started.labels(name).inc()
-        self.active_turns.labels(name).inc()
+        self._child(self.turns_started, name).inc()
+        self._child(self.active_turns, name).inc()
 
     def run_finished(self, platform: str, outcome: str, seconds: float) -> None:
         name = closed(platform, SUPPORTED_PLATFORMS)
         outcome = closed(outcome, OUTCOMES)
-        self.turns_finished.labels(name, outcome).inc()
-        self.turn_duration.labels(name, outcome).observe(max(0.0, seconds))
-        self.active_turns.labels(name).dec()
+        self._child(self.turns_finished, name, outcome).inc()
+        self._child(self.turn_duration, name, outcome).observe(max(0.0, seconds))
+        self._child(self.active_turns, name).dec()
 
     def stale_output_dropped(self, kind: str) -> None:
         self.stale_dropped.labels(closed(kind, STALE_KINDS)).inc()
@@ -285,8 +296,8 @@ class GatewayMetrics:
 
     def agent_request_finished(self, outcome: str, seconds: float) -> None:
         outcome = closed(outcome, AGENT_OUTCOMES)
-        self.agent_requests.labels(outcome).inc()
-        self.agent_stream.labels(outcome).observe(max(0.0, seconds))
+        self._child(self.agent_requests, outcome).inc()
+        self._child(self.agent_stream, outcome).observe(max(0.0, seconds))
         self.agent_reachable(outcome)
 
     def agent_reachable(self, outcome: str) -> None:

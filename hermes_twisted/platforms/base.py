@@ -22,7 +22,13 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
-from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult
+from hermes_twisted.model import (
+    InboundOutcome,
+    InterruptReason,
+    MessageEvent,
+    Platform,
+    SendResult,
+)
 
 
 class PlatformState(str, Enum):
@@ -166,6 +172,14 @@ class PlatformAdapter(MultiService):
         """
         return int(self.max_message_length or 0), self.len_fn
 
+    def can_edit(self, chat_id: str) -> bool:
+        """
+        Whether a reply in C{chat_id} may stream by editing one message (asked as each reply
+        starts, with C{supports_edit} true).  One platform has one answer; XMPP asks each
+        peer whether its client shows corrections.
+        """
+        return self.supports_edit
+
     @property
     def status(self) -> str:
         """The operator line of L{platform_status} (the chat C{/status} shows it)."""
@@ -238,6 +252,14 @@ class PlatformAdapter(MultiService):
         """Fires with a dict holding at least C{name} and C{type} (dm/group/channel)."""
         return succeed({"name": chat_id, "type": "dm"})
 
+    def media_fetcher(self, ref: dict[str, Any]) -> Callable[[int], Deferred] | None:
+        """
+        For an attachment replayed from the store's inbox after a restart: the C{fetch(cap)}
+        of the L{MediaPart} whose C{ref} this adapter set, or None when the platform cannot
+        fetch it again (the user is then told the image was lost).  Must not raise.
+        """
+        return None
+
     def push_delta(self, chat_id: str, text: str) -> None:
         """Only for C{wants_raw_deltas} adapters: forward one reply delta now.  Must not raise."""
 
@@ -247,6 +269,18 @@ class PlatformAdapter(MultiService):
         when nothing was sent: stale, cancelled, failed).  Adapters holding a per-turn resource
         (the API server's open HTTP request) release it here.  Must not raise.
         """
+
+    def on_inbound_finished(self, event: MessageEvent, session_key: str, delivered: bool,
+                            outcome: str = InboundOutcome.HANDLED) -> None:
+        """
+        Called by the gateway exactly once per event it was handed, when that event is done:
+        run, answered as a command, dropped, or not admitted (C{outcome}, one of
+        L{InboundOutcome}: C{refused} for a sender not allowed there, C{duplicate} for a
+        redelivery).  An adapter holding something per event (a Discord slash command's
+        deferred response) resolves it here.  The default calls L{on_turn_finished}.  Must
+        not raise.
+        """
+        self.on_turn_finished(event.source.chat_id, session_key, delivered)
 
     # -- the fleet (several instances on one PostgreSQL store) -----------------------------
 

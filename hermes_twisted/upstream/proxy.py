@@ -452,9 +452,17 @@ class _Turn:
         choice = choices[0]
         delta = choice.get("delta")
         content = delta.get("content") if isinstance(delta, dict) else None
-        if isinstance(content, str) and content and self._still_current():
+        if isinstance(content, str) and content:
+            # The hot path, once per delta: _still_current and _call_sink inlined.
+            sink = self.sink
+            if self.stale or not sink.is_current():
+                self.stale = True
+                return
             self.parts.append(content)
-            self._call_sink("on_delta", content)
+            try:
+                sink.on_delta(content)
+            except Exception:
+                self.log.failure("TurnSink.{method} raised", method="on_delta")
         if choice.get("finish_reason") == "error":
             self.remote_error = remote_error_message(chunk)
 

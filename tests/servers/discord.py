@@ -413,23 +413,34 @@ class FakeDiscord:
         return message
 
     def interaction(self, name: str, user: dict[str, Any], *, channel_id: str = CHANNEL_ID,
-                    options: list[dict[str, Any]] = ()) -> dict[str, Any]:  # type: ignore[assignment]
-        """A user runs slash command C{name}; INTERACTION_CREATE goes out.  Returns it."""
+                    options: list[dict[str, Any]] = (),  # type: ignore[assignment]
+                    kind: int = 2, component: str | None = None,
+                    message: dict[str, Any] | None = None) -> dict[str, Any]:
+        """
+        A user runs slash command C{name} (C{kind} 2), or clicks button C{component} on
+        C{message} (C{kind} 3, see L{click}); INTERACTION_CREATE goes out.  Returns it.
+        """
         self.users.setdefault(user["id"], user)
         command = next((c for c in self.commands.values() if c["name"] == name), None)
         channel = self.channels[channel_id]
         interaction_id = self.snowflake()
+        if kind == 3:
+            payload = {"custom_id": component, "component_type": 2}
+        else:
+            payload = {"id": command["id"] if command else self.snowflake(), "name": name,
+                       "type": 1, "options": list(options)}
         data = {
-            "id": interaction_id, "application_id": BOT_ID, "type": 2,
+            "id": interaction_id, "application_id": BOT_ID, "type": kind,
             "token": f"itoken-{interaction_id}", "version": 1,
-            "data": {"id": command["id"] if command else self.snowflake(), "name": name,
-                     "type": 1, "options": list(options)},
+            "data": payload,
             "channel_id": channel_id,
             "channel": {k: v for k, v in channel.items() if k != "recipients"},
             "app_permissions": "2248473465835073", "locale": "en-US",
             "entitlements": [], "authorizing_integration_owners": {"0": GUILD_ID},
             "context": 0, "attachment_size_limit": 10485760,
         }
+        if message is not None:
+            data["message"] = message
         if channel.get("guild_id"):
             data["guild_id"] = channel["guild_id"]
             data["guild_locale"] = "en-US"
@@ -443,6 +454,22 @@ class FakeDiscord:
                                             "deleted": False}
         self.dispatch("INTERACTION_CREATE", data)
         return data
+
+    def click(self, message: dict[str, Any], user: dict[str, Any],
+              custom_id: str) -> dict[str, Any]:
+        """
+        A user clicks the button C{custom_id} on C{message} (a channel message or an
+        interaction response): a MESSAGE_COMPONENT INTERACTION_CREATE goes out.  Returns it.
+        """
+        buttons = [b for row in message.get("components") or () for b in row["components"]]
+        if custom_id not in [b.get("custom_id") for b in buttons]:
+            raise AssertionError(f"no button {custom_id!r} on message {message['id']}: "
+                                 f"{message.get('components')}")
+        interaction = self.interaction("", user, channel_id=message["channel_id"],
+                                       kind=3, component=custom_id,
+                                       message={k: v for k, v in message.items()
+                                                if k != "edits"})
+        return interaction
 
     def dispatch(self, name: str, data: dict[str, Any]) -> None:
         """Send a dispatch to every session (buffered for a session that is disconnected)."""
@@ -769,12 +796,39 @@ class FakeDiscord:
                                          "message": "Must be 2000 or fewer in length."}]}}}
         return None
 
+    @staticmethod
+    def _bad_components(body: Any) -> tuple[int, Any] | None:
+        """Action rows of at most 5 buttons, each with a custom_id of 1-100 characters."""
+        rows = (body or {}).get("components")
+        if rows is None:
+            return None
+        problem = None
+        if not isinstance(rows, list) or len(rows) > 5:
+            problem = "components: at most 5 action rows"
+        else:
+            for row in rows:
+                buttons = row.get("components") if isinstance(row, dict) else None
+                if row.get("type") != 1 or not isinstance(buttons, list) or not 0 < len(
+                        buttons) <= 5:
+                    problem = "an action row (type 1) holds 1 to 5 components"
+                    break
+                for button in buttons:
+                    if button.get("type") != 2 or not 0 < len(str(button.get("custom_id")
+                                                                 or "")) <= 100:
+                        problem = "a button (type 2) needs a custom_id of 1-100 characters"
+                        break
+        if problem is None:
+            return None
+        return 400, {"message": "Invalid Form Body", "code": 50035,
+                     "errors": {"components": {"_errors": [{"code": "BASE_TYPE_INVALID",
+                                                            "message": problem}]}}}
+
     def _r_create_message(self, body: Any, query: Any, channel: str) -> tuple[int, Any]:
         if channel not in self.channels:
             return 404, {"message": "Unknown Channel", "code": 10003}
         body = body or {}
         content = body.get("content") or ""
-        error = self._too_long(content)
+        error = self._too_long(content) or self._bad_components(body)
         if error:
             return error
         if not content and not body.get("embeds"):
@@ -793,6 +847,7 @@ class FakeDiscord:
         message = self.message_object(channel, self.bot, content, kind=kind,
                                       reference=reference)
         message["nonce"] = body.get("nonce")
+        message["components"] = body.get("components") or []
         self.messages[message["id"]] = message
         if self.on_bot_message is not None:
             self.on_bot_message(message)
@@ -820,9 +875,11 @@ class FakeDiscord:
             return 403, {"message": "Cannot edit a message authored by another user",
                          "code": 50005}
         content = (body or {}).get("content")
-        error = self._too_long(content)
+        error = self._too_long(content) or self._bad_components(body)
         if error:
             return error
+        if "components" in (body or {}):
+            found["components"] = body["components"]
         if content is not None:
             found["content"] = content
             found["edited_timestamp"] = now_iso()
@@ -992,10 +1049,12 @@ class FakeDiscord:
         if record is None or record["original"] is None:
             return 404, {"message": "Unknown Webhook", "code": 10015}
         content = (body or {}).get("content")
-        error = self._too_long(content)
+        error = self._too_long(content) or self._bad_components(body)
         if error:
             return error
         original = record["original"]
+        if "components" in (body or {}):
+            original["components"] = body["components"]
         if content is not None:
             original["content"] = content
             original["flags"] &= ~128

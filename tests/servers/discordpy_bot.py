@@ -1,7 +1,9 @@
 """
 A discord.py bot pointed at the fake Discord (run as a subprocess by tests/test_discord_fake.py):
-it prints one JSON line per thing it saw, replies to every message, and answers every
-interaction with a deferred ephemeral response, an edit of it and one follow-up.
+it prints one JSON line per thing it saw, replies to every message ("a button please" with a
+message carrying a Stop button), answers every slash command with a deferred ephemeral
+response, an edit of it and one follow-up, and a click of the button with a deferred
+ephemeral response, an edit of it, and the button removed.
 
     python -m tests.servers.discordpy_bot API_BASE GATEWAY_URL TOKEN
 """
@@ -36,6 +38,16 @@ def main(api_base: str, gateway_url: str, token: str) -> None:
     async def on_resumed():
         say(event="resumed")
 
+    class StopView(discord.ui.View):
+        @discord.ui.button(label="Stop", style=discord.ButtonStyle.danger,
+                           custom_id="hermes:stop")
+        async def stop_clicked(self, interaction, button):
+            say(event="clicked", custom_id=button.custom_id, user=str(interaction.user.id))
+            await interaction.response.defer(ephemeral=True, thinking=True)
+            await interaction.edit_original_response(content="stopped")
+            await interaction.message.edit(view=None)
+            say(event="click_done")
+
     @client.event
     async def on_message(message):
         if message.author == client.user:
@@ -43,11 +55,16 @@ def main(api_base: str, gateway_url: str, token: str) -> None:
         say(event="message", content=message.content,
             guild=str(message.guild.id) if message.guild else None,
             channel=type(message.channel).__name__)
-        sent = await message.channel.send(f"pong: {message.content}", reference=message)
+        if message.content == "a button please":
+            sent = await message.channel.send("working", view=StopView(timeout=None))
+        else:
+            sent = await message.channel.send(f"pong: {message.content}", reference=message)
         say(event="sent", id=str(sent.id))
 
     @client.event
     async def on_interaction(interaction):
+        if interaction.type != discord.InteractionType.application_command:
+            return  # components go to their view
         say(event="interaction", name=interaction.data["name"])
         await interaction.response.defer(ephemeral=True, thinking=True)
         await interaction.edit_original_response(content="done")

@@ -170,6 +170,11 @@ async def _main() -> None:  # pragma: no cover - runs in the subprocess
             if not await wait(joined, cmd.get("timeout", 30)):
                 raise RuntimeError(f"{cmd['user']} did not join {cmd['room']}")
             answer = {}
+        elif op == "invite":
+            reply = await client.room_invite(cmd["room"], cmd["user"])
+            if not hasattr(reply, "room_id") and "error" in type(reply).__name__.lower():
+                raise RuntimeError(f"invite failed: {reply}")
+            answer = {}
         elif op == "join":
             await client.join(cmd["room"])
             await wait(lambda: cmd["room"] in client.rooms, 10)

@@ -140,12 +140,14 @@ class Prosody:
         return self.base / "prosody.log"
 
     def configure(self, *, hibernation: int = 600) -> None:
+        """Write the configuration; C{PROSODY_TEST_LOG_LEVEL=debug} logs every stanza."""
         (self.base / "data").mkdir(parents=True, exist_ok=True)
         if not self.ca_file.exists():
             write_self_signed(self.base, self.domain)
         self.config_path.write_text(CONFIG.format(
             base=self.base, c2s=self.c2s_port, direct_tls=self.direct_tls_port,
-            domain=self.domain, muc=self.muc_domain, hibernation=hibernation, level="info"))
+            domain=self.domain, muc=self.muc_domain, hibernation=hibernation,
+            level=os.environ.get("PROSODY_TEST_LOG_LEVEL", "info")))
 
     def jid(self, user: str) -> str:
         return f"{user}@{self.domain}"

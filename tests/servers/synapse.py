@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 VENV = Path(os.environ.get("HERMES_SYNAPSE_VENV", "/tmp/hermes-synapse-venv"))
-USERS = {"bot": "botpass-0123456789", "alice": "alicepass-0123456789"}
+USERS = {"bot": "botpass-0123456789", "alice": "alicepass-0123456789",
+         "bob": "bobpass-0123456789", "carol": "carolpass-0123456789"}
 
 
 def free_port() -> int:

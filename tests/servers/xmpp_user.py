@@ -2,7 +2,10 @@
 A human XMPP user for the tests, played by slixmpp (email-xmpp.md §5.3) in its own asyncio
 process, so it never shares the Twisted reactor under test.
 
-    python -m tests.servers.xmpp_user JID PASSWORD HOST PORT CA_FILE
+    python -m tests.servers.xmpp_user JID PASSWORD HOST PORT CA_FILE [--no-corrections]
+
+With C{--no-corrections} the client does not load XEP-0308, so its disco#info does not
+announce message correction (an older client); it still reports a C{<replace/>} it receives.
 
 It reads one JSON command per line on stdin and writes one JSON event per line on stdout:
 
@@ -37,10 +40,12 @@ def emit(event: dict[str, Any]) -> None:
 
 
 class User(slixmpp.ClientXMPP):
-    def __init__(self, jid: str, password: str) -> None:
+    def __init__(self, jid: str, password: str, *, corrections: bool = True) -> None:
         super().__init__(jid, password)
-        for plugin in ("xep_0030", "xep_0045", "xep_0085", "xep_0198", "xep_0199", "xep_0308",
-                       "xep_0359"):
+        plugins = ["xep_0030", "xep_0045", "xep_0085", "xep_0198", "xep_0199", "xep_0359"]
+        if corrections:
+            plugins.append("xep_0308")  # announces urn:xmpp:message-correct:0 in disco#info
+        for plugin in plugins:
             self.register_plugin(plugin)
         self.add_event_handler("session_start", self.started)
         self.add_event_handler("message", self.on_message)
@@ -101,7 +106,7 @@ async def commands(user: User) -> None:
 
 def main() -> None:
     jid, password, host, port, ca_file = sys.argv[1:6]
-    user = User(jid, password)
+    user = User(jid, password, corrections="--no-corrections" not in sys.argv[6:])
     user.ca_certs = ca_file
     user.connect(host, int(port))
     loop = asyncio.get_event_loop()

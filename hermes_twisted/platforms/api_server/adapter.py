@@ -26,7 +26,14 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult, SessionSource
+from hermes_twisted.model import (
+    InboundOutcome,
+    InterruptReason,
+    MessageEvent,
+    Platform,
+    SendResult,
+    SessionSource,
+)
 from hermes_twisted.net.site import TrackingSite
 from hermes_twisted.platforms.api_server.http import (
     MAX_REQUEST_BYTES,
@@ -151,9 +158,6 @@ class APIServerAdapter(PlatformAdapter):
         self.cors_origins = tuple(extra.get("cors_origins") or ())
         self.max_concurrent = (gateway_config.max_concurrent_runs if gateway_config else 10)
         self._open: dict[str, OpenCompletion] = {}  # session id (chat id) -> request
-        #: Per session, how many requests were closed (answered, failed, abandoned) before the
-        #: gateway reported their turn finished: those reports must not end a newer request.
-        self._closed_before_finish: dict[str, int] = {}
         self._listening = None
         self._site: _APISite | None = None
         self._state = "stopped"
@@ -281,7 +285,6 @@ class APIServerAdapter(PlatformAdapter):
             return
         completion.done = True
         self._open.pop(completion.session_id, None)
-        self._closed_early(completion)
         self.log.info("API client disconnected from session {session}; interrupting its run",
                       session=completion.session_id)
         if self._sink is not None:
@@ -326,25 +329,20 @@ class APIServerAdapter(PlatformAdapter):
         return succeed(SendResult(True, message_id=completion.completion_id))
 
     def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
-        # The gateway reports every event's end once, in order per session; a report for a
-        # request already closed must leave the session's next request alone (a client may
-        # send it the moment it has the answer, while the transcript is still being written).
-        closed = self._closed_before_finish.get(chat_id, 0)
-        if closed:
-            if closed == 1:
-                del self._closed_before_finish[chat_id]
-            else:
-                self._closed_before_finish[chat_id] = closed - 1
-            return
         completion = self._open.get(chat_id)
         if completion is not None and not completion.done:
             self._fail(completion, 502, "The turn ended without a reply", "server_error",
-                       "agent_incomplete", turn_ended=True)
+                       "agent_incomplete")
 
-    def _closed_early(self, completion: OpenCompletion) -> None:
-        """C{completion} closed before its turn's end was reported."""
-        session = completion.session_id
-        self._closed_before_finish[session] = self._closed_before_finish.get(session, 0) + 1
+    def on_inbound_finished(self, event: MessageEvent, session_key: str, delivered: bool,
+                            outcome: str = InboundOutcome.HANDLED) -> None:
+        # Only the request this event came from may be ended: a client sends its next message
+        # the moment it has the answer, while the gateway still writes the transcript, and the
+        # end of that earlier event must leave the session's new request open.
+        completion = self._open.get(event.source.chat_id)
+        if completion is None or completion.completion_id != event.message_id:
+            return
+        self.on_turn_finished(event.source.chat_id, session_key, delivered)
 
     def get_chat_info(self, chat_id: str) -> Deferred:
         return succeed({"name": chat_id, "type": "dm"})
@@ -354,7 +352,6 @@ class APIServerAdapter(PlatformAdapter):
     def _complete(self, completion: OpenCompletion, content: str) -> None:
         completion.done = True
         self._open.pop(completion.session_id, None)
-        self._closed_early(completion)
         request = completion.request
         shown = "".join(completion.pushed)
         if completion.stream:
@@ -376,11 +373,9 @@ class APIServerAdapter(PlatformAdapter):
         request.finish()
 
     def _fail(self, completion: OpenCompletion, status: int, message: str, kind: str,
-              code: str, turn_ended: bool = False) -> None:
+              code: str) -> None:
         completion.done = True
         self._open.pop(completion.session_id, None)
-        if not turn_ended:
-            self._closed_early(completion)
         request = completion.request
         if request.finished or request.channel is None:
             return

@@ -36,6 +36,7 @@ from twisted.web.client import HTTPConnectionPool
 
 from hermes_twisted.config.settings import GatewayConfig, PlatformSettings
 from hermes_twisted.model import (
+    InboundOutcome,
     MediaPart,
     MessageEvent,
     MessageType,
@@ -80,6 +81,16 @@ INTERACTION_LIFETIME = 14 * 60.0
 EPHEMERAL = 64
 #: Edits wait at most this long for a 429; a send waits up to a minute.
 EDIT_MAX_WAIT = 2.0
+#: What a slash command's private response says when the gateway answered nothing else.
+REFUSED_TEXT = "You are not allowed to use the agent here."
+NO_ANSWER_TEXT = "This request ended without an answer."
+DONE_TEXT = "Done."
+UNAVAILABLE_TEXT = "The agent is not available right now; try again later."
+#: The button on a streaming answer: a click is /stop in that channel by the one who clicks.
+STOP_BUTTON_ID = "hermes:stop"
+STOP_BUTTON = [{"type": 1, "components": [
+    {"type": 2, "style": 4, "label": "Stop", "custom_id": STOP_BUTTON_ID}]}]
+MAX_REPLIES_REMEMBERED = 5000
 THREAD_EXISTS = 160004
 MAX_THREADS_REMEMBERED = 5000
 #: An attachment download: this long for the response to start, then for its body.
@@ -98,6 +109,8 @@ class Interaction:
     #: A command (/stop, /new, /status) is done once answered; /ask when its turn ended.
     runs_a_turn: bool = False
     finished: bool = False
+    #: The deferred-response callback in flight: the response exists once it is done.
+    ack: Deferred | None = None
 
     @property
     def original_id(self) -> str:
@@ -158,6 +171,10 @@ class DiscordAdapter(PlatformAdapter):
         self._joined_threads: dict[str, None] = {}
         self._interactions: dict[str, Interaction] = {}
         self._followups: dict[str, str] = {}
+        #: First message of each answer -> the message it answers (for its /stop button).
+        self._answers_to: dict[str, str | None] = {}
+        #: Messages showing a /stop button -> (chat id, the message they answer).
+        self._stop_buttons: dict[str, tuple[str, str | None]] = {}
         self._pending_reactions: dict[str, tuple[str, str]] = {}
         self._ready_waiters: list[Deferred] = []
         self._nonces = itertools.count(1)
@@ -447,6 +464,42 @@ class DiscordAdapter(PlatformAdapter):
                          message_id=message_id)
         return None
 
+    def on_inbound_finished(self, event: MessageEvent, session_key: str, delivered: bool,
+                            outcome: str = InboundOutcome.HANDLED) -> None:
+        try:
+            self._resolve_interaction(event, delivered, outcome)
+            self._remove_stop_buttons(event)
+        except Exception:
+            self.log.failure("discord: while resolving the response to {message_id}",
+                             message_id=event.message_id)
+        super().on_inbound_finished(event, session_key, delivered, outcome)
+
+    def _resolve_interaction(self, event: MessageEvent, delivered: bool, outcome: str) -> None:
+        # A slash command the gateway answered nothing for (refused, dropped by the busy
+        # policy, a run that sent nothing) must not show "thinking" until its token dies.
+        message_id = event.message_id or ""
+        if not message_id.startswith("interaction:") or outcome == InboundOutcome.DUPLICATE:
+            return
+        record = self._interactions.get(message_id.split(":", 1)[1])
+        if record is None or record.answered:
+            return
+        if outcome == InboundOutcome.REFUSED:
+            text = REFUSED_TEXT
+        else:
+            text = DONE_TEXT if delivered else NO_ANSWER_TEXT
+        self._answer_interaction(record, text)
+
+    def _remove_stop_buttons(self, event: MessageEvent) -> None:
+        # A finished answer edits its button away; one that was stopped or fell back to new
+        # messages still shows it.  The thread's first answer replies to nothing.
+        for message_id, (chat_id, answers) in list(self._stop_buttons.items()):
+            if (answers == event.message_id if event.message_id else
+                    answers is None and chat_id == event.source.chat_id):
+                del self._stop_buttons[message_id]
+                d = self._track(Deferred.fromCoroutine(
+                    self._edit_one(chat_id, message_id, None, components=[])))
+                d.addErrback(self._quiet, "removing a stop button")
+
     def on_turn_finished(self, chat_id: str, session_key: str, delivered: bool) -> None:
         for record in self._interactions.values():
             if record.chat_id == chat_id and record.answered:
@@ -472,11 +525,24 @@ class DiscordAdapter(PlatformAdapter):
     # -- interactions -------------------------------------------------------------------------
 
     def _interaction(self, data: Any) -> None:
-        if not isinstance(data, dict) or data.get("type") != 2:
+        if not isinstance(data, dict) or data.get("type") not in (2, 3):
+            return
+        if data.get("type") == 3:
+            # A message component: our /stop button runs as /stop would, typed there.
+            custom_id = (data.get("data") or {}).get("custom_id")
+            if custom_id != STOP_BUTTON_ID:
+                return
+            data = {**data, "data": {"name": "stop", "type": 1}}
+        if str(data.get("id")) in self._interactions:
+            # A RESUME replayed it: acknowledged and handed to the gateway already.
+            self.log.info("discord: interaction {id} replayed; ignored", id=data.get("id"))
             return
         command = data.get("data") if isinstance(data.get("data"), dict) else {}
         name = str(command.get("name") or "")
         if name not in ("ask", "stop", "new", "status"):
+            # Another integration's command (sync keeps commands that are not ours): say so
+            # rather than let Discord report that the application did not respond.
+            self._reply_at_once(data, f"/{name} is not handled by this agent.")
             return
         member = data.get("member") if isinstance(data.get("member"), dict) else {}
         user = member.get("user") or data.get("user") or {}
@@ -486,6 +552,8 @@ class DiscordAdapter(PlatformAdapter):
         record = Interaction(str(data.get("id")), str(data.get("token")),
                              str(data.get("application_id") or self.application_id or ""),
                              channel_id, self.reactor.seconds())
+        self._forget_expired_interactions()
+        self._interactions[record.interaction_id] = record
         # Acknowledge first: Discord allows 3 s, and admission may wait on the store.
         ack = self._track(self.rest.request(
             "POST", "/interactions/{interaction_id}/{token}/callback", major=record.token,
@@ -493,6 +561,7 @@ class DiscordAdapter(PlatformAdapter):
             query={"with_response": "true"}, max_wait=2.0,
             interaction_id=record.interaction_id, token=record.token))
         ack.addErrback(self._quiet, "interaction acknowledgement")
+        record.ack = ack
         record.runs_a_turn = name == "ask"
         if name == "ask":
             options = {o.get("name"): o.get("value") for o in command.get("options") or ()
@@ -501,6 +570,10 @@ class DiscordAdapter(PlatformAdapter):
         else:
             text = f"/{name}"
         if not text:
+            self._answer_interaction(record, "Nothing to ask: the prompt is empty.")
+            return
+        if self._sink is None:
+            self._answer_interaction(record, UNAVAILABLE_TEXT)
             return
         ctype = channel.get("type")
         if ctype is None:
@@ -524,15 +597,27 @@ class DiscordAdapter(PlatformAdapter):
             thread_id=channel_id if in_thread else None, scope_id=guild_id,
             parent_chat_id=parent if in_thread else None, message_id=record.original_id,
             role_authorized=role_ok, is_bot=bool(user.get("bot")))
-        self._forget_expired_interactions()
-        self._interactions[record.interaction_id] = record
         event = MessageEvent(text=text, source=source, message_id=record.original_id,
                              message_type=MessageType.COMMAND if text.startswith("/")
                              else MessageType.TEXT,
                              metadata={"dedupe_key": f"discord:interaction:"
                                                      f"{record.interaction_id}"})
         d = self.deliver_inbound(event)
-        d.addErrback(self._inbound_failed, record.original_id)
+        d.addErrback(self._interaction_not_admitted, record)
+
+    def _interaction_not_admitted(self, failure: Any, record: Interaction) -> None:
+        # No on_inbound_finished comes for an event the gateway never admitted.
+        if not record.answered:
+            self._answer_interaction(record, UNAVAILABLE_TEXT)
+        self._inbound_failed(failure, record.original_id)
+
+    def _reply_at_once(self, data: dict[str, Any], text: str) -> None:
+        d = self._track(self.rest.request(
+            "POST", "/interactions/{interaction_id}/{token}/callback",
+            major=str(data.get("token")),
+            json_body={"type": 4, "data": {"content": text, "flags": EPHEMERAL}},
+            max_wait=2.0, interaction_id=str(data.get("id")), token=str(data.get("token"))))
+        d.addErrback(self._quiet, "interaction answer")
 
     def _forget_expired_interactions(self) -> None:
         now = self.reactor.seconds()
@@ -558,14 +643,36 @@ class DiscordAdapter(PlatformAdapter):
                    for r in self._interactions.values())
 
     def _answer_interaction(self, record: Interaction, text: str) -> None:
+        record.answered = record.finished = True
         d = self._track(self._webhook_edit(record, "@original", text))
         d.addErrback(self._quiet, "interaction answer")
 
-    def _webhook_edit(self, record: Interaction, message: str, text: str) -> Deferred:
-        return self.rest.request(
+    def _webhook_edit(self, record: Interaction, message: str, text: str | None,
+                      components: list[Any] | None = None) -> Deferred:
+        # The original response exists once the deferred callback is through: an edit sent
+        # beside it (a refusal decided at once) could reach Discord first and find nothing.
+        d = self._acknowledged(record) if message == "@original" else succeed(None)
+        return d.addCallback(lambda _: self.rest.request(
             "PATCH", "/webhooks/{application_id}/{token}/messages/{message}",
-            major=record.token, json_body={"content": text}, max_wait=EDIT_MAX_WAIT,
-            application_id=record.application_id, token=record.token, message=message)
+            major=record.token, json_body=_edit_body(text, components),
+            max_wait=EDIT_MAX_WAIT, application_id=record.application_id, token=record.token,
+            message=message))
+
+    @staticmethod
+    def _acknowledged(record: Interaction) -> Deferred:
+        """Fires with None once C{record}'s callback request is done (either way)."""
+        ack = record.ack
+        if ack is None or ack.called:
+            return succeed(None)
+        waiter: Deferred = Deferred()
+
+        def done(result: Any) -> Any:
+            if not waiter.called:  # a cancelled waiter has fired already
+                waiter.callback(None)
+            return result
+
+        ack.addBoth(done)
+        return waiter
 
     # -- outbound -----------------------------------------------------------------------------
 
@@ -626,6 +733,10 @@ class DiscordAdapter(PlatformAdapter):
                     result.message_id = sent[-1]
                     result.continuation_message_ids = tuple(sent[:-1])
                 return result
+            if not sent:
+                self._answers_to[message_id] = reply_to
+                while len(self._answers_to) > MAX_REPLIES_REMEMBERED:
+                    self._answers_to.pop(next(iter(self._answers_to)))
             sent.append(message_id)
         return SendResult(True, message_id=sent[-1], continuation_message_ids=tuple(sent[:-1]))
 
@@ -666,8 +777,17 @@ class DiscordAdapter(PlatformAdapter):
             return SendResult.failed("empty message", kind="unknown")
         chunks = split_message(content)
         first = chunks[0] if finalize else content[:MAX_MESSAGE_LENGTH]
+        # A streaming answer shows a Stop button from its first edit (later edits leave it:
+        # a PATCH without components keeps them); its final edit takes it away.
+        components: list[Any] | None = None
+        if (not finalize and message_id in self._answers_to
+                and message_id not in self._stop_buttons):
+            components = STOP_BUTTON
+            self._stop_buttons[message_id] = (chat_id, self._answers_to[message_id])
+        elif finalize and self._stop_buttons.pop(message_id, None) is not None:
+            components = []
         try:
-            await self._edit_one(chat_id, message_id, first)
+            await self._edit_one(chat_id, message_id, first, components=components)
         except CancelledError:
             raise
         except DiscordHTTPError as e:
@@ -691,22 +811,23 @@ class DiscordAdapter(PlatformAdapter):
             sent.append(result.message_id or "")
         return SendResult(True, message_id=sent[-1], continuation_message_ids=tuple(sent[:-1]))
 
-    async def _edit_one(self, chat_id: str, message_id: str, text: str) -> None:
+    async def _edit_one(self, chat_id: str, message_id: str, text: str | None, *,
+                        components: list[Any] | None = None) -> None:
         if message_id.startswith("interaction:"):
             record = self._interactions.get(message_id.split(":", 1)[1])
             if record is None:
                 raise DiscordHTTPError(404, "interaction expired", 10062)
-            await self._webhook_edit(record, "@original", text)
+            await self._webhook_edit(record, "@original", text, components)
             return
         if message_id in self._followups:
             record = self._interactions.get(self._followups[message_id])
             if record is not None:
-                await self._webhook_edit(record, message_id, text)
+                await self._webhook_edit(record, message_id, text, components)
                 return
         await self.rest.request(
             "PATCH", "/channels/{channel_id}/messages/{message_id}", major=chat_id,
-            json_body={"content": text}, max_wait=EDIT_MAX_WAIT, channel_id=chat_id,
-            message_id=message_id)
+            json_body=_edit_body(text, components), max_wait=EDIT_MAX_WAIT,
+            channel_id=chat_id, message_id=message_id)
 
     def send_typing(self, chat_id: str, metadata: dict[str, Any] | None = None) -> Deferred:
         """
@@ -729,6 +850,15 @@ class DiscordAdapter(PlatformAdapter):
         # The contract knows dm/group/channel: a guild channel or thread is a group.
         chat_type = "dm" if kind is None or kind in (DM, GROUP_DM) else "group"
         return succeed({"name": info.get("name") or chat_id, "type": chat_type})
+
+
+def _edit_body(text: str | None, components: list[Any] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    if text is not None:
+        body["content"] = text
+    if components is not None:
+        body["components"] = components
+    return body
 
 
 def _flag(value: Any, default: bool) -> bool:

@@ -9,6 +9,7 @@ encryption on vodozemac.
   crypto.py       L{MatrixCrypto}: Olm/Megolm, device lists, key upload, key sharing, rotation
   cryptostore.py  the per-device SQLite crypto store (pickles encrypted, single writer)
   backup.py       server-side key backup and the recovery key
+  crosssigning.py the account's cross-signing identity and the device's signature
   attachments.py  encrypted attachments (AES-CTR, SHA-256)
   encoding.py     canonical JSON and unpadded base64
 """

@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_matrix -*-
 """
-Matrix over the client-server API with treq (no end-to-end encryption).
+Matrix over the client-server API with treq, end-to-end encrypted where a room is (the
+engine is L{hermes_twisted.platforms.matrix.crypto}).
 
 Inbound is a C{/sync} long-poll.  The C{since} token is saved only after every event of a
 batch was admitted by the gateway, so a restart never loses an event; each event also carries
@@ -135,11 +136,14 @@ class MatrixAdapter(PlatformAdapter):
         self.hold_seconds = float(extra.get("undecryptable_wait_s") or HOLD_UNDECRYPTABLE_S)
         self.crypto: MatrixCrypto | None = None
         self._held: dict[tuple[str, str], list[tuple[float, dict[str, Any]]]] = {}
+        self._recheck_held = False
         self._noticed: dict[str, float] = {}
         self._unencrypted_warned: set[str] = set()
         self._turn_replies: dict[str, dict[str, Any]] = {}
         self._image_sends: set[Deferred] = set()
         self._allow_private_media = bool(extra.get("allow_private_media_urls", False))
+        self._ready = False
+        self._ready_waiters: list[Deferred] = []
 
     # -- service ------------------------------------------------------------------------------
 
@@ -185,9 +189,11 @@ class MatrixAdapter(PlatformAdapter):
             # A setting that cannot work names itself ("MATRIX_DEVICE_ID: ..."); anything
             # else fatal is the homeserver refusing our credentials.
             message = failure.getErrorMessage()
-            key, sep, detail = message.partition(": ")
+            key, sep, _ = message.partition(": ")
             if sep and _SETTING_NAME.fullmatch(key):
-                self.report_state(PlatformState.DISABLED, reason=key, detail=detail)
+                # The detail starts with the key, so /status and the log name it.
+                self.report_state(PlatformState.DISABLED, reason="invalid_config",
+                                  detail=message)
             else:
                 self.report_state(PlatformState.DISABLED, reason="auth_failed", detail=message)
         else:
@@ -208,6 +214,9 @@ class MatrixAdapter(PlatformAdapter):
         if loop is not None:
             loop.cancel()
         self._http_calls.cancel_all()
+        self._ready = False
+        for waiter in list(self._ready_waiters):
+            waiter.cancel()
         for send in list(self._image_sends):
             send.cancel()
         self._state = "stopped"
@@ -256,8 +265,13 @@ class MatrixAdapter(PlatformAdapter):
     # -- the sync loop ------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        self._ready = False
         await self._login()
         await self._start_crypto()
+        self._ready = True
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
         await poll_forever(self._sync, self._deliver, self._sync_failed, clock=self.clock)
 
     async def _sync(self) -> dict[str, Any]:
@@ -293,15 +307,20 @@ class MatrixAdapter(PlatformAdapter):
             return
         store = CryptoStore(store_directory(self._state_dir, self.user_id, self.device_id),
                             secret=self._store_key, run_in_thread=self._run_in_thread)
-        from hermes_twisted.platforms.matrix.backup import KeyBackup, RecoveryKeyError
+        from hermes_twisted.platforms.matrix.backup import (
+            KeyBackup,
+            RecoveryKeyError,
+            decode_recovery_key,
+        )
         try:
             backup = KeyBackup(self._recovery_key, self._call) if self._recovery_key else None
+            recovery = decode_recovery_key(self._recovery_key) if self._recovery_key else None
         except RecoveryKeyError as e:
             raise MatrixFatal(f"MATRIX_RECOVERY_KEY: {e}") from None
         crypto = MatrixCrypto(user_id=self.user_id, device_id=self.device_id, store=store,
                               call=self._call, clock=self.clock, trust=self.e2ee_trust,
                               allowed=lambda user: is_allowed(user, self._allowlist()),
-                              backup=backup)
+                              backup=backup, recovery_key=recovery)
         try:
             await crypto.start()
         except RecoveryKeyError as e:
@@ -313,9 +332,22 @@ class MatrixAdapter(PlatformAdapter):
         except BaseException:
             await store.close()
             raise
+        self._adopt_crypto(crypto)
+        self.log.info("Matrix encryption is {mode}: device {device_id} (cross-signing: "
+                      "{signed}), {keys} room keys held, {waiting} events waiting for a room "
+                      "key", mode=self.e2ee_mode, device_id=self.device_id,
+                      signed=crypto.cross_signing.state if crypto.cross_signing else "off",
+                      keys=crypto.room_key_count,
+                      waiting=sum(len(events) for events in self._held.values()))
+
+    def _adopt_crypto(self, crypto: MatrixCrypto) -> None:
+        """Use C{crypto}, and take back the events its store held for a missing room key."""
         self.crypto = crypto
-        self.log.info("Matrix encryption is {mode}: device {device_id}, {keys} room keys held",
-                      mode=self.e2ee_mode, device_id=self.device_id, keys=crypto.room_key_count)
+        self._recheck_held = True
+        self._held = {}
+        for row in crypto.held_events():
+            self._held.setdefault((row["room_id"], row["session_id"]), []).append(
+                (row["held_at"], row["event"]))
 
     async def _deliver(self, batch: dict[str, Any]) -> None:
         self._state = "connected"
@@ -326,6 +358,10 @@ class MatrixAdapter(PlatformAdapter):
             await self.crypto.flush()  # keys first: the server will not resend them
         await self._handle_batch(batch, replay=self._since is None)
         if self.crypto is not None:
+            if self._recheck_held:
+                # Keys that came just before a restart cut the retry short.
+                self._recheck_held = False
+                arrived |= {ref for ref in self._held if self.crypto.has_room_key(*ref)}
             arrived |= await self.crypto.recover(set(self._held))
             await self._retry_held(arrived)
             await self._request_held_keys()
@@ -523,11 +559,12 @@ class MatrixAdapter(PlatformAdapter):
                 if event is not None:
                     await self.deliver_inbound(event)
 
-    async def _decrypted(self, room_id: str, raw: Any) -> dict[str, Any] | None:
+    async def _decrypted(self, room_id: str, raw: Any, held_at: float | None = None
+                         ) -> dict[str, Any] | None:
         """
         The event to hand on: decrypted when it was encrypted, None when it cannot be (yet:
-        then it is held until its room key arrives) or when C{required} mode refuses an
-        unencrypted room.
+        then it is held until its room key arrives, keeping C{held_at} when it was held
+        before) or when C{required} mode refuses an unencrypted room.
         """
         if not isinstance(raw, dict) or raw.get("sender") == self.user_id:
             return raw
@@ -553,17 +590,32 @@ class MatrixAdapter(PlatformAdapter):
         try:
             return await self.crypto.decrypt_room_event(room_id, raw)
         except MissingRoomKey as e:
-            self._hold(room_id, e.session_id, raw)
+            self._hold(room_id, e.session_id, raw, held_at)
         except DecryptionFailed as e:
             self.log.warn("Matrix: cannot decrypt {event} in {room}: {error}",
                           event=raw.get("event_id"), room=room_id, error=str(e))
         return None
 
-    def _hold(self, room_id: str, session_id: str, raw: dict[str, Any]) -> None:
+    def _hold(self, room_id: str, session_id: str, raw: dict[str, Any],
+              held_at: float | None = None) -> None:
+        """
+        Keep C{raw} until its room key arrives: in memory and in the crypto store (written
+        with the batch's other crypto changes, before its sync token), at most
+        L{MAX_HELD_EVENTS}, the oldest session's events dropped first.
+        """
+        if any(held.get("event_id") == raw.get("event_id")
+               for _, held in self._held.get((room_id, session_id), ())):
+            return  # redelivered while held
         if sum(len(v) for v in self._held.values()) >= MAX_HELD_EVENTS:
             oldest = min(self._held, key=lambda ref: self._held[ref][0][0])
-            self._held.pop(oldest)
-        self._held.setdefault((room_id, session_id), []).append((self.clock.seconds(), raw))
+            for _, dropped in self._held.pop(oldest):
+                self.crypto.forget_held(dropped)
+            self.log.warn("Matrix: too many events waiting for room keys; dropped those of "
+                          "session {session} in {room}", session=oldest[1], room=oldest[0])
+        # A retry that still lacks the key (index too low) keeps its age, so it expires.
+        now = self.clock.seconds() if held_at is None else held_at
+        self._held.setdefault((room_id, session_id), []).append((now, raw))
+        self.crypto.remember_held(room_id, session_id, now, raw)
         self.log.info("Matrix: holding {event} in {room} until its room key arrives",
                       event=raw.get("event_id"), room=room_id)
 
@@ -579,9 +631,10 @@ class MatrixAdapter(PlatformAdapter):
 
     async def _retry_held(self, arrived: set[tuple[str, str]]) -> None:
         for ref in arrived:
-            for _, raw in self._held.pop(ref, []):
+            for held_at, raw in self._held.pop(ref, []):
+                self.crypto.forget_held(raw)
                 event = None
-                decrypted = await self._decrypted(ref[0], raw)
+                decrypted = await self._decrypted(ref[0], raw, held_at)
                 if decrypted is not None:
                     event = self._to_event(ref[0], decrypted)
                 if event is not None:
@@ -596,6 +649,8 @@ class MatrixAdapter(PlatformAdapter):
             if withheld is None and now - first < self.hold_seconds:
                 continue
             events = self._held.pop(ref)
+            for _, raw in events:
+                self.crypto.forget_held(raw)
             room_id = ref[0]
             self.log.warn("Matrix: gave up on {count} undecryptable event(s) in {room} "
                           "({why})", count=len(events), room=room_id,
@@ -662,9 +717,48 @@ class MatrixAdapter(PlatformAdapter):
                              raw_message=raw,
                              metadata={"dedupe_key": f"matrix:{raw.get('event_id')}"})
         if media is not None:
+            # Enough to find the attachment again after a restart: the event (its key stays
+            # in the crypto store), never the file's own key.
+            part.ref = {"room_id": room_id, "event_id": raw.get("event_id")}
             event.message_type, event.media = message_type, [part]
             event.media_types = [part.mime_type]
         return event
+
+    def media_fetcher(self, ref: dict[str, Any]) -> Any:
+        """
+        The fetcher of an attachment replayed after a restart: it waits until the adapter
+        has logged in (and opened its crypto store), fetches the event again, decrypts it
+        when it was encrypted, and downloads the file as the first time.
+        """
+        room_id, event_id = ref.get("room_id"), ref.get("event_id")
+        if not (isinstance(room_id, str) and isinstance(event_id, str)):
+            return None
+
+        def fetch(cap: int) -> Deferred:
+            return ensureDeferred(self._fetch_again(room_id, event_id, cap))
+        return fetch
+
+    def _when_ready(self) -> Deferred:
+        """Fires once logged in and the crypto started; cancelling stops waiting."""
+        if self._ready:
+            return succeed(None)
+        waiter: Deferred = Deferred(lambda d: self._ready_waiters.remove(d))
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    async def _fetch_again(self, room_id: str, event_id: str, cap: int) -> bytes:
+        await self._when_ready()
+        raw = await self._call("GET", f"/rooms/{quote(room_id, safe='')}/event/"
+                                      f"{quote(event_id, safe='')}")
+        if raw.get("type") == "m.room.encrypted":
+            if self.crypto is None:
+                raise MediaError("the attachment is encrypted and encryption is off")
+            raw = await self.crypto.decrypt_room_event(room_id, raw)
+        content = raw.get("content") if isinstance(raw.get("content"), dict) else {}
+        media = media_message(content, self.max_media_bytes, self._fetcher)
+        if media is None:
+            raise MediaError("the event no longer carries an attachment")
+        return await media[2].fetch(cap)
 
     def _fetcher(self, mxc: Any, encrypted: dict[str, Any] | None, max_bytes: int) -> Any:
         """C{fetch(cap)} for one attachment: download it, then decrypt it in a thread."""

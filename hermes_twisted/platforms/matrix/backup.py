@@ -25,49 +25,14 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from hermes_twisted.config.recovery_key import (  # noqa: F401  (re-exported)
+    RecoveryKeyError,
+    decode_recovery_key,
+    encode_recovery_key,
+)
 from hermes_twisted.platforms.matrix.encoding import b64decode, b64encode
 
 ALGORITHM = "m.megolm_backup.v1.curve25519-aes-sha2"
-BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-
-
-class RecoveryKeyError(ValueError):
-    """C{MATRIX_RECOVERY_KEY} is not a recovery key, or does not open this account's backup."""
-
-
-def decode_recovery_key(text: str) -> bytes:
-    """The 32 key bytes of a recovery key (spaces ignored); L{RecoveryKeyError} if malformed."""
-    number = 0
-    digits = "".join(text.split())
-    for char in digits:
-        index = BASE58.find(char)
-        if index < 0:
-            raise RecoveryKeyError("the recovery key has a character outside base58")
-        number = number * 58 + index
-    raw = number.to_bytes((number.bit_length() + 7) // 8, "big")
-    raw = b"\x00" * (len(digits) - len(digits.lstrip("1"))) + raw
-    if len(raw) != 35 or raw[:2] != b"\x8b\x01":
-        raise RecoveryKeyError("not a Matrix recovery key (wrong length or header)")
-    parity = 0
-    for byte in raw[:34]:
-        parity ^= byte
-    if parity != raw[34]:
-        raise RecoveryKeyError("the recovery key's parity check failed (a typo?)")
-    return raw[2:34]
-
-
-def encode_recovery_key(key: bytes) -> str:
-    raw = b"\x8b\x01" + key
-    parity = 0
-    for byte in raw:
-        parity ^= byte
-    raw += bytes([parity])
-    number, digits = int.from_bytes(raw, "big"), ""
-    while number:
-        number, rest = divmod(number, 58)
-        digits = BASE58[rest] + digits
-    digits = "1" * (len(raw) - len(raw.lstrip(b"\x00"))) + digits
-    return " ".join(digits[i:i + 4] for i in range(0, len(digits), 4))
 
 
 def _ssss_keys(key: bytes, name: str) -> tuple[bytes, bytes]:

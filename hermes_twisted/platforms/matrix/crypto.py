@@ -35,6 +35,7 @@ from twisted.internet.defer import CancelledError, DeferredLock
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
+from hermes_twisted.platforms.matrix.crosssigning import CrossSigning, seal, unseal
 from hermes_twisted.platforms.matrix.cryptostore import CryptoStore
 from hermes_twisted.platforms.matrix.encoding import b64decode, b64encode, canonical_json, signable
 
@@ -43,6 +44,8 @@ MEGOLM = "m.megolm.v1.aes-sha2"
 DEFAULT_ROTATION_MS = 604_800_000
 DEFAULT_ROTATION_MSGS = 100
 MAX_OLM_SESSIONS_PER_DEVICE = 4
+KEYS_PER_STEP = 5  # one-time keys generated or signed per reactor turn
+MAX_REMEMBERED_SESSIONS = 1000  # our Megolm sessions whose recipients are remembered
 
 Call = Callable[..., Awaitable[dict[str, Any]]]
 
@@ -96,8 +99,11 @@ class MatrixCrypto:
     def __init__(self, *, user_id: str, device_id: str, store: CryptoStore, call: Call,
                  clock: Any, trust: str = "tofu",
                  allowed: Callable[[str], bool] = lambda user: True,
-                 backup: Any = None, pause: Callable[[], Any] | None = None) -> None:
+                 backup: Any = None, pause: Callable[[], Any] | None = None,
+                 recovery_key: bytes | None = None) -> None:
         self.user_id, self.device_id = user_id, device_id
+        self._recovery_key = recovery_key  # opens secret storage (cross-signing keys)
+        self.cross_signing: CrossSigning | None = None
         self.store, self._call, self.clock = store, call, clock
         self.trust = trust
         self._allowed = allowed
@@ -110,6 +116,7 @@ class MatrixCrypto:
         self._outdated: set[str] = set()
         self._rooms: dict[str, dict[str, Any]] = {}  # room -> m.room.encryption content
         self._members: dict[str, set[str]] = {}
+        self._visibility: dict[str, str] = {}  # room -> m.room.history_visibility
         self._seen_index: dict[tuple[str, int], str] = {}
         self._withheld: dict[tuple[str, str], str] = {}
         self._dirty: dict[tuple[str, str], Any] = {}
@@ -122,6 +129,12 @@ class MatrixCrypto:
         self._to_backup: list[dict[str, Any]] = []
         self._asked_backup: set[tuple[str, str]] = set()
         self._requests: dict[tuple[str, str], str] = {}  # room key requests we sent
+        #: For each Megolm session we created: the index at which each device got it, so a
+        #: device that lost the key can be given it again, from that index on, not earlier.
+        self._given: dict[str, dict[tuple[str, str], int]] = {}
+        #: Events held for a missing room key, as the store keeps them (event id -> row),
+        #: so a restart before the key comes still decrypts them.
+        self._held_rows: dict[str, dict[str, Any]] = {}
 
     # -- keys and identity ------------------------------------------------------------------
 
@@ -148,12 +161,34 @@ class MatrixCrypto:
         """
         self._pickle_key, data = await self.store.open()
         await self._start_account(data)
+        await self._cross_sign(data.get("cross_signing", {}).get("seeds"))
         if self.backup is not None:
             await self.backup.open(self.user_id, self._sign)
             restored = self._import_backup(await self.backup.download())
             await self.flush()
             self.log.info("Matrix key backup {version}: {count} room keys restored",
                           version=self.backup.version, count=len(restored))
+
+    async def _cross_sign(self, sealed: str | None) -> None:
+        """Sign this device with the account's self-signing key (L{CrossSigning}); never fails
+        for a refusal or an error of the homeserver (the device then stays unsigned)."""
+        seeds = unseal(self._pickle_key, sealed) if sealed else {}
+
+        async def save(new: dict[str, bytes]) -> None:
+            self._dirty[("cross_signing", "seeds")] = seal(self._pickle_key, new)
+            await self.flush()
+
+        self.cross_signing = CrossSigning(self.user_id, self.device_id, self._call,
+                                          recovery_key=self._recovery_key, seeds=seeds,
+                                          save=save)
+        try:
+            await self.cross_signing.ensure(self.device_keys())
+        except CancelledError:
+            raise
+        except Exception as e:
+            self.cross_signing.state = "error"
+            self.log.warn("Matrix: cross-signing the device failed ({error}); it stays "
+                          "'not verified by its owner' until the next start", error=repr(e))
 
     async def _start_account(self, data: dict[str, dict[str, str]]) -> None:
         mine = await self._query_own_keys()
@@ -192,6 +227,18 @@ class MatrixCrypto:
                                    for d, k in json.loads(value).items()}
         for room, value in data.get("rooms", {}).items():
             self._rooms[room] = json.loads(value)
+        self._visibility.update(data.get("visibility", {}))
+        for session_id, value in data.get("given", {}).items():
+            self._given[session_id] = {(u, d): int(i) for u, d, i in json.loads(value)}
+        for event_id, value in data.get("held", {}).items():
+            try:
+                row = json.loads(value)
+                self._held_rows[event_id] = {"room_id": str(row["room_id"]),
+                                             "session_id": str(row["session_id"]),
+                                             "held_at": float(row["held_at"]),
+                                             "event": dict(row["event"])}
+            except (ValueError, KeyError, TypeError):
+                self._dirty[("held", event_id)] = None  # unreadable: drop it
 
     async def _query_own_keys(self) -> dict[str, Any] | None:
         reply = await self._call("POST", "/keys/query",
@@ -219,8 +266,13 @@ class MatrixCrypto:
         """
         target = self.account.max_number_of_one_time_keys // 2
         count = target if one_time is None else max(0, target - one_time)
-        if count:
-            self.account.generate_one_time_keys(count)
+        # Generating and signing a key costs tens of microseconds each; the binding holds
+        # the GIL, so a thread would not free the reactor: give it turns between chunks.
+        while count > 0:
+            self.account.generate_one_time_keys(min(count, KEYS_PER_STEP))
+            count -= KEYS_PER_STEP
+            if count > 0:
+                await self._pause()
         if fallback is None and device_keys or fallback:
             self.account.generate_fallback_key()
         self._mark_account()
@@ -228,8 +280,11 @@ class MatrixCrypto:
         body: dict[str, Any] = {}
         if device_keys:
             body["device_keys"] = self.device_keys()
-        otks = {f"signed_curve25519:{kid}": self._sign({"key": key.to_base64()})
-                for kid, key in self.account.one_time_keys.items()}
+        otks = {}
+        for number, (kid, key) in enumerate(self.account.one_time_keys.items()):
+            if number and number % KEYS_PER_STEP == 0:
+                await self._pause()
+            otks[f"signed_curve25519:{kid}"] = self._sign({"key": key.to_base64()})
         if otks:
             body["one_time_keys"] = otks
         fallbacks = {f"signed_curve25519:{kid}": self._sign({"key": key.to_base64(),
@@ -276,8 +331,8 @@ class MatrixCrypto:
         dirty, self._dirty = self._dirty, {}
         changes = []
         for number, ((kind, key), value) in enumerate(dirty.items()):
-            if number and number % 8 == 0:
-                await self._pause()
+            if number and number % 4 == 0:
+                await self._pause()  # an account pickle alone is a few hundred microseconds
             changes.append((kind, key, value() if callable(value) else value))
         await self.store.write(changes)
 
@@ -333,6 +388,12 @@ class MatrixCrypto:
             if content.get("algorithm") == MEGOLM and self._rooms.get(room_id) != content:
                 self._rooms[room_id] = dict(content)  # sticky: never unset once seen
                 self._dirty[("rooms", room_id)] = json.dumps(content)
+        elif event.get("type") == "m.room.history_visibility" and event.get("state_key") == "":
+            visibility = str(content.get("history_visibility") or "shared")
+            if self._visibility.get(room_id) != visibility:
+                self._visibility[room_id] = visibility
+                self._dirty[("visibility", room_id)] = visibility
+                self._members.pop(room_id, None)
         elif event.get("type") == "m.room.member":
             self._members.pop(room_id, None)  # re-read the members on the next send
             if content.get("membership") in ("leave", "ban"):
@@ -354,6 +415,9 @@ class MatrixCrypto:
         if kind == "m.room_key.withheld":
             self._withheld[(content.get("room_id"), content.get("session_id"))] = str(
                 content.get("code"))
+            return set()
+        if kind == "m.room_key_request":
+            await self._answer_key_request(sender, content)
             return set()
         if kind != "m.room.encrypted" or content.get("algorithm") != OLM:
             return set()
@@ -526,8 +590,8 @@ class MatrixCrypto:
             known = self._devices.get(user, {})
             fresh: dict[str, Device] = {}
             for number, (device_id, keys) in enumerate(found.items()):
-                if number and number % 4 == 0:
-                    await self._pause()
+                if number:
+                    await self._pause()  # a signature check and more per device
                 device = self._valid_device(user, device_id, keys)
                 if device is None:
                     continue
@@ -618,6 +682,60 @@ class MatrixCrypto:
         await self._send_to_device("m.room_key_request", body, {event.get("sender"),
                                                                  self.user_id})
 
+    async def _answer_key_request(self, sender: Any, content: dict[str, Any]) -> None:
+        """
+        Answer another device's C{m.room_key_request} by the documented policy: only for a
+        Megolm session this device created, and only to a device it was shared with (from the
+        index that device was given, never earlier), or to another device of the bot's own
+        account (trusted as any device is under the trust setting).  Anything else is
+        ignored: requests for other senders' sessions go to those senders.
+        """
+        if content.get("action") != "request":
+            return  # a cancellation: requests are answered at once, nothing is pending
+        body = content.get("body") if isinstance(content.get("body"), dict) else {}
+        room_id, session_id = body.get("room_id"), body.get("session_id")
+        requester = content.get("requesting_device_id")
+        if not isinstance(sender, str) or not isinstance(requester, str):
+            return
+        if sender == self.user_id and requester == self.device_id:
+            return  # our own request, echoed to our own devices
+        entry = self._inbound.get((room_id, session_id))
+        if entry is None or entry.sender_key != self.curve25519:
+            return
+        given = self._given.get(str(session_id), {}).get((sender, requester))
+        if given is None and not (sender == self.user_id and self._may_receive(sender)):
+            self.log.info("Matrix: not sharing room key {session} with {user} {device}: it "
+                          "was never shared with that device", session=session_id,
+                          user=sender, device=requester)
+            return
+        device = self._devices.get(sender, {}).get(requester)
+        if device is None:
+            self._outdated.add(sender)
+            await self._update_devices({sender})
+            device = self._devices.get(sender, {}).get(requester)
+        if device is None:
+            return
+        await self._ensure_olm_sessions([device])
+        sessions = self._olm.get(device.curve25519)
+        if not sessions:
+            return
+        index = max(entry.session.first_known_index, given or 0)
+        forwarded = {"algorithm": MEGOLM, "room_id": room_id, "session_id": session_id,
+                     "sender_key": entry.sender_key,
+                     "sender_claimed_ed25519_key": entry.ed25519,
+                     "forwarding_curve25519_key_chain": [],
+                     "session_key": entry.session.export_at(index).to_base64()}
+        message = self._olm_encrypt(sessions[0], device, "m.forwarded_room_key", forwarded)
+        self._mark_olm(device.curve25519)
+        await self.flush()
+        self._txn += 1
+        await self._call("PUT", f"/sendToDevice/m.room.encrypted/hermes-fwd-"
+                                f"{int(self.clock.seconds() * 1000)}-{self._txn}",
+                         {"messages": {sender: {requester: message}}})
+        self.log.info("Matrix: shared room key {session} again with {user} {device} from "
+                      "index {index}", session=session_id, user=sender, device=requester,
+                      index=index)
+
     async def cancel_requests(self, arrived: set[tuple[str, str]]) -> None:
         """Tell the devices we asked that the keys in C{arrived} came (C{request_cancellation})."""
         for ref in arrived:
@@ -633,6 +751,30 @@ class MatrixCrypto:
         messages = {user: {"*": content} for user in users if isinstance(user, str)}
         await self._call("PUT", f"/sendToDevice/{kind}/hermes-{self._txn}-"
                                 f"{int(self.clock.seconds() * 1000)}", {"messages": messages})
+
+    # -- events held for a missing room key ---------------------------------------------
+
+    def held_events(self) -> list[dict[str, Any]]:
+        """The held events the store kept, oldest first: C{room_id, session_id, held_at, event}."""
+        return sorted(self._held_rows.values(), key=lambda row: row["held_at"])
+
+    def remember_held(self, room_id: str, session_id: str, held_at: float,
+                      event: dict[str, Any]) -> None:
+        """Keep a held (still encrypted) event in the store, written by the next L{flush}."""
+        event_id = str(event.get("event_id"))
+        row = {"room_id": room_id, "session_id": session_id, "held_at": held_at,
+               "event": event}
+        self._held_rows[event_id] = row
+        self._dirty[("held", event_id)] = json.dumps(row)
+
+    def forget_held(self, event: dict[str, Any]) -> None:
+        """The held event was decrypted or given up: remove it at the next L{flush}."""
+        event_id = str(event.get("event_id"))
+        if self._held_rows.pop(event_id, None) is not None:
+            self._dirty[("held", event_id)] = None
+
+    def has_room_key(self, room_id: str, session_id: str) -> bool:
+        return (room_id, session_id) in self._inbound
 
     def withheld_code(self, room_id: str, session_id: str) -> str | None:
         return self._withheld.get((room_id, session_id))
@@ -654,7 +796,7 @@ class MatrixCrypto:
 
     async def _encrypt(self, room_id: str, event_type: str, content: dict[str, Any]
                        ) -> dict[str, Any]:
-        members = await self._joined_members(room_id)
+        members = await self._recipients(room_id)
         await self._update_devices(members)
         out = self._current_outbound(room_id)
         await self._share(room_id, out, members)
@@ -684,11 +826,22 @@ class MatrixCrypto:
                           self.curve25519, self.ed25519)
         return out
 
-    async def _joined_members(self, room_id: str) -> set[str]:
+    async def _recipients(self, room_id: str) -> set[str]:
+        """
+        Who gets the room's key: the joined members, and the invited ones unless the room's
+        history visibility is C{joined} (Element's rule: in a DM, whose visibility is
+        C{shared}, the invitee reads the first reply once it joins).  Re-read after every
+        membership change.
+        """
         members = self._members.get(room_id)
         if members is None:
-            reply = await self._call("GET", f"/rooms/{quote(room_id, safe='')}/joined_members")
-            members = set((reply.get("joined") or {}).keys())
+            reply = await self._call("GET", f"/rooms/{quote(room_id, safe='')}/members",
+                                     query={"not_membership": "leave"})
+            wanted = {"join"} if self._visibility.get(room_id) == "joined" \
+                else {"join", "invite"}
+            members = {event.get("state_key") for event in reply.get("chunk") or []
+                       if isinstance(event, dict) and isinstance(event.get("state_key"), str)
+                       and (event.get("content") or {}).get("membership") in wanted}
             self._members[room_id] = members
         return members
 
@@ -711,10 +864,10 @@ class MatrixCrypto:
         await self._ensure_olm_sessions(targets)
         key = {"algorithm": MEGOLM, "room_id": room_id, "session_id": out.session.session_id,
                "session_key": out.session.session_key.to_base64()}
+        index = out.session.message_index
         messages: dict[str, dict[str, Any]] = {}
-        for number, device in enumerate(targets):
-            if number:
-                await self._pause()
+        for device in targets:
+            await self._pause()  # also before the first: the last session setup precedes it
             sessions = self._olm.get(device.curve25519)
             if not sessions:
                 continue  # no one-time key could be claimed: it cannot get this session
@@ -727,8 +880,16 @@ class MatrixCrypto:
         self._txn += 1
         txn = f"hermes-keys-{int(self.clock.seconds() * 1000)}-{self._txn}"
         await self._call("PUT", f"/sendToDevice/m.room.encrypted/{txn}", {"messages": messages})
+        session_id = out.session.session_id
+        given = self._given.setdefault(session_id, {})
         for user, devices in messages.items():
             out.shared.update((user, d) for d in devices)
+            for device_id in devices:
+                given.setdefault((user, device_id), index)
+        self._dirty[("given", session_id)] = lambda: json.dumps(
+            [[u, d, i] for (u, d), i in self._given.get(session_id, {}).items()])
+        while len(self._given) > MAX_REMEMBERED_SESSIONS:
+            self._dirty[("given", self._given.pop(next(iter(self._given))))] = None
 
     async def _ensure_olm_sessions(self, devices: list[Device]) -> None:
         missing = [d for d in devices if not self._olm.get(d.curve25519)]
@@ -740,9 +901,11 @@ class MatrixCrypto:
         reply = await self._call("POST", "/keys/claim", {"one_time_keys": query,
                                                          "timeout": 10000})
         claimed = reply.get("one_time_keys") or {}
-        for number, device in enumerate(missing):
-            if number:
-                await self._pause()
+        for device in missing:
+            # Each device costs a signature check and an Olm session setup (a few hundred
+            # microseconds): a turn of its own, also the first, which would otherwise add
+            # to the work before the claim.
+            await self._pause()
             keys = (claimed.get(device.user_id) or {}).get(device.device_id) or {}
             for key_id, otk in keys.items():
                 try:

@@ -61,7 +61,10 @@ RESOURCE = "hermes"
 #: Longest body in UTF-8 bytes; XML escaping can grow it fivefold, and servers cap stanzas
 #: at 64-256 KiB (§4.6).
 MAX_BODY_BYTES = 10000
-_MEMORY = 2048  # sent message ids and seen stanza ids remembered
+_MEMORY = 2048  # sent message ids, seen stanza ids and peers' corrections remembered
+#: Seconds a 1:1 peer has to answer our disco#info before its message is handed on anyway
+#: (and answered without corrections).
+DISCO_TIMEOUT = 5.0
 
 
 def _as_list(value: Any) -> list[str]:
@@ -141,12 +144,19 @@ class XMPPAdapter(PlatformAdapter):
         self._peers: dict[str, str] = {}  # bare JID -> full JID last heard from
         self._sent = _Bounded()  # our message id -> (to, type, chat_id)
         self._seen = _Bounded()  # dedupe keys of handled inbound messages
+        self._corrections = _Bounded()  # full JID -> its client shows XEP-0308 corrections
+        self._disco_waiting: dict[str, list[Deferred]] = {}  # full JID -> held messages
         self._typing: set[str] = set()
+        #: The server has taken our available presence (RFC 6121 §4.2.2 reflects it to us):
+        #: from then on a message to our bare JID reaches us instead of bouncing.
+        self.available = False
         self._keepalive: LoopingCall | None = None
         self._login_timer: Any = None
         self._stopping = False
         self._last_problem: str | None = None
-        self._started_at = datetime.now(timezone.utc)
+        # XEP-0082 stamps often have whole seconds only: a message held within the second
+        # we started must not look older than our start.
+        self._started_at = datetime.fromtimestamp(int(reactor.seconds()), timezone.utc)
         self._connector: ClientService | None = None
         self._problem = self._config_problem()
         if self._problem is None:
@@ -317,6 +327,7 @@ class XMPPAdapter(PlatformAdapter):
             return
         self.log.info("XMPP logged in as {jid}", jid=xs.authenticator.jid.full())
         self._typing.clear()
+        self.available = False  # a new session: until our presence comes back
         if (NS_SM, "sm") in xs.features:
             enable = domish.Element((NS_SM, "enable"))
             enable["resume"] = "true"
@@ -446,6 +457,10 @@ class XMPPAdapter(PlatformAdapter):
             return
         kind = element.getAttribute("type")
         room = self.rooms.get(sender.userhost())
+        xs = self._connection
+        if xs is not None and sender.full() == xs.authenticator.jid.full():
+            self.available = kind is None
+            return
         if room is None:
             if kind == "subscribe":
                 self._answer_subscription(sender)
@@ -552,7 +567,7 @@ class XMPPAdapter(PlatformAdapter):
         if kind == "groupchat":
             if room is None or not sender.resource or msg.has_subject:
                 return
-            if msg.delayed is not None:
+            if msg.delayed is not None and not self._held_by_our_server(msg):
                 return  # room history
             if sender.resource == room.nick or (msg.origin_id and msg.origin_id in self._sent):
                 return  # our own message, reflected
@@ -566,8 +581,12 @@ class XMPPAdapter(PlatformAdapter):
         else:
             if bare == self.own_bare:
                 return  # another resource of ours (we enable no carbons)
-            if msg.delayed is not None and msg.delayed < self._started_at:
-                return  # offline storage from before we started
+            if (msg.delayed is not None and msg.delayed < self._started_at
+                    and not self._on_resumed_stream()):
+                self.log.info("XMPP: message from {sender} stamped {stamp}, before the start, "
+                              "ignored (offline storage)", sender=sender.full(),
+                              stamp=msg.delayed.isoformat())
+                return
             text = msg.body.strip()
             if bare in self.rooms:  # a private message through a room
                 user_id = chat_id = sender.full()
@@ -598,8 +617,89 @@ class XMPPAdapter(PlatformAdapter):
             raw_message={"from": sender.full(), "type": kind, "body": msg.body},
             metadata={"dedupe_key": f"xmpp:{dedupe}"} if dedupe else {},
         )
-        admitted = self.deliver_inbound(event)
+        # A 1:1 reply streams by corrections only to a client that shows them; the run
+        # decides how to deliver as it starts, so the message waits for the peer's answer.
+        known = self._corrections_known(sender.full()) if kind != "groupchat" else None
+        if known is None:
+            admitted = self.deliver_inbound(event)
+        else:
+            admitted = known.addCallback(lambda _: self.deliver_inbound(event))
         admitted.addErrback(self._delivery_failed, message_id)
+
+    # -- XEP-0308 support of 1:1 peers (XEP-0030) --------------------------------------------
+
+    def _corrections_known(self, full_jid: str) -> Deferred:
+        """
+        Fires with None once we know whether C{full_jid}'s client shows corrections: at once
+        when cached, else after its disco#info answer (or its error, or L{DISCO_TIMEOUT}).
+        Never fails.  Messages from one peer are released in their order of arrival.
+        """
+        if full_jid in self._corrections:
+            self._corrections.move_to_end(full_jid)
+            return succeed(None)
+        waiter: Deferred = Deferred()
+        waiting = self._disco_waiting.get(full_jid)
+        if waiting is not None:
+            waiting.append(waiter)
+            return waiter
+        xs = self._xs
+        if xs is None:
+            return succeed(None)  # not logged in: nothing to ask with, no correction
+        self._disco_waiting[full_jid] = [waiter]
+        iq = xmlstream.IQ(xs, "get")
+        iq.addElement((stanzas.NS_DISCO_INFO, "query"))
+        iq.timeout = DISCO_TIMEOUT
+        asked = iq.send(to=full_jid)
+        asked.addCallbacks(self._disco_answered, self._disco_failed,
+                           callbackArgs=(full_jid,), errbackArgs=(full_jid,))
+        asked.addBoth(self._release_waiting, full_jid)
+        return waiter
+
+    def _disco_answered(self, result: domish.Element, full_jid: str) -> None:
+        query = stanzas.child(result, stanzas.NS_DISCO_INFO, "query")
+        features = set() if query is None else {
+            feature.getAttribute("var")
+            for feature in query.elements(stanzas.NS_DISCO_INFO, "feature")}
+        shows = stanzas.NS_CORRECT in features
+        self._corrections.remember(full_jid, shows)
+        self.log.info("XMPP: {jid} {does} show message corrections", jid=full_jid,
+                      does="does" if shows else "does not")
+
+    def _disco_failed(self, failure: Failure, full_jid: str) -> None:
+        if failure.check(error.StanzaError, xmlstream.TimeoutError):
+            # A client that does not answer disco#info is not one to stream corrections to.
+            self._corrections.remember(full_jid, False)
+            self.log.info("XMPP: {jid} did not answer disco#info ({error}); answering it "
+                          "without corrections", jid=full_jid,
+                          error=failure.getErrorMessage() or failure.type.__name__)
+        # The stream went away: ask again on the next message.
+
+    def _release_waiting(self, result: Any, full_jid: str) -> None:
+        if isinstance(result, Failure):  # a bug above; the messages go on regardless
+            self.log.failure("XMPP: while reading {jid}'s disco#info", result, jid=full_jid)
+        for waiter in self._disco_waiting.pop(full_jid, []):
+            waiter.callback(None)
+
+    def can_edit(self, chat_id: str) -> bool:
+        """Rooms: yes.  A 1:1 chat: when the full JID last heard from showed XEP-0308."""
+        kind, to, _ = self._route(chat_id)
+        if kind == "groupchat":
+            return True
+        return bool(self._corrections.get(to, False))
+
+    def _on_resumed_stream(self) -> bool:
+        # A resumed XEP-0198 session gets no offline storage: what arrives on it with a
+        # <delay/> is what the server held for this session while the link was down, and
+        # the stamp (the server's clock, often whole seconds) says nothing about our start.
+        xs = self._connection
+        return xs is not None and xs.resumed
+
+    def _held_by_our_server(self, msg: stanzas.Inbound) -> bool:
+        # Room history is stamped by the room (XEP-0045 §7.2.15); a stanza our own server
+        # queued for a hibernating session (XEP-0198) is stamped by our account or domain.
+        assert self.jid is not None
+        return (self._on_resumed_stream()
+                and msg.delayed_by in (self.own_bare, self.jid.host))
 
     def _delivery_failed(self, failure: Failure, message_id: str) -> None:
         if failure.check(CancelledError):

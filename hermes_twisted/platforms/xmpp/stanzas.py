@@ -75,6 +75,7 @@ class Inbound:
     message_id: str | None
     origin_id: str | None
     delayed: datetime | None
+    delayed_by: str | None  # XEP-0203 C{from}: who held the stanza (a room, our server)
     has_subject: bool
     occupant_id: str | None
 
@@ -106,6 +107,7 @@ def read_message(element: domish.Element, trusted_by: set[str]) -> Inbound | Non
         message_id=element.getAttribute("id"),
         origin_id=origin.getAttribute("id") if origin is not None else None,
         delayed=_stamp(delay.getAttribute("stamp")) if delay is not None else None,
+        delayed_by=delay.getAttribute("from") if delay is not None else None,
         has_subject=child(element, NS_CLIENT, "subject") is not None,
         occupant_id=occupant.getAttribute("id") if occupant is not None else None,
     )
