@@ -216,6 +216,13 @@ def build_service(config: Any, reactor: Any):
         fleet.setServiceParent(top)
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
+    leases = None
+    if config.database_url:
+        from hermes_twisted.fleet.identity import IdentityLeaseStore
+
+        # Before the platforms: stopped after them, so their gates can still release.
+        leases = IdentityLeaseStore(config.database_url, config.instance_id, reactor=reactor)
+        leases.setServiceParent(top)
     gateway = Gateway(config, store=store,
                       upstream=MeteredUpstream(upstream, metrics, reactor, ops.upstream_outcome),
                       clock=reactor, observer=metrics, fleet=fleet,
@@ -230,7 +237,18 @@ def build_service(config: Any, reactor: Any):
         if hasattr(adapter, "health_detail"):  # the API server
             adapter.health_detail = ops.health_detailed
             adapter.response_observer = metrics.api_response
-        adapter.setServiceParent(top)
+        identity = adapter.fleet_identity() if leases is not None else None
+        if identity is None:
+            adapter.setServiceParent(top)
+        else:
+            from hermes_twisted.fleet.identity import IdentityGate, LeaseTiming
+
+            # A single-owner platform in a fleet: connected only while this instance holds
+            # its identity lease; dormant (standby) otherwise.
+            gate = IdentityGate(adapter, leases, identity=identity, clock=reactor,
+                                timing=LeaseTiming(config.fleet.identity_lease_ttl))
+            metrics.watch_identity(settings.name, gate.holding)
+            gate.setServiceParent(top)
     gateway.setServiceParent(top)
     # Last child: started means everything started; stopping it is the first step of shutdown.
     LifecycleMarker(ops, notifier).setServiceParent(top)

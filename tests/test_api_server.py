@@ -282,6 +282,28 @@ async def test_turn_without_reply_ends_the_request(server):
 
 
 @pytest_twisted.ensureDeferred
+async def test_the_end_of_an_answered_turn_leaves_the_next_request_open(server):
+    # A client sends its next message as soon as it has the answer, while the gateway still
+    # writes the transcript; the end of that first turn must not fail the second request.
+    first = await treq.post(server.url + "/v1/chat/completions", body(text="one"),
+                            headers=auth(**{"X-Hermes-Session-Id": "quick"}))
+    assert first.code == 200
+    await first.content()
+    server.sink.hold = True
+    second = treq.post(server.url + "/v1/chat/completions", body(text="two"),
+                       headers=auth(**{"X-Hermes-Session-Id": "quick"}))
+    await _until(lambda: len(server.sink.events) == 2)
+    first_event, second_event = server.sink.events
+    server.on_inbound_finished(first_event, "k", delivered=True)  # the first turn's end
+    server.send("quick", "answer two", metadata={"final": True})
+    response = await second
+    assert response.code == 200
+    answer = json.loads(await response.content())
+    assert answer["choices"][0]["message"]["content"] == "answer two"
+    server.on_inbound_finished(second_event, "k", delivered=True)  # the second's: nothing open
+
+
+@pytest_twisted.ensureDeferred
 async def test_cors(server):
     bad = await treq.get(server.url + "/health", headers={"Origin": ["https://evil.example"]})
     assert bad.code == 403

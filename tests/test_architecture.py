@@ -33,7 +33,8 @@ MAY_IMPORT: dict[str, frozenset[str]] = {
     "pairing": frozenset({"config"}),
     # The fleet (several processes on one PostgreSQL store) works on the store's database
     # thread; the gateway calls it, never the other way round (it reports by callbacks).
-    "fleet": frozenset({"model", "config", "net", "sessions"}),
+    # Identity leases start and stop adapters, which it sees only through the contract.
+    "fleet": frozenset({"model", "config", "net", "sessions", "contract"}),
     "dispatch": frozenset({"model", "config", "net", "contract", "delivery", "sessions",
                            "session-keys", "upstream", "pairing", "fleet"}),
     # The operations surface observes every layer (metrics, probes, the status page) but

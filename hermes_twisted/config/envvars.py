@@ -170,6 +170,15 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "that died is run by another one after this long.", "Fleet inbox claim TTL (seconds)",
          category="setting", type="float", yaml_key="gateway.fleet.claim_ttl", default=30.0,
          minimum=1, advanced=True, ours=True),
+    _var("GATEWAY_FLEET_IDENTITY_LEASE_TTL",
+         "Seconds a fleet instance holds the identity lease of a single-owner platform (IRC "
+         "nick, Matrix device, Telegram poller, mailbox, XMPP JID, Discord bot) without "
+         "renewing it, timed by the PostgreSQL server's clock; renewed every third of it, and "
+         "the holder disconnects by itself after two thirds without a renewal. A standby "
+         "takes over within about this time after a crash.",
+         "Fleet identity lease TTL (seconds)", category="setting", type="float",
+         yaml_key="gateway.fleet.identity_lease_ttl", default=15.0, minimum=1, advanced=True,
+         ours=True),
     # -- proxy mode (proxy.md 1.1, 4) -----------------------------------------------------
     _var("GATEWAY_PROXY_URL",
          "URL of a remote Hermes API server to forward messages to. The gateway then does "

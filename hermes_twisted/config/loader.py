@@ -79,6 +79,7 @@ def _fleet(layers: ConfigLayers) -> FleetSettings:
         self_fence_after=layers.get("gateway.fleet.self_fence_after"),
         safety_poll=layers.get("gateway.fleet.safety_poll"),
         claim_ttl=layers.get("gateway.fleet.claim_ttl"),
+        identity_lease_ttl=layers.get("gateway.fleet.identity_lease_ttl"),
     )
     # A lease must outlive the owner's own deadline, which must outlive a renewal period:
     # otherwise a healthy owner fences itself, or a takeover overlaps a live owner.

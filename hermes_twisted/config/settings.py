@@ -117,6 +117,9 @@ class FleetSettings:
     safety_poll: float = 2.0
     #: How long an inbox claim lasts without renewal (gateway.fleet.claim_ttl).
     claim_ttl: float = 30.0
+    #: How long a single-owner platform's identity lease lasts without renewal
+    #: (gateway.fleet.identity_lease_ttl); renewal and self-fencing derive from it.
+    identity_lease_ttl: float = 15.0
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,16 @@ runs without any of it.
   bus.py      the LISTEN connection, driven by the reactor, reconnected with backoff
   member.py   this process as a fleet member: its running sessions, renewal, self-fencing,
               the safety poll, and the turn-start / stop calls the gateway makes
+  identity.py identity leases: one instance connects a single-owner platform (IRC, Matrix
+              client, Telegram polling, email, XMPP, Discord gateway); the others stand by
+              (platform state C{dormant}) and take over when the lease lapses, resuming
+              from the cursor saved in the lease row
 
 The SQL runs on the session store's own thread and connection (L{StoreWriter.submit}), so a
 fenced write commits in order with the store's other writes and the reactor never waits.
+Identity leases have a connection of their own (renewals must not queue behind a batch).
 
-May import: L{hermes_twisted.model}, L{hermes_twisted.config}, L{hermes_twisted.sessions}
-and itself.
+May import: L{hermes_twisted.model}, L{hermes_twisted.config}, L{hermes_twisted.sessions},
+the adapter contract (L{hermes_twisted.platforms.base}: identity leases start and stop
+adapters) and itself.
 """

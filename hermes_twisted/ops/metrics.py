@@ -17,7 +17,7 @@ import gc
 import platform as _platform
 import time
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -172,6 +172,10 @@ class GatewayMetrics:
         self.fleet_revocations = Counter("hermes_fleet_revocations_total", "Runs here taken "
                                          "away by the fleet, by reason.", ["reason"],
                                          registry=r)
+        self.fleet_owned_identities = Gauge("hermes_fleet_owned_identities", "Single-owner "
+                                            "platform identities this instance holds the "
+                                            "lease of (1) or stands by for (0).",
+                                            ["platform"], registry=r)
         # process_resident_memory_bytes, process_open_fds, ... (the soak reads them).
         prometheus_client.ProcessCollector(registry=r)
         prometheus_client.PlatformCollector(registry=r)
@@ -200,6 +204,11 @@ class GatewayMetrics:
             self.gateway_state.labels(name).set(1 if name == state else 0)
 
     # -- platforms ----------------------------------------------------------------------------
+
+    def watch_identity(self, platform: str, holding: Callable[[], bool]) -> None:
+        """Export whether this instance holds C{platform}'s identity lease, read at scrape."""
+        name = closed(platform, SUPPORTED_PLATFORMS)
+        self.fleet_owned_identities.labels(name).set_function(lambda: 1.0 if holding() else 0.0)
 
     def watch_platform(self, adapter: PlatformAdapter) -> None:
         """Export C{adapter}'s state now and on every transition it reports."""

@@ -57,7 +57,8 @@ class PlatformStatus:
     """One platform's current state, as its adapter last reported it."""
 
     state: PlatformState = PlatformState.STOPPED
-    #: For DISABLED/FAILED: a code from L{DISABLED_REASONS}; otherwise None.
+    #: For DISABLED/FAILED: a code from L{DISABLED_REASONS}; C{standby} for a DORMANT
+    #: single-owner platform whose identity another fleet instance holds; otherwise None.
     reason: str | None = None
     #: Human detail for the log and the chat /status (no secret, no message text).
     detail: str | None = None
@@ -280,6 +281,31 @@ class PlatformAdapter(MultiService):
         not raise.
         """
         self.on_turn_finished(event.source.chat_id, session_key, delivered)
+
+    # -- the fleet (several instances on one PostgreSQL store) -----------------------------
+
+    def fleet_identity(self) -> str | None:
+        """
+        The identity this adapter connects as, if the platform allows one connection per
+        identity (IRC nick, Matrix device, Telegram poller, mailbox, XMPP JID, Discord bot):
+        in a fleet only the instance holding its identity lease runs it.  The text may be
+        derived from a secret (a token hash), never the secret itself; the fleet stores only a
+        hash of it.  None (the default): multi-ingress, every instance runs it.
+        """
+        return None
+
+    def resume_cursor(self) -> dict[str, Any] | None:
+        """
+        Where a successor should resume reading (Matrix C{next_batch}, Telegram offset, IMAP
+        UID), as a small JSON-able dict; None when there is nothing to resume.  Must not raise.
+        """
+        return None
+
+    def restore_cursor(self, cursor: dict[str, Any]) -> None:
+        """
+        Called before L{startService} with the cursor the last holder of the identity saved:
+        start reading from there.  Must not raise.
+        """
 
     def on_session_interrupted(self, session_key: str, chat_id: str, reason: str) -> None:
         """

@@ -90,9 +90,24 @@ def _v3_fleet_sessions(conn: Any) -> None:
         conn.execute(statement)
 
 
+def _v4_identity_leases(conn: Any) -> None:
+    """
+    Identity leases of the fleet (L{hermes_twisted.fleet.identity}): one row per single-owner
+    platform identity, keyed by a hash of it (never the identity or a token), timed by the
+    database clock, with the epoch that fences a former holder and the platform's resume
+    cursor.
+    """
+    conn.execute(f"""CREATE TABLE {SCHEMA}.identity_leases (
+        platform TEXT NOT NULL, identity_hash TEXT NOT NULL, owner_instance TEXT NOT NULL,
+        epoch BIGINT NOT NULL, lease_until TIMESTAMPTZ NOT NULL,
+        acquired_at TIMESTAMPTZ NOT NULL, renewed_at TIMESTAMPTZ NOT NULL, state_blob JSONB,
+        PRIMARY KEY (platform, identity_hash))""")
+
+
 #: MIGRATIONS[n] takes the schema from version n to n + 1, in one transaction with the
 #: version bump.  Append steps; never edit a released one.
-MIGRATIONS: list[Callable[[Any], None]] = [_create_v1, _v2_titles_and_undo, _v3_fleet_sessions]
+MIGRATIONS: list[Callable[[Any], None]] = [_create_v1, _v2_titles_and_undo, _v3_fleet_sessions,
+                                           _v4_identity_leases]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -127,15 +142,21 @@ class PostgresDatabase:
 
     errors = (psycopg.Error,)
 
-    def __init__(self, url: str, *, application_name: str = "hermes-gateway") -> None:
+    def __init__(self, url: str, *, application_name: str = "hermes-gateway",
+                 connect_timeout: int = CONNECT_TIMEOUT,
+                 connect_options: dict[str, Any] | None = None) -> None:
         self.url = url
         self.label = url_without_password(url)
         self._application_name = application_name
+        self._connect_timeout = connect_timeout
+        self._connect_options = dict(connect_options or {})
 
     def _connect(self) -> psycopg.Connection:
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
-                                   application_name=self._application_name)
+            conn = psycopg.connect(self.url, autocommit=True,
+                                   connect_timeout=self._connect_timeout,
+                                   application_name=self._application_name,
+                                   **self._connect_options)
         except psycopg.Error as e:
             raise StoreError(self.describe(e)) from e
         # Every statement finds our tables first; nothing else in the database is touched.
@@ -229,6 +250,7 @@ class PostgresSessionStore(DatabaseSessionStore):
     """
 
     _inbound_order = "seq"
+    _shared = True
 
     def __init__(self, url: str, *, instance_id: str = "", **kwargs: Any) -> None:
         name = f"hermes-gateway {instance_id}".strip()[:63]

@@ -50,6 +50,11 @@ class DatabaseSessionStore:
 
     #: The column that orders inbound rows as they were admitted.
     _inbound_order = "rowid"
+    #: Several processes share the database (PostgreSQL): another instance may have created
+    #: or rotated a key's session since this one cached it.  Each write then checks the
+    #: key's routing row in its transaction and adopts the session found there, correcting
+    #: the cache once committed.
+    _shared = False
 
     def __init__(self, database: Database, *, reactor: Any,
                  reset_policy_for: Callable[[SessionSource], ResetPolicy],
@@ -155,12 +160,43 @@ class DatabaseSessionStore:
         self._entries[key] = touched
 
         def work(conn: Any) -> SessionEntry:
+            if self._shared:
+                adopted = self._routed_elsewhere(conn, key, current.session_id, at)
+                if adopted is not None:
+                    return adopted
             conn.execute("UPDATE routing SET updated_at = ? WHERE session_key = ?", (at, key))
             conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?",
                          (at, current.session_id))
             return touched
 
-        return self._writer.submit(work, self._restorer(key, touched, current))
+        return self._adopting(key, touched,
+                              self._writer.submit(work, self._restorer(key, touched, current)))
+
+    def _routed_elsewhere(self, conn: Any, key: str, expected: str | None,
+                          at: float) -> SessionEntry | None:
+        """
+        In a shared store: the key's session when another instance routed it elsewhere than
+        C{expected} (touched at C{at}); None when the routing row agrees or is absent.
+        """
+        row = conn.execute(
+            "SELECT r.session_id, COALESCE(s.started_at, r.updated_at), s.title FROM routing r"
+            " LEFT JOIN sessions s ON s.id = r.session_id WHERE r.session_key = ?",
+            (key,)).fetchone()
+        if row is None or row[0] == expected:
+            return None
+        conn.execute("UPDATE routing SET updated_at = ? WHERE session_key = ?", (at, key))
+        conn.execute("UPDATE sessions SET updated_at = ? WHERE id = ?", (at, row[0]))
+        return SessionEntry(key, row[0], row[1], at, title=row[2])
+
+    def _adopting(self, key: str, installed: SessionEntry, d: Deferred) -> Deferred:
+        """Once committed, cache the session the transaction settled on, if it differs."""
+        def settled(entry: SessionEntry) -> SessionEntry:
+            if entry.session_id != installed.session_id \
+                    and self._entries.get(key) is installed:
+                self._entries[key] = replace(entry, was_auto_reset=False,
+                                             auto_reset_reason=None)
+            return entry
+        return d.addCallback(settled)
 
     def reset(self, session_key: str, source: SessionSource | None = None,
               reason: str = MANUAL_RESET, now: float | None = None,
@@ -184,6 +220,16 @@ class DatabaseSessionStore:
         source_json = json.dumps(source.to_dict()) if source is not None else None
 
         def work(conn: Any) -> SessionEntry:
+            if self._shared and old_id is None and reason is None:
+                # A first message here, but another instance may have started the session.
+                adopted = self._routed_elsewhere(conn, key, None, at)
+                if adopted is not None:
+                    return adopted
+            if self._shared and reason is not None:
+                # End the session the key routes to now, even if another instance put it there.
+                conn.execute("UPDATE sessions SET ended_at = ?, end_reason = ?, updated_at = ?"
+                             " WHERE id = (SELECT session_id FROM routing WHERE session_key = ?)"
+                             " AND ended_at IS NULL", (at, reason, at, key))
             if old_id is not None:
                 conn.execute("UPDATE sessions SET ended_at = ?, end_reason = ?, updated_at = ?"
                              " WHERE id = ? AND ended_at IS NULL", (at, reason, at, old_id))
@@ -203,7 +249,8 @@ class DatabaseSessionStore:
         if previous is not None:
             self.log.info("Session {key} rotated to {session_id} ({reason})", key=key,
                           session_id=entry.session_id, reason=reason)
-        return self._writer.submit(work, self._restorer(key, entry, previous))
+        return self._adopting(key, entry,
+                              self._writer.submit(work, self._restorer(key, entry, previous)))
 
     def _restorer(self, key: str, installed: SessionEntry,
                   previous: SessionEntry | None) -> Callable[[], None]:

@@ -58,16 +58,25 @@ class PostgresServer:
         for _ in range(5):
             self.port = _free_port()
             try:
-                self._as_postgres(
-                    pg_ctl, "-D", str(self.base / "data"), "-l", str(self.base / "pg.log"),
-                    "-w", "-t", "30", "-o",
-                    f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.base} "
-                    f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                    f"-c idle_in_transaction_session_timeout=60s", "start")
+                self.start()
                 return
             except RuntimeError:
                 continue  # the port was taken between choosing and binding it
         raise RuntimeError(f"PostgreSQL did not start; see {self.base / 'pg.log'}")
+
+    def start(self) -> None:
+        """Start the server on its port (again, after L{shut_down})."""
+        self._as_postgres(
+            self._pg_ctl, "-D", str(self.base / "data"), "-l", str(self.base / "pg.log"),
+            "-w", "-t", "30", "-o",
+            f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.base} "
+            f"-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+            f"-c idle_in_transaction_session_timeout=60s", "start")
+
+    def shut_down(self) -> None:
+        """Stop the server (fast: clients are disconnected), keeping its data for L{start}."""
+        self._as_postgres(self._pg_ctl, "-D", str(self.base / "data"), "-m", "fast", "-w",
+                          "stop")
 
     def _as_postgres(self, *cmd: str) -> None:
         done = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True,

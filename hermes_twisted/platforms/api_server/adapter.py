@@ -26,7 +26,14 @@ from twisted.logger import Logger
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from hermes_twisted.model import InterruptReason, MessageEvent, Platform, SendResult, SessionSource
+from hermes_twisted.model import (
+    InboundOutcome,
+    InterruptReason,
+    MessageEvent,
+    Platform,
+    SendResult,
+    SessionSource,
+)
 from hermes_twisted.net.site import TrackingSite
 from hermes_twisted.platforms.api_server.http import (
     MAX_REQUEST_BYTES,
@@ -326,6 +333,16 @@ class APIServerAdapter(PlatformAdapter):
         if completion is not None and not completion.done:
             self._fail(completion, 502, "The turn ended without a reply", "server_error",
                        "agent_incomplete")
+
+    def on_inbound_finished(self, event: MessageEvent, session_key: str, delivered: bool,
+                            outcome: str = InboundOutcome.HANDLED) -> None:
+        # Only the request this event came from may be ended: a client sends its next message
+        # the moment it has the answer, while the gateway still writes the transcript, and the
+        # end of that earlier event must leave the session's new request open.
+        completion = self._open.get(event.source.chat_id)
+        if completion is None or completion.completion_id != event.message_id:
+            return
+        self.on_turn_finished(event.source.chat_id, session_key, delivered)
 
     def get_chat_info(self, chat_id: str) -> Deferred:
         return succeed({"name": chat_id, "type": "dm"})

@@ -23,6 +23,7 @@ off).  Every call waits for its rate-limit bucket instead of failing.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from dataclasses import dataclass
@@ -185,6 +186,11 @@ class DiscordAdapter(PlatformAdapter):
         if self.fatal_error:
             return f"failed: {self.fatal_error}"
         return self.connection.status
+
+    def fleet_identity(self) -> str | None:
+        """The bot, by a hash of its token: one gateway connection per (single) shard."""
+        token = self.settings.token or ""
+        return "bot-sha256:" + hashlib.sha256(token.encode()).hexdigest()
 
     def startService(self) -> None:
         if not self.settings.token:

@@ -112,6 +112,9 @@ class EmailAdapter(PlatformAdapter):
         self._imap: ClientService | None = None
         self._trust: Any = None
         self._cursor: Cursor | None = None
+        #: The fleet's saved cursor (the last holder of this mailbox), newer than our file
+        #: when another instance processed mail meanwhile.
+        self._restored_cursor: Cursor | None = None
         self._stopping = False
         self._connected = False
         self._problem: str | None = None
@@ -136,6 +139,22 @@ class EmailAdapter(PlatformAdapter):
     @property
     def cursor(self) -> Cursor | None:
         return self._cursor
+
+    def fleet_identity(self) -> str | None:
+        """The mailbox: several processors of one inbox would answer each mail twice."""
+        return f"{self.imap_host.lower()}:{self.address}"
+
+    def resume_cursor(self) -> dict[str, Any] | None:
+        cursor = self._cursor
+        if cursor is None:
+            return None
+        return {"uidvalidity": cursor.uidvalidity, "last_uid": cursor.last_uid}
+
+    def restore_cursor(self, cursor: dict[str, Any]) -> None:
+        try:
+            self._restored_cursor = Cursor(int(cursor["uidvalidity"]), int(cursor["last_uid"]))
+        except (KeyError, TypeError, ValueError):
+            self.log.warn("Email: ignoring a malformed saved cursor from the fleet")
 
     @property
     def connections(self) -> int:
@@ -211,6 +230,7 @@ class EmailAdapter(PlatformAdapter):
         except (OSError, ValueError, KeyError) as e:
             self.log.warn("Email: cursor {path} unreadable ({error}); starting at the newest "
                           "mail", path=self._state_path, error=repr(e))
+        self._cursor = newer_cursor(self._cursor, self._restored_cursor)
         endpoint = wrapClientTLS(self.tls_options(self.imap_host),
                                  HostnameEndpoint(self.reactor, self.imap_host, self.imap_port,
                                                   timeout=30))
@@ -470,3 +490,15 @@ class EmailAdapter(PlatformAdapter):
 def _describe(error: BaseException) -> str:
     text = str(error) or type(error).__name__
     return text if len(text) < 300 else text[:300] + "..."
+
+
+def newer_cursor(local: Cursor | None, fleet: Cursor | None) -> Cursor | None:
+    """
+    The cursor to resume from: the fleet's (saved by the identity's last holder) unless our
+    own file is further along in the same mailbox generation (UIDVALIDITY).
+    """
+    if fleet is None:
+        return local
+    if local is None or local.uidvalidity != fleet.uidvalidity:
+        return fleet
+    return local if local.last_uid > fleet.last_uid else fleet

@@ -180,6 +180,10 @@ class IRCAdapter(PlatformAdapter):
                           timeout=STOP_TIMEOUT)
             client.transport.abortConnection()
 
+    def fleet_identity(self) -> str | None:
+        """A nick on a server: a second connection with it would get 433."""
+        return f"{irc_lower(self.server)}:{self.port}:{irc_lower(self.nickname)}"
+
     @property
     def connected_client(self) -> HermesIRCClient | None:
         client = self._protocol

@@ -15,6 +15,7 @@ C{retry_after_ms}.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -126,6 +127,7 @@ class MatrixAdapter(PlatformAdapter):
         self._stopping = False
         self._http_calls = InFlight()
         self._since: str | None = None
+        self._restored_since: str | None = None
         self._io_pending: set[Deferred] = set()
         self.e2ee_mode = e2ee_mode(extra)
         self.e2ee_trust = str(extra.get("e2ee_trust") or "tofu")
@@ -144,6 +146,28 @@ class MatrixAdapter(PlatformAdapter):
         self._ready_waiters: list[Deferred] = []
 
     # -- service ------------------------------------------------------------------------------
+
+    def fleet_identity(self) -> str | None:
+        """
+        The account on its homeserver (with the device when configured): two /sync loops
+        would both receive every event, and the E2EE state is single-writer per device.
+        """
+        who = self._login_user or ("token-sha256:" + hashlib.sha256(
+            (self.access_token or "").encode()).hexdigest())
+        return f"{self.homeserver}:{who}:{self.device_id or ''}"
+
+    def resume_cursor(self) -> dict[str, Any] | None:
+        return None if self._since is None else {"next_batch": self._since}
+
+    def restore_cursor(self, cursor: dict[str, Any]) -> None:
+        since = cursor.get("next_batch")
+        if isinstance(since, str) and since:
+            self._restored_since = since
+
+    def _resume_from(self, saved: str | None) -> str | None:
+        # The fleet's token (the last holder's) wins over this host's file, which is only as
+        # new as this host's last turn as holder.
+        return self._restored_since or saved
 
     def startService(self) -> None:
         super().startService()
@@ -385,10 +409,10 @@ class MatrixAdapter(PlatformAdapter):
                                       "token's device {device}; using the token's device",
                                       configured=self.device_id, device=token_device)
                     self.device_id = token_device or self.device_id
-                    self._since = (await self._load_state()).get("since")
+                    self._since = self._resume_from((await self._load_state()).get("since"))
                 else:
                     saved = await self._load_state()
-                    self._since = saved.get("since")
+                    self._since = self._resume_from(saved.get("since"))
                     await self._password_login(saved)
                 self.log.info("Matrix logged in as {user_id} (device {device_id})",
                               user_id=self.user_id, device_id=self.device_id)

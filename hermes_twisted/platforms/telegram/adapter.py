@@ -16,6 +16,7 @@ is part of every URL, so no URL is ever logged.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, ensureDeferred
@@ -100,6 +101,20 @@ class TelegramAdapter(PlatformAdapter):
         self.fatal_error: str | None = None
 
     # -- lifecycle --------------------------------------------------------------------------
+
+    def fleet_identity(self) -> str | None:
+        """The bot, by a hash of its token: Telegram allows one getUpdates consumer per token."""
+        token = self.settings.token or ""
+        return "bot-sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+    def resume_cursor(self) -> dict[str, Any] | None:
+        return None if self.offset is None else {"offset": self.offset}
+
+    def restore_cursor(self, cursor: dict[str, Any]) -> None:
+        offset = cursor.get("offset")
+        if isinstance(offset, int) and not isinstance(offset, bool) \
+                and (self.offset is None or offset > self.offset):
+            self.offset = offset
 
     @property
     def me(self) -> dict[str, Any] | None:

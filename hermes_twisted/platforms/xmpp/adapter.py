@@ -210,6 +210,10 @@ class XMPPAdapter(PlatformAdapter):
 
     # -- service ------------------------------------------------------------------------
 
+    def fleet_identity(self) -> str | None:
+        """The bare JID: two resources of it would both receive (and answer) traffic."""
+        return self.jid.userhost().lower() if self.jid is not None else None
+
     def startService(self) -> None:
         self._stopping = False
         super().startService()
