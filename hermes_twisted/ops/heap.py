@@ -1,0 +1,160 @@
+# -*- test-case-name: tests.test_ops_heap -*-
+"""
+Heap diagnostics for leak hunting (C{gateway.ops.debug_heap}, off by default): the ops
+listener's C{/debug/heap} reports what the Python heap and the C allocator hold, so a long
+run (C{bench/soak.py}) can tell a leak (the Python heap grows) from allocator behaviour (RSS
+steps while the heap is flat).
+
+ - C{counts}: live objects by type (C{gc.get_objects}), pymalloc blocks in use
+   (C{sys.getallocatedblocks}), glibc's C{mallinfo2} (bytes in use and free in malloc's
+   arenas), pending DelayedCalls, open file descriptors.  Costs one walk of the gc heap per
+   request, in a worker thread.
+ - C{tracemalloc}: the same, plus C{tracemalloc} started at start-up; C{?baseline=1} takes
+   the snapshot later requests are diffed against (the top lines by growth).  Tracing slows
+   every allocation and its tables cost memory: never for production.
+
+None of this contains a message text or an identifier: type names, source lines and sizes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+import sys
+import tracemalloc
+from collections import Counter
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+
+MODES = ("off", "counts", "tracemalloc")
+#: Frames kept per traced allocation: enough to name the caller of a container method.
+TRACE_FRAMES = 4
+#: Rows of each top list.
+TOP = 25
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _mallinfo2() -> Any:
+    try:
+        fn = ctypes.CDLL(None).mallinfo2
+    except (OSError, AttributeError):
+        return None  # not glibc >= 2.33
+    fn.restype = _MallInfo2
+    fn.argtypes = []
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def malloc_stats() -> dict[str, int] | None:
+    """glibc's view of the C heap (all arenas), in KB; None where mallinfo2 is missing."""
+    if _MALLINFO2 is None:
+        return None
+    info = _MALLINFO2()
+    return {
+        # Bytes obtained with brk/sbrk or arena mmaps, and those in big mmapped blocks.
+        "arena_kb": info.arena // 1024, "mmap_kb": info.hblkhd // 1024,
+        "in_use_kb": (info.uordblks + info.hblkhd) // 1024,
+        "free_kb": info.fordblks // 1024, "releasable_kb": info.keepcost // 1024,
+    }
+
+
+def open_fds() -> int | None:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return None
+
+
+def type_counts() -> Counter[str]:
+    """Live gc-tracked objects by qualified type name."""
+    counts: Counter[str] = Counter()
+    for obj in gc.get_objects():
+        kind = type(obj)
+        counts[f"{kind.__module__}.{kind.__qualname__}"] += 1
+    return counts
+
+
+class HeapProbe:
+    """What C{/debug/heap} reports; C{start} turns tracing on in C{tracemalloc} mode."""
+
+    def __init__(self, mode: str, *, reactor: Any) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown heap debug mode {mode!r}")
+        self.mode = mode
+        self.reactor = reactor
+        self._baseline: tracemalloc.Snapshot | None = None
+        self._first_counts: Counter[str] | None = None
+        self._started_tracing = False
+
+    @property
+    def enabled(self) -> bool:
+        return self.mode != "off"
+
+    def start(self) -> None:
+        if self.mode == "tracemalloc" and not tracemalloc.is_tracing():
+            tracemalloc.start(TRACE_FRAMES)
+            self._started_tracing = True
+
+    def stop(self) -> None:
+        if self._started_tracing:
+            tracemalloc.stop()
+            self._started_tracing = False
+            self._baseline = None
+
+    def report(self, *, baseline: bool = False) -> Deferred:
+        """
+        Sample the heap.  The reactor-side figures (pending DelayedCalls) are read here; the
+        heap walk and the snapshot run in the reactor's thread pool.
+
+        @param baseline: make this sample the reference of later type and tracemalloc diffs.
+        @return: a Deferred firing with a JSON-able dict; it fails only on a bug.  Cancelling
+            it abandons the result (the worker finishes its walk and the result is dropped).
+        """
+        delayed = len(self.reactor.getDelayedCalls())
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._sample,
+                              baseline)
+        d.addCallback(lambda body: {**body, "delayed_calls": delayed})
+        return d
+
+    def _sample(self, baseline: bool) -> dict[str, Any]:
+        counts = type_counts()
+        if baseline or self._first_counts is None:
+            self._first_counts = counts
+        growth = Counter(counts)
+        growth.subtract(self._first_counts)
+        body: dict[str, Any] = {
+            "mode": self.mode,
+            "gc_objects": sum(counts.values()),
+            "pymalloc_blocks": sys.getallocatedblocks(),
+            "malloc": malloc_stats(),
+            "fds": open_fds(),
+            "threads": len(sys._current_frames()),
+            "deferreds": counts.get("twisted.internet.defer.Deferred", 0),
+            "delayed_call_objects": counts.get("twisted.internet.base.DelayedCall", 0),
+            "types_top": counts.most_common(TOP),
+            "types_growth_top": [(name, n) for name, n in growth.most_common(TOP) if n > 0],
+        }
+        if tracemalloc.is_tracing():
+            current, peak = tracemalloc.get_traced_memory()
+            body["traced_kb"] = current // 1024
+            body["traced_peak_kb"] = peak // 1024
+            snapshot = tracemalloc.take_snapshot().filter_traces(
+                [tracemalloc.Filter(False, tracemalloc.__file__)])
+            if baseline or self._baseline is None:
+                self._baseline = snapshot
+            diff = snapshot.compare_to(self._baseline, "traceback")
+            body["traced_growth_top"] = [
+                {"size_diff_kb": round(stat.size_diff / 1024, 1), "count_diff": stat.count_diff,
+                 "where": [f"{frame.filename}:{frame.lineno}" for frame in stat.traceback]}
+                for stat in diff[:TOP] if stat.size_diff > 0]
+        return body
