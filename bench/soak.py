@@ -206,7 +206,8 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                        drop_every=args.drop_every, report_every=args.sample,
                        stop_after=args.stop_after, grace=30.0, timeout=60.0,
                        mix={"echo": args.echo, "error": args.error, "silent": args.silent,
-                            "slow": args.slow}, seed=args.seed)
+                            "slow": args.slow}, seed=args.seed,
+                       fresh_chats=args.fresh_chats)
         t0, cpu0 = now(), cpu_seconds(pid)
         previous = await deferToThread(scrape, metrics_url)
         result = connector.wait("result")
@@ -247,6 +248,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                     "malloc_in_use_kb": malloc.get("in_use_kb"),
                     "malloc_free_kb": malloc.get("free_kb"),
                     "malloc_arena_kb": malloc.get("arena_kb"),
+                    "sqlite_kb": heap.get("sqlite_kb"),
                     "traced_kb": heap.get("traced_kb"),
                     "deferreds": heap["deferreds"],
                     "delayed_call_objects": heap["delayed_call_objects"],
@@ -289,7 +291,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         "heap_slopes_per_hour_after_warmup": {
             key: slopes(warm, key) for key in (
                 "rss_anon_kb", "traced_kb", "gc_objects", "pymalloc_blocks",
-                "malloc_in_use_kb", "malloc_free_kb", "deferreds", "fds", "delayed_calls")
+                "malloc_in_use_kb", "malloc_free_kb", "sqlite_kb", "deferreds", "fds", "delayed_calls")
             if any(s.get(key) is not None for s in warm)},
         "types_growth_top_since_warmup": heap.get("types_growth_top"),
         "traced_growth_top_since_warmup": heap.get("traced_growth_top"),
@@ -348,6 +350,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "/debug/heap at every sample; tracemalloc slows the gateway")
     p.add_argument("--malloc-arena-max", type=int, default=0,
                    help="MALLOC_ARENA_MAX for the gateway (0: glibc's default)")
+    p.add_argument("--fresh-chats", action="store_true",
+                   help="replace each chat whose message was answered by a new one, so every "
+                        "message opens a session (what is kept per chat shows as growth)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--verbose", action="store_true", help="show the helpers' stderr")

@@ -13,6 +13,9 @@ skipped and counted):
     C{/stop}, whose reply is the answer;
   - C{slow}: a stream that never ends, interrupted by C{/stop} the same way.
 
+With C{fresh_chats}, a chat whose message was answered is replaced by a new chat, so every
+message opens a new session: what the gateway keeps per chat shows up as growth.
+
 Every C{drop_every} s the connector drops the gateway's socket without a close handshake;
 nothing is pushed until the gateway has redialed.  Messages in flight at a drop are
 reported apart: their replies may be lost with the socket (the relay protocol has no
@@ -41,7 +44,8 @@ def ms(value: float | None) -> float | None:
 class Soak:
     def __init__(self, connector: Any, *, duration: float, rate: float, chats: int,
                  drop_every: float, report_every: float, stop_after: float, grace: float,
-                 timeout: float, mix: dict[str, float], seed: int) -> None:
+                 timeout: float, mix: dict[str, float], seed: int,
+                 fresh_chats: bool = False) -> None:
         self.c = connector
         self.stub = connector.stub
         self.duration, self.rate, self.drop_every = duration, rate, drop_every
@@ -51,6 +55,9 @@ class Soak:
         self.weights = [mix[k] for k in self.kinds]
         self.random = random.Random(seed)
         self.free: deque[str] = deque(f"s-chat-{i}" for i in range(chats))
+        # A chat that finished is replaced by a new one: every message opens a session.
+        self.fresh_chats = fresh_chats
+        self.chats_opened = chats
         self.busy: dict[str, str] = {}  # chat -> message id in flight
         self.messages: dict[str, dict[str, Any]] = {}
         self.latencies: list[float] = []
@@ -95,7 +102,7 @@ class Soak:
             self.window.append(t - record["t"])
         if self.busy.get(record["chat"]) == mid:
             del self.busy[record["chat"]]
-            self.free.append(record["chat"])
+            self._release(record["chat"])
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -152,7 +159,13 @@ class Soak:
                 record["timed_out"] = True
                 self.counts["timed_out"] += 1
                 del self.busy[chat]
-                self.free.append(chat)
+                self._release(chat)
+
+    def _release(self, chat: str) -> None:
+        if self.fresh_chats:
+            chat = f"s-chat-{self.chats_opened}"
+            self.chats_opened += 1
+        self.free.append(chat)
 
     def _report(self) -> None:
         window, self.window = self.window, []
@@ -203,6 +216,7 @@ class Soak:
                 "lost_sample": [m["id"] for m in lost[:10]],
                 "unanswered_in_flight_at_a_drop": len(at_drop),
                 "in_flight_at_drops": len(self.in_flight_at_drop),
+                "chats_opened": self.chats_opened,
                 "echo_latency_p50_ms": ms(percentile(self.latencies, 50)),
                 "echo_latency_p99_ms": ms(percentile(self.latencies, 99)),
                 "kinds": {k: sum(1 for m in self.messages.values() if m["kind"] == k)

@@ -83,6 +83,8 @@ def test_counts_mode_reports_the_types_that_grew_since_the_baseline():
     assert growth[f"{__name__}.Kept"] >= 300
     assert later["gc_objects"] >= first["gc_objects"] + 300
     assert later["pymalloc_blocks"] > 0 and later["fds"] > 0
+    assert later["sqlite_kb"] is None or later["sqlite_kb"] >= 0
+    assert later["malloc"] is None or later["malloc"]["in_use_kb"] > 0
     assert "traced_kb" not in later
     del kept
 

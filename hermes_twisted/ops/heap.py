@@ -5,9 +5,10 @@ listener's C{/debug/heap} reports what the Python heap and the C allocator hold,
 run (C{bench/soak.py}) can tell a leak (the Python heap grows) from allocator behaviour (RSS
 steps while the heap is flat).
 
- - C{counts}: live objects by type (C{gc.get_objects}), pymalloc blocks in use
-   (C{sys.getallocatedblocks}), glibc's C{mallinfo2} (bytes in use and free in malloc's
-   arenas), pending DelayedCalls, open file descriptors.  Costs one walk of the gc heap per
+ - C{counts}: live objects by type (C{gc.get_objects}; objects frozen at start-up are not
+   walked), pymalloc blocks in use (C{sys.getallocatedblocks}), glibc's C{mallinfo2} (bytes
+   in use and free in malloc's arenas), what SQLite holds, pending DelayedCalls, open file
+   descriptors.  Costs one walk of the gc heap per
    request, in a worker thread.
  - C{tracemalloc}: the same, plus C{tracemalloc} started at start-up; C{?baseline=1} takes
    the snapshot later requests are diffed against (the top lines by growth).  Tracing slows
@@ -22,6 +23,7 @@ import ctypes
 import gc
 import os
 import sys
+import time
 import tracemalloc
 from collections import Counter
 from typing import Any
@@ -53,6 +55,25 @@ def _mallinfo2() -> Any:
 
 
 _MALLINFO2 = _mallinfo2()
+
+
+def _sqlite_memory_used() -> Any:
+    try:
+        # The library the sqlite3 module is linked to, already loaded: the same handle.
+        fn = ctypes.CDLL("libsqlite3.so.0").sqlite3_memory_used
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int64
+    fn.argtypes = []
+    return fn
+
+
+_SQLITE_MEMORY_USED = _sqlite_memory_used()
+
+
+def sqlite_kb() -> int | None:
+    """What SQLite holds (page caches, statements), in KB: part of malloc's in-use bytes."""
+    return None if _SQLITE_MEMORY_USED is None else _SQLITE_MEMORY_USED() // 1024
 
 
 def malloc_stats() -> dict[str, int] | None:
@@ -127,7 +148,10 @@ class HeapProbe:
         return d
 
     def _sample(self, baseline: bool) -> dict[str, Any]:
+        started = time.perf_counter()
         counts = type_counts()
+        # The walk holds the GIL, so this is how long the reactor could not run.
+        walk_ms = round((time.perf_counter() - started) * 1000, 1)
         if baseline or self._first_counts is None:
             self._first_counts = counts
         growth = Counter(counts)
@@ -135,8 +159,10 @@ class HeapProbe:
         body: dict[str, Any] = {
             "mode": self.mode,
             "gc_objects": sum(counts.values()),
+            "walk_ms": walk_ms,
             "pymalloc_blocks": sys.getallocatedblocks(),
             "malloc": malloc_stats(),
+            "sqlite_kb": sqlite_kb(),
             "fds": open_fds(),
             "threads": len(sys._current_frames()),
             "deferreds": counts.get("twisted.internet.defer.Deferred", 0),
