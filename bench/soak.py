@@ -154,6 +154,54 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     return sum((t - mean_t) * (v - mean_v) for t, v in points) / var * 3600
 
 
+def summarize(report: dict[str, Any], warmup_min: float) -> dict[str, Any]:
+    """The figures of a run from its samples: slopes after C{warmup_min} minutes."""
+    samples = report["samples"]
+    args = report["args"]
+    heap = report.get("heap_last") or {}
+    load = report.get("load") or {}
+    warm = [s for s in samples if s["t_s"] >= warmup_min * 60]
+    # The later half of the post-warm-up window: a longer warm-up, from the same run.
+    late = warm[len(warm) // 2:]
+    rss, rss_late = slopes(warm, "rss_kb"), slopes(late, "rss_kb")
+    return {
+        "samples": len(samples),
+        "warmup_min": warmup_min,
+        "load_average_start_end": [report.get("loadavg_start"), report.get("loadavg_end")],
+        "malloc_arena_max": args.get("malloc_arena_max"),
+        "heap_debug": args.get("heap"),
+        # Theil-Sen: the median of pairwise slopes, so a few outlying samples do not make a
+        # trend; least squares beside it for comparison.
+        "rss_slope_kb_per_hour": rss["theil_sen"],
+        "rss_slope_kb_per_hour_least_squares": rss["least_squares"],
+        "rss_kb_first_last_after_warmup": rss["first_last"],
+        "rss_slope_kb_per_hour_later_half": rss_late["theil_sen"],
+        "rss_kb_first_last_later_half": rss_late["first_last"],
+        "later_half_from_s": late[0]["t_s"] if late else None,
+        "heap_slopes_per_hour_after_warmup": {
+            key: slopes(warm, key) for key in (
+                "rss_anon_kb", "traced_kb", "gc_objects", "pymalloc_blocks",
+                "malloc_in_use_kb", "malloc_free_kb", "sqlite_kb", "deferreds", "fds",
+                "delayed_calls")
+            if any(s.get(key) is not None for s in warm)},
+        "types_growth_top_since_warmup": heap.get("types_growth_top"),
+        "traced_growth_top_since_warmup": heap.get("traced_growth_top"),
+        "fds_min_max": ([min(s["fds"] for s in samples), max(s["fds"] for s in samples)]
+                        if samples else None),
+        "delayed_calls_min_max": ([min(s["delayed_calls"] for s in samples),
+                                   max(s["delayed_calls"] for s in samples)]
+                                  if samples else None),
+        "store_bytes_first_last": ([samples[0]["store_bytes"], samples[-1]["store_bytes"]]
+                                   if samples else None),
+        "latency_p99_ms_per_interval": [s["latency_p99_ms"] for s in samples],
+        "lag_p99_s_max": max((s["lag_p99_s"] or 0) for s in samples) if samples else None,
+        "sent": load.get("sent"),
+        "lost": load.get("lost"),
+        "doubled": load.get("doubled"),
+        "unanswered_in_flight_at_a_drop": load.get("unanswered_in_flight_at_a_drop"),
+    }
+
+
 async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     upstream = spawn_helper(reactor, "upstream", "e2e_upstream.py", "--port", "0",
                             verbose=args.verbose, nice=None)
@@ -249,6 +297,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                     "malloc_free_kb": malloc.get("free_kb"),
                     "malloc_arena_kb": malloc.get("arena_kb"),
                     "sqlite_kb": heap.get("sqlite_kb"),
+                    "heap_walk_ms": heap.get("walk_ms"),
                     "traced_kb": heap.get("traced_kb"),
                     "deferreds": heap["deferreds"],
                     "delayed_call_objects": heap["delayed_call_objects"],
@@ -274,42 +323,10 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             if not child.ended.called:
                 child.transport.signalProcess("TERM")
             await child.ended
-    warm = [s for s in samples if s["t_s"] >= args.warmup * 60]
     report["samples"] = samples
-    rss = slopes(warm, "rss_kb")
-    report["summary"] = {
-        "samples": len(samples),
-        "warmup_min": args.warmup,
-        "load_average_start_end": [report.get("loadavg_start"), loadavg()],
-        "malloc_arena_max": args.malloc_arena_max,
-        "heap_debug": args.heap,
-        # Theil-Sen: the median of pairwise slopes, so one allocator step does not make a
-        # trend; least squares beside it for comparison.
-        "rss_slope_kb_per_hour": rss["theil_sen"],
-        "rss_slope_kb_per_hour_least_squares": rss["least_squares"],
-        "rss_kb_first_last_after_warmup": rss["first_last"],
-        "heap_slopes_per_hour_after_warmup": {
-            key: slopes(warm, key) for key in (
-                "rss_anon_kb", "traced_kb", "gc_objects", "pymalloc_blocks",
-                "malloc_in_use_kb", "malloc_free_kb", "sqlite_kb", "deferreds", "fds", "delayed_calls")
-            if any(s.get(key) is not None for s in warm)},
-        "types_growth_top_since_warmup": heap.get("types_growth_top"),
-        "traced_growth_top_since_warmup": heap.get("traced_growth_top"),
-        "fds_min_max": ([min(s["fds"] for s in samples), max(s["fds"] for s in samples)]
-                        if samples else None),
-        "delayed_calls_min_max": ([min(s["delayed_calls"] for s in samples),
-                                   max(s["delayed_calls"] for s in samples)]
-                                  if samples else None),
-        "store_bytes_first_last": ([samples[0]["store_bytes"], samples[-1]["store_bytes"]]
-                                   if samples else None),
-        "latency_p99_ms_per_interval": [s["latency_p99_ms"] for s in samples],
-        "lag_p99_s_max": max((s["lag_p99_s"] or 0) for s in samples) if samples else None,
-        "sent": report.get("load", {}).get("sent"),
-        "lost": report.get("load", {}).get("lost"),
-        "doubled": report.get("load", {}).get("doubled"),
-        "unanswered_in_flight_at_a_drop": report.get("load", {}).get(
-            "unanswered_in_flight_at_a_drop"),
-    }
+    report["heap_last"] = heap
+    report["loadavg_end"] = loadavg()
+    report["summary"] = summarize(report, args.warmup)
     return report
 
 
@@ -319,12 +336,16 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                    commit=source_version(), machine=machine())
     report = await soak(reactor, args)
     report.update(started)
+    write(report, args.out)
+
+
+def write(report: dict[str, Any], out: str | None) -> None:
     print(json.dumps(report["summary"], indent=2))
     print(json.dumps(report.get("load"), indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -354,11 +375,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="replace each chat whose message was answered by a new one, so every "
                         "message opens a session (what is kept per chat shows as growth)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--summarize", metavar="JSON", default=None,
+                   help="run nothing: recompute the summary of a saved report with this "
+                        "--warmup and write it to --out (default: the same file)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--verbose", action="store_true", help="show the helpers' stderr")
     return p.parse_args(argv)
 
 
+def resummarize(path: str, warmup_min: float, out: str | None) -> None:
+    report = json.loads(Path(path).read_text())
+    report.setdefault("heap_last", {
+        "types_growth_top": report["summary"].get("types_growth_top_since_warmup"),
+        "traced_growth_top": report["summary"].get("traced_growth_top_since_warmup")})
+    report["summary"] = summarize(report, warmup_min)
+    write(report, out or path)
+
+
 if __name__ == "__main__":
     arguments = parse_args()
-    task.react(lambda reactor: ensureDeferred(main(reactor, arguments)))
+    if arguments.summarize:
+        resummarize(arguments.summarize, arguments.warmup, arguments.out)
+    else:
+        task.react(lambda reactor: ensureDeferred(main(reactor, arguments)))
