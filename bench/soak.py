@@ -195,6 +195,10 @@ def summarize(report: dict[str, Any], warmup_min: float) -> dict[str, Any]:
                                    if samples else None),
         "latency_p99_ms_per_interval": [s["latency_p99_ms"] for s in samples],
         "lag_p99_s_max": max((s["lag_p99_s"] or 0) for s in samples) if samples else None,
+        "gc_full_collections_and_seconds": ([samples[-1].get("gc_full_collections"),
+                                             samples[-1].get("gc_full_seconds")]
+                                            if samples else None),
+        "gc_seconds_total": samples[-1].get("gc_seconds") if samples else None,
         "sent": load.get("sent"),
         "lost": load.get("lost"),
         "doubled": load.get("doubled"),
@@ -281,6 +285,11 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                 "relay_reconnects": total(metrics, "hermes_platform_reconnects_total",
                                           platform="relay"),
                 "lag_p99_s": lag_quantile(previous, metrics, 0.99),
+                # Full collections and the time all collections took, since the start.
+                "gc_full_collections": total(metrics, "hermes_gc_pause_seconds_count", gen="2"),
+                "gc_full_seconds": round(total(metrics, "hermes_gc_pause_seconds_sum",
+                                               gen="2"), 3),
+                "gc_seconds": round(total(metrics, "hermes_gc_pause_seconds_sum"), 3),
                 "latency_p99_ms": interval.get("latency_p99_ms"),
                 "sent": interval.get("sent"), "answered": interval.get("answered"),
             }

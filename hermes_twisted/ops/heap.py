@@ -25,6 +25,7 @@ import os
 import sys
 import time
 import tracemalloc
+import types
 from collections import Counter
 from typing import Any
 
@@ -105,6 +106,50 @@ def type_counts() -> Counter[str]:
     return counts
 
 
+def _describe(holder: Any, held: Any) -> str:
+    """The type of C{holder}, with the key or attribute under which it holds C{held}."""
+    kind = type(holder)
+    name = f"{kind.__module__}.{kind.__qualname__}"
+    if isinstance(holder, dict):
+        key = next((k for k, v in holder.items() if v is held), None)
+        if key is not None:
+            return f"{name}[{str(key)[:40]}]"
+    return name
+
+
+def referrer_chains(type_name: str, *, samples: int = 3, depth: int = 10) -> list[list[str]]:
+    """
+    For up to C{samples} live objects of C{type_name}, the chain of what keeps each alive:
+    its first referrer, that one's first referrer, and so on (frames and this walk's own
+    containers left out), as type names with the holding key where a dict holds it.
+    """
+    targets = [o for o in gc.get_objects()
+               if f"{type(o).__module__}.{type(o).__qualname__}" == type_name][-samples:]
+    chains = []
+    for target in targets:
+        chain, current, seen = [], target, {id(targets), id(chains)}
+        holders: list[Any] = []
+        for _ in range(depth):
+            seen.add(id(current))
+            holders = [r for r in gc.get_referrers(current)
+                       if id(r) not in seen and not isinstance(r, types.FrameType)
+                       and r is not chain]
+            if not holders:
+                chain.append("(no referrer: garbage or a root)")
+                break
+            seen.add(id(holders))
+            holder = holders[0]
+            chain.append(_describe(holder, current) + (f" (+{len(holders) - 1} more)"
+                                                         if len(holders) > 1 else ""))
+            if isinstance(holder, types.ModuleType):
+                break
+            current = holder
+        chains.append(chain)
+        del chain, current, holders
+    del targets
+    return chains
+
+
 class HeapProbe:
     """What C{/debug/heap} reports; C{start} turns tracing on in C{tracemalloc} mode."""
 
@@ -132,22 +177,33 @@ class HeapProbe:
             self._started_tracing = False
             self._baseline = None
 
-    def report(self, *, baseline: bool = False) -> Deferred:
+    def holders(self, type_name: str) -> Deferred:
+        """
+        What keeps a few live objects of C{type_name} alive (L{referrer_chains}), walked in
+        the reactor's thread pool.  Fires with a list of chains; cancelling abandons it.
+        """
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                 referrer_chains, type_name)
+
+    def report(self, *, baseline: bool = False, collect: bool = False) -> Deferred:
         """
         Sample the heap.  The reactor-side figures (pending DelayedCalls) are read here; the
         heap walk and the snapshot run in the reactor's thread pool.
 
         @param baseline: make this sample the reference of later type and tracemalloc diffs.
+        @param collect: run a full garbage collection first and report what it freed
+            (C{collected}): tells garbage waiting for the collector from objects kept alive.
         @return: a Deferred firing with a JSON-able dict; it fails only on a bug.  Cancelling
             it abandons the result (the worker finishes its walk and the result is dropped).
         """
         delayed = len(self.reactor.getDelayedCalls())
         d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self._sample,
-                              baseline)
+                              baseline, collect)
         d.addCallback(lambda body: {**body, "delayed_calls": delayed})
         return d
 
-    def _sample(self, baseline: bool) -> dict[str, Any]:
+    def _sample(self, baseline: bool, collect: bool = False) -> dict[str, Any]:
+        collected = gc.collect() if collect else None
         started = time.perf_counter()
         counts = type_counts()
         # The walk holds the GIL, so this is how long the reactor could not run.
@@ -160,6 +216,8 @@ class HeapProbe:
             "mode": self.mode,
             "gc_objects": sum(counts.values()),
             "walk_ms": walk_ms,
+            "collected": collected,
+            "gc_counts": gc.get_count(),
             "pymalloc_blocks": sys.getallocatedblocks(),
             "malloc": malloc_stats(),
             "sqlite_kb": sqlite_kb(),

@@ -213,7 +213,10 @@ class DebugHeap(_Leaf):
         if not self.access.privileged(request):
             return self.refuse(request)
         baseline = request.args.get(b"baseline", [b""])[0] in (b"1", b"true")
-        d: Deferred = self.probe.report(baseline=baseline)
+        held = request.args.get(b"holders", [b""])[0].decode("ascii", "replace")
+        d: Deferred = (self.probe.holders(held).addCallback(lambda c: {"holders": c})
+                       if held else self.probe.report(
+                           baseline=baseline, collect=b"1" in request.args.get(b"collect", [])))
         finished = request.notifyFinish()
         gone: list[bool] = []
         finished.addErrback(lambda _: gone.append(True))
