@@ -181,7 +181,8 @@ def summarize(report: dict[str, Any], warmup_min: float) -> dict[str, Any]:
         "heap_slopes_per_hour_after_warmup": {
             key: slopes(warm, key) for key in (
                 "rss_anon_kb", "traced_kb", "gc_objects", "pymalloc_blocks",
-                "malloc_in_use_kb", "malloc_free_kb", "sqlite_kb", "deferreds", "fds",
+                "malloc_in_use_kb", "malloc_free_kb", "sqlite_kb", "pymalloc_arenas",
+                "deferreds", "fds",
                 "delayed_calls")
             if any(s.get(key) is not None for s in warm)},
         "types_growth_top_since_warmup": heap.get("types_growth_top"),
@@ -306,6 +307,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                     "malloc_free_kb": malloc.get("free_kb"),
                     "malloc_arena_kb": malloc.get("arena_kb"),
                     "sqlite_kb": heap.get("sqlite_kb"),
+                    "pymalloc_arenas": (heap.get("pymalloc") or {}).get("arenas"),
                     "heap_walk_ms": heap.get("walk_ms"),
                     "traced_kb": heap.get("traced_kb"),
                     "deferreds": heap["deferreds"],

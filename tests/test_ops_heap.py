@@ -126,6 +126,9 @@ def test_counts_mode_reports_the_types_that_grew_since_the_baseline():
     assert first["gc_objects"] > 0
     assert later["pymalloc_blocks"] > 0 and later["fds"] > 0
     assert later["sqlite_kb"] is None or later["sqlite_kb"] >= 0
+    arenas = later["pymalloc"]
+    assert arenas["arenas"] >= 1 and arenas["arenas_highwater"] >= arenas["arenas"]
+    assert arenas["allocated_kb"] > 0 and arenas["unused_pools_kb"] >= 0
     assert later["malloc"] is None or later["malloc"]["in_use_kb"] > 0
     assert "traced_kb" not in later
     del kept

@@ -6,7 +6,7 @@ run (C{bench/soak.py}) can tell a leak (the Python heap grows) from allocator be
 steps while the heap is flat).
 
  - C{counts}: live objects by type (C{gc.get_objects}; objects frozen at start-up are not
-   walked), pymalloc blocks in use (C{sys.getallocatedblocks}), glibc's C{mallinfo2} (bytes
+   walked), pymalloc blocks in use (C{sys.getallocatedblocks}) and its arenas, glibc's C{mallinfo2} (bytes
    in use and free in malloc's arenas), what SQLite holds, pending DelayedCalls, open file
    descriptors.  Costs one walk of the gc heap per
    request, in a worker thread.
@@ -23,6 +23,7 @@ import ctypes
 import gc
 import os
 import sys
+import tempfile
 import time
 import tracemalloc
 import types
@@ -88,6 +89,46 @@ def malloc_stats() -> dict[str, int] | None:
         "in_use_kb": (info.uordblks + info.hblkhd) // 1024,
         "free_kb": info.fordblks // 1024, "releasable_kb": info.keepcost // 1024,
     }
+
+
+_PYMALLOC_FIELDS = {
+    "# arenas allocated current": "arenas",
+    "# arenas highwater mark": "arenas_highwater",
+    "# arenas reclaimed": "arenas_reclaimed",
+    "# bytes in allocated blocks": "allocated_kb",
+    "# bytes in available blocks": "available_kb",
+}
+
+
+def pymalloc_stats() -> dict[str, int] | None:
+    """
+    pymalloc's arenas (1 MiB each) and how full they are, from C{sys._debugmallocstats},
+    which can only print to the C stderr: fd 2 points at a temporary file meanwhile, so
+    anything else written to stderr in that instant is lost (a debug tool).
+    """
+    dump = getattr(sys, "_debugmallocstats", None)
+    if dump is None:
+        return None
+    with tempfile.TemporaryFile() as capture:
+        saved = os.dup(2)
+        try:
+            os.dup2(capture.fileno(), 2)
+            dump()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        capture.seek(0)
+        text = capture.read().decode("ascii", "replace")
+    stats: dict[str, int] = {}
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        key = _PYMALLOC_FIELDS.get(name.strip())
+        if key is not None and key not in stats:
+            number = int(value.strip().replace(",", ""))
+            stats[key] = number // 1024 if key.endswith("_kb") else number
+        elif "unused pools" in name and "unused_pools_kb" not in stats:
+            stats["unused_pools_kb"] = int(value.strip().replace(",", "")) // 1024
+    return stats
 
 
 def open_fds() -> int | None:
@@ -219,6 +260,7 @@ class HeapProbe:
             "collected": collected,
             "gc_counts": gc.get_count(),
             "pymalloc_blocks": sys.getallocatedblocks(),
+            "pymalloc": pymalloc_stats(),
             "malloc": malloc_stats(),
             "sqlite_kb": sqlite_kb(),
             "fds": open_fds(),
