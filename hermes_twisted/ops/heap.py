@@ -6,10 +6,11 @@ run (C{bench/soak.py}) can tell a leak (the Python heap grows) from allocator be
 steps while the heap is flat).
 
  - C{counts}: live objects by type (C{gc.get_objects}; objects frozen at start-up are not
-   walked), pymalloc blocks in use (C{sys.getallocatedblocks}) and its arenas, glibc's C{mallinfo2} (bytes
-   in use and free in malloc's arenas), what SQLite holds, pending DelayedCalls, open file
-   descriptors.  Costs one walk of the gc heap per
-   request, in a worker thread.
+   walked), pymalloc's blocks and arenas, glibc's C{mallinfo2} (bytes in use and free in
+   malloc's arenas), what SQLite holds, pending DelayedCalls, open file descriptors.  Costs
+   one walk of the live heap per request, in a worker thread (holding the GIL).
+   C{?collect=1} runs a full collection first; C{?holders=TYPE} answers with what keeps a
+   few objects of TYPE alive instead.
  - C{tracemalloc}: the same, plus C{tracemalloc} started at start-up; C{?baseline=1} takes
    the snapshot later requests are diffed against (the top lines by growth).  Tracing slows
    every allocation and its tables cost memory: never for production.
