@@ -169,6 +169,7 @@ def summarize(report: dict[str, Any], warmup_min: float) -> dict[str, Any]:
         "warmup_min": warmup_min,
         "load_average_start_end": [report.get("loadavg_start"), report.get("loadavg_end")],
         "malloc_arena_max": args.get("malloc_arena_max"),
+        "pythonmalloc": args.get("pythonmalloc"),
         "heap_debug": args.get("heap"),
         # Theil-Sen: the median of pairwise slopes, so a few outlying samples do not make a
         # trend; least squares beside it for comparison.
@@ -224,8 +225,11 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     env["GATEWAY_OPS_LISTEN"] = f"tcp:{ops_port}:interface=127.0.0.1"
     env["GATEWAY_OPS_DEBUG_HEAP"] = args.heap
     env.pop("MALLOC_ARENA_MAX", None)
+    env.pop("PYTHONMALLOC", None)
     if args.malloc_arena_max:
         env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    if args.pythonmalloc:
+        env["PYTHONMALLOC"] = args.pythonmalloc
     cmd = DEFAULT_GATEWAY_CMD.format(python=shlex.quote(sys.executable),
                                      logfile=home / "gateway.log")
     out = open(home / "gateway.out", "wb")
@@ -385,6 +389,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh-chats", action="store_true",
                    help="replace each chat whose message was answered by a new one, so every "
                         "message opens a session (what is kept per chat shows as growth)")
+    p.add_argument("--pythonmalloc", default=None,
+                   help="PYTHONMALLOC for the gateway (malloc: no pymalloc arenas)")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--summarize", metavar="JSON", default=None,
                    help="run nothing: recompute the summary of a saved report with this "
