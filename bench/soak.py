@@ -69,6 +69,10 @@ def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def loadavg() -> list[float]:
+    return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
+
+
 def store_bytes(home: Path) -> int:
     return sum(p.stat().st_size for p in home.glob("gateway.db*") if p.is_file())
 
@@ -108,6 +112,35 @@ def lag_quantile(before: dict[str, float], after: dict[str, float], q: float) ->
     return next((bound for bound, count in buckets if count >= target), None)
 
 
+def heap_report(url: str, baseline: bool) -> dict[str, Any]:
+    """The gateway's C{/debug/heap} (C{GATEWAY_OPS_DEBUG_HEAP}), in a thread."""
+    with urllib.request.urlopen(url + ("?baseline=1" if baseline else ""),
+                                timeout=120) as response:
+        return json.loads(response.read())
+
+
+def theil_sen_per_hour(points: list[tuple[float, float]]) -> float | None:
+    """Theil-Sen slope of C{(seconds, value)} points, per hour: the median of the slopes of
+    all pairs.  Robust to steps and outliers: up to 29% of the points can be anything
+    without moving it, where one step moves a least-squares line."""
+    slopes = sorted((v2 - v1) / (t2 - t1) for i, (t1, v1) in enumerate(points)
+                    for t2, v2 in points[i + 1:] if t2 != t1)
+    if len(points) < 3 or not slopes:
+        return None
+    mid = len(slopes) // 2
+    median = slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+    return median * 3600
+
+
+def slopes(samples: list[dict[str, Any]], key: str) -> dict[str, float | None]:
+    """Theil-Sen and least-squares slopes per hour of C{key} over C{samples}."""
+    points = [(s["t_s"], s[key]) for s in samples if s.get(key) is not None]
+    robust, ls = theil_sen_per_hour(points), slope_per_hour(points)
+    return {"theil_sen": round(robust, 1) if robust is not None else None,
+            "least_squares": round(ls, 1) if ls is not None else None,
+            "first_last": [points[0][1], points[-1][1]] if points else None}
+
+
 def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of C{(seconds, value)} points, per hour."""
     if len(points) < 3:
@@ -119,6 +152,60 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
     if var == 0:
         return None
     return sum((t - mean_t) * (v - mean_v) for t, v in points) / var * 3600
+
+
+def summarize(report: dict[str, Any], warmup_min: float) -> dict[str, Any]:
+    """The figures of a run from its samples: slopes after C{warmup_min} minutes."""
+    samples = report["samples"]
+    args = report["args"]
+    heap = report.get("heap_last") or {}
+    load = report.get("load") or {}
+    warm = [s for s in samples if s["t_s"] >= warmup_min * 60]
+    # The later half of the post-warm-up window: a longer warm-up, from the same run.
+    late = warm[len(warm) // 2:]
+    rss, rss_late = slopes(warm, "rss_kb"), slopes(late, "rss_kb")
+    return {
+        "samples": len(samples),
+        "warmup_min": warmup_min,
+        "load_average_start_end": [report.get("loadavg_start"), report.get("loadavg_end")],
+        "malloc_arena_max": args.get("malloc_arena_max"),
+        "pythonmalloc": args.get("pythonmalloc"),
+        "heap_debug": args.get("heap"),
+        # Theil-Sen: the median of pairwise slopes, so a few outlying samples do not make a
+        # trend; least squares beside it for comparison.
+        "rss_slope_kb_per_hour": rss["theil_sen"],
+        "rss_slope_kb_per_hour_least_squares": rss["least_squares"],
+        "rss_kb_first_last_after_warmup": rss["first_last"],
+        "rss_slope_kb_per_hour_later_half": rss_late["theil_sen"],
+        "rss_kb_first_last_later_half": rss_late["first_last"],
+        "later_half_from_s": late[0]["t_s"] if late else None,
+        "heap_slopes_per_hour_after_warmup": {
+            key: slopes(warm, key) for key in (
+                "rss_anon_kb", "traced_kb", "gc_objects", "pymalloc_blocks",
+                "malloc_in_use_kb", "malloc_free_kb", "sqlite_kb", "pymalloc_arenas",
+                "deferreds", "fds",
+                "delayed_calls")
+            if any(s.get(key) is not None for s in warm)},
+        "types_growth_top_since_warmup": heap.get("types_growth_top"),
+        "traced_growth_top_since_warmup": heap.get("traced_growth_top"),
+        "fds_min_max": ([min(s["fds"] for s in samples), max(s["fds"] for s in samples)]
+                        if samples else None),
+        "delayed_calls_min_max": ([min(s["delayed_calls"] for s in samples),
+                                   max(s["delayed_calls"] for s in samples)]
+                                  if samples else None),
+        "store_bytes_first_last": ([samples[0]["store_bytes"], samples[-1]["store_bytes"]]
+                                   if samples else None),
+        "latency_p99_ms_per_interval": [s["latency_p99_ms"] for s in samples],
+        "lag_p99_s_max": max((s["lag_p99_s"] or 0) for s in samples) if samples else None,
+        "gc_full_collections_and_seconds": ([samples[-1].get("gc_full_collections"),
+                                             samples[-1].get("gc_full_seconds")]
+                                            if samples else None),
+        "gc_seconds_total": samples[-1].get("gc_seconds") if samples else None,
+        "sent": load.get("sent"),
+        "lost": load.get("lost"),
+        "doubled": load.get("doubled"),
+        "unanswered_in_flight_at_a_drop": load.get("unanswered_in_flight_at_a_drop"),
+    }
 
 
 async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -133,8 +220,16 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     home = Path(tempfile.mkdtemp(prefix="hermes-soak-"))
     ops_port = free_port()
     metrics_url = f"http://127.0.0.1:{ops_port}/metrics"
+    heap_url = f"http://127.0.0.1:{ops_port}/debug/heap"
     env = gateway_env(home, up_url, relay_url)
     env["GATEWAY_OPS_LISTEN"] = f"tcp:{ops_port}:interface=127.0.0.1"
+    env["GATEWAY_OPS_DEBUG_HEAP"] = args.heap
+    env.pop("MALLOC_ARENA_MAX", None)
+    env.pop("PYTHONMALLOC", None)
+    if args.malloc_arena_max:
+        env["MALLOC_ARENA_MAX"] = str(args.malloc_arena_max)
+    if args.pythonmalloc:
+        env["PYTHONMALLOC"] = args.pythonmalloc
     cmd = DEFAULT_GATEWAY_CMD.format(python=shlex.quote(sys.executable),
                                      logfile=home / "gateway.log")
     out = open(home / "gateway.out", "wb")
@@ -142,8 +237,11 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
     transport = reactor.spawnProcess(gateway, "/bin/sh", ["/bin/sh", "-c", "exec " + cmd],
                                      env=env, path=str(ROOT),
                                      childFDs={0: "w", 1: out.fileno(), 2: out.fileno()})
-    report: dict[str, Any] = {"home": str(home), "args": vars(args)}
+    report: dict[str, Any] = {"home": str(home), "args": vars(args),
+                              "loadavg_start": loadavg()}
     samples: list[dict[str, Any]] = []
+    heap: dict[str, Any] = {}
+    baseline_taken = False
     try:
         await with_timeout(reactor, connector.wait("hello"), 60, "hello from the gateway")
         pid = measured_pid(transport.pid)
@@ -165,7 +263,8 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                        drop_every=args.drop_every, report_every=args.sample,
                        stop_after=args.stop_after, grace=30.0, timeout=60.0,
                        mix={"echo": args.echo, "error": args.error, "silent": args.silent,
-                            "slow": args.slow}, seed=args.seed)
+                            "slow": args.slow}, seed=args.seed,
+                       fresh_chats=args.fresh_chats)
         t0, cpu0 = now(), cpu_seconds(pid)
         previous = await deferToThread(scrape, metrics_url)
         result = connector.wait("result")
@@ -191,9 +290,33 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                 "relay_reconnects": total(metrics, "hermes_platform_reconnects_total",
                                           platform="relay"),
                 "lag_p99_s": lag_quantile(previous, metrics, 0.99),
+                # Full collections and the time all collections took, since the start.
+                "gc_full_collections": total(metrics, "hermes_gc_pause_seconds_count", gen="2"),
+                "gc_full_seconds": round(total(metrics, "hermes_gc_pause_seconds_sum",
+                                               gen="2"), 3),
+                "gc_seconds": round(total(metrics, "hermes_gc_pause_seconds_sum"), 3),
                 "latency_p99_ms": interval.get("latency_p99_ms"),
                 "sent": interval.get("sent"), "answered": interval.get("answered"),
             }
+            if args.heap != "off":
+                # The diffs are against the first sample after warm-up.
+                at_baseline = not baseline_taken and sample["t_s"] >= args.warmup * 60
+                heap = await deferToThread(heap_report, heap_url, at_baseline)
+                baseline_taken = baseline_taken or at_baseline
+                malloc = heap.get("malloc") or {}
+                sample.update({
+                    "gc_objects": heap["gc_objects"],
+                    "pymalloc_blocks": heap["pymalloc_blocks"],
+                    "malloc_in_use_kb": malloc.get("in_use_kb"),
+                    "malloc_free_kb": malloc.get("free_kb"),
+                    "malloc_arena_kb": malloc.get("arena_kb"),
+                    "sqlite_kb": heap.get("sqlite_kb"),
+                    "pymalloc_arenas": (heap.get("pymalloc") or {}).get("arenas"),
+                    "heap_walk_ms": heap.get("walk_ms"),
+                    "traced_kb": heap.get("traced_kb"),
+                    "deferreds": heap["deferreds"],
+                    "delayed_call_objects": heap["delayed_call_objects"],
+                })
             previous = metrics
             samples.append(sample)
             print(json.dumps(sample), file=sys.stderr, flush=True)
@@ -215,30 +338,10 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             if not child.ended.called:
                 child.transport.signalProcess("TERM")
             await child.ended
-    warm = [s for s in samples if s["t_s"] >= args.warmup * 60]
     report["samples"] = samples
-    report["summary"] = {
-        "samples": len(samples),
-        "warmup_min": args.warmup,
-        "rss_slope_kb_per_hour": (round(v, 1) if (v := slope_per_hour(
-            [(s["t_s"], s["rss_kb"]) for s in warm])) is not None else None),
-        "rss_kb_first_last_after_warmup": ([warm[0]["rss_kb"], warm[-1]["rss_kb"]]
-                                           if warm else None),
-        "fds_min_max": ([min(s["fds"] for s in samples), max(s["fds"] for s in samples)]
-                        if samples else None),
-        "delayed_calls_min_max": ([min(s["delayed_calls"] for s in samples),
-                                   max(s["delayed_calls"] for s in samples)]
-                                  if samples else None),
-        "store_bytes_first_last": ([samples[0]["store_bytes"], samples[-1]["store_bytes"]]
-                                   if samples else None),
-        "latency_p99_ms_per_interval": [s["latency_p99_ms"] for s in samples],
-        "lag_p99_s_max": max((s["lag_p99_s"] or 0) for s in samples) if samples else None,
-        "sent": report.get("load", {}).get("sent"),
-        "lost": report.get("load", {}).get("lost"),
-        "doubled": report.get("load", {}).get("doubled"),
-        "unanswered_in_flight_at_a_drop": report.get("load", {}).get(
-            "unanswered_in_flight_at_a_drop"),
-    }
+    report["heap_last"] = heap
+    report["loadavg_end"] = loadavg()
+    report["summary"] = summarize(report, args.warmup)
     return report
 
 
@@ -248,12 +351,16 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                    commit=source_version(), machine=machine())
     report = await soak(reactor, args)
     report.update(started)
+    write(report, args.out)
+
+
+def write(report: dict[str, Any], out: str | None) -> None:
     print(json.dumps(report["summary"], indent=2))
     print(json.dumps(report.get("load"), indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -274,12 +381,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=5.0,
                    help="minutes left out of the RSS slope")
+    p.add_argument("--heap", choices=("off", "counts", "tracemalloc"), default="counts",
+                   help="the gateway's heap diagnostics (GATEWAY_OPS_DEBUG_HEAP), read from "
+                        "/debug/heap at every sample; tracemalloc slows the gateway")
+    p.add_argument("--malloc-arena-max", type=int, default=0,
+                   help="MALLOC_ARENA_MAX for the gateway (0: glibc's default)")
+    p.add_argument("--fresh-chats", action="store_true",
+                   help="replace each chat whose message was answered by a new one, so every "
+                        "message opens a session (what is kept per chat shows as growth)")
+    p.add_argument("--pythonmalloc", default=None,
+                   help="PYTHONMALLOC for the gateway (malloc: no pymalloc arenas)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--summarize", metavar="JSON", default=None,
+                   help="run nothing: recompute the summary of a saved report with this "
+                        "--warmup and write it to --out (default: the same file)")
     p.add_argument("--out", default=None, help="write the report as JSON here")
     p.add_argument("--verbose", action="store_true", help="show the helpers' stderr")
     return p.parse_args(argv)
 
 
+def resummarize(path: str, warmup_min: float, out: str | None) -> None:
+    report = json.loads(Path(path).read_text())
+    report.setdefault("heap_last", {
+        "types_growth_top": report["summary"].get("types_growth_top_since_warmup"),
+        "traced_growth_top": report["summary"].get("traced_growth_top_since_warmup")})
+    report["summary"] = summarize(report, warmup_min)
+    write(report, out or path)
+
+
 if __name__ == "__main__":
     arguments = parse_args()
-    task.react(lambda reactor: ensureDeferred(main(reactor, arguments)))
+    if arguments.summarize:
+        resummarize(arguments.summarize, arguments.warmup, arguments.out)
+    else:
+        task.react(lambda reactor: ensureDeferred(main(reactor, arguments)))

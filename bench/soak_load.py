@@ -13,6 +13,9 @@ skipped and counted):
     C{/stop}, whose reply is the answer;
   - C{slow}: a stream that never ends, interrupted by C{/stop} the same way.
 
+With C{fresh_chats}, a chat whose message was answered is replaced by a new chat, so every
+message opens a new session: what the gateway keeps per chat shows up as growth.
+
 Every C{drop_every} s the connector drops the gateway's socket without a close handshake;
 nothing is pushed until the gateway has redialed.  Messages in flight at a drop are
 reported apart: their replies may be lost with the socket (the relay protocol has no
@@ -26,6 +29,7 @@ doubled, timed out.
 from __future__ import annotations
 
 import random
+from array import array
 from collections import deque
 from typing import Any
 
@@ -41,7 +45,8 @@ def ms(value: float | None) -> float | None:
 class Soak:
     def __init__(self, connector: Any, *, duration: float, rate: float, chats: int,
                  drop_every: float, report_every: float, stop_after: float, grace: float,
-                 timeout: float, mix: dict[str, float], seed: int) -> None:
+                 timeout: float, mix: dict[str, float], seed: int,
+                 fresh_chats: bool = False) -> None:
         self.c = connector
         self.stub = connector.stub
         self.duration, self.rate, self.drop_every = duration, rate, drop_every
@@ -51,9 +56,16 @@ class Soak:
         self.weights = [mix[k] for k in self.kinds]
         self.random = random.Random(seed)
         self.free: deque[str] = deque(f"s-chat-{i}" for i in range(chats))
+        # A chat that finished is replaced by a new one: every message opens a session.
+        self.fresh_chats = fresh_chats
+        self.chats_opened = chats
         self.busy: dict[str, str] = {}  # chat -> message id in flight
+        # Records of unanswered messages; an answered one leaves only its number in
+        # C{answered} (to see a second answer), so a day-long run stays small.
         self.messages: dict[str, dict[str, Any]] = {}
-        self.latencies: list[float] = []
+        self.answered: set[int] = set()
+        self.kind_counts = dict.fromkeys(self.kinds, 0)
+        self.latencies = array("d")
         self.counts = {"sent": 0, "answered": 0, "doubled": 0, "timed_out": 0, "skipped": 0,
                        "disconnected_ticks": 0, "drops": 0, "stops": 0, "unmatched": 0}
         self.in_flight_at_drop: set[str] = set()
@@ -72,6 +84,9 @@ class Soak:
         if "ok s-" in content:
             mid = content.rsplit("ok ", 1)[-1].strip()
             if mid not in self.messages:
+                if self._number(mid) in self.answered:
+                    self.counts["doubled"] += 1
+                    return
                 mid = None
         elif chat in self.busy:
             current = self.messages[self.busy[chat]]
@@ -83,11 +98,8 @@ class Soak:
         if mid is None:
             self.counts["unmatched"] += 1
             return
-        record = self.messages[mid]
-        record["answers"] += 1
-        if record["answers"] > 1:
-            self.counts["doubled"] += 1
-            return
+        record = self.messages.pop(mid)
+        self.answered.add(self._number(mid))
         self.counts["answered"] += 1
         t = now()
         if record["kind"] == "echo":
@@ -95,7 +107,11 @@ class Soak:
             self.window.append(t - record["t"])
         if self.busy.get(record["chat"]) == mid:
             del self.busy[record["chat"]]
-            self.free.append(record["chat"])
+            self._release(record["chat"])
+
+    @staticmethod
+    def _number(mid: str) -> int:
+        return int(mid.rsplit("-", 1)[-1]) if mid.rsplit("-", 1)[-1].isdigit() else -1
 
     # -- inbound ----------------------------------------------------------------------------
 
@@ -118,6 +134,7 @@ class Soak:
             fields["deltas"] = 5
         if kind == "slow":
             fields["interval"] = 0.2
+        self.kind_counts[kind] += 1
         self.messages[mid] = {"id": mid, "chat": chat, "kind": kind, "t": now(), "answers": 0,
                               "stopped_at": None}
         self.busy[chat] = mid
@@ -152,9 +169,20 @@ class Soak:
                 record["timed_out"] = True
                 self.counts["timed_out"] += 1
                 del self.busy[chat]
-                self.free.append(chat)
+                self._release(chat)
+
+    def _release(self, chat: str) -> None:
+        if self.fresh_chats:
+            chat = f"s-chat-{self.chats_opened}"
+            self.chats_opened += 1
+        self.free.append(chat)
 
     def _report(self) -> None:
+        # The stub keeps every frame for tests' assertions; the soak reads them as they come
+        # (on_outbound), and a day of them would not fit in memory.
+        for recorded in (self.stub.frames, self.stub.outbound, self.stub.acks,
+                         self.stub.interrupts):
+            del recorded[:]
         window, self.window = self.window, []
         self.c.emit_event(ev="interval", t=now(), window_s=self.report_every,
                           echo_answers=len(window), latency_p50_ms=ms(percentile(window, 50)),
@@ -191,7 +219,7 @@ class Soak:
         for loop in loops[1:]:
             loop.stop()
         self._report()
-        unanswered = [m for m in self.messages.values() if m["answers"] == 0]
+        unanswered = list(self.messages.values())
         at_drop = [m for m in unanswered if m["id"] in self.in_flight_at_drop]
         lost = [m for m in unanswered if m["id"] not in self.in_flight_at_drop]
         by_kind: dict[str, int] = {}
@@ -203,7 +231,7 @@ class Soak:
                 "lost_sample": [m["id"] for m in lost[:10]],
                 "unanswered_in_flight_at_a_drop": len(at_drop),
                 "in_flight_at_drops": len(self.in_flight_at_drop),
+                "chats_opened": self.chats_opened,
                 "echo_latency_p50_ms": ms(percentile(self.latencies, 50)),
                 "echo_latency_p99_ms": ms(percentile(self.latencies, 99)),
-                "kinds": {k: sum(1 for m in self.messages.values() if m["kind"] == k)
-                          for k in self.kinds}}
+                "kinds": self.kind_counts}

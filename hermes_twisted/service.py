@@ -112,8 +112,17 @@ def tune_garbage_collector() -> None:
     Move everything loaded at start-up out of the collector's reach and collect the young
     generation less often.  With 1000 open streams, full collections walked the whole import
     graph again and again: 25-30% of the daemon's CPU and reactor pauses of up to 200 ms
-    (bench/README.md).  Reference cycles are still collected; only the thresholds change.
+    (bench/README.md).  Frozen, the import graph is never walked again.
+
+    The older generations keep CPython's default ratios (10, 10).  A turn that streams for
+    seconds outlives the young collections, so its objects reach the oldest generation and
+    its reference cycles become garbage there: with (20, 100) that garbage piled up for
+    14 M allocations, two thirds of the live heap in the saturated soak (bench/README.md).
+    The second collection, of a now empty heap, resets CPython's "long-lived objects" count
+    (the whole import graph before the freeze), which would otherwise also put off every
+    full collection until a quarter of that many objects had been promoted.
     """
     gc.collect()
     gc.freeze()
-    gc.set_threshold(7000, 20, 100)
+    gc.collect()
+    gc.set_threshold(7000, 10, 10)

@@ -177,6 +177,7 @@ def build_service(config: Any, reactor: Any):
     """
     from hermes_twisted.dispatch.gateway import Gateway
     from hermes_twisted.dispatch.pairing import PairingGate
+    from hermes_twisted.ops.heap import HeapProbe
     from hermes_twisted.ops.metrics import GatewayMetrics, ThreadPoolCollector
     from hermes_twisted.ops.probes import OpsState
     from hermes_twisted.ops.sdnotify import Notifier
@@ -202,7 +203,8 @@ def build_service(config: Any, reactor: Any):
     # First child: probes answer during start-up, and it is the last to stop.
     OpsService(ops, reactor=reactor, listen=config.ops.listen if config.ops.enabled else None,
                token=config.ops.token, trusted_proxies=config.ops.trusted_proxies,
-               notifier=notifier).setServiceParent(top)
+               notifier=notifier,
+               heap=HeapProbe(config.ops.debug_heap, reactor=reactor)).setServiceParent(top)
     if config.upstream.proxy_url:
         UpstreamProbe(config.upstream.proxy_url, reactor=reactor,
                       record=ops.upstream_outcome).setServiceParent(top)

@@ -82,3 +82,33 @@ async def test_the_working_reaction_spans_the_real_turn():
         await eventually(lambda: len(ops_of(stub, "react")) == 2, what="the removal")
         assert ops_of(stub, "react")[1]["action"]["remove"] is True
         assert adapter.turns_running == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_finished_and_stopped_turns_leave_no_per_chat_state_behind():
+    """What a long run relies on (bench/soak.py): the adapter's and the gateway's per-chat
+    bookkeeping of a turn is released when the turn ends, answered or stopped."""
+    async with gateway_with_ops() as (stub, adapter, upstream):
+        chats = [f"c{i}" for i in range(12)]
+        for n, chat in enumerate(chats):
+            stub.push_inbound(inbound_event(f"hello {n}", chat, message_id=f"m{n}",
+                                            scope_id="g1"))
+        await eventually(lambda: len(upstream.turns) == len(chats), what="every turn")
+        for n, chat in enumerate(chats):
+            turn = upstream.turn_for(f"hello {n}")
+            if n % 3 == 0:
+                stub.push_inbound(inbound_event("/stop", chat, message_id=f"s{n}",
+                                                scope_id="g1"))
+                await eventually(lambda turn=turn: turn.cancelled, what="the stop")
+            else:
+                if n % 3 == 1:
+                    turn.delta("partial ")
+                turn.finish(f"answer {n}")
+        await eventually(lambda: adapter.turns_running == 0, what="every turn ended")
+        await eventually(lambda: not adapter._reacted, what="every reaction removed")
+        assert adapter._turns == {} and adapter._media_sent == {}
+        reactions = ops_of(stub, "react")
+        assert len(reactions) == 2 * len(chats)  # each put on, then taken off
+        assert sum(1 for r in reactions if r["action"].get("remove")) == len(chats)
+        gateway = adapter._sink
+        await eventually(lambda: not gateway._runs and not gateway._lanes, what="idle lanes")

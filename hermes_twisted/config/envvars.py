@@ -255,6 +255,13 @@ _ENV_VAR_LIST: list[EnvVar] = [
          "Bearer token (at least 16 characters) that lets non-loopback callers read "
          "/metrics, /status and the /readyz details.", "Ops bearer token", type="secret",
          category="setting", yaml_key="gateway.ops.token", advanced=True, ours=True),
+    _var("GATEWAY_OPS_DEBUG_HEAP",
+         "Heap diagnostics on the ops listener's /debug/heap, for leak hunts (bench/soak.py): "
+         "off; counts (objects by type, pymalloc blocks, malloc arenas, timers, fds; one "
+         "heap walk per request); tracemalloc (also traces every allocation: slow, "
+         "never for production).", "Ops heap diagnostics (off/counts/tracemalloc)",
+         category="setting", type="enum", choices=("off", "counts", "tracemalloc"),
+         yaml_key="gateway.ops.debug_heap", default="off", advanced=True, ours=True),
     # -- gateway-wide access and sessions -------------------------------------------------
     _var("GATEWAY_ALLOWED_USERS", "Comma separated user ids allowed on every platform.",
          "Gateway allowed users (comma separated)", type="list"),

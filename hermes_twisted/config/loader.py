@@ -109,6 +109,7 @@ def _ops(layers: ConfigLayers, platforms: Mapping[str, Any]) -> OpsSettings:
         token=layers.get("gateway.ops.token"),
         trusted_proxies=tuple(layers.get("gateway.ops.trusted_proxies", ())),
         required_platforms=tuple(layers.get("gateway.ops.required_platforms", ())),
+        debug_heap=layers.get("gateway.ops.debug_heap", "off"),
     )
     if ops.token is not None and len(ops.token) < 16:
         raise ConfigError("gateway.ops.token", "must be at least 16 characters")

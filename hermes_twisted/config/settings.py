@@ -134,6 +134,8 @@ class OpsSettings:
     trusted_proxies: tuple[str, ...] = ()
     #: Platforms whose state decides readiness (default: none).
     required_platforms: tuple[str, ...] = ()
+    #: Heap diagnostics on /debug/heap: off, counts or tracemalloc (ops/heap.py).
+    debug_heap: str = "off"
 
     @property
     def enabled(self) -> bool:

@@ -1,7 +1,7 @@
 # -*- test-case-name: tests.test_ops_http -*-
 """
 The ops listener's resources: C{/livez}, C{/readyz}, C{/metrics}, C{/status},
-C{/status.json}.
+C{/status.json}, and C{/debug/heap} when heap diagnostics are on (C{ops.heap}).
 
 Who sees what: anyone gets C{/livez} and C{{"ready": bool}} from C{/readyz}; a loopback
 caller or one presenting C{Authorization: Bearer <ops token>} (compared in constant time)
@@ -202,6 +202,42 @@ class Metrics(_Leaf):
         return NOT_DONE_YET
 
 
+class DebugHeap(_Leaf):
+    """C{/debug/heap}: the heap diagnostics of L{HeapProbe} (only when turned on)."""
+
+    def __init__(self, ops: OpsState, access: Access, *, probe: Any) -> None:
+        super().__init__(ops, access)
+        self.probe = probe
+
+    def answer(self, request: Request) -> Any:
+        if not self.access.privileged(request):
+            return self.refuse(request)
+        baseline = request.args.get(b"baseline", [b""])[0] in (b"1", b"true")
+        held = request.args.get(b"holders", [b""])[0].decode("ascii", "replace")
+        d: Deferred = (self.probe.holders(held).addCallback(lambda c: {"holders": c})
+                       if held else self.probe.report(
+                           baseline=baseline, collect=b"1" in request.args.get(b"collect", [])))
+        finished = request.notifyFinish()
+        gone: list[bool] = []
+        finished.addErrback(lambda _: gone.append(True))
+
+        def write(body: dict[str, Any]) -> None:
+            if not gone:
+                request.write(_finish_json(request, 200, body))
+                request.finish()
+
+        def failed(failure: Any) -> None:
+            if failure.check(CancelledError):
+                return
+            self.log.failure("heap report failed", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        d.addCallbacks(write, failed)
+        return NOT_DONE_YET
+
+
 def exposition(registry: Any, accept: str | None) -> tuple[bytes, str]:
     """C{(body, content type)} of C{registry} for a scraper that sent C{accept}."""
     encoder, content_type = choose_encoder(accept or "")
@@ -209,8 +245,13 @@ def exposition(registry: Any, accept: str | None) -> tuple[bytes, str]:
 
 
 class Root(Resource):
-    def __init__(self, ops: OpsState, access: Access, *, reactor: Any) -> None:
+    def __init__(self, ops: OpsState, access: Access, *, reactor: Any,
+                 heap: Any = None) -> None:
         super().__init__()
+        if heap is not None and heap.enabled:
+            debug = Resource()
+            debug.putChild(b"heap", DebugHeap(ops, access, probe=heap))
+            self.putChild(b"debug", debug)
         self.putChild(b"livez", Livez(ops, access))
         self.putChild(b"readyz", Readyz(ops, access))
         self.putChild(b"metrics", Metrics(ops, access, reactor=reactor))

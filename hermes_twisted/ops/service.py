@@ -20,6 +20,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from hermes_twisted.net.site import TrackingSite
+from hermes_twisted.ops.heap import HeapProbe
 from hermes_twisted.ops.http import Access, Root
 from hermes_twisted.ops.probes import OpsState
 from hermes_twisted.ops.reactor import ReactorMonitor
@@ -41,14 +42,16 @@ class OpsService(Service):
 
     def __init__(self, ops: OpsState, *, reactor: Any, listen: str | None,
                  token: str | None = None, trusted_proxies: tuple[str, ...] = (),
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, heap: HeapProbe | None = None) -> None:
         self.ops = ops
         self.reactor = reactor
         self.listen = listen
         self.notifier = notifier or Notifier()
         self.monitor = ReactorMonitor(reactor, ops.metrics, notifier=self.notifier)
         ops.monitor = self.monitor
-        self.site = TrackingSite(Root(ops, Access(token, trusted_proxies), reactor=reactor))
+        self.heap = heap
+        self.site = TrackingSite(Root(ops, Access(token, trusted_proxies), reactor=reactor,
+                                      heap=heap))
         self.port: Any = None
         self._listening: Deferred | None = None
         self._sampler = LoopingCall(self._sample_store)
@@ -63,6 +66,8 @@ class OpsService(Service):
 
     def startService(self) -> None:
         super().startService()
+        if self.heap is not None:
+            self.heap.start()
         self.monitor.start()
         self.ops.metrics.install_gc_callback()
         writer = getattr(self.ops.store, "writer", None)
@@ -93,6 +98,8 @@ class OpsService(Service):
         """Stop listening and close the probe connections.  Fires with None; never fails."""
         super().stopService()
         self.monitor.stop()
+        if self.heap is not None:
+            self.heap.stop()
         self.ops.metrics.remove_gc_callback()
         if self._sampler.running:
             self._sampler.stop()
