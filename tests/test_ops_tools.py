@@ -73,6 +73,9 @@ def gateway():
     daemon = Daemon(home, env)
     try:
         daemon.wait_for_log("Ops listener on", timeout=30)
+        # The ops listener comes up before the platforms: under load the API server may not
+        # listen yet when the ops one does, and the request below would be refused.
+        daemon.wait_for_log(f"API server listening on http://127.0.0.1:{api_port}", timeout=30)
         base = f"http://127.0.0.1:{ops_port}"
         body = json.dumps({"model": "hermes-agent",
                            "messages": [{"role": "user", "content": MESSAGE_TEXT}]}).encode()
