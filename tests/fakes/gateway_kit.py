@@ -119,6 +119,13 @@ class FakeConsumer:
     def already_sent(self) -> bool:
         return self._message_id is not None
 
+    @property
+    def message_ids(self) -> tuple:
+        return () if self._message_id in (None, "pending") else (self._message_id,)
+
+    def settle(self):
+        return succeed(None)
+
     def on_delta(self, text):
         if self.cancelled or not self.is_current():
             return
