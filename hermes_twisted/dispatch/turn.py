@@ -274,6 +274,7 @@ async def _commit_rows(gw: Dispatcher, handle: RunHandle, session_id: str, final
         # Every row is issued at once, so they share one commit of the store thread.
         write = gatherResults([gw.store.append(sid, role, content, platform_message_id=mid)
                                for sid, role, content, _at, mid in rows], consumeErrors=True)
+    _complete_inbound(gw, handle)
     settled: Deferred = Deferred(lambda _: None)  # cancelled: only this wait is dropped
     write.addBoth(_settle_into, settled)
     try:
@@ -288,6 +289,25 @@ async def _commit_rows(gw: Dispatcher, handle: RunHandle, session_id: str, final
         log.failure("Transcript write failed for {key}", key=handle.session_key,
                     failure=Failure(getattr(e, "subFailure", e)))
     return True
+
+
+def _complete_inbound(gw: Dispatcher, handle: RunHandle) -> None:
+    """
+    Mark the turn's admitted messages handled together with its rows (queued right behind
+    them, so usually in the same commit), before the answer is shown: after a SIGKILL the
+    inbox must not replay a message whose answer the user already has.  The gateway then
+    has nothing left to complete when the run ends.
+    """
+    inbox = gw.fleet if gw.fleet is not None else gw.store
+    for inbound in (handle, *handle.folded):
+        if inbound.dedupe_key:
+            inbox.complete_inbound(inbound.dedupe_key).addErrback(
+                _inbox_failed, inbound.dedupe_key)
+            inbound.dedupe_key = None
+
+
+def _inbox_failed(failure: Any, dedupe_key: str) -> None:
+    log.failure("complete_inbound({k}) failed", failure, k=dedupe_key)
 
 
 def _take_back(gw: Dispatcher, handle: RunHandle, session_id: str) -> None:
