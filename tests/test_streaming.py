@@ -796,3 +796,28 @@ def test_property_streamed_code_keeps_fences_balanced_per_message(document, size
         assert len(message) <= max_length
         assert len(_fence_lines(message)) % 2 == 0, message
     assert _content("\n".join(messages)) == _content(document)
+
+
+# -- settling before the final delivery (the turn commits its rows in between) ------------------
+
+def test_settle_waits_for_the_edit_in_flight_and_then_nothing_moves_until_finish(make):
+    h = make()
+    h.adapter.script("edit", HOLD)
+    h.feed("Hello there", every=0.0)
+    h.clock.advance(0.1)
+    h.feed(" and more")
+    h.clock.advance(1.0)  # the interim edit goes out and is held
+    assert len(h.adapter.held) == 1
+    settled = h.consumer.settle()
+    assert not settled.called
+    h.adapter.held.pop().succeed()
+    assert settled.called
+    h.feed(" late")  # ignored from now on: no timer, no edit
+    ops = len(h.op_times())
+    h.clock.advance(5.0)
+    assert len(h.op_times()) == ops and h.clock.getDelayedCalls() == []
+    d = h.consumer.finish("Hello there and more, all of it")
+    assert d.called  # the final edit goes out in the same step as finish()
+    assert h.adapter.transcript() == ["Hello there and more, all of it"]
+    assert d.result.delivered and d.result.message_ids == ["m1"]
+    assert h.consumer.message_ids == ("m1",)
