@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -271,9 +271,11 @@ async def _commit_rows(gw: Dispatcher, handle: RunHandle, session_id: str, final
     if handle.fence is not None:
         write = gw.fleet.append_rows(handle.session_key, handle.fence, rows)
     else:
-        # Every row is issued at once, so they share one commit of the store thread.
-        write = gatherResults([gw.store.append(sid, role, content, platform_message_id=mid)
-                               for sid, role, content, _at, mid in rows], consumeErrors=True)
+        # Every row is issued at once, so they share one commit of the store thread; the
+        # writer commits in order, so the last row's firing means all of them are settled.
+        for sid, role, content, _at, mid in rows:
+            write = gw.store.append(sid, role, content, platform_message_id=mid)
+            write.addErrback(_transcript_failed, handle.session_key)
     _complete_inbound(gw, handle)
     settled: Deferred = Deferred(lambda _: None)  # cancelled: only this wait is dropped
     write.addBoth(_settle_into, settled)
@@ -285,9 +287,8 @@ async def _commit_rows(gw: Dispatcher, handle: RunHandle, session_id: str, final
         # Refused or failed: nothing to take back.
         write.addCallbacks(lambda _: _take_back(gw, handle, session_id), lambda _: None)
         raise
-    except Exception as e:
-        log.failure("Transcript write failed for {key}", key=handle.session_key,
-                    failure=Failure(getattr(e, "subFailure", e)))
+    except Exception:
+        log.failure("Transcript write failed for {key}", key=handle.session_key)
     return True
 
 
