@@ -22,7 +22,7 @@ and nothing is written twice or for a turn that did not end with an answer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
@@ -80,14 +80,14 @@ def tool_progress_text(event: dict[str, Any]) -> str | None:
 class RunSink:
     """The L{TurnSink} of one run: forwards only while the run is current."""
 
-    __slots__ = ("_gateway", "_handle")
+    # is_current is the handle's own bound method: the upstream asks it once per delta, so
+    # no forwarding call in between.
+    __slots__ = ("_gateway", "_handle", "is_current")
 
     def __init__(self, gateway: Dispatcher, handle: RunHandle) -> None:
         self._gateway = gateway
         self._handle = handle
-
-    def is_current(self) -> bool:
-        return self._handle.is_current()
+        self.is_current: Callable[[], bool] = handle.is_current
 
     def on_delta(self, text: str) -> None:
         consumer = self._handle.consumer

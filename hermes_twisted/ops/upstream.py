@@ -33,13 +33,13 @@ def outcome_of(result: Any) -> str:
 class _TimingSink:
     """The run's sink, noting the first delta."""
 
-    __slots__ = ("_sink", "_meter", "_started", "_seen")
+    # is_current is the wrapped sink's own (bound) callable: asked once per delta, it needs
+    # no forwarding call.
+    __slots__ = ("_sink", "_meter", "_started", "_seen", "is_current")
 
     def __init__(self, sink: Any, meter: MeteredUpstream, started: float) -> None:
         self._sink, self._meter, self._started, self._seen = sink, meter, started, False
-
-    def is_current(self) -> bool:
-        return self._sink.is_current()
+        self.is_current = sink.is_current
 
     def on_delta(self, text: str) -> None:
         if not self._seen:
