@@ -651,3 +651,15 @@ def test_a_turn_stopped_while_its_rows_commit_sends_nothing_and_takes_them_back(
         d.callback(None)
     assert "the answer" not in kit.adapter.texts
     assert kit.store.rows(kit.key()) == [("user", "first"), ("assistant", "first answer")]
+
+
+def test_deltas_reach_only_a_consumer_that_wants_them():
+    kit = Kit(typing_indicator=False)
+    kit.say("hello")
+    kit.consumers[-1].wants_deltas = False  # a reply delivered whole at the end
+    kit.upstream.last.delta("hel")
+    assert kit.consumers[-1].deltas == []
+    kit.consumers[-1].wants_deltas = True
+    kit.upstream.last.delta("lo")
+    assert kit.consumers[-1].deltas == ["lo"]
+    kit.upstream.last.finish("hello")

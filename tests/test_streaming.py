@@ -308,6 +308,7 @@ def test_a_failed_first_send_falls_back_to_one_final_delivery(make):
     h.clock.advance(0)
     h.feed(*words(20), every=0.2)
     assert h.consumer.mode == "final"
+    assert not h.consumer.wants_deltas  # the run's sink stops handing them over
     assert not h.consumer.already_sent
     report = h.finish("Hello there " + "".join(words(20)))
     assert len(h.adapter.sends) == 2 and h.adapter.edits == []
@@ -385,6 +386,7 @@ def test_a_platform_without_edits_gets_the_whole_reply_split_with_markers(make):
 
 def test_streaming_off_delivers_once_at_the_end(make):
     h = make(settings=StreamingSettings(enabled=True, transport="off"))
+    assert not h.consumer.wants_deltas and make().consumer.wants_deltas
     h.feed("Hello world, streaming is off", every=1.0)
     assert h.adapter.events == []
     assert h.finish("Hello world, streaming is off").delivered

@@ -84,7 +84,7 @@ class StreamConsumer:
     # (L{StreamedMessages}, waiters for in-flight renders) are made only in that mode.
     __slots__ = ("_chat_id", "_clock", "_pacer", "_channel", "_messages", "_mode", "_dirty",
                  "_timer", "_op", "_idle_waiters", "_finish_d", "_finishing", "_finish_called",
-                 "_stale")
+                 "_stale", "wants_deltas")
 
     log = Logger()
 
@@ -99,6 +99,9 @@ class StreamConsumer:
             self._mode = _Mode.EDIT
         else:
             self._mode = _Mode.FINAL
+        #: Whether L{on_delta} can use a delta at all (edit and raw modes): read by the run's
+        #: sink once per delta, so an attribute rather than a call.
+        self.wants_deltas = self._mode is not _Mode.FINAL
         # Only the edit mode paces edits and streams into messages (fallback is entered from
         # it); the others deliver the final text whole.
         self._pacer: EditPacer | None = None
@@ -281,11 +284,13 @@ class StreamConsumer:
             self.log.info("Streaming edits to {chat_id} stopped ({why}); the rest will be "
                           "sent as new messages", chat_id=self._chat_id, why=why)
             self._mode = _Mode.FALLBACK
+            self.wants_deltas = False
             self._stop_timer()
 
     def _streaming_off(self, error: str) -> None:
         # Nothing is visible: give up streaming, deliver once at the end.
         self._mode = _Mode.FINAL
+        self.wants_deltas = False
         self.log.info("Streaming to {chat_id} off after a failed first send: {error}",
                       chat_id=self._chat_id, error=error)
 

@@ -93,7 +93,8 @@ class RunSink:
         consumer = self._handle.consumer
         if not self._handle.is_current():
             self._gateway.observer.stale_output_dropped("delta")
-        elif consumer is not None:
+        elif consumer is not None and consumer.wants_deltas:
+            # A reply delivered whole at the end (the default) has no use for deltas.
             consumer.on_delta(text)
 
     def on_tool_progress(self, event: dict[str, Any]) -> None:

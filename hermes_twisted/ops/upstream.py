@@ -42,6 +42,8 @@ class _TimingSink:
         self.is_current = sink.is_current
 
     def on_delta(self, text: str) -> None:
+        # Not swapped for the wrapped sink's after the first delta: a bound method of
+        # self kept on self would make every turn's sink a reference cycle.
         if not self._seen:
             self._seen = True
             self._meter.metrics.first_token(self._meter.clock.seconds() - self._started)

@@ -105,6 +105,7 @@ class FakeConsumer:
     """Streams the first delta as a message, edits with later ones, finishes with an edit."""
 
     instances: list["FakeConsumer"] = []
+    wants_deltas = True
 
     def __init__(self, adapter, chat_id, *, clock, settings, is_current, reply_to=None,
                  metadata=None):
