@@ -257,3 +257,31 @@ async def test_a_slow_owner_hears_of_the_takeover_and_cancels_at_once(pair):
     await until(lambda: turns(b) == 1, what="b's takeover")
     await until(lambda: slow.cancelled, what="a's cancel")
     assert value(a.metrics, "hermes_fleet_revocations_total", reason="lease_lost") == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_fenced_transcript_write_is_the_check_before_the_final_send(pair):
+    """
+    One round trip before the answer is shown: the fenced write of the turn's rows both
+    commits them (a reply the user saw survives SIGKILL) and checks the lease; no separate
+    re-check of the generation.
+    """
+    a, _ = pair
+    calls: list = []
+    for name in ("confirm", "append_rows"):
+        real = getattr(a.fleet, name)
+
+        def recorded(*args, _real=real, _name=name):
+            calls.append(_name)
+            a.timeline.append(("fleet", _name))
+            return _real(*args)
+
+        setattr(a.fleet, name, recorded)
+    a.say("question")
+    await until(lambda: turns(a) == 1, what="a's turn")
+    a.upstream.last.finish("the answer")
+    await until(lambda: a.adapter.texts == ["the answer"], what="the answer")
+    assert calls == ["append_rows"]
+    assert a.timeline.index(("fleet", "append_rows")) < a.timeline.index(("send", "the answer"))
+    assert [r[0] for r in query(a.url, "SELECT content FROM messages ORDER BY id")] == [
+        "question", "the answer"]

@@ -234,10 +234,15 @@ def test_case_23_reset_while_a_run_holds_the_lane_leaves_no_zombie():
     kit.store.hold("append")
     kit.say("hello")
     kit.upstream.last.finish("answer")
-    kit.say("/new")  # the run is stuck in its transcript write
+    kit.say("/new")  # the run is stuck in its transcript write, its answer not yet shown
     kit.say("next")
     assert kit.upstream.last.request.message == "next"
+    kit.store._holding.discard("append")
     kit.upstream.last.finish("answer 2")
+    assert kit.adapter.texts[-1] == "answer 2"
+    for d in kit.store.held.pop("append"):
+        d.callback(None)  # the reset run's rows commit: it is stale, so it sends nothing
+    assert "answer" not in kit.adapter.texts
     assert kit.adapter.texts[-1] == "answer 2"
 
 
@@ -322,23 +327,24 @@ def test_case_36_hung_callback_is_abandoned_after_typing_stopped():
     assert kit.clock.getDelayedCalls() == []
 
 
-def test_message_after_the_reply_was_delivered_waits_silently_for_the_transcript():
+def test_message_after_the_answer_was_complete_waits_silently_for_its_delivery():
     """
-    A follow-up that arrives after the reply reached the chat but before the transcript
-    committed must neither interrupt (the answer is already out) nor be acknowledged; it
-    runs right after, with the finished exchange in its history.
+    A follow-up that arrives once the answer is complete, while its transcript commits
+    (the reply goes out right after), must neither interrupt (the answer is on its way) nor
+    be acknowledged; it runs right after, with the finished exchange in its history.
     """
     kit = Kit()
     kit.store.hold("append")
     kit.say("first")
     kit.upstream.last.finish("first answer")
-    assert "first answer" in kit.adapter.texts
+    assert "first answer" not in kit.adapter.texts  # shown only once committed
     kit.say("second")
     assert not any("Interrupting" in t or "Queued" in t for t in kit.adapter.texts)
     assert len(kit.upstream.turns) == 1
     kit.store._holding.discard("append")
     for d in kit.store.held.pop("append"):
         d.callback(None)
+    assert "first answer" in kit.adapter.texts
     assert len(kit.upstream.turns) == 2
     assert [m["content"] for m in kit.upstream.last.request.history] == ["first",
                                                                          "first answer"]
@@ -583,3 +589,77 @@ def test_a_running_turn_keeps_no_fired_store_read_in_its_frame():
     for frame in frames:
         assert not {"entry_d", "history_d", "history"} & set(frame.f_locals)
     kit.upstream.last.finish("answer")
+
+
+def _record_appends(kit: Kit) -> None:
+    """Put every transcript append into the kit's timeline, beside the adapter's calls."""
+    append = kit.store.append
+
+    def recorded(session_id, role, content, **kw):
+        kit.timeline.append(("append", role, content))
+        return append(session_id, role, content, **kw)
+
+    kit.store.append = recorded
+
+
+def test_the_turn_commits_its_rows_before_the_final_send():
+    """
+    A reply the user saw survives SIGKILL: both rows are committed before the send that
+    shows the answer, and the send's message id is recorded afterwards.
+    """
+    kit = Kit(typing_indicator=False)
+    _record_appends(kit)
+    kit.store.hold("append")
+    kit.say("hello")
+    kit.upstream.last.finish("the answer")
+    assert ("send", "the answer") not in kit.timeline  # not shown before it is committed
+    for d in kit.store.held.pop("append"):
+        d.callback(None)
+    assert [e for e in kit.timeline if e[0] in ("append", "send")] == [
+        ("append", "user", "hello"), ("append", "assistant", "the answer"),
+        ("send", "the answer")]
+    rows = kit.store.transcripts[kit.store.entries[kit.key()].session_id]
+    assert rows[-1]["platform_message_id"] == "100"  # the send's result, recorded after
+
+
+def test_a_streamed_turn_commits_before_its_final_edit():
+    """Interim streamed sends and edits need no commit; the final edit waits for it."""
+    kit = Kit(typing_indicator=False)
+    _record_appends(kit)
+    kit.store.hold("append")
+    kit.say("hello")
+    kit.upstream.last.delta("the ")
+    kit.upstream.last.finish("the answer")
+    assert kit.timeline[-2:] == [("append", "user", "hello"),
+                                 ("append", "assistant", "the answer")]
+    for d in kit.store.held.pop("append"):
+        d.callback(None)
+    assert kit.timeline[-1] == ("edit", "the answer")
+    rows = kit.store.transcripts[kit.store.entries[kit.key()].session_id]
+    assert rows[-1]["platform_message_id"] == "100"  # the streamed message, known at commit
+
+
+def test_a_turn_stopped_while_its_rows_commit_sends_nothing_and_takes_them_back():
+    kit = Kit(typing_indicator=False)
+    kit.say("first")
+    kit.upstream.last.finish("first answer")
+    kit.store.hold("append")
+    kit.say("hello")
+    kit.upstream.last.finish("the answer")
+    kit.say("/stop")
+    for d in kit.store.held.pop("append"):
+        d.callback(None)
+    assert "the answer" not in kit.adapter.texts
+    assert kit.store.rows(kit.key()) == [("user", "first"), ("assistant", "first answer")]
+
+
+def test_deltas_reach_only_a_consumer_that_wants_them():
+    kit = Kit(typing_indicator=False)
+    kit.say("hello")
+    kit.consumers[-1].wants_deltas = False  # a reply delivered whole at the end
+    kit.upstream.last.delta("hel")
+    assert kit.consumers[-1].deltas == []
+    kit.consumers[-1].wants_deltas = True
+    kit.upstream.last.delta("lo")
+    assert kit.consumers[-1].deltas == ["lo"]
+    kit.upstream.last.finish("hello")

@@ -157,7 +157,7 @@ def test_case_62_stale_run_never_consumes_a_follow_up_after_stop():
     kit = Kit(busy_input_mode="queue")
     kit.store.hold("append")
     kit.say("A")
-    kit.upstream.last.finish("answer A")  # A is past delivery, unwinding slowly
+    kit.upstream.last.finish("answer A")  # A's answer is complete, its rows committing
     a = kit.handle()
     kit.say("/stop")
     kit.say("F")  # follow-up after /stop: runs at once as its own current turn
@@ -174,5 +174,6 @@ def test_case_62_stale_run_never_consumes_a_follow_up_after_stop():
         d.callback(None)
     assert [t.request.message for t in kit.upstream.turns] == ["A", "F", "G"]
     kit.upstream.last.finish("answer G")
+    # A was stopped before its answer was shown (it is shown only once committed).
     assert [t for t in kit.adapter.texts if t.startswith("answer")] == [
-        "answer A", "answer F", "answer G"]
+        "answer F", "answer G"]

@@ -220,6 +220,20 @@ async def test_transcript_rows_come_back_in_append_order(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_replys_message_id_is_recorded_after_its_row(store):
+    """The turn commits its rows before the reply is sent; the send's id comes after."""
+    entry = await store.get_or_create(KEY, ALICE, now=T0)
+    sid = entry.session_id
+    await store.append(sid, "assistant", "same", platform_message_id="p1", timestamp=T0)
+    await store.append(sid, "user", "again", timestamp=T0)
+    await store.append(sid, "assistant", "same", timestamp=T0)
+    await store.set_message_id(sid, "same", "p2")
+    await store.set_message_id(sid, "not there", "p3")  # changes nothing
+    assert [r["platform_message_id"] for r in await store.load_transcript(sid)] == [
+        "p1", None, "p2"]
+
+
+@pytest_twisted.ensureDeferred
 async def test_each_append_fires_only_once_visible_to_another_connection(store, db):
     seen = []
 

@@ -308,6 +308,7 @@ def test_a_failed_first_send_falls_back_to_one_final_delivery(make):
     h.clock.advance(0)
     h.feed(*words(20), every=0.2)
     assert h.consumer.mode == "final"
+    assert not h.consumer.wants_deltas  # the run's sink stops handing them over
     assert not h.consumer.already_sent
     report = h.finish("Hello there " + "".join(words(20)))
     assert len(h.adapter.sends) == 2 and h.adapter.edits == []
@@ -385,6 +386,7 @@ def test_a_platform_without_edits_gets_the_whole_reply_split_with_markers(make):
 
 def test_streaming_off_delivers_once_at_the_end(make):
     h = make(settings=StreamingSettings(enabled=True, transport="off"))
+    assert not h.consumer.wants_deltas and make().consumer.wants_deltas
     h.feed("Hello world, streaming is off", every=1.0)
     assert h.adapter.events == []
     assert h.finish("Hello world, streaming is off").delivered
@@ -796,3 +798,28 @@ def test_property_streamed_code_keeps_fences_balanced_per_message(document, size
         assert len(message) <= max_length
         assert len(_fence_lines(message)) % 2 == 0, message
     assert _content("\n".join(messages)) == _content(document)
+
+
+# -- settling before the final delivery (the turn commits its rows in between) ------------------
+
+def test_settle_waits_for_the_edit_in_flight_and_then_nothing_moves_until_finish(make):
+    h = make()
+    h.adapter.script("edit", HOLD)
+    h.feed("Hello there", every=0.0)
+    h.clock.advance(0.1)
+    h.feed(" and more")
+    h.clock.advance(1.0)  # the interim edit goes out and is held
+    assert len(h.adapter.held) == 1
+    settled = h.consumer.settle()
+    assert not settled.called
+    h.adapter.held.pop().succeed()
+    assert settled.called
+    h.feed(" late")  # ignored from now on: no timer, no edit
+    ops = len(h.op_times())
+    h.clock.advance(5.0)
+    assert len(h.op_times()) == ops and h.clock.getDelayedCalls() == []
+    d = h.consumer.finish("Hello there and more, all of it")
+    assert d.called  # the final edit goes out in the same step as finish()
+    assert h.adapter.transcript() == ["Hello there and more, all of it"]
+    assert d.result.delivered and d.result.message_ids == ["m1"]
+    assert h.consumer.message_ids == ("m1",)

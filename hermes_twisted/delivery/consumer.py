@@ -83,7 +83,8 @@ class StreamConsumer:
     # One per running turn, so slotted, and the parts only the edit mode uses
     # (L{StreamedMessages}, waiters for in-flight renders) are made only in that mode.
     __slots__ = ("_chat_id", "_clock", "_pacer", "_channel", "_messages", "_mode", "_dirty",
-                 "_timer", "_op", "_idle_waiters", "_finish_d", "_finishing", "_stale")
+                 "_timer", "_op", "_idle_waiters", "_finish_d", "_finishing", "_finish_called",
+                 "_stale", "wants_deltas")
 
     log = Logger()
 
@@ -98,6 +99,9 @@ class StreamConsumer:
             self._mode = _Mode.EDIT
         else:
             self._mode = _Mode.FINAL
+        #: Whether L{on_delta} can use a delta at all (edit and raw modes): read by the run's
+        #: sink once per delta, so an attribute rather than a call.
+        self.wants_deltas = self._mode is not _Mode.FINAL
         # Only the edit mode paces edits and streams into messages (fallback is entered from
         # it); the others deliver the final text whole.
         self._pacer: EditPacer | None = None
@@ -120,6 +124,7 @@ class StreamConsumer:
         self._idle_waiters: list[Deferred] | None = None
         self._finish_d: Deferred | None = None
         self._finishing = False
+        self._finish_called = False
         self._stale = False
 
     # -- public ---------------------------------------------------------------------------
@@ -128,6 +133,11 @@ class StreamConsumer:
     def already_sent(self) -> bool:
         """Some text of this reply reached the platform (a send succeeded or a delta was pushed)."""
         return self._channel.sent_any
+
+    @property
+    def message_ids(self) -> tuple[str, ...]:
+        """The platform ids of this reply's messages sent so far, in order."""
+        return tuple(self._channel.message_ids)
 
     @property
     def mode(self) -> str:
@@ -147,6 +157,18 @@ class StreamConsumer:
         self._messages.append(text)
         self._kick()
 
+    def settle(self) -> Deferred:
+        """
+        Stop streaming and wait for the send or edit in flight, so that a L{finish} called
+        right after this fires goes to the platform in the same reactor step (the turn
+        commits its transcript in between: nothing may reach the chat after the commit
+        but the final answer).  Deltas are ignored from now on.  Fires with None once no
+        render is in flight; never fails; cancelling drops only this wait.
+        """
+        self._finishing = True
+        self._stop_timer()
+        return self._until_idle()
+
     def finish(self, final_text: str) -> Deferred:
         """
         Deliver C{final_text}, the authoritative reply: it may extend the streamed text,
@@ -159,9 +181,9 @@ class StreamConsumer:
         cancelled (directly or through L{cancel}), after which nothing more is sent.  Call
         it once.
         """
-        if self._finishing:
+        if self._finish_called:
             return succeed(self._report(False, "finish called twice"))
-        self._finishing = True
+        self._finish_called = self._finishing = True
         self._stop_timer()
         if self._channel.closed:
             return succeed(self._report(False, "cancelled"))
@@ -262,11 +284,13 @@ class StreamConsumer:
             self.log.info("Streaming edits to {chat_id} stopped ({why}); the rest will be "
                           "sent as new messages", chat_id=self._chat_id, why=why)
             self._mode = _Mode.FALLBACK
+            self.wants_deltas = False
             self._stop_timer()
 
     def _streaming_off(self, error: str) -> None:
         # Nothing is visible: give up streaming, deliver once at the end.
         self._mode = _Mode.FINAL
+        self.wants_deltas = False
         self.log.info("Streaming to {chat_id} off after a failed first send: {error}",
                       chat_id=self._chat_id, error=error)
 

@@ -109,8 +109,11 @@ class RunHandle:
 
     def is_current(self) -> bool:
         """False once the run was interrupted or a newer generation claimed its session."""
-        return (self.interrupt_reason is None
-                and self._generations.is_current(self.session_key, self.generation))
+        # Asked twice per streamed delta, so Generations.is_current is inlined here.
+        if self.interrupt_reason is not None:
+            return False
+        key = self.session_key
+        return not key or self._generations._current.get(key, 0) == self.generation
 
     def stop_siblings(self) -> None:
         """Stop the typing loop and the stream consumer now; idempotent, never raises."""

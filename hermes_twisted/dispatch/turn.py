@@ -7,8 +7,13 @@ throws C{CancelledError} in at whatever it awaits, which for the upstream call c
 connection.  Nothing here swallows C{CancelledError}, and every side effect asks
 C{handle.is_current()} right before it happens.
 
-The user row of a turn is written together with the assistant row once the turn completed
-and is still current; a stopped, reset or stale turn writes neither.  A turn interrupted by
+The user row of a turn is written together with the assistant row once the answer is
+complete and the turn still current, and committed *before* the final send or edit that
+shows the answer: a reply the user saw survives SIGKILL.  With a fleet store that fenced
+write is also the last check that the turn owns the session.  The platform id of a reply
+sent only after the commit is recorded by a separate, non-critical update.  A stopped,
+reset or stale turn writes neither row and sends nothing: stopped while its rows commit,
+it takes them back and does not send.  A turn interrupted by
 a newer message (busy mode C{interrupt}) writes nothing either, but its question is carried
 by its successor: sent as history in the successor's request, and written, just before the
 successor's own rows, once the successor completes.  So what the user asked is never lost,
@@ -17,10 +22,11 @@ and nothing is written twice or for a turn that did not end with an answer.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from hermes_twisted.dispatch.dispatcher import Dispatcher
 from hermes_twisted.dispatch.runs import RunHandle
@@ -74,20 +80,21 @@ def tool_progress_text(event: dict[str, Any]) -> str | None:
 class RunSink:
     """The L{TurnSink} of one run: forwards only while the run is current."""
 
-    __slots__ = ("_gateway", "_handle")
+    # is_current is the handle's own bound method: the upstream asks it once per delta, so
+    # no forwarding call in between.
+    __slots__ = ("_gateway", "_handle", "is_current")
 
     def __init__(self, gateway: Dispatcher, handle: RunHandle) -> None:
         self._gateway = gateway
         self._handle = handle
-
-    def is_current(self) -> bool:
-        return self._handle.is_current()
+        self.is_current: Callable[[], bool] = handle.is_current
 
     def on_delta(self, text: str) -> None:
         consumer = self._handle.consumer
         if not self._handle.is_current():
             self._gateway.observer.stale_output_dropped("delta")
-        elif consumer is not None:
+        elif consumer is not None and consumer.wants_deltas:
+            # A reply delivered whole at the end (the default) has no use for deltas.
             consumer.on_delta(text)
 
     def on_tool_progress(self, event: dict[str, Any]) -> None:
@@ -177,13 +184,8 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
         del request
         result = await running
 
-        if not handle.is_current() or (handle.fence is not None and not await
-                                        gw.fleet.confirm(key, handle.fence)):
-            log.info("Discarding stale result for {key}: generation {gen} is no longer current",
-                     key=key, gen=handle.fence or handle.generation)
-            handle.outcome = "stale"
-            gw.observer.stale_output_dropped("final")
-            return
+        if not handle.is_current():
+            return _discard_stale(gw, handle, "final")
         # Typing stops before the final send, so "is typing…" never trails the answer.
         if handle.typing is not None:
             handle.typing.stop()
@@ -192,34 +194,36 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
         # arriving from now on waits silently instead of "interrupting" an answer the user is
         # already seeing (over the relay the reply is visible before its send result returns).
         handle.phase = "finishing"
+        consumer = handle.consumer
+        # The streamed part settles first, so the final send or edit below goes out in the
+        # same reactor step as the commit's result is seen: nothing shows the whole answer
+        # before the transcript holds it, and a /stop in between stops the send.
+        await consumer.settle()
+        known_ids = consumer.message_ids
+        if final:
+            # The rows commit before the answer is shown, so a reply the user saw survives
+            # SIGKILL.  With a fleet store this fenced write is also the last check that
+            # the turn still owns the session: refused, nothing is written or sent.
+            if not await _commit_rows(gw, handle, entry.session_id, final, known_ids):
+                return _discard_stale(gw, handle, "final")
+            if not handle.is_current():
+                # Stopped while the rows were committing: the answer is not shown, so
+                # its exchange is taken back.
+                _take_back(gw, handle, entry.session_id)
+                return _discard_stale(gw, handle, "final")
+        elif handle.fence is not None and not await gw.fleet.confirm(key, handle.fence):
+            return _discard_stale(gw, handle, "final")
         # The consumer decides what the chat still needs: nothing when the streamed text already
         # is the answer (response_previewed), an edit, or a send; also for an empty answer.
-        report = await handle.consumer.finish(final)
+        report = await consumer.finish(final)
         delivered = handle.delivered = bool(report.delivered)
-        message_ids = tuple(report.message_ids or ())
         if not delivered:
             log.info("Reply for {key} was not delivered: {error}", key=key, error=report.error)
-        if not handle.is_current():
-            return
-        if final and handle.fence is not None:
-            await _append_fenced(gw, handle, entry.session_id, final, message_ids)
-        elif final:
-            # Both rows are issued together, under one currency check; a failed write is
-            # logged, never turned into an error reply (the user already has the answer).
-            rows = [
-                gw.store.append(entry.session_id, "user", e.text, platform_message_id=e.message_id)
-                for e in handle.carried if e.text
-            ] + [
-                gw.store.append(entry.session_id, "user",
-                                transcript_text(event.text, event.media),
-                                platform_message_id=event.message_id),
-                gw.store.append(entry.session_id, "assistant", final,
-                                platform_message_id=message_ids[0] if message_ids else None),
-            ]
-            for row in rows:
-                row.addErrback(_transcript_failed, key)
-            for row in rows:
-                await row
+        elif final and not known_ids and report.message_ids:
+            # Known only now, from the send's result: a separate, non-critical update queued
+            # behind the rows (the store's writer keeps order), not waited for.
+            gw.store.set_message_id(entry.session_id, final, report.message_ids[0]).addErrback(
+                _transcript_failed, key)
         if delivered and handle.is_current():
             # Fired by the gateway once the lane is released, so a slow callback never holds up
             # the user's next message.
@@ -234,27 +238,94 @@ async def execute_turn(gw: Dispatcher, handle: RunHandle) -> None:
             gw.reply(handle.adapter, handle.event, ERROR_NOTICE)
 
 
-async def _append_fenced(gw: Dispatcher, handle: RunHandle, session_id: str, final: str,
-                         message_ids: tuple[str, ...]) -> None:
-    """
-    The turn's transcript rows in one fenced write: committed only while this instance
-    still owns the session at the turn's generation, else nothing of it is written and the
-    refusal is counted as a stale output.
-    """
+def _discard_stale(gw: Dispatcher, handle: RunHandle, kind: str) -> None:
+    log.info("Discarding stale result for {key}: generation {gen} is no longer current",
+             key=handle.session_key, gen=handle.fence or handle.generation)
+    handle.outcome = "stale"
+    gw.observer.stale_output_dropped(kind)
+
+
+def _transcript_rows(gw: Dispatcher, handle: RunHandle, session_id: str, final: str,
+                     message_ids: tuple[str, ...]) -> list[tuple[str, str, str, float, str | None]]:
+    """The turn's rows: carried questions, the question, the answer (session id, role,
+    content, timestamp, platform message id)."""
     event, at = handle.event, gw.clock.seconds()
     rows = [(session_id, "user", e.text, at, e.message_id) for e in handle.carried if e.text]
     rows.append((session_id, "user", transcript_text(event.text, event.media), at,
                  event.message_id))
     rows.append((session_id, "assistant", final, at, message_ids[0] if message_ids else None))
+    return rows
+
+
+async def _commit_rows(gw: Dispatcher, handle: RunHandle, session_id: str, final: str,
+                       message_ids: tuple[str, ...]) -> bool:
+    """
+    Commit the turn's transcript rows; False when the fleet fenced the write off (the turn
+    no longer owns the session: nothing was written, and nothing may be sent).  A failed
+    write is logged, never turned into an error reply: the answer is still delivered.
+
+    Cancelling (a /stop while the rows commit) does not withdraw the write, which may
+    already be on the store thread: the rows are taken back once it settled, so a stopped
+    turn leaves nothing while an earlier exchange is never taken back in its place.
+    """
+    rows = _transcript_rows(gw, handle, session_id, final, message_ids)
+    if handle.fence is not None:
+        write = gw.fleet.append_rows(handle.session_key, handle.fence, rows)
+    else:
+        # Every row is issued at once, so they share one commit of the store thread; the
+        # writer commits in order, so the last row's firing means all of them are settled.
+        for sid, role, content, _at, mid in rows:
+            write = gw.store.append(sid, role, content, platform_message_id=mid)
+            write.addErrback(_transcript_failed, handle.session_key)
+    _complete_inbound(gw, handle)
+    settled: Deferred = Deferred(lambda _: None)  # cancelled: only this wait is dropped
+    write.addBoth(_settle_into, settled)
     try:
-        await gw.fleet.append_rows(handle.session_key, handle.fence, rows)
+        await settled
     except StaleWrite:
-        handle.outcome = "stale"
-        gw.observer.stale_output_dropped("transcript")
+        return False
     except CancelledError:
+        # Refused or failed: nothing to take back.
+        write.addCallbacks(lambda _: _take_back(gw, handle, session_id), lambda _: None)
         raise
     except Exception:
         log.failure("Transcript write failed for {key}", key=handle.session_key)
+    return True
+
+
+def _complete_inbound(gw: Dispatcher, handle: RunHandle) -> None:
+    """
+    Mark the turn's admitted messages handled together with its rows (queued right behind
+    them, so usually in the same commit), before the answer is shown: after a SIGKILL the
+    inbox must not replay a message whose answer the user already has.  The gateway then
+    has nothing left to complete when the run ends.
+    """
+    inbox = gw.fleet if gw.fleet is not None else gw.store
+    for inbound in (handle, *handle.folded):
+        if inbound.dedupe_key:
+            inbox.complete_inbound(inbound.dedupe_key).addErrback(
+                _inbox_failed, inbound.dedupe_key)
+            inbound.dedupe_key = None
+
+
+def _inbox_failed(failure: Any, dedupe_key: str) -> None:
+    log.failure("complete_inbound({k}) failed", failure, k=dedupe_key)
+
+
+def _take_back(gw: Dispatcher, handle: RunHandle, session_id: str) -> None:
+    gw.store.undo_last_exchange(session_id).addErrback(_transcript_failed, handle.session_key)
+
+
+def _settle_into(result: Any, waiter: Deferred) -> Any:
+    """Hand C{result} on to C{waiter}, which owns it from then on; after the waiter was
+    cancelled, the result stays on the chain for what the canceller added."""
+    if waiter.called:
+        return result
+    if isinstance(result, Failure):
+        waiter.errback(result)
+    else:
+        waiter.callback(result)
+    return None
 
 
 def _read_ahead(store: Any, key: str) -> tuple[str, Deferred] | None:

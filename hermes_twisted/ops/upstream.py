@@ -33,15 +33,17 @@ def outcome_of(result: Any) -> str:
 class _TimingSink:
     """The run's sink, noting the first delta."""
 
-    __slots__ = ("_sink", "_meter", "_started", "_seen")
+    # is_current is the wrapped sink's own (bound) callable: asked once per delta, it needs
+    # no forwarding call.
+    __slots__ = ("_sink", "_meter", "_started", "_seen", "is_current")
 
     def __init__(self, sink: Any, meter: MeteredUpstream, started: float) -> None:
         self._sink, self._meter, self._started, self._seen = sink, meter, started, False
-
-    def is_current(self) -> bool:
-        return self._sink.is_current()
+        self.is_current = sink.is_current
 
     def on_delta(self, text: str) -> None:
+        # Not swapped for the wrapped sink's after the first delta: a bound method of
+        # self kept on self would make every turn's sink a reference cycle.
         if not self._seen:
             self._seen = True
             self._meter.metrics.first_token(self._meter.clock.seconds() - self._started)

@@ -59,6 +59,11 @@ class SessionStore(Protocol):
                platform_message_id: str | None = None, timestamp: float | None = None) -> Deferred:
         """Append one transcript row.  Fires once the row is committed (it survives SIGKILL)."""
 
+    def set_message_id(self, session_id: str, content: str, platform_message_id: str
+                       ) -> Deferred:
+        """Record the platform's id of the newest assistant row of C{session_id} with
+        C{content} and no id yet (a reply sent after its row was committed)."""
+
     def admit_inbound(self, dedupe_key: str, payload: dict[str, Any]) -> Deferred:
         """Record an inbound event before it is acknowledged upstream.  Fires True when new,
         False when C{dedupe_key} was admitted before (a redelivery: do not run it again)."""

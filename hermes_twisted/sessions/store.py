@@ -279,6 +279,24 @@ class DatabaseSessionStore:
 
         return self._writer.when_open(lambda: self._writer.submit(work))
 
+    def set_message_id(self, session_id: str, content: str, platform_message_id: str
+                       ) -> Deferred:
+        """
+        Record the platform's id of a reply sent after its row was committed: the newest
+        active assistant row of C{session_id} with C{content} and no id yet.  Fires with
+        None once committed (a missing row changes nothing).  Fails with L{StoreError}.
+        Cancelling before the write reaches the store thread withdraws it.
+        """
+        args = (platform_message_id, session_id, content)
+
+        def work(conn: Any) -> None:
+            conn.execute("UPDATE messages SET platform_message_id = ? WHERE id = (SELECT id"
+                         " FROM messages WHERE session_id = ? AND role = 'assistant' AND"
+                         " active = 1 AND content = ? AND platform_message_id IS NULL"
+                         " ORDER BY id DESC LIMIT 1)", args)
+
+        return self._writer.when_open(lambda: self._writer.submit(work))
+
     def load_transcript(self, session_id: str) -> Deferred:
         """
         Fires with the rows of C{session_id} in append order, as dicts with C{role},

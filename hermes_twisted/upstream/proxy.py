@@ -42,6 +42,9 @@ NOT_CONFIGURED = "⚠️ Proxy URL not configured (GATEWAY_PROXY_URL or gateway.
 TOOL_PROGRESS_EVENT = "hermes.tool.progress"
 
 
+#: json.loads(str) without its wrapper: once per SSE event, so the call it spares counts.
+_decode_json = json.JSONDecoder().decode
+
 def build_messages(request: TurnRequest) -> list[dict[str, Any]]:
     """
     The C{messages} array 0.19.0 sends: the context prompt as a system message (only if it
@@ -481,7 +484,7 @@ class _Turn:
 
     def _decode(self, data: str) -> Any:
         try:
-            return json.loads(data)
+            return _decode_json(data)
         except ValueError:
             self.log.warn("Skipping an SSE data line that is not JSON: {data!r}",
                           data=data[:200])

@@ -105,6 +105,7 @@ class FakeConsumer:
     """Streams the first delta as a message, edits with later ones, finishes with an edit."""
 
     instances: list["FakeConsumer"] = []
+    wants_deltas = True
 
     def __init__(self, adapter, chat_id, *, clock, settings, is_current, reply_to=None,
                  metadata=None):
@@ -118,6 +119,13 @@ class FakeConsumer:
     @property
     def already_sent(self) -> bool:
         return self._message_id is not None
+
+    @property
+    def message_ids(self) -> tuple:
+        return () if self._message_id in (None, "pending") else (self._message_id,)
+
+    def settle(self):
+        return succeed(None)
 
     def on_delta(self, text):
         if self.cancelled or not self.is_current():

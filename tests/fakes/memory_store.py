@@ -109,6 +109,15 @@ class MemoryStore:
              "platform_message_id": platform_message_id})
         return self._answer("append", None)
 
+    def set_message_id(self, session_id: str, content: str, platform_message_id: str
+                       ) -> Deferred:
+        for row in reversed(self.transcripts.get(session_id, [])):
+            if (row["role"] == "assistant" and row["content"] == content
+                    and row["platform_message_id"] is None):
+                row["platform_message_id"] = platform_message_id
+                break
+        return self._answer("set_message_id", None)
+
     def admit_inbound(self, dedupe_key: str, payload: dict[str, Any]) -> Deferred:
         if dedupe_key in self.inbound:
             return self._answer("admit_inbound", False)
