@@ -32,7 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from relay import spawn  # noqa: E402
+from platform_bench import spawn  # noqa: E402
 from twisted.application.service import MultiService  # noqa: E402
 from twisted.internet.defer import Deferred, succeed  # noqa: E402
 from twisted.internet.task import deferLater, react  # noqa: E402
