@@ -9,13 +9,14 @@ against the floor, alternating which goes first, and prints the ratios (issue 19
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import resource
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -124,6 +125,7 @@ def argument_parser(doc: str, *, messages: int, floor: bool = True) -> argparse.
                                  "minimal client, alternating, and print the ratios (issue 19)")
         parser.add_argument("--rounds", type=int, default=2,
                             help="with --floor: how many gateway/floor pairs")
+        parser.add_argument("--out", help="with --floor: write every run and ratio as JSON")
     parser.add_argument("--verbose", action="store_true", help="log at info level")
     return parser
 
@@ -136,7 +138,8 @@ def run_main(args: argparse.Namespace,
     async def main(reactor: Any) -> None:
         begin_logging(args.verbose)
         if getattr(args, "floor", False):
-            await alternate(args.rounds, lambda floor: run_once(reactor, args, floor))
+            await alternate(args.rounds, lambda floor: run_once(reactor, args, floor),
+                            out=args.out)
         else:
             await run_once(reactor, args, False)
 
@@ -196,6 +199,9 @@ def build_gateway(reactor: Any, config: GatewayConfig, adapter_class: type) -> M
 
 async def measure(label: str, top: Any, helpers: Helpers) -> Run:
     """Start C{top}, wait for the peer's result, stop everything; fires with the L{Run}."""
+    # Runs share this process: the previous run's garbage is collected before the clock
+    # starts, not charged to whichever runs next.
+    gc.collect()
     loadavg = os.getloadavg()[0]
     cpu, wall = time.process_time(), time.perf_counter()
     peer_cpu = process_cpu(helpers.peer_process.pid)
@@ -239,17 +245,21 @@ _RATIOS: list[tuple[str, Callable[[Run], float], str]] = [
 ]
 
 
-async def alternate(rounds: int, run_once: Callable[[bool], Awaitable[Run]]) -> None:
+async def alternate(rounds: int, run_once: Callable[[bool], Awaitable[Run]], *,
+                    out: str | None = None) -> None:
     """
     C{rounds} pairs of C{run_once(floor=False)} and C{run_once(floor=True)}, the floor first
     in every other round (whoever runs second meets a warmer machine); prints each figure as
-    gateway / floor per round and the median ratio.
+    gateway / floor per round and the median ratio, and writes them to C{out} as JSON.
     """
     ratios: dict[str, list[float]] = {name: [] for name, _, _ in _RATIOS}
+    record: list[dict[str, Any]] = []
     for index in range(rounds):
         order = (False, True) if index % 2 == 0 else (True, False)
         runs = {floor: await run_once(floor) for floor in order}
         gateway, floor = runs[False], runs[True]
+        record.append({"round": index + 1, "floor_first": order[0],
+                       "gateway": asdict(gateway), "floor": asdict(floor)})
         print(f"round {index + 1} ({'floor' if order[0] else 'gateway'} first; load average "
               f"{gateway.loadavg:.1f} / {floor.loadavg:.1f}), gateway / floor:")
         for name, read, _ in _RATIOS:
@@ -260,3 +270,5 @@ async def alternate(rounds: int, run_once: Callable[[bool], Awaitable[Run]]) -> 
     for name, _, target in _RATIOS:
         goal = f" (issue 19 target {target})" if target else ""
         print(f"  {name}: {statistics.median(ratios[name]):.2f}{goal}", flush=True)
+    if out:
+        Path(out).write_text(json.dumps({"rounds": record, "ratios": ratios}, indent=1) + "\n")
