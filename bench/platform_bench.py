@@ -176,13 +176,15 @@ async def start_helpers(reactor: Any, deltas: int, peer_name: str, *peer_argv: s
     return Helpers(peer, peer_process, upstream, upstream_process, api_base, upstream_url)
 
 
-def build_gateway(reactor: Any, config: GatewayConfig, adapter_class: type) -> MultiService:
-    """The same tree tap.build_service makes, with the one platform of C{config}."""
+def gateway_tree(reactor: Any, config: GatewayConfig, adapter: Any) -> tuple[Any, Any, Any]:
+    """
+    The tree tap.build_service makes around one C{adapter}, not started; returns
+    C{(top, gateway, upstream)}; the adapter is the caller's to start (or not).
+    """
     from hermes_twisted.dispatch.gateway import Gateway
     from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService
     from hermes_twisted.upstream.proxy import ProxyUpstream
 
-    (settings,) = config.platforms.values()
     top = MultiService()
     store = SQLiteSessionStore(config.db_path, reactor=reactor,
                                reset_policy_for=lambda source: config.session_reset)
@@ -190,10 +192,17 @@ def build_gateway(reactor: Any, config: GatewayConfig, adapter_class: type) -> M
     upstream = ProxyUpstream(config.upstream, reactor=reactor)
     upstream.setServiceParent(top)
     gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
-    adapter = adapter_class(settings, reactor=reactor, gateway_config=config)
     gateway.add_adapter(adapter)
-    adapter.setServiceParent(top)
     gateway.setServiceParent(top)
+    return top, gateway, upstream
+
+
+def build_gateway(reactor: Any, config: GatewayConfig, adapter_class: type) -> MultiService:
+    """The same tree tap.build_service makes, with the one platform of C{config}, running."""
+    (settings,) = config.platforms.values()
+    adapter = adapter_class(settings, reactor=reactor, gateway_config=config)
+    top, _, _ = gateway_tree(reactor, config, adapter)
+    adapter.setServiceParent(top)
     return top
 
 
