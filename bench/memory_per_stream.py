@@ -32,8 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from relay import spawn  # noqa: E402
-from twisted.application.service import MultiService  # noqa: E402
+from platform_bench import gateway_tree, spawn  # noqa: E402
 from twisted.internet.defer import Deferred, succeed  # noqa: E402
 from twisted.internet.task import deferLater, react  # noqa: E402
 
@@ -42,11 +41,8 @@ from hermes_twisted.config.settings import (  # noqa: E402
     PlatformSettings,
     UpstreamSettings,
 )
-from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
 from hermes_twisted.model import MessageEvent, Platform, SendResult, SessionSource  # noqa: E402
 from hermes_twisted.platforms.base import PlatformAdapter  # noqa: E402
-from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
-from hermes_twisted.upstream.proxy import ProxyUpstream  # noqa: E402
 
 UPSTREAM = """
 import sys
@@ -142,16 +138,8 @@ async def main(reactor: Any, args: argparse.Namespace) -> None:
                            allow_all_users=True, upstream=UpstreamSettings(proxy_url=url),
                            platforms={"discord": settings},
                            max_concurrent_runs=args.streams + 10)
-    top = MultiService()
-    store = SQLiteSessionStore(config.db_path, reactor=reactor,
-                               reset_policy_for=lambda source: config.session_reset)
-    StoreService(store).setServiceParent(top)
-    upstream = ProxyUpstream(config.upstream, reactor=reactor)
-    upstream.setServiceParent(top)
-    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
     adapter = QuietAdapter(settings, reactor=reactor)
-    gateway.add_adapter(adapter)
-    gateway.setServiceParent(top)
+    top, gateway, upstream = gateway_tree(reactor, config, adapter)
     top.startService()
     ids = itertools.count(1)
 

@@ -22,6 +22,7 @@ from twisted.internet.defer import Deferred, gatherResults  # noqa: E402
 from twisted.internet.protocol import ProcessProtocol  # noqa: E402
 from twisted.internet.task import react  # noqa: E402
 
+from bench.platform_bench import process_cpu  # noqa: E402
 from hermes_twisted.config.settings import UpstreamSettings  # noqa: E402
 from hermes_twisted.upstream import TurnRequest  # noqa: E402
 from hermes_twisted.upstream.proxy import ProxyUpstream  # noqa: E402
@@ -59,15 +60,6 @@ class Server(ProcessProtocol):
         if not self.ready.called:
             self.ready.errback(RuntimeError(f"fake upstream exited: {self.buf!r}"))
         self.ended.callback(None)
-
-
-def process_cpu(pid: int) -> float:
-    """User+system CPU seconds of another process (Linux /proc), or nan elsewhere."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
 
 
 def free_port() -> int:

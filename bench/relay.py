@@ -11,22 +11,14 @@ CPU and peak RSS printed are the gateway's own.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import resource
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from twisted.application.service import MultiService  # noqa: E402
-from twisted.internet.defer import Deferred  # noqa: E402
-from twisted.internet.protocol import ProcessProtocol  # noqa: E402
-from twisted.internet.task import react  # noqa: E402
-
+from bench import platform_bench as harness  # noqa: E402
 from hermes_twisted.config.settings import (  # noqa: E402
     GatewayConfig,
     PlatformSettings,
@@ -34,145 +26,37 @@ from hermes_twisted.config.settings import (  # noqa: E402
     StreamingSettings,
     UpstreamSettings,
 )
-from hermes_twisted.dispatch.gateway import Gateway  # noqa: E402
 from hermes_twisted.relay.adapter import RelayAdapter  # noqa: E402
-from hermes_twisted.sessions.sqlite import SQLiteSessionStore, StoreService  # noqa: E402
 
 GATEWAY_ID, SECRET = "gw-bench", "bench-secret"
 
 
-class Child(ProcessProtocol):
-    """A helper process; C{ready} fires on its "listening" line, C{result} on "RESULT {...}"."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ready: Deferred[str] = Deferred()
-        self.result: Deferred[dict] = Deferred()
-        self.ended: Deferred[None] = Deferred()
-        self.buf = b""
-
-    def outReceived(self, data: bytes) -> None:
-        self.buf += data
-        *lines, self.buf = self.buf.split(b"\n")
-        for line in lines:
-            if b"listening" in line and not self.ready.called:
-                self.ready.callback(line.decode().split()[-1])  # the URL it listens on
-            if line.startswith(b"RESULT ") and not self.result.called:
-                self.result.callback(json.loads(line[7:]))
-
-    def errReceived(self, data: bytes) -> None:
-        sys.stderr.write(f"[{self.name}] " + data.decode(errors="replace"))
-
-    def processEnded(self, reason: object) -> None:
-        if not self.ready.called:
-            self.ready.errback(RuntimeError(f"{self.name} exited before listening"))
-        if not self.result.called:
-            self.result.errback(RuntimeError(f"{self.name} exited without a result"))
-            self.result.addErrback(lambda f: None)  # only the stub's result is awaited
-        self.ended.callback(None)
-
-
-def process_cpu(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return float("nan")
-
-
-def spawn(reactor, name: str, *argv: str) -> tuple[Child, object]:
-    child = Child(name)
-    transport = reactor.spawnProcess(child, sys.executable, [sys.executable, *argv],
-                                     env=dict(os.environ), path=str(ROOT))
-    return child, transport
-
-
-def build_gateway(reactor, config: GatewayConfig) -> MultiService:
-    """The same tree tap.build_service makes, with only the relay platform."""
-    from hermes_twisted.upstream.proxy import ProxyUpstream
-
-    top = MultiService()
-    store = SQLiteSessionStore(config.db_path, reactor=reactor,
-                               reset_policy_for=lambda source: config.session_reset)
-    StoreService(store).setServiceParent(top)
-    upstream = ProxyUpstream(config.upstream, reactor=reactor)
-    upstream.setServiceParent(top)
-    gateway = Gateway(config, store=store, upstream=upstream, clock=reactor)
-    adapter = RelayAdapter(config.platforms["relay"], reactor=reactor, gateway_config=config)
-    gateway.add_adapter(adapter)
-    adapter.setServiceParent(top)
-    gateway.setServiceParent(top)
-    return top
-
-
-async def main(reactor, args: argparse.Namespace) -> None:
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
-
-    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
-        textFileLogObserver(sys.stderr),
-        [LogLevelFilterPredicate(LogLevel.info if args.verbose else LogLevel.warn)])],
-        redirectStandardIO=False)
-    final = "".join(f"tok{i} " for i in range(args.deltas)).strip()
-    fake, fake_t = spawn(reactor, "upstream", "-m", "tests.fakes.upstream", "--port", "0",
-                         "--deltas", str(args.deltas), "--delay", "0")
-    stub, stub_t = spawn(reactor, "stub", "-m", "hermes_twisted.relay.stub", "--quiet",
-                         "--port", "0", "--secret", f"{GATEWAY_ID}:{SECRET}",
-                         "--push", str(args.messages), "--chats", str(args.chats),
-                         "--final", final, "--gap", str(args.gap))
-    upstream_url = await fake.ready
-    relay_url = await stub.ready
+async def run_once(reactor, args: argparse.Namespace, floor: bool) -> harness.Run:
+    # The relay's floor is bench/floor.py, a process of its own: bench/e2e.py --floor runs it.
+    helpers = await harness.start_helpers(
+        reactor, args.deltas, "stub", "-m", "hermes_twisted.relay.stub", "--quiet",
+        "--port", "0", "--secret", f"{GATEWAY_ID}:{SECRET}", "--push", str(args.messages),
+        "--chats", str(args.chats), "--final", harness.final_text(args.deltas),
+        "--gap", str(args.gap))
     home = tempfile.mkdtemp(prefix="hermes-relay-bench-")
     config = GatewayConfig(
         hermes_home=home, db_path=str(Path(home) / "sessions.db"),
-        upstream=UpstreamSettings(proxy_url=upstream_url),
-        relay=RelaySettings(url=relay_url, gateway_id=GATEWAY_ID,
+        upstream=UpstreamSettings(proxy_url=helpers.upstream_url),
+        relay=RelaySettings(url=helpers.api_base, gateway_id=GATEWAY_ID,
                             secret=SECRET, platforms=("discord",)),
         platforms={"relay": PlatformSettings(name="relay", enabled=True)},
         streaming=StreamingSettings(enabled=args.streaming, transport="edit"),
         max_concurrent_runs=max(10, args.chats),
     )
-    top = build_gateway(reactor, config)
-    cpu, wall = time.process_time(), time.perf_counter()
-    stub_cpu, fake_cpu = process_cpu(stub_t.pid), process_cpu(fake_t.pid)
-    top.startService()
-    try:
-        figures = await stub.result
-    finally:
-        cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-        stub_cpu = process_cpu(stub_t.pid) - stub_cpu
-        fake_cpu = process_cpu(fake_t.pid) - fake_cpu
-        await top.stopService()
-        for t in (stub_t, fake_t):
-            t.signalProcess("TERM")
-        await stub.ended
-        await fake.ended
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    n = figures["messages"]
-    print(f"relay e2e: {n} messages over {figures['chats']} chats, {args.deltas} deltas each, "
-          f"streaming {'on' if args.streaming else 'off'}")
-    print(f"  {figures['messages_per_s']} messages/s; latency p50 {figures['p50_ms']} ms, "
-          f"p99 {figures['p99_ms']} ms, max {figures['max_ms']} ms; "
-          f"{figures['other_sends']} other outbound messages {figures['other_samples']}")
-    print(f"  gateway CPU {cpu / n * 1e3:.3f} ms/message ({cpu:.2f} s over {wall:.2f} s wall); "
-          f"peak RSS {peak_kib / 1024:.1f} MiB")
-    print(f"  (stub CPU {stub_cpu / n * 1e3:.3f} ms/message, "
-          f"fake upstream CPU {fake_cpu / n * 1e3:.3f} ms/message)")
+    top = harness.build_gateway(reactor, config, RelayAdapter)
+    run = await harness.measure("relay e2e", top, helpers)
+    harness.print_run(run,
+                      f"{args.deltas} deltas each, streaming {'on' if args.streaming else 'off'}",
+                      f"{run.figures['other_sends']} other outbound messages "
+                      f"{run.figures['other_samples']}")
+    return run
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--messages", type=int, default=1000)
-    parser.add_argument("--chats", type=int, default=50)
-    parser.add_argument("--deltas", type=int, default=20)
-    parser.add_argument("--streaming", action="store_true", help="progressive edits")
-    parser.add_argument("--gap", type=float, default=0.05,
-                        help="seconds a chat waits after a reply before its next message")
-    parser.add_argument("--verbose", action="store_true", help="log at info level")
-    args = parser.parse_args()
-    react(lambda reactor: Deferred.fromCoroutine(main(reactor, args)))
+    parser = harness.argument_parser(__doc__, messages=1000, floor=False)
+    harness.run_main(parser.parse_args(), run_once)

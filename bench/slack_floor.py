@@ -13,16 +13,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import treq.client
-from autobahn.twisted.websocket import (
-    WebSocketClientFactory,
-    WebSocketClientProtocol,
-    connectWS,
-)
-from floor import HEADERS, DirectEndpoints, QuietPool, SSEReply
-from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, ensureDeferred
-from twisted.web.client import Agent
+from autobahn.twisted.websocket import WebSocketClientProtocol
+from platform_floor import PlatformFloor
+from twisted.internet.defer import Deferred
 
 
 class _Socket(WebSocketClientProtocol):
@@ -39,60 +32,19 @@ class _Socket(WebSocketClientProtocol):
             self.factory.floor.turn(str(event.get("channel")), str(event.get("text") or ""))
 
 
-class SlackFloor(Service):
+class SlackFloor(PlatformFloor):
     """C{SlackFloor(reactor, api_base, app_token, bot_token, upstream_url)}."""
 
     def __init__(self, reactor: Any, api_base: str, app_token: str, bot_token: str,
                  upstream_url: str) -> None:
-        self.reactor = reactor
+        super().__init__(reactor, upstream_url)
         self.api_base, self.app_token, self.bot_token = api_base, app_token, bot_token
-        self.completions = upstream_url.rstrip("/") + "/v1/chat/completions"
-        self.pool = QuietPool(reactor, persistent=True)
-        self.pool.maxPersistentPerHost = 1024
-        self.http = treq.client.HTTPClient(
-            Agent.usingEndpointFactory(reactor, DirectEndpoints(reactor), pool=self.pool))
-        self.connector: Any = None
 
-    def startService(self) -> None:
-        super().startService()
-        ensureDeferred(self._connect())
+    async def connect(self) -> None:
+        body = await self.post(self.api_base + "apps.connections.open", {},
+                               f"Bearer {self.app_token}")
+        self.open_socket(json.loads(body)["url"], _Socket)
 
-    async def _connect(self) -> None:
-        response = await self.http.post(
-            self.api_base + "apps.connections.open",
-            headers={b"Authorization": [f"Bearer {self.app_token}".encode()]})
-        url = (await response.json())["url"]
-        factory = WebSocketClientFactory(url, reactor=self.reactor)
-        factory.protocol = _Socket
-        factory.floor = self
-        self.connector = connectWS(factory)
-
-    def turn(self, channel: str, text: str) -> None:
-        body = json.dumps({"model": "hermes-agent", "stream": True,
-                           "messages": [{"role": "user", "content": text}]}).encode()
-        d = self.http.request("POST", self.completions, data=body, headers=HEADERS,
-                              unbuffered=True)
-        d.addCallback(self._read)
-        d.addCallback(self._post, channel)
-        d.addErrback(self._failed)
-
-    def _failed(self, failure: Any) -> Any:
-        # The orchestrator stops us right after the last reply, maybe before its response.
-        return None if failure.check(CancelledError) or not self.running else failure
-
-    def _read(self, response: Any) -> Deferred[str]:
-        reply = SSEReply()
-        response.deliverBody(reply)
-        return reply.done
-
-    def _post(self, text: str, channel: str) -> Deferred[Any]:
-        d = self.http.post(self.api_base + "chat.postMessage",
-                           json={"channel": channel, "text": text},
-                           headers={b"Authorization": [f"Bearer {self.bot_token}".encode()]})
-        return d.addCallback(treq.content)
-
-    def stopService(self) -> Deferred[None]:
-        super().stopService()
-        if self.connector is not None:
-            self.connector.disconnect()
-        return self.pool.closeCachedConnections()
+    def reply(self, chat: str, text: str) -> Deferred[bytes]:
+        return self.post(self.api_base + "chat.postMessage", {"channel": chat, "text": text},
+                         f"Bearer {self.bot_token}")
