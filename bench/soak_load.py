@@ -85,7 +85,8 @@ class Soak:
         self.latencies = array("d")
         self.window: list[float] = []  # echo latencies of the current report interval
         self.counts = {"sent": 0, "answered": 0, "doubled": 0, "timed_out": 0, "skipped": 0,
-                       "disconnected_ticks": 0, "drops": 0, "stops": 0, "unmatched": 0}
+                       "disconnected_ticks": 0, "closing_ticks": 0, "drops": 0, "stops": 0,
+                       "unmatched": 0}
         self.in_flight_at_drop: set[str] = set()
         # The 2026-12-06 behaviour, to reproduce its "lost" messages: push on a connection
         # the stub has already aborted.
@@ -156,8 +157,11 @@ class Soak:
         if not self.stub.open:
             return None
         conn = self.stub.open[-1]
-        if conn.state != conn.STATE_OPEN and not self.push_on_closing:
-            return None
+        if conn.state != conn.STATE_OPEN:
+            # How often a tick meets the window: what the old soak lost.
+            self.counts["closing_ticks"] += 1
+            if not self.push_on_closing:
+                return None
         return conn
 
     @staticmethod

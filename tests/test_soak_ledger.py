@@ -111,6 +111,7 @@ def test_nothing_is_pushed_on_a_connection_being_dropped(clock_now):
     s._tick()
     assert connector.pushed == []
     assert s.counts["disconnected_ticks"] == 1
+    assert s.counts["closing_ticks"] == 1
     assert s.counts["sent"] == 0
 
 
