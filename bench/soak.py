@@ -19,8 +19,13 @@ pending reactor timers, active turns, turns by outcome, stale outputs dropped, r
 reconnects, reactor lag.  The connector reports per interval the echo latency p50/p99.
 
 At the end: RSS slope after warm-up (least squares, KB/hour), the fd and timer ranges,
-messages lost or answered twice, and the figures per sample.  Targets: RSS slope under
-1 MB/hour after warm-up, a constant fd count, no lost or doubled message.
+messages lost, superseded or answered twice, and the figures per sample.  Each unanswered
+message is classified by C{bench/soak_ledger.py} (in flight at a socket drop; superseded by
+a newer message of its chat, with the user told; lost), and each lost or superseded one is
+reported with its chat, when it was sent, the chat's outstanding message, the frames the
+connector saw for the chat, the gateway's log lines naming the chat and its transcript rows.
+Targets: RSS slope under 1 MB/hour after warm-up, a constant fd count, no lost or doubled
+message.
 
 This is a measurement, not a test: nothing here asserts anything.
 """

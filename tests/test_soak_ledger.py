@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import pytest_twisted
+from twisted.internet import reactor
 from twisted.internet.task import Clock
+
+from hermes_twisted.net.reconnect import SessionBackoff
+from hermes_twisted.relay.wire import inbound_event
+from tests.relay_support import eventually, relay_pair
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -147,3 +153,32 @@ def test_a_timed_out_message_superseded_with_a_notice_is_not_lost(clock_now):
     assert detail["superseded_by"] == "s-2" and detail["timed_out"] is True
     assert [e["what"] for e in detail["chat_frames"]] == ["inbound", "inbound", "interrupt",
                                                           "send", "send"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_push_between_the_abort_and_connection_lost_never_reaches_the_gateway():
+    """The window the 20-minute run lost 3 messages in, with the real stub and the gateway's
+    real relay adapter: after C{stub.drop()} the stub still lists the connection for a
+    reactor turn and silently discards a push; the soak sees no connection there."""
+    async with relay_pair() as (stub, adapter, sink):
+        adapter.client.backoff = SessionBackoff(reactor, initial=0.05, maximum=0.4,
+                                                rand=lambda: 0.5, stable_after=60)
+        connected = adapter.when_connected()
+        connected.addTimeout(5, reactor)
+        await connected
+        connector = FakeConnector()
+        connector.stub = stub
+        s = soak(connector)
+        assert s._connection() is stub.open[-1]
+        stub.drop()
+        assert stub.open, "the aborted connection is still listed until connectionLost"
+        assert s._connection() is None
+        stub.push_inbound(inbound_event("in the window", "c1", chat_type="dm", user_id="u1",
+                                        message_id="m-window"))
+        await eventually(lambda: s._connection() is not None and stub.open[-1].hellos,
+                         what="the redial")
+        assert stub.open[-1].index == 2
+        stub.push_inbound(inbound_event("after the redial", "c1", chat_type="dm", user_id="u1",
+                                        message_id="m-after"))
+        await eventually(lambda: sink.events, what="the message after the redial")
+        assert [e.text for e in sink.events] == ["after the redial"]
