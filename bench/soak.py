@@ -174,10 +174,11 @@ def transcript_rows(home: Path, message_id: str) -> list[dict[str, Any]]:
 
 
 def explain_unanswered(home: Path, load: dict[str, Any], end: float) -> None:
-    """Add to each lost or superseded message of C{load} the gateway's log lines for its
-    chat from its sending to C{end}, and its transcript rows (none: the gateway never ran
-    it as a turn of its own)."""
-    for detail in [*load.get("lost_detail", []), *load.get("superseded_sample", [])]:
+    """Add to each lost, superseded or sampled at-drop message of C{load} the gateway's
+    log lines for its chat from its sending to C{end}, and its transcript rows (none: the
+    gateway never ran it as a turn of its own)."""
+    for detail in [*load.get("lost_detail", []), *load.get("superseded_sample", []),
+                   *load.get("at_drop_sample", [])]:
         detail["gateway_log"] = chat_log_lines(home, detail["chat"], detail["at"], end)
         detail["transcript"] = transcript_rows(home, f"in-{detail['id']}")
 

@@ -309,6 +309,7 @@ class Soak:
                 "lost_detail": [self._detail(m) for m in lost[:20]],
                 "superseded": len(superseded),
                 "superseded_sample": [self._detail(m) for m in superseded[:5]],
+                "at_drop_sample": [self._detail(m) for m in at_drop[:5]],
                 "push_on_closing": self.push_on_closing,
                 "unanswered_in_flight_at_a_drop": len(at_drop),
                 "in_flight_at_drops": len(self.in_flight_at_drop),
