@@ -8,7 +8,8 @@ Pure functions over the soak's records, so the rule is unit-tested
     gone down with the socket (the relay has no outbound replay);
   - C{superseded}: the soak sent the same chat a newer message while this one was still
     unanswered (after giving up on it), and the chat was then told so: the gateway's
-    interrupt notice (C{⚡ Interrupting ...}) or an C{interrupt} frame for its session.  In
+    interrupt notice (C{⚡ Interrupting ...}) or an C{interrupt} frame for its session with
+    the reason C{interrupted by a newer message} (not a C{/stop}'s).  In
     the default busy-input mode (C{interrupt}, as hermes-agent 0.19.0) a newer message ends
     the running turn and carries the older text into the newer turn, whose reply answers
     both: by design the older message gets no reply of its own;
@@ -21,17 +22,20 @@ from typing import Any, Iterable
 
 #: How the gateway's busy acknowledgement in mode C{interrupt} begins (dispatch/gateway.py).
 INTERRUPT_NOTICE = "⚡ Interrupting"
+#: The reason of the C{interrupt} frame the gateway sends then (dispatch/gateway.py).
+INTERRUPTED_BY_MESSAGE = "interrupted by a newer message"
 
 AT_DROP, SUPERSEDED, LOST = "at_drop", "superseded", "lost"
 
 
 def told_superseded(history: Iterable[dict[str, Any]], since: float) -> bool:
     """Whether C{history} (the chat's frames as the connector saw them, each
-    C{{"t_s", "what", "text"}}) shows an interrupt notice or frame at or after C{since}."""
+    C{{"t_s", "what", "text"}}) shows, at or after C{since}, the interrupt notice or an
+    interrupt frame whose reason is a newer message (a C{/stop} tells of something else)."""
     for event in history:
         if event["t_s"] < since:
             continue
-        if event["what"] == "interrupt":
+        if event["what"] == "interrupt" and event.get("text") == INTERRUPTED_BY_MESSAGE:
             return True
         if event["what"] in ("send", "edit") and str(event.get("text") or "").startswith(
                 INTERRUPT_NOTICE):

@@ -236,6 +236,9 @@ class Soak:
             record = self.messages[mid]
             if t - record["t"] > self.timeout:
                 record["timed_out"] = True
+                # The chat's frames since it was sent, before the chat's next message (and
+                # a busy chat's later traffic) pushes them out of the bounded history.
+                record["frames_at_timeout"] = self._frames_since(chat, record["t_s"])
                 self.counts["timed_out"] += 1
                 del self.busy[chat]
                 self._release(chat)
@@ -321,10 +324,14 @@ class Soak:
     def _detail(self, m: dict[str, Any]) -> dict[str, Any]:
         """What the report says of an unanswered message: the chat, when it went out and on
         which connection, the chat's message still outstanding then, what replaced it, and
-        the frames the connector saw for the chat from a second before it."""
+        the frames the connector saw for the chat from a second before it (until the soak
+        gave up on it, and still in the bounded history at the end)."""
         return {"id": m["id"], "chat": m["chat"], "kind": m["kind"], "t_s": m["t_s"],
                 "at": m["at"], "conn": m["conn"], "conn_open": m["conn_open"],
                 "outstanding": m["outstanding"], "timed_out": bool(m.get("timed_out")),
                 "superseded_by": m.get("superseded_by"),
-                "chat_frames": [e for e in self.history.get(m["chat"], ())
-                                if e["t_s"] >= m["t_s"] - 1.0]}
+                "chat_frames_until_timeout": m.get("frames_at_timeout"),
+                "chat_frames": self._frames_since(m["chat"], m["t_s"])}
+
+    def _frames_since(self, chat: str, t_s: float) -> list[dict[str, Any]]:
+        return [e for e in self.history.get(chat, ()) if e["t_s"] >= t_s - 1.0]

@@ -47,8 +47,16 @@ def test_a_newer_message_with_the_interrupt_notice_supersedes():
 
 
 def test_an_interrupt_frame_for_the_chat_is_telling_too():
-    history = [event(70.0, "inbound", "s-9"), event(70.1, "interrupt", "interrupted")]
+    history = [event(70.0, "inbound", "s-9"),
+               event(70.1, "interrupt", "interrupted by a newer message")]
     assert classify(message(superseded_at=70.0), history, set()) == SUPERSEDED
+
+
+def test_the_interrupt_of_a_later_stop_does_not_count():
+    history = [event(70.0, "inbound", "s-9"), event(72.0, "inbound", "/stop"),
+               event(72.1, "send", "⚡ Stopped. You can continue this session."),
+               event(72.2, "interrupt", "Stop requested")]
+    assert classify(message(superseded_at=70.0), history, set()) == LOST
 
 
 def test_a_newer_message_nobody_was_told_about_leaves_it_lost():
@@ -139,7 +147,8 @@ def test_a_timed_out_message_superseded_with_a_notice_is_not_lost(clock_now):
     s._tick()  # s-2 to the same chat while s-1 is unanswered
     assert s.messages["s-2"]["outstanding"] == "s-1"
     assert s.messages["s-1"]["superseded_by"] == "s-2"
-    connector.stub.interrupts.append({"type": "interrupt", "reason": "interrupted",
+    connector.stub.interrupts.append({"type": "interrupt",
+                                      "reason": "interrupted by a newer message",
                                       "session_key": "agent:main:discord:group:s-chat-0:"
                                                      "u-s-chat-0"})
     s._drain_interrupts()
@@ -151,6 +160,7 @@ def test_a_timed_out_message_superseded_with_a_notice_is_not_lost(clock_now):
     assert classify(s.messages["s-1"], history, s.in_flight_at_drop) == SUPERSEDED
     detail = s._detail(s.messages["s-1"])
     assert detail["superseded_by"] == "s-2" and detail["timed_out"] is True
+    assert [e["what"] for e in detail["chat_frames_until_timeout"]] == ["inbound"]
     assert [e["what"] for e in detail["chat_frames"]] == ["inbound", "inbound", "interrupt",
                                                           "send", "send"]
 
