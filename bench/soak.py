@@ -19,8 +19,13 @@ pending reactor timers, active turns, turns by outcome, stale outputs dropped, r
 reconnects, reactor lag.  The connector reports per interval the echo latency p50/p99.
 
 At the end: RSS slope after warm-up (least squares, KB/hour), the fd and timer ranges,
-messages lost or answered twice, and the figures per sample.  Targets: RSS slope under
-1 MB/hour after warm-up, a constant fd count, no lost or doubled message.
+messages lost, superseded or answered twice, and the figures per sample.  Each unanswered
+message is classified by C{bench/soak_ledger.py} (in flight at a socket drop; superseded by
+a newer message of its chat, with the user told; lost), and each lost or superseded one is
+reported with its chat, when it was sent, the chat's outstanding message, the frames the
+connector saw for the chat, the gateway's log lines naming the chat and its transcript rows.
+Targets: RSS slope under 1 MB/hour after warm-up, a constant fd count, no lost or doubled
+message.
 
 This is a measurement, not a test: nothing here asserts anything.
 """
@@ -30,11 +35,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
+import sqlite3
 import sys
 import tempfile
 import time
 import urllib.request
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +125,62 @@ def heap_report(url: str, baseline: bool) -> dict[str, Any]:
     with urllib.request.urlopen(url + ("?baseline=1" if baseline else ""),
                                 timeout=120) as response:
         return json.loads(response.read())
+
+
+def gateway_log_files(home: Path) -> list[Path]:
+    """The gateway's log files, oldest first (twistd rotates gateway.log to .1, .2, ...)."""
+    rotated = sorted(home.glob("gateway.log.*"), key=lambda p: -int(p.suffix[1:])
+                     if p.suffix[1:].isdigit() else 0)
+    return [*rotated, home / "gateway.log"]
+
+
+def chat_log_lines(home: Path, chat: str, since: float, until: float,
+                   limit: int = 60) -> list[str]:
+    """The gateway's log lines that name C{chat} (its id, or its session key) and were
+    written between C{since} and C{until} (epoch seconds; the log has whole seconds)."""
+    mentions = re.compile(re.escape(chat) + r"(?![0-9])")
+    out: list[str] = []
+    for path in gateway_log_files(home):
+        if not path.exists():
+            continue
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if not mentions.search(line):
+                    continue
+                try:
+                    at = datetime.strptime(line[:24], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+                except ValueError:
+                    continue
+                if since - 1 <= at <= until + 1:
+                    out.append(line.rstrip()[:300])
+                    if len(out) >= limit:
+                        return out
+    return out
+
+
+def transcript_rows(home: Path, message_id: str) -> list[dict[str, Any]]:
+    """The gateway transcript's rows for inbound C{message_id} and the reply stored with it
+    (read-only, after the gateway has exited)."""
+    db = home / "gateway.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        rows = conn.execute("SELECT id, session_id, role, substr(content, 1, 80), active "
+                            "FROM messages WHERE session_id IN (SELECT session_id FROM "
+                            "messages WHERE platform_message_id = ?) AND id >= (SELECT "
+                            "min(id) FROM messages WHERE platform_message_id = ?) "
+                            "ORDER BY id LIMIT 4", (message_id, message_id)).fetchall()
+    return [dict(zip(("row", "session", "role", "content", "active"), r, strict=True)) for r in rows]
+
+
+def explain_unanswered(home: Path, load: dict[str, Any], end: float) -> None:
+    """Add to each lost, superseded or sampled at-drop message of C{load} the gateway's
+    log lines for its chat from its sending to C{end}, and its transcript rows (none: the
+    gateway never ran it as a turn of its own)."""
+    for detail in [*load.get("lost_detail", []), *load.get("superseded_sample", []),
+                   *load.get("at_drop_sample", [])]:
+        detail["gateway_log"] = chat_log_lines(home, detail["chat"], detail["at"], end)
+        detail["transcript"] = transcript_rows(home, f"in-{detail['id']}")
 
 
 def theil_sen_per_hour(points: list[tuple[float, float]]) -> float | None:
@@ -203,6 +267,7 @@ def summarize(report: dict[str, Any], warmup_min: float) -> dict[str, Any]:
         "gc_seconds_total": samples[-1].get("gc_seconds") if samples else None,
         "sent": load.get("sent"),
         "lost": load.get("lost"),
+        "superseded": load.get("superseded"),
         "doubled": load.get("doubled"),
         "unanswered_in_flight_at_a_drop": load.get("unanswered_in_flight_at_a_drop"),
     }
@@ -264,7 +329,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
                        stop_after=args.stop_after, grace=30.0, timeout=60.0,
                        mix={"echo": args.echo, "error": args.error, "silent": args.silent,
                             "slow": args.slow}, seed=args.seed,
-                       fresh_chats=args.fresh_chats)
+                       fresh_chats=args.fresh_chats, push_on_closing=args.push_on_closing)
         t0, cpu0 = now(), cpu_seconds(pid)
         previous = await deferToThread(scrape, metrics_url)
         result = connector.wait("result")
@@ -325,6 +390,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             raise RuntimeError(final["error"])
         final.pop("ev", None)
         report["load"] = final
+        run_end = time.time()
     finally:
         if not gateway.ended.called:
             transport.signalProcess("TERM")
@@ -338,6 +404,9 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
             if not child.ended.called:
                 child.transport.signalProcess("TERM")
             await child.ended
+    if "load" in report:
+        # The gateway has exited: its log and store are complete.
+        await deferToThread(explain_unanswered, home, report["load"], run_end)
     report["samples"] = samples
     report["heap_last"] = heap
     report["loadavg_end"] = loadavg()
@@ -389,6 +458,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--fresh-chats", action="store_true",
                    help="replace each chat whose message was answered by a new one, so every "
                         "message opens a session (what is kept per chat shows as growth)")
+    p.add_argument("--push-on-closing", action="store_true",
+                   help="push messages on a connection the connector has just dropped (the "
+                        "soak before 2026-12-06's fix, whose pushes went nowhere)")
     p.add_argument("--pythonmalloc", default=None,
                    help="PYTHONMALLOC for the gateway (malloc: no pymalloc arenas)")
     p.add_argument("--seed", type=int, default=1)
