@@ -19,6 +19,7 @@ from twisted.internet.task import deferLater
 from hermes_twisted.config.settings import UpstreamSettings
 from hermes_twisted.upstream.proxy import ProxyUpstream
 from tests.fakes.upstream import FakeHermesAPI, Script
+from tests.servers.certs import self_signed
 from tests.test_proxy import RecordingSink, request
 
 pytestmark = pytest.mark.integration
@@ -26,29 +27,10 @@ pytestmark = pytest.mark.integration
 
 def self_signed_tls_options() -> Any:
     """Server TLS options with a valid-looking certificate for 127.0.0.1 no client trusts."""
-    import datetime
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
     from twisted.internet import ssl
 
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .sign(key, hashes.SHA256()))
-    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption())
-    return ssl.PrivateCertificate.loadPEM(pem).options()
+    cert = self_signed(days=1)
+    return ssl.PrivateCertificate.loadPEM(cert.cert_pem + cert.key_pem).options()
 
 
 def cached_connections(upstream: ProxyUpstream) -> int:

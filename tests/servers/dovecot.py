@@ -17,7 +17,6 @@ file is re-read by Dovecot on every login, so users can be added while it runs.
 from __future__ import annotations
 
 import atexit
-import datetime
 import imaplib
 import itertools
 import os
@@ -34,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.servers.certs import self_signed
 
 INSTALL_HINT = "Debian: apt-get install -y dovecot-imapd dovecot-lmtpd"
 USER_NAMES = ("bot", "alice", "user")
@@ -59,32 +60,7 @@ def dovecot_version(binary: str) -> str:
 
 def write_self_signed(base: Path) -> tuple[Path, Path]:
     """A self-signed certificate for localhost and 127.0.0.1; returns (cert, key) paths."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName([
-                x509.DNSName("localhost"),
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = base / "cert.pem", base / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path, key_path
+    return self_signed("localhost", ("localhost",)).write(base)
 
 
 _SERVICES = """\

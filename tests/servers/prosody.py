@@ -11,7 +11,6 @@ binary is missing the tests skip, saying so.
 
 from __future__ import annotations
 
-import datetime
 import os
 import shutil
 import socket
@@ -21,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.servers.certs import self_signed
 
 DOMAIN = "localhost"
 MUC_DOMAIN = f"conference.{DOMAIN}"
@@ -56,33 +57,8 @@ def require_prosody() -> tuple[str, str]:
 
 def write_self_signed(directory: Path, host: str = DOMAIN) -> Path:
     """Write C{cert.pem} and C{key.pem} for C{host} (and 127.0.0.1); returns the cert path."""
-    import ipaddress
-
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, host)])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-            .public_key(key.public_key()).serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.SubjectAlternativeName(
-                [x509.DNSName(host), x509.DNSName(f"conference.{host}"),
-                 x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path = directory / "cert.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path = directory / "key.pem"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.TraditionalOpenSSL,
-                                           serialization.NoEncryption()))
-    key_path.chmod(0o600)
-    return cert_path
+    cert = self_signed(host, (host, f"conference.{host}"), traditional_key=True)
+    return cert.write(directory)[0]
 
 
 CONFIG = """\
