@@ -6,6 +6,7 @@ their growth since a baseline, and in tracemalloc mode the source lines that gre
 
 from __future__ import annotations
 
+import gc
 import json
 import tracemalloc
 from typing import Any
@@ -88,11 +89,18 @@ def test_debug_heap_passes_baseline_collect_and_holders_on():
 
 def test_collect_reports_the_cyclic_garbage_it_freed():
     probe = HeapProbe("counts", reactor=FakeReactor())
-    for _ in range(200):
-        node = Kept()
-        node.cycle = node  # type: ignore[attr-defined]
-    del node
-    assert probe._sample(baseline=False, collect=True)["collected"] >= 200
+    # An automatic collection between making the cycles and the probe's own would free
+    # them first (it did in CI): only the probe may collect here.
+    gc.disable()
+    try:
+        for _ in range(200):
+            node = Kept()
+            node.cycle = node  # type: ignore[attr-defined]
+        del node
+        collected = probe._sample(baseline=False, collect=True)["collected"]
+    finally:
+        gc.enable()
+    assert collected >= 200
     assert probe._sample(baseline=False)["collected"] is None
 
 
