@@ -298,6 +298,19 @@ async def test_one_failing_operation_does_not_fail_its_batch(store):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_batch_without_failures_runs_without_savepoints(store, db):
+    sqlite_only(db, "reads SQLite's statement trace")
+    statements: list[str] = []
+    await store._writer.submit(lambda conn: conn.set_trace_callback(statements.append))
+    session = await store.get_or_create(KEY, ALICE, now=T0)
+    await gatherResults([store.append(session.session_id, "user", "a"),
+                         store.append(session.session_id, "assistant", "b")])
+    await store._writer.submit(lambda conn: conn.set_trace_callback(None))
+    assert sum("INSERT INTO messages" in s for s in statements) == 2
+    assert not [s for s in statements if "SAVEPOINT" in s or "ROLLBACK" in s]
+
+
+@pytest_twisted.ensureDeferred
 async def test_a_sqlite_failure_is_a_store_error(store):
     with pytest.raises(StoreError, match="bug"):
         await store._writer.submit(lambda conn: conn.execute("SELECT * FROM nowhere"))
