@@ -315,7 +315,7 @@ async def soak(reactor: Any, args: argparse.Namespace) -> dict[str, Any]:
         await sleep(reactor, 2.0)
         rate = args.rate
         mix = {"echo": args.echo, "error": args.error, "silent": args.silent,
-               "slow": args.slow}
+               "slow": args.slow, "new": args.new}
         if rate is None:
             # The maximum of the soak's own mix, not of load a: /stop, errors and silent
             # streams cost more per message, and half of load a's rate saturated the mix
@@ -458,10 +458,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds between socket drops by the connector (0: never)")
     p.add_argument("--stop-after", type=float, default=2.0,
                    help="seconds a silent or endless stream runs before /stop")
-    p.add_argument("--echo", type=float, default=0.88, help="share of ordinary turns")
+    p.add_argument("--echo", type=float, default=0.86, help="share of ordinary turns")
     p.add_argument("--error", type=float, default=0.04, help="share of upstream HTTP 500s")
     p.add_argument("--silent", type=float, default=0.04, help="share of silent streams")
     p.add_argument("--slow", type=float, default=0.04, help="share of endless streams")
+    p.add_argument("--new", type=float, default=0.02,
+                   help="share of /new (a chat's session then starts again, so transcripts "
+                        "stay the length of a conversation: about 1/share turns)")
     p.add_argument("--sample", type=float, default=30.0, help="seconds between samples")
     p.add_argument("--warmup", type=float, default=5.0,
                    help="minutes left out of the RSS slope")

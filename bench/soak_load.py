@@ -11,7 +11,11 @@ skipped and counted):
   - C{error}: the upstream answers HTTP 500; the answer is the gateway's error notice;
   - C{silent}: the upstream sends headers, then nothing; after C{stop_after} s the chat sends
     C{/stop}, whose reply is the answer;
-  - C{slow}: a stream that never ends, interrupted by C{/stop} the same way.
+  - C{slow}: a stream that never ends, interrupted by C{/stop} the same way;
+  - C{new}: the chat sends C{/new}, whose notice is the answer.  Without it every chat's
+    session grows without end, and so does each turn's work (the whole transcript is read
+    and sent upstream every turn): the 20-minute runs of 2026-12-06 without it reached
+    1000 turns a session and slowed down until they saturated.
 
 With C{fresh_chats}, a chat whose message was answered is replaced by a new chat, so every
 message opens a new session: what the gateway keeps per chat shows up as growth.
@@ -48,7 +52,7 @@ from typing import Any
 from e2e_common import directive, now, percentile
 from soak_ledger import AT_DROP, LOST, SUPERSEDED, classify
 
-KINDS = ("echo", "error", "silent", "slow")
+KINDS = ("echo", "error", "silent", "slow", "new")
 #: Frames kept per chat for the report of a message that got no answer.
 HISTORY = 40
 #: The chat in a session key (C{agent:main:discord:group:<chat>:u-<chat>}).
@@ -120,6 +124,8 @@ class Soak:
             if kind == "error" and content.startswith("⚠️"):
                 mid = current["id"]
             elif kind in ("silent", "slow") and current.get("stopped_at") is not None:
+                mid = current["id"]
+            elif kind == "new" and content.startswith("✨"):
                 mid = current["id"]
         if mid is None:
             self.counts["unmatched"] += 1
@@ -206,7 +212,8 @@ class Soak:
         self._note(chat, "inbound", mid)
         self.busy[chat] = mid
         self.counts["sent"] += 1
-        self._push(chat, f"soak {mid} " + directive(**fields), f"in-{mid}")
+        text = "/new" if kind == "new" else f"soak {mid} " + directive(**fields)
+        self._push(chat, text, f"in-{mid}")
         if kind in ("silent", "slow"):
             self.c.reactor.callLater(self.stop_after, self._stop, chat, mid)
 
