@@ -183,6 +183,7 @@ def build_service(config: Any, reactor: Any):
     from hermes_twisted.ops.sdnotify import Notifier
     from hermes_twisted.ops.sends import measure_sends
     from hermes_twisted.ops.service import LifecycleMarker, OpsService
+    from hermes_twisted.ops.trim import MallocTrimmer
     from hermes_twisted.ops.upstream import MeteredUpstream
     from hermes_twisted.ops.upstream_probe import UpstreamProbe
     from hermes_twisted.pairing.store import PairingStore
@@ -205,6 +206,7 @@ def build_service(config: Any, reactor: Any):
                token=config.ops.token, trusted_proxies=config.ops.trusted_proxies,
                notifier=notifier,
                heap=HeapProbe(config.ops.debug_heap, reactor=reactor)).setServiceParent(top)
+    MallocTrimmer(clock=reactor, observe=metrics.malloc_trim.observe).setServiceParent(top)
     if config.upstream.proxy_url:
         UpstreamProbe(config.upstream.proxy_url, reactor=reactor,
                       record=ops.upstream_outcome).setServiceParent(top)

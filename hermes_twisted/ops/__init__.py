@@ -13,6 +13,7 @@ human operator see of the running daemon (docs/operations.md).
  - C{sends}: adapters' outbound calls measured.
  - C{jsonlog}: the flat JSON log observer for C{twistd --logger}.
  - C{sdnotify}: READY/WATCHDOG/STOPPING for systemd.
+ - C{trim}: glibc's free heap pages handed back every minute (C{malloc_trim}).
  - C{heap}: heap diagnostics for leak hunts (C{/debug/heap}, off unless configured).
  - C{service}: the service that listens and runs the monitor.
 

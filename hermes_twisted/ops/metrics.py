@@ -48,6 +48,7 @@ TURN_BUCKETS = (0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
 FIRST_TOKEN_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60)
 SEND_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 DB_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+TRIM_BUCKETS = (0.00001, 0.00005, 0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05)
 GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5)
 
 
@@ -99,6 +100,10 @@ class GatewayMetrics:
                                    registry=r)
         self.gc_pause = Histogram("hermes_gc_pause_seconds", "Garbage collector pauses.",
                                   ["gen"], buckets=GC_BUCKETS, registry=r)
+
+        self.malloc_trim = Histogram("hermes_malloc_trim_seconds", "How long each minute's "
+                                     "malloc_trim (free heap pages back to the kernel) held "
+                                     "the reactor.", buckets=TRIM_BUCKETS, registry=r)
 
         self.platform_up = Gauge("hermes_platform_up", "1 while the platform is connected.",
                                  ["platform"], registry=r)
