@@ -62,6 +62,31 @@ def apply() -> None:
 
         client._StandardEndpointFactory.endpointForURI = endpoint_for_uri
 
+    ablate = {part for part in os.environ.get("PROTO_ABLATE", "").split(",") if part}
+    if "store" in ablate:
+        from pathlib import Path
+
+        from hermes_twisted import tap
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from tests.fakes.memory_store import MemoryStore
+
+        tap.make_store = lambda config, reactor: MemoryStore(clock=reactor)
+    if "metrics" in ablate:
+        from hermes_twisted.ops import metrics, sends, upstream
+
+        sends.measure_sends = lambda *args: None
+        upstream.MeteredUpstream = lambda inner, *args: inner
+        for name in ("run_started", "run_finished", "stale_output_dropped", "first_token"):
+            setattr(metrics.GatewayMetrics, name, lambda *args: None)
+    if "log" in ablate:
+        from hermes_twisted.upstream import proxy
+
+        class Quiet(proxy.Logger):
+            def info(self, *args, **kwargs):
+                pass
+
+        proxy._Turn.log = Quiet()
 
 if __name__ == "__main__":
     apply()
