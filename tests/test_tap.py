@@ -97,7 +97,7 @@ def test_make_service_wires_a_discord_platform_without_io(tmp_path, monkeypatch)
                     {"GATEWAY_PROXY_URL": "http://127.0.0.1:1", "DISCORD_BOT_TOKEN": "t"})
     reactor = MemoryReactorClock()
     top = tap.makeService(options, reactor=reactor)
-    assert [child.name for child in top] == ["ops", "ops.upstream_probe", "sessions",
+    assert [child.name for child in top] == ["ops", "ops.malloc_trim", "ops.upstream_probe", "sessions",
                                              "upstream.proxy", "platform.discord", "gateway",
                                              "ops.lifecycle"]
     assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
@@ -111,7 +111,7 @@ def test_make_service_wires_named_children_without_io(tmp_path, monkeypatch):
     reactor = MemoryReactorClock()
     top = tap.makeService(options, reactor=reactor)
     names = [child.name for child in top]
-    assert names == ["ops", "ops.upstream_probe", "sessions", "upstream.proxy",
+    assert names == ["ops", "ops.malloc_trim", "ops.upstream_probe", "sessions", "upstream.proxy",
                      "platform.relay", "gateway", "ops.lifecycle"]
     assert reactor.tcpClients == [] and reactor.getDelayedCalls() == []
 

@@ -48,7 +48,7 @@ class MallocTrimmer(Service):
     @param trim: the C{malloc_trim} to call; by default glibc's (L{find_malloc_trim}).
     """
 
-    name = "malloc-trim"
+    name = "ops.malloc_trim"
     log = Logger()
 
     def __init__(self, *, clock: Any, observe: Callable[[float], None] | None = None,
