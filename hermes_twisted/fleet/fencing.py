@@ -76,7 +76,8 @@ def append_rows(conn: Any, key: str, generation: int, me: str,
     """
     Append transcript C{rows} (session id, role, content, timestamp, platform message id)
     for C{key}'s turn at C{generation}, all or none.  Raises L{StaleWrite} when the turn is
-    no longer current; the caller's savepoint then discards everything.
+    no longer current, before writing anything (the store's writer then runs its batch
+    again with each operation in its own savepoint, so only this one fails).
     """
     check(conn, key, generation, me, lock=True)
     for session_id, role, content, timestamp, message_id in rows:

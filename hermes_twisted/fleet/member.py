@@ -144,11 +144,12 @@ class FleetMember(MultiService):
 
     def _submit(self, work: Callable[[Any], Any]) -> Deferred:
         """
-        Run C{work} in its own savepoint of the store's next transaction.  Two instances'
-        transactions may lock the same session rows in opposite orders; PostgreSQL then
-        aborts one of them (deadlock, serialization failure), which is retried here up to
-        L{RETRIES} times, as Synapse does.  Fires with C{work}'s result; fails with its
-        error.  Cancelling withdraws it if it has not reached the database thread.
+        Run C{work} in the store's next transaction (alone in a savepoint if an operation of
+        that batch fails).  Two instances' transactions may lock the same session rows in
+        opposite orders; PostgreSQL then aborts one of them (deadlock, serialization
+        failure), which is retried here up to L{RETRIES} times, as Synapse does.  Fires with
+        C{work}'s result; fails with its error.  Cancelling withdraws it if it has not
+        reached the database thread.
         """
         writer = self.store.writer
         current: list[Deferred] = []

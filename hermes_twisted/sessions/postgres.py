@@ -5,8 +5,8 @@ embedded SQLite one (L{hermes_twisted.sessions.store}), on a server that several
 processes can share.
 
 Access is psycopg 3 on the store's one dedicated thread (L{hermes_twisted.sessions.writer}):
-one autocommit connection with explicit transactions, so the batching, savepoints and
-ordering are exactly the SQLite store's, and the reactor never waits on the server.  A
+one autocommit connection with explicit transactions, so the batching, the savepoints of a
+failing batch and the ordering are exactly the SQLite store's, and the reactor never waits on the server.  A
 connection the server dropped (a restart, a failover) fails the batch it was running with a
 L{StoreError}; the next batch reconnects.
 
