@@ -271,6 +271,10 @@ class StoreWriter:
         the caller can roll back what it cached.  Cancelling while queued withdraws work
         without an C{undo}; other work (and work already on the thread) still commits, and
         the Deferred fails with C{CancelledError} at once.
+
+        C{work} runs a second time, after a rollback, when another operation of its batch
+        fails: it must act through the connection only, so that running it again is the
+        same as running it once.
         """
         if self.state != "open":
             if undo is not None:
